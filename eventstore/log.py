@@ -1,0 +1,78 @@
+"""The log seam: what the adapter needs from an event log.
+
+Three implementations plug in here: :class:`~eventstore.memlog.MemoryLog`
+(tests, the test kit), the segment-file log (the embedded default) and,
+later, a PostgreSQL log.  The seam is deliberately narrow: append a batch,
+read from a position, fetch a few positions, close.
+
+Positions start at 1 and increase by one per event in append order.  They
+never change, even when compaction drops events, and they double as the ids of
+rows (actions, user counts, messages), so an id is stable for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+
+from .events import Event
+
+__all__ = ["EventLog"]
+
+
+class EventLog(ABC):
+    """An append-only sequence of events addressed by position."""
+
+    #: True if other processes may append to the same log (PostgreSQL): the
+    #: adapter then applies events only in the order the log returns them.
+    shared: bool = False
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Open (and recover) the log.  Raises ConnectionError if it cannot."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush what was accepted and release every resource.  Idempotent."""
+
+    @property
+    @abstractmethod
+    def head(self) -> int:
+        """The position of the last event accepted (0 for an empty log)."""
+
+    @abstractmethod
+    def submit(self, events: Sequence[Event]) -> tuple[int, asyncio.Future[None]]:
+        """Accept ``events`` now and return (first position, durability future).
+
+        Positions are assigned at once and in call order, so the caller can
+        apply the events to its projections before the bytes are written.  The
+        future resolves when the events are as durable as the log's mode
+        promises, or fails with StorageError.  Only non-shared logs implement it.
+        """
+
+    @abstractmethod
+    def read_runs(
+        self, from_position: int = 0, to_position: int | None = None
+    ) -> AsyncIterator[tuple[int, list[Event]]]:
+        """Yield (first position, events) runs covering the range, in order.
+
+        The events of one run have consecutive positions.  ``to_position`` is
+        inclusive.  Events dropped by compaction are skipped.  Replay uses this
+        form: one iteration step per run instead of per event.
+        """
+
+    async def read(
+        self, from_position: int = 0, to_position: int | None = None
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """Yield (position, event) for every stored event in the range, in order."""
+        async for first, events in self.read_runs(from_position, to_position):
+            for i, event in enumerate(events):
+                yield first + i, event
+
+    @abstractmethod
+    async def fetch(self, positions: Sequence[int]) -> list[Event]:
+        """Return the events at ``positions`` (any order), in the order asked.
+
+        Raises QueryError if a position holds no event.
+        """

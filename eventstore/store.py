@@ -1,0 +1,427 @@
+"""``EventStore``: the StorageAdapter on an append-only event log.
+
+Every write is validated, turned into one event with resolved values, given a
+position by the log, applied to the in-memory projections and then awaited
+until the log has made it as durable as promised.  Reads are answered by the
+projections; history rows (actions, messages) are read back from the log by
+position.
+
+Applying before the bytes are durable keeps projections in exactly the log's
+order even when many tasks write at once: positions are handed out, and
+events applied, synchronously inside the calling task, so nothing can come in
+between.  The alternative (apply after the write returns) lets concurrent
+callers resume in any order.  A read in this process may therefore see a
+write whose ``await`` has not returned yet; it never misses one that has.  If
+the log then fails to write, the projections are ahead of the log, so the
+store closes itself: the next ``connect()`` rebuilds them from what is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+from projections import Projections
+
+from .adapter import StorageAdapter
+from .clock import Clock, system_clock
+from .errors import ConnectionError, StorageError, ValidationError
+from .events import (
+    EVENT_TYPES,
+    ChannelPeakRaised,
+    Event,
+    MessageSaved,
+    MessagesCleared,
+    SessionEnded,
+    UserActionLogged,
+    UserCountLogged,
+    UserForgotten,
+    UserStatsSaved,
+)
+from .log import EventLog
+from .memlog import MemoryLog
+from .validation import check_int, check_name, check_opt_int, check_text
+
+__all__ = ["Durability", "EventStore"]
+
+Durability = Literal["fsync", "flush", "none"]
+DURABILITY_MODES: tuple[str, ...] = ("fsync", "flush", "none")
+
+#: The path that selects a log held in memory.
+MEMORY = ":memory:"
+
+
+class EventStore(StorageAdapter):
+    """The event-sourced adapter.
+
+    ``EventStore(path)`` keeps its log in the directory ``path`` (created on
+    first ``connect()``); ``EventStore(":memory:")`` or
+    ``EventStore(MemoryLog())`` keeps it in memory.
+
+    Example::
+
+        async with EventStore("data/bot") as store:
+            await store.save_message("alice", "hello")
+            print(await store.get_recent_messages(limit=10))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | EventLog = "data",
+        *,
+        durability: Durability = "fsync",
+        read_only: bool = False,
+        logger: logging.Logger | None = None,
+        clock: Clock | None = None,
+        segment_size: int | None = None,
+    ) -> None:
+        super().__init__(logger)
+        if durability not in DURABILITY_MODES:
+            raise ValueError(
+                f"durability must be one of {', '.join(DURABILITY_MODES)}; got {durability!r}"
+            )
+        self.durability: Durability = durability
+        self.read_only = read_only
+        self.clock: Clock = clock or system_clock
+        self._log = self._make_log(path, segment_size)
+        self._proj = Projections()
+        self._connected = False
+        self._failed: BaseException | None = None
+
+    def _make_log(
+        self, path: str | os.PathLike[str] | EventLog, segment_size: int | None
+    ) -> EventLog:
+        if isinstance(path, EventLog):
+            self.path: str | None = None
+            return path
+        if path == MEMORY:
+            self.path = None
+            return MemoryLog()
+        from .segmentlog import SegmentLog
+
+        self.path = os.fspath(path)
+        log: EventLog = SegmentLog(
+            self.path,
+            durability=self.durability,
+            read_only=self.read_only,
+            logger=self.logger,
+            **({} if segment_size is None else {"segment_size": segment_size}),
+        )
+        return log
+
+    # -- lifecycle -----------------------------------------------------------
+    async def connect(self) -> None:
+        if self._connected:
+            return
+        self._failed = None
+        await self._log.open()
+        proj = Projections()
+        try:
+            async for first, events in self._log.read_runs(1):
+                proj.apply_all(zip(range(first, first + len(events)), events, strict=True))
+        except BaseException:
+            await self._log.close()
+            raise
+        self._proj = proj
+        self._connected = True
+
+    async def close(self) -> None:
+        if not self._connected and self._failed is None:
+            return
+        self._connected = False
+        self._failed = None
+        await self._log.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected and self._failed is None
+
+    @property
+    def log(self) -> EventLog:
+        """The event log under this store."""
+        return self._log
+
+    @property
+    def projections(self) -> Projections:
+        """The read models (for tools and tests; the bot uses the methods)."""
+        self._check()
+        return self._proj
+
+    @property
+    def position(self) -> int:
+        """The position of the last event applied (0 for an empty store)."""
+        return self._proj.position
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise ConnectionError(
+                f"the store stopped after a failed write ({self._failed}); "
+                "close() and connect() again to recover"
+            )
+        if not self._connected:
+            raise ConnectionError("the store is not connected; call connect() first")
+
+    def _check_write(self) -> None:
+        self._check()
+        if self.read_only:
+            raise ConnectionError("the store is read-only; open it without read_only to write")
+
+    def _now(self, timestamp: Any, name: str = "timestamp") -> int:
+        if timestamp is None:
+            return self.clock()
+        return check_int(name, timestamp)
+
+    async def _write(self, event: Event) -> None:
+        """Append one event, apply it, and wait until it is durable."""
+        position, done = self._log.submit((event,))
+        self._proj.apply(position, event)
+        await self._wait(done)
+
+    async def _wait(self, done: asyncio.Future[None]) -> None:
+        if done.done() and done.exception() is None:
+            return
+        try:
+            await done
+        except StorageError as err:
+            self._fail(err)
+            raise
+        except asyncio.CancelledError:
+            # The event was accepted and applied; cancelling the wait does not
+            # take it back, it only stops waiting for durability.
+            raise
+
+    def _fail(self, err: BaseException) -> None:
+        if self._failed is None:
+            self._failed = err
+            self.logger.error("write failed, store stopped until reconnect: %s", err)
+
+    # -- user statistics ---------------------------------------------------------
+    async def save_user_stats(
+        self,
+        username: str,
+        first_seen: int | None = None,
+        last_seen: int | None = None,
+        chat_lines: int | None = None,
+        time_connected: int | None = None,
+        session_start: int | None = None,
+    ) -> None:
+        self._check_write()
+        event = UserStatsSaved(
+            check_name("username", username),
+            self.clock(),
+            check_opt_int("first_seen", first_seen),
+            check_opt_int("last_seen", last_seen),
+            check_opt_int("chat_lines", chat_lines) or 0,
+            check_opt_int("time_connected", time_connected) or 0,
+            check_opt_int("session_start", session_start),
+        )
+        if self._proj.user_stats.would_change(event):
+            await self._write(event)
+
+    async def end_session(self, username: str, timestamp: int | None = None) -> int:
+        """Close ``username``'s open session at ``timestamp`` (default now).
+
+        Adds ``max(0, timestamp - session_start)`` to ``total_time_connected``,
+        raises ``last_seen`` to ``timestamp`` if later, clears the session and
+        returns the seconds added.  Without an open session it changes nothing
+        and returns 0.
+        """
+        self._check_write()
+        check_name("username", username)
+        ts = self._now(timestamp)
+        rec = self._proj.user_stats.users.get(username)
+        if rec is None or rec[4] is None:
+            return 0
+        seconds = max(0, ts - int(rec[4]))
+        await self._write(SessionEnded(username, ts, seconds))
+        return seconds
+
+    async def get_user_stats(self, username: str) -> dict[str, Any] | None:
+        self._check()
+        return self._proj.user_stats.get(check_name("username", username))
+
+    async def get_all_user_stats(
+        self, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        self._check()
+        return self._proj.user_stats.all(check_opt_int("limit", limit), check_int("offset", offset))
+
+    # -- user actions ---------------------------------------------------------------
+    async def log_user_action(
+        self,
+        username: str,
+        action_type: str,
+        details: str | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        self._check_write()
+        event = UserActionLogged(
+            self._now(timestamp),
+            check_name("username", username),
+            check_name("action_type", action_type),
+            check_text("details", details, optional=True),
+        )
+        await self._write(event)
+
+    async def get_user_actions(
+        self,
+        username: str | None = None,
+        action_type: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        self._check()
+        if username is not None:
+            check_name("username", username)
+        if action_type is not None:
+            check_name("action_type", action_type)
+        positions = self._proj.actions.positions(
+            username, action_type, check_int("limit", limit), check_int("offset", offset)
+        )
+        events = await self._log.fetch(positions)
+        return [
+            {
+                "id": pos,
+                "timestamp": ev.timestamp,
+                "username": ev.username,
+                "action_type": ev.action_type,
+                "details": ev.details,
+            }
+            for pos, ev in zip(positions, events, strict=True)
+            if isinstance(ev, UserActionLogged)
+        ]
+
+    # -- channel peaks ----------------------------------------------------------------
+    async def update_channel_stats(
+        self,
+        max_users: int | None = None,
+        max_connected: int | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        self._check_write()
+        users, connected = self._proj.channel.raised(
+            check_opt_int("max_users", max_users), check_opt_int("max_connected", max_connected)
+        )
+        ts = self._now(timestamp)
+        if users is None and connected is None:
+            return
+        await self._write(ChannelPeakRaised(ts, users, connected))
+
+    async def get_channel_stats(self) -> dict[str, Any]:
+        self._check()
+        return self._proj.channel.get()
+
+    # -- user counts --------------------------------------------------------------------
+    async def log_user_count(
+        self, chat_users: int, connected_users: int, timestamp: int | None = None
+    ) -> None:
+        self._check_write()
+        event = UserCountLogged(
+            self._now(timestamp),
+            check_int("chat_users", chat_users),
+            check_int("connected_users", connected_users),
+        )
+        await self._write(event)
+
+    async def get_user_count_history(
+        self,
+        start_time: int | None = None,
+        end_time: int | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        self._check()
+        return self._proj.counts.history(
+            check_opt_int("start_time", start_time),
+            check_opt_int("end_time", end_time),
+            check_opt_int("limit", limit),
+        )
+
+    # -- recent chat ------------------------------------------------------------------------
+    async def save_message(self, username: str, message: str, timestamp: int | None = None) -> None:
+        self._check_write()
+        event = MessageSaved(
+            self._now(timestamp),
+            check_name("username", username),
+            check_text("message", message),  # type: ignore[arg-type]
+        )
+        await self._write(event)
+
+    async def get_recent_messages(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        self._check()
+        positions = self._proj.messages.positions(
+            check_int("limit", limit), check_int("offset", offset)
+        )
+        events = await self._log.fetch(positions)
+        return [
+            {
+                "id": pos,
+                "timestamp": ev.timestamp,
+                "username": ev.username,
+                "message": ev.message,
+            }
+            for pos, ev in zip(positions, events, strict=True)
+            if isinstance(ev, MessageSaved)
+        ]
+
+    async def clear_old_messages(self, keep_count: int = 1000) -> int:
+        self._check_write()
+        keep = check_int("keep_count", keep_count)
+        deleted = max(0, len(self._proj.messages) - keep)
+        if deleted:
+            await self._write(MessagesCleared(keep, deleted))
+        return deleted
+
+    # -- beyond the contract ---------------------------------------------------------------
+    async def forget_user(self, username: str, timestamp: int | None = None) -> bool:
+        """Make every read forget ``username``: stats, actions and messages.
+
+        Appends a ``UserForgotten`` event; returns False (and appends nothing)
+        if no read returns anything of that user.
+        """
+        self._check_write()
+        check_name("username", username)
+        ts = self._now(timestamp)
+        proj = self._proj
+        known = (
+            username in proj.user_stats.users
+            or username in proj.actions.by_user
+            or self._has_messages(username)
+        )
+        if not known:
+            return False
+        await self._write(UserForgotten(username, ts))
+        return True
+
+    def _has_messages(self, username: str) -> bool:
+        code = self._proj.messages.users.get(username)
+        return code is not None and code in self._proj.messages.index.code
+
+    async def append(self, events: Sequence[Event]) -> int:
+        """Append ready-made events as one batch, apply them, wait until durable.
+
+        For tools that write history directly (the legacy import, the test
+        kit's "given").  The events are taken as facts: no write rule is
+        applied.  Returns the position of the first event.
+        """
+        self._check_write()
+        events = list(events)
+        if not events:
+            return self._log.head + 1
+        for event in events:
+            if not isinstance(event, EVENT_TYPES):
+                raise ValidationError(f"not an event: {event!r}")
+        first, done = self._log.submit(events)
+        self._proj.apply_all(zip(range(first, first + len(events)), events, strict=True))
+        await self._wait(done)
+        return first
+
+    async def read(
+        self, from_position: int = 0, to_position: int | None = None
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """Yield (position, event) for every event in the log, oldest first."""
+        self._check()
+        async for item in self._log.read(from_position, to_position):
+            yield item

@@ -1,0 +1,101 @@
+"""Read models of the store, each a pure fold over events (no I/O, no clock).
+
+:class:`Projections` bundles them and dispatches each event to the folds that
+care about it.  The adapter appends an event, then applies it here; replay on
+``connect()`` applies the log from a snapshot's position onwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from eventstore.events import (
+    ChannelPeakRaised,
+    ChannelStatsSet,
+    Event,
+    MessageSaved,
+    MessagesCleared,
+    SessionEnded,
+    UserActionLogged,
+    UserCountLogged,
+    UserCountsTrimmed,
+    UserForgotten,
+    UserStatsSaved,
+    UserStatsSet,
+)
+
+from .channel_stats import ChannelStatsProjection
+from .messages import MessagesProjection
+from .user_actions import UserActionsProjection
+from .user_counts import UserCountsProjection
+from .user_stats import UserStatsProjection
+
+__all__ = [
+    "ChannelStatsProjection",
+    "MessagesProjection",
+    "Projections",
+    "UserActionsProjection",
+    "UserCountsProjection",
+    "UserStatsProjection",
+]
+
+Handler = Callable[[int, Any], None]
+
+
+class Projections:
+    """Every read model, plus the position of the last event applied."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.user_stats = UserStatsProjection()
+        self.channel = ChannelStatsProjection()
+        self.actions = UserActionsProjection()
+        self.counts = UserCountsProjection()
+        self.messages = MessagesProjection()
+        forgotten: list[Handler] = [
+            self.user_stats.on_forgotten,
+            self.actions.on_forgotten,
+            self.messages.on_forgotten,
+        ]
+        self._handlers: dict[type, list[Handler]] = {
+            UserStatsSaved: [self.user_stats.on_saved],
+            UserStatsSet: [self.user_stats.on_set],
+            SessionEnded: [self.user_stats.on_session_ended],
+            UserActionLogged: [self.actions.on_logged],
+            ChannelPeakRaised: [self.channel.on_raised],
+            ChannelStatsSet: [self.channel.on_set],
+            UserCountLogged: [self.counts.on_logged],
+            UserCountsTrimmed: [self.counts.on_trimmed],
+            MessageSaved: [self.messages.on_saved],
+            MessagesCleared: [self.messages.on_cleared],
+            UserForgotten: forgotten,
+        }
+
+    def apply(self, position: int, event: Event) -> None:
+        """Fold one event.  Positions must increase."""
+        for handler in self._handlers[type(event)]:
+            handler(position, event)
+        self.position = position
+
+    def apply_all(self, items: Iterable[tuple[int, Event]]) -> None:
+        handlers = self._handlers
+        position = self.position
+        for position, event in items:
+            for handler in handlers[type(event)]:
+                handler(position, event)
+        self.position = position
+
+    def state(self) -> dict[str, Any]:
+        """A canonical, comparable picture of every read model.
+
+        History rows appear as (timestamp, position): their content is the
+        event at that position, which no operation ever rewrites.
+        """
+        return {
+            "user_stats": self.user_stats.state(),
+            "channel": self.channel.state(),
+            **self.actions.state(),
+            **self.counts.state(),
+            **self.messages.state(),
+        }

@@ -1,0 +1,48 @@
+"""Read model: the cache of recent chat.
+
+As for actions, memory holds an index (timestamp, position, user code) and the
+text stays in the log.  ``clear_old_messages`` drops the oldest rows of the
+index; compaction later drops their bytes from the log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eventstore.events import MessageSaved, MessagesCleared, UserForgotten
+
+from .interning import Interner
+from .sorted_index import SortedIndex
+
+__all__ = ["MessagesProjection"]
+
+
+class MessagesProjection:
+    __slots__ = ("index", "users")
+
+    def __init__(self) -> None:
+        self.users = Interner()
+        self.index = SortedIndex()  # code: user
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def on_saved(self, pos: int, ev: MessageSaved) -> None:
+        self.index.add(ev.timestamp, pos, self.users.code(ev.username))
+
+    def on_cleared(self, pos: int, ev: MessagesCleared) -> None:
+        # The newest ``keep_count`` rows are the last ones of the index.
+        excess = len(self.index) - ev.keep_count
+        if excess > 0:
+            self.index.drop_oldest(excess)
+
+    def on_forgotten(self, pos: int, ev: UserForgotten) -> None:
+        ucode = self.users.get(ev.username)
+        if ucode is not None:
+            self.index.drop_code(ucode)
+
+    def positions(self, limit: int, offset: int) -> list[int]:
+        return self.index.newest(offset, limit)
+
+    def state(self) -> dict[str, Any]:
+        return {"messages": [(ts, pos) for ts, pos, _ in self.index.rows()]}

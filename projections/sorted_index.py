@@ -1,0 +1,132 @@
+"""A compact, sorted index of history rows: parallel arrays, no object per row.
+
+Rows are ordered by (timestamp, position).  Each row costs 20 bytes (two
+int64 and one int32 ``code`` the owning projection gives meaning to: a user
+or an action type), instead of the few hundred bytes of a dict or Struct per
+row.  The row's content stays in the log and is fetched by position on demand.
+
+Appends are the common case and cost O(1): events arrive in position order
+and, almost always, in timestamp order.  A row with an older timestamp than
+the newest row (imported or back-dated history) is inserted in place, which
+costs a memmove of the tail.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+
+__all__ = ["SortedIndex"]
+
+
+class SortedIndex:
+    __slots__ = ("code", "pos", "ts")
+
+    def __init__(self) -> None:
+        self.ts = array("q")
+        self.pos = array("q")
+        self.code = array("i")
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def add(self, ts: int, pos: int, code: int = 0) -> int:
+        """Add a row and return its index.
+
+        ``pos`` must be greater than every position already held.
+        """
+        tss = self.ts
+        if not tss or ts >= tss[-1]:
+            tss.append(ts)
+            self.pos.append(pos)
+            self.code.append(code)
+            return len(tss) - 1
+        # Equal timestamps keep position order: every held position is smaller
+        # than ``pos``, so the new row goes after all rows with the same ts.
+        i = bisect_right(tss, ts)
+        tss.insert(i, ts)
+        self.pos.insert(i, pos)
+        self.code.insert(i, code)
+        return i
+
+    def newest(self, offset: int, limit: int | None, code: int | None = None) -> list[int]:
+        """Positions newest first (timestamp desc, position desc), paginated.
+
+        With ``code`` only rows carrying that code count.
+        """
+        out: list[int] = []
+        if limit == 0:
+            return out
+        n = len(self.pos)
+        if code is None:
+            hi = n - offset
+            lo = 0 if limit is None else max(0, hi - limit)
+            if hi <= 0:
+                return out
+            out = self.pos[lo:hi].tolist()
+            out.reverse()
+            return out
+        skip = offset
+        codes, poss = self.code, self.pos
+        for i in range(n - 1, -1, -1):
+            if codes[i] != code:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            out.append(poss[i])
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def range(self, start: int | None, end: int | None) -> tuple[int, int]:
+        """The slice [lo, hi) of rows with start <= ts <= end (inclusive bounds)."""
+        lo = 0 if start is None else bisect_left(self.ts, start)
+        hi = len(self.ts) if end is None else bisect_right(self.ts, end)
+        return lo, max(lo, hi)
+
+    def drop_oldest(self, count: int) -> None:
+        """Remove the ``count`` oldest rows."""
+        del self.ts[:count]
+        del self.pos[:count]
+        del self.code[:count]
+
+    def drop_before(self, ts: int) -> int:
+        """Remove rows with timestamp < ``ts``; return how many."""
+        k = bisect_left(self.ts, ts)
+        self.drop_oldest(k)
+        return k
+
+    def drop_code(self, code: int) -> list[int]:
+        """Remove rows carrying ``code``; return their positions."""
+        return self._drop([i for i, c in enumerate(self.code) if c != code])
+
+    def drop_positions(self, positions: set[int]) -> list[int]:
+        """Remove the rows at ``positions``; return the positions removed."""
+        return self._drop([i for i, p in enumerate(self.pos) if p not in positions])
+
+    def _drop(self, keep: list[int]) -> list[int]:
+        if len(keep) == len(self.pos):
+            return []
+        kept = set(keep)
+        dropped = [p for i, p in enumerate(self.pos) if i not in kept]
+        self.ts = array("q", [self.ts[i] for i in keep])
+        self.pos = array("q", [self.pos[i] for i in keep])
+        self.code = array("i", [self.code[i] for i in keep])
+        return dropped
+
+    def rows(self) -> Iterator[tuple[int, int, int]]:
+        """Every row as (ts, pos, code), oldest first."""
+        return zip(self.ts, self.pos, self.code, strict=True)
+
+    def to_bytes(self) -> tuple[bytes, bytes, bytes]:
+        return self.ts.tobytes(), self.pos.tobytes(), self.code.tobytes()
+
+    @classmethod
+    def from_bytes(cls, ts: bytes, pos: bytes, code: bytes) -> SortedIndex:
+        idx = cls()
+        idx.ts.frombytes(ts)
+        idx.pos.frombytes(pos)
+        idx.code.frombytes(code)
+        return idx

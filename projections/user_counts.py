@@ -1,0 +1,59 @@
+"""Read model: the history of user counts (chat users, connected users).
+
+Each sample is two small numbers, so the whole row stays in memory, in arrays
+parallel to the sorted index: 32 bytes a sample and no log read to answer.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+from eventstore.events import UserCountLogged, UserCountsTrimmed
+
+from .sorted_index import SortedIndex
+
+__all__ = ["UserCountsProjection"]
+
+
+class UserCountsProjection:
+    __slots__ = ("chat", "connected", "index")
+
+    def __init__(self) -> None:
+        self.index = SortedIndex()
+        self.chat = array("q")
+        self.connected = array("q")
+
+    def on_logged(self, pos: int, ev: UserCountLogged) -> None:
+        i = self.index.add(ev.timestamp, pos)
+        if i == len(self.chat):
+            self.chat.append(ev.chat_users)
+            self.connected.append(ev.connected_users)
+        else:
+            self.chat.insert(i, ev.chat_users)
+            self.connected.insert(i, ev.connected_users)
+
+    def on_trimmed(self, pos: int, ev: UserCountsTrimmed) -> None:
+        k = self.index.drop_before(ev.before)
+        del self.chat[:k]
+        del self.connected[:k]
+
+    def history(
+        self, start: int | None, end: int | None, limit: int | None
+    ) -> list[dict[str, Any]]:
+        lo, hi = self.index.range(start, end)
+        if limit is not None:
+            hi = min(hi, lo + limit)
+        ts, pos, chat, conn = self.index.ts, self.index.pos, self.chat, self.connected
+        return [
+            {
+                "id": pos[i],
+                "timestamp": ts[i],
+                "chat_users": chat[i],
+                "connected_users": conn[i],
+            }
+            for i in range(lo, hi)
+        ]
+
+    def state(self) -> dict[str, Any]:
+        return {"user_counts": self.history(None, None, None)}

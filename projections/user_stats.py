@@ -1,0 +1,119 @@
+"""Read model: per-user statistics (first/last seen, chat lines, time connected)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eventstore.events import (
+    SessionEnded,
+    UserForgotten,
+    UserStatsSaved,
+    UserStatsSet,
+)
+
+__all__ = ["UserStats", "UserStatsProjection"]
+
+# A user's record is a list, indexed by these constants: the fold runs once per
+# chat line, and a list is the cheapest mutable record Python has.
+FIRST, LAST, LINES, TIME, SESSION = range(5)
+UserStats = list  # [first_seen, last_seen, total_chat_lines, total_time_connected, session]
+
+
+class UserStatsProjection:
+    __slots__ = ("_sorted", "users")
+
+    def __init__(self) -> None:
+        self.users: dict[str, list[Any]] = {}
+        # get_all_user_stats order, rebuilt lazily after a change.
+        self._sorted: list[str] | None = None
+
+    # -- the fold ---------------------------------------------------------
+    def on_saved(self, pos: int, ev: UserStatsSaved) -> None:
+        rec = self.users.get(ev.username)
+        if rec is None:
+            first = ev.first_seen if ev.first_seen is not None else ev.now
+            last = ev.last_seen if ev.last_seen is not None else ev.now
+            self.users[ev.username] = [
+                first,
+                last,
+                ev.chat_lines,
+                ev.time_connected,
+                ev.session_start,
+            ]
+        else:
+            if ev.first_seen is not None and ev.first_seen < rec[FIRST]:
+                rec[FIRST] = ev.first_seen
+            if ev.last_seen is not None and ev.last_seen > rec[LAST]:
+                rec[LAST] = ev.last_seen
+            rec[LINES] += ev.chat_lines
+            rec[TIME] += ev.time_connected
+            if ev.session_start is not None:
+                rec[SESSION] = ev.session_start
+        self._sorted = None
+
+    def on_set(self, pos: int, ev: UserStatsSet) -> None:
+        self.users[ev.username] = [
+            ev.first_seen,
+            ev.last_seen,
+            ev.total_chat_lines,
+            ev.total_time_connected,
+            ev.current_session_start,
+        ]
+        self._sorted = None
+
+    def on_session_ended(self, pos: int, ev: SessionEnded) -> None:
+        rec = self.users.get(ev.username)
+        if rec is None or rec[SESSION] is None:
+            return
+        rec[TIME] += ev.seconds
+        if ev.timestamp > rec[LAST]:
+            rec[LAST] = ev.timestamp
+        rec[SESSION] = None
+        self._sorted = None
+
+    def on_forgotten(self, pos: int, ev: UserForgotten) -> None:
+        if self.users.pop(ev.username, None) is not None:
+            self._sorted = None
+
+    # -- what would a write change ----------------------------------------
+    def would_change(self, ev: UserStatsSaved) -> bool:
+        """False if applying ``ev`` would leave the stored record as it is."""
+        rec = self.users.get(ev.username)
+        if rec is None:
+            return True
+        return (
+            (ev.first_seen is not None and ev.first_seen < rec[FIRST])
+            or (ev.last_seen is not None and ev.last_seen > rec[LAST])
+            or ev.chat_lines != 0
+            or ev.time_connected != 0
+            or (ev.session_start is not None and ev.session_start != rec[SESSION])
+        )
+
+    # -- reads ------------------------------------------------------------
+    @staticmethod
+    def row(username: str, rec: list[Any]) -> dict[str, Any]:
+        return {
+            "username": username,
+            "first_seen": rec[FIRST],
+            "last_seen": rec[LAST],
+            "total_chat_lines": rec[LINES],
+            "total_time_connected": rec[TIME],
+            "current_session_start": rec[SESSION],
+        }
+
+    def get(self, username: str) -> dict[str, Any] | None:
+        rec = self.users.get(username)
+        return None if rec is None else self.row(username, rec)
+
+    def all(self, limit: int | None, offset: int) -> list[dict[str, Any]]:
+        order = self._sorted
+        if order is None:
+            users = self.users
+            # last_seen descending, ties by username ascending.
+            order = sorted(users, key=lambda u: (-users[u][LAST], u))
+            self._sorted = order
+        end = None if limit is None else offset + limit
+        return [self.row(u, self.users[u]) for u in order[offset:end]]
+
+    def state(self) -> dict[str, Any]:
+        return {u: list(r) for u, r in sorted(self.users.items())}
