@@ -29,6 +29,7 @@ import msgspec
 
 __all__ = [
     "EVENT_TYPES",
+    "READABLE_FINGERPRINTS",
     "SCHEMA_FINGERPRINT",
     "ChannelPeakRaised",
     "ChannelStatsSet",
@@ -225,3 +226,9 @@ def _fingerprint() -> bytes:
 
 
 SCHEMA_FINGERPRINT: bytes = _fingerprint()
+
+#: Fingerprints of every event schema this code can read.  When an event
+#: changes, the old fingerprint stays here (with an upcaster for what changed),
+#: so old segments still open; an unknown fingerprint means the log was written
+#: by newer code.
+READABLE_FINGERPRINTS: frozenset[bytes] = frozenset({SCHEMA_FINGERPRINT})

@@ -70,6 +70,13 @@ class EventLog(ABC):
             for i, event in enumerate(events):
                 yield first + i, event
 
+    async def refresh(self) -> int:
+        """Pick up events other processes appended since; return the new head.
+
+        Logs written only by this process have nothing to pick up.
+        """
+        return self.head
+
     @abstractmethod
     async def fetch(self, positions: Sequence[int]) -> list[Event]:
         """Return the events at ``positions`` (any order), in the order asked.

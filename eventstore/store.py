@@ -19,6 +19,7 @@ store closes itself: the next ``connect()`` rebuilds them from what is on disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -77,6 +78,7 @@ class EventStore(StorageAdapter):
         logger: logging.Logger | None = None,
         clock: Clock | None = None,
         segment_size: int | None = None,
+        follow: float | None = None,
     ) -> None:
         super().__init__(logger)
         if durability not in DURABILITY_MODES:
@@ -90,6 +92,10 @@ class EventStore(StorageAdapter):
         self._proj = Projections()
         self._connected = False
         self._failed: BaseException | None = None
+        if follow is not None and follow <= 0:
+            raise ValueError(f"follow must be a positive number of seconds, got {follow!r}")
+        self.follow = follow
+        self._follower: asyncio.Task[None] | None = None
 
     def _make_log(
         self, path: str | os.PathLike[str] | EventLog, segment_size: int | None
@@ -127,12 +133,21 @@ class EventStore(StorageAdapter):
             raise
         self._proj = proj
         self._connected = True
+        if self.follow is not None:
+            self._follower = asyncio.get_running_loop().create_task(
+                self._follow(self.follow), name="eventstore-follow"
+            )
 
     async def close(self) -> None:
         if not self._connected and self._failed is None:
             return
         self._connected = False
         self._failed = None
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
         await self._log.close()
 
     @property
@@ -398,6 +413,28 @@ class EventStore(StorageAdapter):
     def _has_messages(self, username: str) -> bool:
         code = self._proj.messages.users.get(username)
         return code is not None and code in self._proj.messages.index.code
+
+    async def refresh(self) -> int:
+        """Bring in events another process appended since; return how many.
+
+        For read-only stores that watch a live writer (a dashboard, the CLI's
+        ``tail -f``).  A writer sees all its own events already.
+        """
+        self._check()
+        await self._log.refresh()
+        proj = self._proj
+        before = proj.position
+        async for first, events in self._log.read_runs(before + 1):
+            proj.apply_all(zip(range(first, first + len(events)), events, strict=True))
+        return proj.position - before
+
+    async def _follow(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except StorageError as err:
+                self.logger.warning("follow: refresh failed: %s", err)
 
     async def append(self, events: Sequence[Event]) -> int:
         """Append ready-made events as one batch, apply them, wait until durable.

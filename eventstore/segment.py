@@ -1,0 +1,195 @@
+"""The bytes of a segment file: its header and its frames.
+
+A segment is named by the position of its first event, zero-padded to 20
+digits (``00000000000000000001.seg``) so that name order is position order.
+
+Header, 32 bytes, little-endian::
+
+    0   8  magic            b"\\x89ESLOG\\r\\n"
+    8   2  format version   u16 (1)
+    10  2  flags            u16: bit 0 set = written by compaction (gaps allowed)
+    12  8  first position   u64, equals the number in the file name
+    20  8  schema fingerprint  eventstore.events.SCHEMA_FINGERPRINT
+    28  4  header checksum  crc32 of bytes 0..28
+
+Then frames, back to back, each::
+
+    0   4  payload length   u32, at most MAX_FRAME_PAYLOAD
+    4   4  checksum         crc32 of bytes 8..20 of this frame and the payload
+    8   8  first position   u64, the position of the frame's first event
+    16  4  event count      u32
+    20  n  payload          one msgpack array of ``count`` events (codec.py)
+
+The events of a frame have consecutive positions.  After compaction frames
+may leave gaps between them, never inside.  ``docs/format.md`` says the same
+with examples.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+
+from .errors import IntegrityError, MigrationError
+from .events import READABLE_FINGERPRINTS, SCHEMA_FINGERPRINT
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FRAME_HEADER",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_FRAME_PAYLOAD",
+    "FrameInfo",
+    "SegmentHeader",
+    "frame_crc",
+    "pack_frame_header",
+    "pack_header",
+    "segment_name",
+    "unpack_header",
+]
+
+MAGIC = b"\x89ESLOG\r\n"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sHHQ8sI")
+HEADER_SIZE = HEADER.size  # 32
+FRAME_HEADER = struct.Struct("<IIQI")
+FRAME_HEADER_SIZE = FRAME_HEADER.size  # 20
+#: The largest payload a frame may declare.  Checked before a single byte of
+#: the payload is read or allocated, so a damaged length field cannot make a
+#: reader ask for gigabytes.  A single event is at most about 3 MiB (three
+#: strings of 1 MiB), so 16 MiB leaves room and still bounds a bad read.
+MAX_FRAME_PAYLOAD = 16 * 1024 * 1024
+
+SEGMENT_SUFFIX = ".seg"
+SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
+
+
+def segment_name(first_position: int) -> str:
+    return f"{first_position:020d}{SEGMENT_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class SegmentHeader:
+    version: int
+    flags: int
+    first_position: int
+    fingerprint: bytes
+
+
+FLAG_COMPACTED = 1
+
+
+def pack_header(
+    first_position: int, fingerprint: bytes = SCHEMA_FINGERPRINT, flags: int = 0
+) -> bytes:
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, flags, first_position, fingerprint, 0)
+    crc = zlib.crc32(head[:28])
+    return head[:28] + struct.pack("<I", crc)
+
+
+def unpack_header(data: bytes, path: str) -> SegmentHeader:
+    """Parse and check a segment header; errors name the file."""
+    if len(data) < HEADER_SIZE:
+        raise IntegrityError(f"{path}: segment header is {len(data)} bytes, expected {HEADER_SIZE}")
+    magic, version, flags, first, fingerprint, crc = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise IntegrityError(f"{path}: not a segment file (magic {magic!r})")
+    if zlib.crc32(data[:28]) != crc:
+        raise IntegrityError(f"{path}: segment header checksum mismatch at offset 0")
+    if version != FORMAT_VERSION:
+        raise MigrationError(
+            f"{path}: segment format version {version}; this code reads version {FORMAT_VERSION}"
+        )
+    return SegmentHeader(version, flags, first, fingerprint)
+
+
+def pack_frame_header(buf: bytearray, offset: int, first_position: int, count: int) -> None:
+    """Fill the 20-byte frame header at ``offset``; the payload must follow it in ``buf``."""
+    length = len(buf) - offset - FRAME_HEADER_SIZE
+    struct.pack_into("<QI", buf, offset + 8, first_position, count)
+    crc = zlib.crc32(memoryview(buf)[offset + 8 :])
+    struct.pack_into("<II", buf, offset, length, crc)
+
+
+def frame_crc(header_tail: bytes | memoryview, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(header_tail))
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """A frame found while scanning: where it is and what it holds."""
+
+    offset: int
+    first_position: int
+    count: int
+    payload_start: int
+    end: int
+
+
+class FrameError(Exception):
+    """Why the bytes at an offset are not a valid frame (used by the scanners)."""
+
+    def __init__(
+        self, offset: int, reason: str, *, short: bool = False, checksum: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.offset = offset
+        self.reason = reason
+        #: True if the frame is complete but its checksum does not match.
+        self.checksum = checksum
+        #: True if the frame would extend past the end of the data: the shape
+        #: a write cut short by a crash leaves behind.
+        self.short = short
+
+
+def parse_frame(buf: bytes | memoryview, offset: int, base: int = 0) -> FrameInfo:
+    """Check the frame at ``offset`` of ``buf`` and return where it lies.
+
+    ``base`` is the file offset of ``buf[0]``; returned offsets are file
+    offsets.  Raises FrameError.
+    """
+    avail = len(buf) - offset
+    if avail < FRAME_HEADER_SIZE:
+        raise FrameError(base + offset, f"{avail} bytes left, a frame header is 20", short=True)
+    length, crc, first, count = FRAME_HEADER.unpack_from(buf, offset)
+    if length > MAX_FRAME_PAYLOAD:
+        raise FrameError(
+            base + offset, f"frame length {length} exceeds the cap {MAX_FRAME_PAYLOAD}"
+        )
+    end = offset + FRAME_HEADER_SIZE + length
+    if end > len(buf):
+        raise FrameError(
+            base + offset, f"frame of {length} bytes runs past the end of the data", short=True
+        )
+    mv = memoryview(buf)
+    if frame_crc(mv[offset + 8 : offset + 20], mv[offset + 20 : end]) != crc:
+        raise FrameError(base + offset, "frame checksum mismatch", checksum=True)
+    if count == 0:
+        raise FrameError(base + offset, "frame holds no events")
+    return FrameInfo(base + offset, first, count, base + offset + FRAME_HEADER_SIZE, base + end)
+
+
+def check_fingerprint(header: SegmentHeader, path: str) -> None:
+    if header.fingerprint not in READABLE_FINGERPRINTS:
+        raise MigrationError(
+            f"{path}: written with event schema {header.fingerprint.hex()}, which this "
+            f"code does not know (it writes {SCHEMA_FINGERPRINT.hex()}); "
+            "open the store with a newer eventstore"
+        )
+
+
+def list_segments(directory: str) -> tuple[list[tuple[int, str]], list[str]]:
+    """(first position, file name) of every segment, sorted; and stray names."""
+    segments: list[tuple[int, str]] = []
+    stray: list[str] = []
+    for name in os.listdir(directory):
+        m = SEGMENT_RE.match(name)
+        if m:
+            segments.append((int(m.group(1)), name))
+        else:
+            stray.append(name)
+    segments.sort()
+    return segments, stray
