@@ -44,6 +44,7 @@ __all__ = [
     "UserStatsSaved",
     "UserStatsSet",
     "event_name",
+    "event_time",
 ]
 
 
@@ -133,10 +134,12 @@ class MessageSaved(BaseEvent, tag=8, frozen=True):
 
 
 class MessagesCleared(BaseEvent, tag=9, frozen=True):
-    """All but the newest ``keep_count`` messages were deleted (``deleted`` of them)."""
+    """At ``timestamp`` all but the newest ``keep_count`` messages were deleted
+    (``deleted`` of them)."""
 
     keep_count: int
     deleted: int
+    timestamp: int
 
 
 class UserForgotten(BaseEvent, tag=10, frozen=True):
@@ -210,6 +213,24 @@ def event_tag(cls: type[BaseEvent]) -> int:
     tag = cls.__struct_config__.tag
     assert isinstance(tag, int)
     return tag
+
+
+def event_time(event: BaseEvent) -> int:
+    """The moment an event describes, in Unix seconds (for point-in-time replay).
+
+    Most events carry a ``timestamp``.  A stats update describes ``last_seen``
+    when the caller gave one (the bot passes the time of the chat line), else
+    the moment it was accepted; absolute records describe their latest moment.
+    """
+    if isinstance(event, UserStatsSaved):
+        return event.last_seen if event.last_seen is not None else event.now
+    if isinstance(event, UserStatsSet):
+        return event.last_seen
+    if isinstance(event, ChannelStatsSet):
+        return event.last_updated or 0
+    ts = getattr(event, "timestamp", None)
+    assert isinstance(ts, int), f"{type(event).__name__} has no time"
+    return ts
 
 
 def _fingerprint() -> bytes:

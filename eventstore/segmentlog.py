@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import struct
 import time
 from array import array
 from bisect import bisect_right
@@ -61,6 +62,7 @@ from .segment import (
     list_segments,
     pack_frame_header,
     pack_header,
+    parse_frame,
     segment_name,
     unpack_header,
 )
@@ -114,6 +116,25 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _valid_frame_follows(tail: bytes) -> bool:
+    """Does a valid frame start somewhere after the (damaged) frame at tail[0]?
+
+    Looks for the header of the frame that should come next: its first
+    position is this frame's first position plus its count.
+    """
+    first, count = struct.unpack_from("<QI", tail, 8)
+    needle = struct.pack("<Q", first + count)
+    at = tail.find(needle, FRAME_HEADER_SIZE + 8)
+    while at != -1:
+        try:
+            parse_frame(tail, at - 8)
+            return True
+        except FrameError:
+            pass
+        at = tail.find(needle, at + 1)
+    return False
 
 
 class SegmentLog(EventLog):
@@ -219,6 +240,17 @@ class SegmentLog(EventLog):
             path = os.path.join(d, name)
             fd = os.open(path, os.O_RDONLY)
             seg = Segment(first, path, fd, 0, next_position=first)
+            if first == names[-1][0] and os.fstat(fd).st_size < HEADER_SIZE:
+                # Only a damaged disk leaves this (segments appear by rename,
+                # complete), but it holds no event: drop it like a torn tail.
+                os.close(fd)
+                if not self.read_only:
+                    self.logger.warning(
+                        "%s: removed a last segment with an incomplete header", path
+                    )
+                    os.unlink(path)
+                    fsync_dir(d)
+                continue
             self._segments.append(seg)
             header = unpack_header(os.pread(fd, HEADER_SIZE, 0), path)
             check_fingerprint(header, path)
@@ -295,14 +327,19 @@ class SegmentLog(EventLog):
         A frame running past the end of the file, a frame ending exactly at the
         end whose checksum fails (a power cut can leave a frame's last pages
         unwritten), or nothing but zeros after the last good frame (a file
-        extended but never filled).  Anything else is damage, not a crash.
+        extended but never filled) -- provided no valid frame follows.  A
+        damaged length field can make a frame in the middle look like it runs
+        past the end; the frame after it then still parses, and that is
+        damage, not a crash.
         """
-        if err.short:
-            return True
         tail = os.pread(seg.fd, size - err.offset, err.offset)
         if not tail.strip(b"\0"):
             return True
-        if err.checksum and len(tail) >= FRAME_HEADER_SIZE:
+        if len(tail) >= FRAME_HEADER_SIZE and _valid_frame_follows(tail):
+            return False
+        if err.short:
+            return True
+        if err.checksum:
             length = int.from_bytes(tail[:4], "little")
             return err.offset + FRAME_HEADER_SIZE + length == size
         return False

@@ -386,7 +386,7 @@ class EventStore(StorageAdapter):
         keep = check_int("keep_count", keep_count)
         deleted = max(0, len(self._proj.messages) - keep)
         if deleted:
-            await self._write(MessagesCleared(keep, deleted))
+            await self._write(MessagesCleared(keep, deleted, self.clock()))
         return deleted
 
     # -- beyond the contract ---------------------------------------------------------------

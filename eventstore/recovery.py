@@ -1,0 +1,160 @@
+"""Finding damage in a store directory and, on request, cutting past it.
+
+``connect()`` only ever cuts a torn tail (the end of the last segment, where
+a crash mid-write leaves an incomplete frame).  Damage anywhere else makes
+``connect()`` raise IntegrityError and stop: the log never skips a frame on
+its own.  ``repair()`` is the operator's explicit decision to give up the
+damaged frame and everything after it, keeping a copy of what it removes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+
+from .codec import decode_batch
+from .errors import IntegrityError, MigrationError
+from .framing import FrameWalker
+from .lockfile import WriterLock
+from .segment import HEADER_SIZE, FrameError, check_fingerprint, list_segments, unpack_header
+
+__all__ = ["Damage", "RepairReport", "find_damage", "repair"]
+
+_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Damage:
+    """The first bad spot of a store: file, byte offset and what is wrong."""
+
+    path: str
+    offset: int
+    reason: str
+    #: Position of the last event before the damage (0 if none).
+    last_good_position: int
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason} at offset {self.offset}"
+
+
+@dataclass
+class RepairReport:
+    damage: Damage | None
+    #: Files copied or moved aside, as ``*.broken``.
+    set_aside: list[str] = field(default_factory=list)
+    bytes_cut: int = 0
+
+    @property
+    def repaired(self) -> bool:
+        return self.damage is not None
+
+
+def find_damage(directory: str) -> Damage | None:
+    """Check every header and frame (checksums and decoding) of every segment.
+
+    Returns the first damage found, or None.  Unlike ``connect()`` this treats
+    a torn tail as damage too, so it also reports what a crash left behind.
+    """
+    names, _ = list_segments(directory)
+    next_position = 1
+    for first, name in names:
+        path = os.path.join(directory, name)
+        with open(path, "rb") as f:
+            try:
+                header = unpack_header(f.read(HEADER_SIZE), path)
+                check_fingerprint(header, path)
+            except (IntegrityError, MigrationError) as err:
+                return Damage(path, 0, str(err).removeprefix(f"{path}: "), next_position - 1)
+            if first < next_position:
+                return Damage(
+                    path, 0, f"segment starts at {first}, before {next_position}", next_position - 1
+                )
+            gaps = bool(header.flags & 1) or next_position == 1
+            walker = FrameWalker(HEADER_SIZE, first if gaps else next_position, gaps_allowed=gaps)
+            if not gaps and first != next_position:
+                return Damage(
+                    path,
+                    0,
+                    f"segment starts at {first}, expected {next_position}",
+                    next_position - 1,
+                )
+            try:
+                while True:
+                    data = f.read(max(_CHUNK, walker.wanted()))
+                    if not data:
+                        break
+                    for info, payload in walker.feed(data):
+                        try:
+                            events = decode_batch(payload)
+                        except IntegrityError as err:
+                            return Damage(path, info.offset, str(err), info.first_position - 1)
+                        if len(events) != info.count:
+                            return Damage(
+                                path,
+                                info.offset,
+                                f"frame holds {len(events)} events, its header says {info.count}",
+                                info.first_position - 1,
+                            )
+                bad = walker.finish()
+            except FrameError as err:
+                bad = err
+            if bad is not None:
+                return Damage(path, bad.offset, bad.reason, walker.next_position - 1)
+            next_position = walker.next_position
+    return None
+
+
+def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport:
+    """Cut the log at its first damage, keeping copies of what is removed.
+
+    The damaged segment is copied to ``<name>.broken`` and truncated at the
+    last good frame; later segments (whose positions would follow a gap) are
+    renamed to ``<name>.broken``.  Never run implicitly; takes the writer lock,
+    so it refuses while a writer is open.
+    """
+    log = logger or logging.getLogger("eventstore")
+    lock = WriterLock(directory)
+    lock.acquire()
+    try:
+        damage = find_damage(directory)
+        report = RepairReport(damage)
+        if damage is None:
+            return report
+        names, _ = list_segments(directory)
+        paths = [os.path.join(directory, name) for _, name in names]
+        at = paths.index(damage.path)
+        broken = damage.path + ".broken"
+        shutil.copy2(damage.path, broken)
+        report.set_aside.append(broken)
+        size = os.path.getsize(damage.path)
+        if damage.offset < HEADER_SIZE:
+            # The header itself is bad: the whole file goes aside.
+            os.unlink(damage.path)
+            report.bytes_cut += size
+        else:
+            with open(damage.path, "r+b") as f:
+                f.truncate(damage.offset)
+                f.flush()
+                os.fsync(f.fileno())
+            report.bytes_cut += size - damage.offset
+        for path in paths[at + 1 :]:
+            report.bytes_cut += os.path.getsize(path)
+            os.rename(path, path + ".broken")
+            report.set_aside.append(path + ".broken")
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.warning(
+            "repaired %s: cut %d bytes at %s; copies in %s",
+            directory,
+            report.bytes_cut,
+            damage,
+            ", ".join(report.set_aside),
+        )
+        return report
+    finally:
+        lock.release()

@@ -1,0 +1,359 @@
+"""The segment-file log: format, rolls, recovery, repair, locking, readers, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import stat
+import struct
+from pathlib import Path
+
+import pytest
+from storeutil import all_events, copy_store, fill, segment_files
+
+from eventstore import ConnectionError, EventStore, IntegrityError, StorageError
+from eventstore.events import SCHEMA_FINGERPRINT, MessageSaved
+from eventstore.recovery import find_damage, repair
+from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE, MAGIC, MAX_FRAME_PAYLOAD
+
+
+async def test_creates_directory_owner_only(tmp_path: Path) -> None:
+    d = tmp_path / "new" / "store"
+    async with EventStore(d) as store:
+        await store.save_message("alice", "hi")
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    files = segment_files(d)
+    assert len(files) == 1
+    assert files[0].name == "00000000000000000001.seg"
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+
+
+async def test_segment_header_bytes(tmp_path: Path) -> None:
+    async with EventStore(tmp_path / "s") as store:
+        await store.save_message("alice", "hi", timestamp=5)
+    data = segment_files(tmp_path / "s")[0].read_bytes()
+    assert data[:8] == MAGIC
+    version, flags, first = struct.unpack_from("<HHQ", data, 8)
+    assert (version, flags, first) == (1, 0, 1)
+    assert data[20:28] == SCHEMA_FINGERPRINT
+    length, _crc, pos, count = struct.unpack_from("<IIQI", data, HEADER_SIZE)
+    assert (pos, count) == (1, 1)
+    assert len(data) == HEADER_SIZE + FRAME_HEADER_SIZE + length
+
+
+async def test_rolls_segments_and_replays_across_them(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=2048) as store:
+        await fill(store, 300)
+    files = segment_files(d)
+    assert len(files) > 5
+    # Names are first positions; each header agrees with its name.
+    for f in files:
+        first = struct.unpack_from("<Q", f.read_bytes(), 12)[0]
+        assert f.name == f"{first:020d}.seg"
+    async with EventStore(d, segment_size=2048) as store:
+        msgs = await store.get_recent_messages(limit=1000)
+        assert [m["message"] for m in msgs] == [f"m{i}" for i in reversed(range(300))]
+        assert [m["id"] for m in msgs] == list(reversed(range(1, 301)))
+
+
+async def test_group_commit_puts_concurrent_writes_in_one_frame(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await asyncio.gather(*(store.save_message("u", f"m{i}") for i in range(50)))
+    data = segment_files(d)[0].read_bytes()
+    frames = []
+    off = HEADER_SIZE
+    while off < len(data):
+        length, _crc, _pos, count = struct.unpack_from("<IIQI", data, off)
+        frames.append(count)
+        off += FRAME_HEADER_SIZE + length
+    assert sum(frames) == 50
+    assert len(frames) < 50  # some writes shared a frame (and an fsync)
+
+
+@pytest.mark.parametrize("durability", ["fsync", "flush", "none"])
+async def test_every_mode_keeps_everything_across_close(tmp_path: Path, durability: str) -> None:
+    d = tmp_path / durability
+    async with EventStore(d, durability=durability, segment_size=4096) as store:  # type: ignore[arg-type]
+        await fill(store, 200)
+        await asyncio.gather(*(store.save_message("x", f"c{i}") for i in range(100)))
+    events = await all_events(d)
+    assert len(events) == 300
+
+
+async def test_read_sees_unwritten_events_in_order(tmp_path: Path) -> None:
+    async with EventStore(tmp_path / "s", durability="none") as store:
+        await fill(store, 10)
+        got = [(p, ev.message) async for p, ev in store.read()]
+        assert got == [(i + 1, f"m{i}") for i in range(10)]
+        assert [m["message"] for m in await store.get_recent_messages(limit=3)] == [
+            "m9",
+            "m8",
+            "m7",
+        ]
+
+
+# -- recovery -----------------------------------------------------------------------
+
+
+async def _small_store(tmp_path: Path, n: int = 40) -> tuple[Path, list[MessageSaved]]:
+    d = tmp_path / "orig"
+    async with EventStore(d, segment_size=1024) as store:
+        await fill(store, n)
+    events = await all_events(d)
+    return d, events
+
+
+async def test_truncation_at_every_offset_of_last_segment_recovers_a_prefix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d, events = await _small_store(tmp_path)
+    last = segment_files(d)[-1]
+    full = last.read_bytes()
+    first_in_last = struct.unpack_from("<Q", full, 12)[0]
+    for cut in range(len(full)):
+        work = copy_store(d, tmp_path / f"cut{cut}")
+        (work / last.name).write_bytes(full[:cut])
+        store = EventStore(work)
+        await store.connect()
+        got = [ev async for _, ev in store.read()]
+        # A prefix, and at least everything before the damaged segment.
+        assert got == events[: len(got)]
+        assert len(got) >= first_in_last - 1
+        # The store takes new writes after recovery.
+        await store.save_message("after", "crash", timestamp=1)
+        await store.close()
+        again = await all_events(work)
+        assert again[:-1] == got and again[-1].message == "crash"
+    assert "torn tail" in caplog.text
+
+
+async def test_torn_tail_is_cut_and_logged_with_byte_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d, events = await _small_store(tmp_path)
+    last = segment_files(d)[-1]
+    size = last.stat().st_size
+    with open(last, "r+b") as f:
+        f.truncate(size - 3)
+    caplog.set_level(logging.WARNING)
+    got = await all_events(d)
+    assert got == events[:-1]
+    assert any("torn tail" in r.message for r in caplog.records)
+    assert last.stat().st_size < size - 3  # the partial frame is gone from disk
+
+
+async def test_garbage_zeros_after_last_frame_are_cut(tmp_path: Path) -> None:
+    d, events = await _small_store(tmp_path)
+    with open(segment_files(d)[-1], "ab") as f:
+        f.write(b"\0" * 4096)
+    assert await all_events(d) == events
+
+
+def _frame_offsets(data: bytes) -> list[int]:
+    offs = []
+    off = HEADER_SIZE
+    while off + FRAME_HEADER_SIZE <= len(data):
+        offs.append(off)
+        off += FRAME_HEADER_SIZE + struct.unpack_from("<I", data, off)[0]
+    return offs
+
+
+async def test_flipped_byte_in_an_earlier_frame_raises_with_file_and_offset(
+    tmp_path: Path,
+) -> None:
+    d, events = await _small_store(tmp_path)
+    files = segment_files(d)
+    # Every byte of the first frame of the first (sealed) segment, and of an
+    # earlier frame of the last segment.
+    targets = []
+    data0 = files[0].read_bytes()
+    off0 = _frame_offsets(data0)[0]
+    targets += [(files[0], off0, off0 + i) for i in range(FRAME_HEADER_SIZE + 4)]
+    data_last = files[-1].read_bytes()
+    offs = _frame_offsets(data_last)
+    assert len(offs) >= 2
+    targets += [(files[-1], offs[0], offs[0] + i) for i in range(FRAME_HEADER_SIZE + 4)]
+    for n, (path, frame_off, byte) in enumerate(targets):
+        work = copy_store(d, tmp_path / f"flip{n}")
+        target = work / path.name
+        data = bytearray(target.read_bytes())
+        data[byte] ^= 0x40
+        target.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError) as info:
+            await all_events(work)
+        assert path.name in str(info.value)
+        assert f"offset {frame_off}" in str(info.value)
+        # find_damage agrees, and repair then opens to a prefix.
+        damage = find_damage(str(work))
+        assert damage is not None and damage.offset == frame_off
+        report = repair(str(work))
+        assert report.repaired
+        assert (work / (path.name + ".broken")).exists()
+        got = await all_events(work)
+        assert got == events[: len(got)]
+        assert find_damage(str(work)) is None
+
+
+async def test_repair_on_a_healthy_store_changes_nothing(tmp_path: Path) -> None:
+    d, _events = await _small_store(tmp_path)
+    before = {p.name: p.read_bytes() for p in segment_files(d)}
+    report = repair(str(d))
+    assert not report.repaired
+    assert {p.name: p.read_bytes() for p in segment_files(d)} == before
+
+
+async def test_frame_length_over_the_cap_is_rejected_before_reading(tmp_path: Path) -> None:
+    d, _ = await _small_store(tmp_path)
+    first = segment_files(d)[0]
+    data = bytearray(first.read_bytes())
+    struct.pack_into("<I", data, HEADER_SIZE, MAX_FRAME_PAYLOAD + 1)
+    first.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="exceeds the cap"):
+        await all_events(d)
+
+
+async def test_bad_magic_is_an_integrity_error(tmp_path: Path) -> None:
+    d, _ = await _small_store(tmp_path)
+    first = segment_files(d)[0]
+    data = bytearray(first.read_bytes())
+    data[0] ^= 1
+    first.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="not a segment file"):
+        await all_events(d)
+
+
+async def test_unknown_schema_fingerprint_is_reported(tmp_path: Path) -> None:
+    from eventstore.errors import MigrationError
+    from eventstore.segment import pack_header
+
+    d, _ = await _small_store(tmp_path)
+    first = segment_files(d)[0]
+    data = bytearray(first.read_bytes())
+    data[:HEADER_SIZE] = pack_header(1, fingerprint=b"\x01" * 8)
+    first.write_bytes(bytes(data))
+    with pytest.raises(MigrationError, match="0101010101010101"):
+        await all_events(d)
+
+
+async def test_stray_files_are_ignored_and_unfinished_rolls_removed(tmp_path: Path) -> None:
+    d, events = await _small_store(tmp_path)
+    (d / "notes.txt").write_text("operator notes")
+    (d / "00000000000000000999.seg.tmp").write_bytes(b"partial")
+    assert await all_events(d) == events
+    assert (d / "notes.txt").exists()
+    assert not (d / "00000000000000000999.seg.tmp").exists()
+
+
+# -- one writer, many readers ----------------------------------------------------------
+
+
+async def test_second_writer_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d):
+        other = EventStore(d)
+        with pytest.raises(ConnectionError, match=f"process {os.getpid()}"):
+            await other.connect()
+        assert not other.is_connected
+    # Released on close: the next writer gets in.
+    async with EventStore(d) as again:
+        assert again.is_connected
+
+
+async def test_reader_opens_beside_a_writer_and_rejects_writes(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as writer:
+        await fill(writer, 5)
+        async with EventStore(d, read_only=True) as reader:
+            assert len(await reader.get_recent_messages()) == 5
+            with pytest.raises(ConnectionError, match="read-only"):
+                await reader.save_message("x", "y")
+            await fill(writer, 7, prefix="later")
+            assert await reader.refresh() == 7
+            assert await reader.get_recent_messages(limit=100) == await writer.get_recent_messages(
+                limit=100
+            )
+
+
+async def test_reader_of_missing_directory_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ConnectionError, match="no such store directory"):
+        await EventStore(tmp_path / "nope", read_only=True).connect()
+    assert not (tmp_path / "nope").exists()
+
+
+async def test_following_reader_converges_across_rolls(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as writer:
+        await fill(writer, 3)
+        async with EventStore(d, read_only=True, follow=0.02) as reader:
+            for round_ in range(5):
+                await fill(writer, 30, prefix=f"r{round_}-")
+                await writer.update_channel_stats(max_users=round_ + 1)
+                await writer.save_user_stats(f"user{round_}", chat_lines=round_)
+                await asyncio.sleep(0.05)
+            for _ in range(100):
+                if reader.position == writer.position:
+                    break
+                await asyncio.sleep(0.02)
+            assert reader.projections.state() == writer.projections.state()
+            assert await reader.get_recent_messages(limit=500) == await writer.get_recent_messages(
+                limit=500
+            )
+
+
+# -- bad conditions --------------------------------------------------------------------
+
+
+class _DiskFull:
+    """Stands in for os.pwrite: writes part of a buffer, then reports ENOSPC."""
+
+    def __init__(self, after_bytes: int) -> None:
+        self.budget = after_bytes
+        self.real = os.pwrite
+
+    def __call__(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        if self.budget <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = min(len(data), self.budget)
+        self.budget -= n
+        return self.real(fd, bytes(data[:n]), offset)
+
+
+@pytest.mark.parametrize("durability", ["fsync", "flush"])
+async def test_disk_full_fails_the_writes_and_loses_nothing_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
+) -> None:
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability=durability, segment_size=2048)  # type: ignore[arg-type]
+    await store.connect()
+    await fill(store, 30)
+    acknowledged = 30
+    full = _DiskFull(after_bytes=700)
+    monkeypatch.setattr(segmentlog.os, "pwrite", full)
+    failures = 0
+    for i in range(100):
+        try:
+            await store.save_message("late", f"l{i}", timestamp=5000 + i)
+            acknowledged += 1
+        except StorageError as err:
+            failures += 1
+            assert "No space left" in str(err) or "stopped" in str(err)
+    assert failures > 0
+    # The store refuses further work instead of pretending.
+    with pytest.raises(ConnectionError):
+        await store.get_recent_messages()
+    await store.close()
+    monkeypatch.setattr(segmentlog.os, "pwrite", full.real)
+    events = await all_events(d)
+    assert len(events) == acknowledged
+    assert [e.message for e in events[30:]] == [f"l{i}" for i in range(acknowledged - 30)]
+    # And the recovered store is writable again.
+    async with EventStore(d, segment_size=2048) as store:
+        await store.save_message("back", "again")
+        assert (await store.get_recent_messages(limit=1))[0]["message"] == "again"
+    assert find_damage(str(d)) is None
