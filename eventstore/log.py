@@ -41,6 +41,20 @@ class EventLog(ABC):
     def head(self) -> int:
         """The position of the last event accepted (0 for an empty log)."""
 
+    async def append(self, events: Sequence[Event]) -> int:
+        """Append ``events`` durably; return the position of the first.
+
+        Shared logs implement this (positions are known only at commit);
+        local logs get it from ``submit``.
+        """
+        first, done = self.submit(events)
+        await done
+        return first
+
+    async def wait_for_appends(self, timeout: float) -> None:
+        """Return when new events may have been appended, or after ``timeout``."""
+        await asyncio.sleep(timeout)
+
     @abstractmethod
     def submit(self, events: Sequence[Event]) -> tuple[int, asyncio.Future[None]]:
         """Accept ``events`` now and return (first position, durability future).

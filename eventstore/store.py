@@ -96,6 +96,7 @@ class EventStore(StorageAdapter):
             raise ValueError(f"follow must be a positive number of seconds, got {follow!r}")
         self.follow = follow
         self._follower: asyncio.Task[None] | None = None
+        self._catch_up_lock = asyncio.Lock()
 
     def _make_log(
         self, path: str | os.PathLike[str] | EventLog, segment_size: int | None
@@ -133,9 +134,12 @@ class EventStore(StorageAdapter):
             raise
         self._proj = proj
         self._connected = True
-        if self.follow is not None:
+        self._catch_up_lock = asyncio.Lock()  # bound to this connection's loop
+        interval = self.follow if self.follow is not None else (1.0 if self._log.shared else None)
+        if interval is not None:
+            # A shared log is always followed: other processes write to it.
             self._follower = asyncio.get_running_loop().create_task(
-                self._follow(self.follow), name="eventstore-follow"
+                self._follow(interval), name="eventstore-follow"
             )
 
     async def close(self) -> None:
@@ -191,9 +195,39 @@ class EventStore(StorageAdapter):
 
     async def _write(self, event: Event) -> None:
         """Append one event, apply it, and wait until it is durable."""
+        if self._log.shared:
+            await self._append_shared((event,))
+            return
         position, done = self._log.submit((event,))
         self._proj.apply(position, event)
         await self._wait(done)
+
+    async def _append_shared(self, events: Sequence[Event]) -> int:
+        """Append to a log other processes write too, then catch up through it.
+
+        Positions are known only once the log has committed, and other
+        writers' events may come first; so this store applies nothing of its
+        own directly, it reads the log forward, in log order, until its own
+        events are in.  Decisions taken before the append (is this a new
+        peak?) may be stale by then; the folds re-check them (see
+        projections/channel_stats.py).
+        """
+        try:
+            first = await self._log.append(events)
+        except StorageError as err:
+            self._fail(err)
+            raise
+        await self._catch_up(first + len(events) - 1)
+        return first
+
+    async def _catch_up(self, through: int | None = None) -> None:
+        """Apply the log's events past our position (at least through ``through``)."""
+        async with self._catch_up_lock:
+            proj = self._proj
+            if through is not None and proj.position >= through:
+                return
+            async for first, events in self._log.read_runs(proj.position + 1):
+                proj.apply_all(zip(range(first, first + len(events)), events, strict=True))
 
     async def _wait(self, done: asyncio.Future[None]) -> None:
         if done.done() and done.exception() is None:
@@ -422,15 +456,15 @@ class EventStore(StorageAdapter):
         """
         self._check()
         await self._log.refresh()
-        proj = self._proj
-        before = proj.position
-        async for first, events in self._log.read_runs(before + 1):
-            proj.apply_all(zip(range(first, first + len(events)), events, strict=True))
-        return proj.position - before
+        before = self._proj.position
+        await self._catch_up()
+        return self._proj.position - before
 
     async def _follow(self, interval: float) -> None:
         while True:
-            await asyncio.sleep(interval)
+            # Shared logs wake this early when something was appended
+            # (PostgreSQL: LISTEN/NOTIFY); others just sleep.
+            await self._log.wait_for_appends(interval)
             try:
                 await self.refresh()
             except StorageError as err:
@@ -450,6 +484,8 @@ class EventStore(StorageAdapter):
         for event in events:
             if not isinstance(event, EVENT_TYPES):
                 raise ValidationError(f"not an event: {event!r}")
+        if self._log.shared:
+            return await self._append_shared(events)
         first, done = self._log.submit(events)
         self._proj.apply_all(zip(range(first, first + len(events)), events, strict=True))
         await self._wait(done)
