@@ -118,6 +118,12 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _resolve(waiters: list[asyncio.Future[None]]) -> None:
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(None)
+
+
 def _valid_frame_follows(tail: bytes) -> bool:
     """Does a valid frame start somewhere after the (damaged) frame at tail[0]?
 
@@ -444,7 +450,9 @@ class SegmentLog(EventLog):
             self._finish_round(self._write(self._encode(batches), sync=False))
         except StorageError as err:
             self._fail(err, waiters)
+            return
         self._last_flush = time.monotonic()
+        _resolve(waiters)
 
     async def _run_writer(self) -> None:
         assert self._wake is not None and self._pool is not None
@@ -465,9 +473,11 @@ class SegmentLog(EventLog):
                     break
                 self._finish_round(result)
                 self._last_flush = time.monotonic()
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_result(None)
+                _resolve(waiters)
+            if not self._queue and self._failed is None:
+                # flush() callers that arrived while a round was in flight.
+                _resolve(self._waiters)
+                self._waiters = []
             if not self._open:
                 return
             if self.durability == "none":
@@ -670,7 +680,8 @@ class SegmentLog(EventLog):
                 return events[pos - first]
         raise QueryError(f"{self.directory}: no event at position {pos}")
 
-    def _from_disk(self, pos: int) -> Event:
+    def _locate(self, pos: int) -> tuple[Segment, int] | None:
+        """The segment and frame index whose frame may hold ``pos``."""
         segs = self._segments
         lo, hi = 0, len(segs)
         while lo < hi:
@@ -680,11 +691,64 @@ class SegmentLog(EventLog):
             else:
                 hi = mid
         if lo == 0:
-            raise QueryError(f"{self.directory}: no event at position {pos}")
+            return None
         seg = segs[lo - 1]
+        if not seg.indexed:
+            self._index_segment(seg)
         i = bisect_right(seg.frame_pos, pos) - 1
-        if i < 0:
+        return None if i < 0 else (seg, i)
+
+    def _index_segment(self, seg: Segment) -> None:
+        """Build a sealed segment's frame index (headers and checksums only).
+
+        Replay builds it as a side effect; after a snapshot, old segments are
+        indexed on first use instead.
+        """
+        walker = FrameWalker(HEADER_SIZE, seg.first, gaps_allowed=True)
+        pos_arr, off_arr = array("q"), array("q")
+        offset = HEADER_SIZE
+        try:
+            while offset < seg.end:
+                data = os.pread(
+                    seg.fd, min(max(READ_CHUNK, walker.wanted()), seg.end - offset), offset
+                )
+                if not data:
+                    break
+                offset += len(data)
+                for info, _payload in walker.feed(data):
+                    pos_arr.append(info.first_position)
+                    off_arr.append(info.offset)
+        except FrameError as err:
+            raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}") from None
+        seg.frame_pos, seg.frame_off, seg.indexed = pos_arr, off_arr, True
+
+    def frame_checksum(self, position: int) -> int | None:
+        """The checksum field of the frame holding ``position`` (snapshots use it)."""
+        if position > self._written_head():
+            return None
+        found = self._locate(position)
+        if found is None:
+            return None
+        seg, i = found
+        header = os.pread(seg.fd, FRAME_HEADER_SIZE, seg.frame_off[i])
+        _length, crc, first, count = struct.unpack("<IIQI", header)
+        return crc if first <= position < first + count else None
+
+    async def flush(self) -> None:
+        """Return once everything submitted so far has been written (any mode)."""
+        if not self._unwritten or self._failed is not None:
+            return
+        assert self._wake is not None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._wake.set()
+        await fut
+
+    def _from_disk(self, pos: int) -> Event:
+        found = self._locate(pos)
+        if found is None:
             raise QueryError(f"{self.directory}: no event at position {pos}")
+        seg, i = found
         first, offset = seg.frame_pos[i], seg.frame_off[i]
         key = (seg.first, offset)
         events = self._cache.get(key)

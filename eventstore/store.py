@@ -44,6 +44,7 @@ from .events import (
 )
 from .log import EventLog
 from .memlog import MemoryLog
+from .snapshot import encode_state, load_newest, write_snapshot
 from .validation import check_int, check_name, check_opt_int, check_text
 
 __all__ = ["Durability", "EventStore"]
@@ -79,6 +80,7 @@ class EventStore(StorageAdapter):
         clock: Clock | None = None,
         segment_size: int | None = None,
         follow: float | None = None,
+        snapshot_every: int | None = 100_000,
     ) -> None:
         super().__init__(logger)
         if durability not in DURABILITY_MODES:
@@ -95,6 +97,14 @@ class EventStore(StorageAdapter):
         if follow is not None and follow <= 0:
             raise ValueError(f"follow must be a positive number of seconds, got {follow!r}")
         self.follow = follow
+        if snapshot_every is not None and (type(snapshot_every) is not int or snapshot_every < 1):
+            raise ValueError(
+                f"snapshot_every must be a positive int or None, got {snapshot_every!r}"
+            )
+        self.snapshot_every = snapshot_every
+        self._snap_pos = 0
+        self._snap_due: int | None = None
+        self._snap_task: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._catch_up_lock = asyncio.Lock()
 
@@ -125,14 +135,20 @@ class EventStore(StorageAdapter):
             return
         self._failed = None
         await self._log.open()
-        proj = Projections()
         try:
-            async for first, events in self._log.read_runs(1):
+            proj = self._load_snapshot() or Projections()
+            self._snap_pos = proj.position
+            async for first, events in self._log.read_runs(proj.position + 1):
                 proj.apply_all(zip(range(first, first + len(events)), events, strict=True))
         except BaseException:
             await self._log.close()
             raise
         self._proj = proj
+        if self._snapshots_enabled() and self.snapshot_every is not None:
+            self._snap_due = self._snap_pos + self.snapshot_every
+            if proj.position >= self._snap_due:
+                # A long replay is worth saving at once, not one interval later.
+                self._start_snapshot()
         self._connected = True
         self._catch_up_lock = asyncio.Lock()  # bound to this connection's loop
         interval = self.follow if self.follow is not None else (1.0 if self._log.shared else None)
@@ -145,8 +161,22 @@ class EventStore(StorageAdapter):
     async def close(self) -> None:
         if not self._connected and self._failed is None:
             return
+        if self._connected and self._failed is None and self._snapshots_enabled():
+            if self._snap_task is not None:
+                with contextlib.suppress(Exception):
+                    await self._snap_task
+            if self._proj.position > self._snap_pos:
+                try:
+                    await self.write_snapshot()
+                except (StorageError, OSError) as err:
+                    self.logger.warning("no snapshot written on close: %s", err)
         self._connected = False
         self._failed = None
+        if self._snap_task is not None:
+            self._snap_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._snap_task
+            self._snap_task = None
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -200,6 +230,8 @@ class EventStore(StorageAdapter):
             return
         position, done = self._log.submit((event,))
         self._proj.apply(position, event)
+        if self._snap_due is not None and position >= self._snap_due:
+            self._start_snapshot()
         await self._wait(done)
 
     async def _append_shared(self, events: Sequence[Event]) -> int:
@@ -447,6 +479,64 @@ class EventStore(StorageAdapter):
     def _has_messages(self, username: str) -> bool:
         code = self._proj.messages.users.get(username)
         return code is not None and code in self._proj.messages.index.code
+
+    # -- snapshots ---------------------------------------------------------------------
+    def _snapshots_enabled(self) -> bool:
+        from .segmentlog import SegmentLog
+
+        return isinstance(self._log, SegmentLog) and not self.read_only
+
+    def _load_snapshot(self) -> Projections | None:
+        from .segmentlog import SegmentLog
+
+        if not isinstance(self._log, SegmentLog):
+            return None
+        return load_newest(self._log.directory, self._log, self.logger)
+
+    def _start_snapshot(self) -> None:
+        self._snap_due = None  # until this one is done
+
+        async def run() -> None:
+            try:
+                await self.write_snapshot()
+            except (StorageError, OSError) as err:
+                self.logger.warning("periodic snapshot failed: %s", err)
+            finally:
+                if self.snapshot_every is not None:
+                    self._snap_due = self._snap_pos + self.snapshot_every
+
+        self._snap_task = asyncio.get_running_loop().create_task(run(), name="eventstore-snapshot")
+
+    async def write_snapshot(self) -> str:
+        """Save the projections now, so the next connect() replays only what follows.
+
+        Returns the snapshot's path.  Also done on ``close()`` and every
+        ``snapshot_every`` events.  Stores in memory and read-only stores
+        keep no snapshots.
+        """
+        self._check_write()
+        from .segmentlog import SegmentLog
+
+        log = self._log
+        if not isinstance(log, SegmentLog):
+            raise StorageError("only stores in a directory keep snapshots")
+        proj = self._proj
+        position = proj.position
+        if position == 0:
+            raise StorageError("nothing to snapshot: the store is empty")
+        # Serialise now, while the state is exactly ``position``; the log may
+        # still be writing up to it, so wait for that before naming its frame.
+        payload = encode_state(proj)
+        await log.flush()
+        checksum = log.frame_checksum(position)
+        if checksum is None:
+            raise StorageError(f"position {position} is not in the log; no snapshot written")
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(
+            None, write_snapshot, log.directory, position, payload, checksum
+        )
+        self._snap_pos = max(self._snap_pos, position)
+        return path
 
     async def refresh(self) -> int:
         """Bring in events another process appended since; return how many.

@@ -69,3 +69,13 @@ class ChannelStatsProjection:
 
     def state(self) -> dict[str, Any]:
         return self.get()
+
+    def dump(self) -> Any:
+        return self.get()
+
+    @classmethod
+    def load(cls, data: Any) -> ChannelStatsProjection:
+        proj = cls()
+        for key, value in data.items():
+            setattr(proj, key, value)
+        return proj

@@ -46,3 +46,13 @@ class MessagesProjection:
 
     def state(self) -> dict[str, Any]:
         return {"messages": [(ts, pos) for ts, pos, _ in self.index.rows()]}
+
+    def dump(self) -> Any:
+        return {"users": self.users.names, "index": self.index.dump()}
+
+    @classmethod
+    def load(cls, data: Any) -> MessagesProjection:
+        proj = cls()
+        proj.users = Interner(list(data["users"]))
+        proj.index = SortedIndex.load(data["index"])
+        return proj

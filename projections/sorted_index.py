@@ -13,6 +13,7 @@ costs a memmove of the tail.
 
 from __future__ import annotations
 
+import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
@@ -120,13 +121,35 @@ class SortedIndex:
         """Every row as (ts, pos, code), oldest first."""
         return zip(self.ts, self.pos, self.code, strict=True)
 
-    def to_bytes(self) -> tuple[bytes, bytes, bytes]:
-        return self.ts.tobytes(), self.pos.tobytes(), self.code.tobytes()
+    def dump(self) -> list[bytes]:
+        """The arrays as little-endian bytes (snapshots)."""
+        return [to_le(self.ts), to_le(self.pos), to_le(self.code)]
 
     @classmethod
-    def from_bytes(cls, ts: bytes, pos: bytes, code: bytes) -> SortedIndex:
+    def load(cls, data: list[bytes]) -> SortedIndex:
         idx = cls()
-        idx.ts.frombytes(ts)
-        idx.pos.frombytes(pos)
-        idx.code.frombytes(code)
+        idx.ts, idx.pos, idx.code = (
+            from_le("q", data[0]),
+            from_le("q", data[1]),
+            from_le("i", data[2]),
+        )
+        if not len(idx.ts) == len(idx.pos) == len(idx.code):
+            raise ValueError("index arrays of different lengths")
         return idx
+
+
+def to_le(arr: array[int]) -> bytes:
+    """An int array's bytes in little-endian order, whatever this machine's."""
+    if sys.byteorder == "little":
+        return arr.tobytes()
+    swapped = array(arr.typecode, arr)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def from_le(typecode: str, data: bytes) -> array[int]:
+    arr = array(typecode)
+    arr.frombytes(data)
+    if sys.byteorder != "little":
+        arr.byteswap()
+    return arr

@@ -11,7 +11,7 @@ from typing import Any
 
 from eventstore.events import UserCountLogged, UserCountsTrimmed
 
-from .sorted_index import SortedIndex
+from .sorted_index import SortedIndex, from_le, to_le
 
 __all__ = ["UserCountsProjection"]
 
@@ -57,3 +57,20 @@ class UserCountsProjection:
 
     def state(self) -> dict[str, Any]:
         return {"user_counts": self.history(None, None, None)}
+
+    def dump(self) -> Any:
+        return {
+            "index": self.index.dump(),
+            "chat": to_le(self.chat),
+            "connected": to_le(self.connected),
+        }
+
+    @classmethod
+    def load(cls, data: Any) -> UserCountsProjection:
+        proj = cls()
+        proj.index = SortedIndex.load(data["index"])
+        proj.chat = from_le("q", data["chat"])
+        proj.connected = from_le("q", data["connected"])
+        if not len(proj.chat) == len(proj.connected) == len(proj.index):
+            raise ValueError("user count arrays of different lengths")
+        return proj

@@ -117,3 +117,12 @@ class UserStatsProjection:
 
     def state(self) -> dict[str, Any]:
         return {u: list(r) for u, r in sorted(self.users.items())}
+
+    def dump(self) -> Any:
+        return self.users
+
+    @classmethod
+    def load(cls, data: Any) -> UserStatsProjection:
+        proj = cls()
+        proj.users = {str(u): list(r) for u, r in data.items()}
+        return proj

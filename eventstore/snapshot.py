@@ -1,0 +1,250 @@
+"""Snapshots: the projections' state at a log position, so connect() replays
+only the tail.
+
+A snapshot file ``snapshot-<position, 20 digits>.snap`` sits beside the
+segments.  Layout, little-endian (also in docs/format.md)::
+
+    0   8  magic               b"\\x89ESSNAP\\n"
+    8   2  format version      u16 (1)
+    10  2  flags               u16 (0)
+    12  4  projection version  u32 (projections.PROJECTION_VERSION)
+    16  8  position            u64, the last event the state includes
+    24  8  schema fingerprint  the event schema of the code that wrote it
+    32  4  frame checksum      the crc32 field of the log frame holding ``position``
+    36  4  payload checksum    crc32 of the payload
+    40  8  payload length      u64
+    48  n  payload             msgpack of projections.Projections.dump()
+
+The frame checksum ties a snapshot to the exact bytes of its log: a snapshot
+copied from another store, or left over after ``repair`` cut the log, names a
+frame that is not there (or differs), and is ignored.  So is one with another
+schema or projection version, a bad checksum or a position past the log's
+end.  Ignoring costs a full replay, never a wrong state.
+
+Writing is atomic: temporary file, fsync, rename, fsync of the directory.
+The two newest snapshots are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+
+from projections import PROJECTION_VERSION, Projections
+
+from .errors import IntegrityError
+from .events import SCHEMA_FINGERPRINT
+
+__all__ = [
+    "SnapshotInfo",
+    "check_snapshots",
+    "list_snapshots",
+    "load_newest",
+    "read_snapshot",
+    "write_snapshot",
+]
+
+MAGIC = b"\x89ESSNAP\n"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sHHIQ8sIIQ")
+HEADER_SIZE = HEADER.size  # 48
+KEEP = 2
+SNAPSHOT_RE = re.compile(r"^snapshot-(\d{20})\.snap$")
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class FrameChecks(Protocol):
+    """What a snapshot needs from the log: the checksum of a frame by position."""
+
+    @property
+    def head(self) -> int: ...
+
+    def frame_checksum(self, position: int) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: str
+    position: int
+    size: int
+    projection_version: int
+    fingerprint: str
+    frame_checksum: int
+
+
+def snapshot_name(position: int) -> str:
+    return f"snapshot-{position:020d}.snap"
+
+
+def list_snapshots(directory: str) -> list[SnapshotInfo]:
+    """Every snapshot file whose header parses, newest first."""
+    out = []
+    for name in os.listdir(directory):
+        if not SNAPSHOT_RE.match(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(HEADER_SIZE)
+            info = _parse_header(head, path)
+        except (OSError, IntegrityError):
+            continue
+        out.append(info)
+    out.sort(key=lambda i: i.position, reverse=True)
+    return out
+
+
+def _parse_header(head: bytes, path: str) -> SnapshotInfo:
+    if len(head) < HEADER_SIZE:
+        raise IntegrityError(
+            f"{path}: snapshot header is {len(head)} bytes, expected {HEADER_SIZE}"
+        )
+    magic, version, _flags, pversion, position, fingerprint, frame_crc, _pcrc, length = (
+        HEADER.unpack(head)
+    )
+    if magic != MAGIC:
+        raise IntegrityError(f"{path}: not a snapshot file")
+    if version != FORMAT_VERSION:
+        raise IntegrityError(
+            f"{path}: snapshot format version {version}, expected {FORMAT_VERSION}"
+        )
+    return SnapshotInfo(
+        path, position, HEADER_SIZE + length, pversion, fingerprint.hex(), frame_crc
+    )
+
+
+def read_snapshot(path: str) -> tuple[SnapshotInfo, Projections]:
+    """Load one snapshot; IntegrityError says why it cannot be used."""
+    with open(path, "rb") as f:
+        data = f.read()
+    info = _parse_header(data[:HEADER_SIZE], path)
+    if info.projection_version != PROJECTION_VERSION:
+        raise IntegrityError(
+            f"{path}: projection version {info.projection_version}, "
+            f"this code has {PROJECTION_VERSION}"
+        )
+    if info.fingerprint != SCHEMA_FINGERPRINT.hex():
+        raise IntegrityError(
+            f"{path}: written for event schema {info.fingerprint}, "
+            f"this code has {SCHEMA_FINGERPRINT.hex()}"
+        )
+    payload = memoryview(data)[HEADER_SIZE:]
+    _, _, _, _, _, _, _, pcrc, length = HEADER.unpack_from(data)
+    if len(payload) != length or zlib.crc32(payload) != pcrc:
+        raise IntegrityError(f"{path}: payload checksum mismatch (truncated or damaged)")
+    try:
+        state: dict[str, Any] = msgspec.msgpack.decode(payload)
+        proj = Projections.load(state)
+    except (msgspec.DecodeError, KeyError, ValueError, TypeError) as err:
+        raise IntegrityError(f"{path}: undecodable snapshot payload: {err}") from err
+    if proj.position != info.position:
+        raise IntegrityError(
+            f"{path}: payload is for position {proj.position}, header says {info.position}"
+        )
+    return info, proj
+
+
+def load_newest(directory: str, log: FrameChecks, logger: logging.Logger) -> Projections | None:
+    """The newest snapshot that belongs to this log, or None (full replay)."""
+    for info in list_snapshots(directory):
+        why = None
+        if info.position > log.head:
+            why = f"it covers position {info.position}, past the log's end {log.head}"
+        elif log.frame_checksum(info.position) != info.frame_checksum:
+            why = "its frame checksum does not match the log (another store's, or the log was cut)"
+        if why is None:
+            try:
+                return read_snapshot(info.path)[1]
+            except (OSError, IntegrityError) as err:
+                why = str(err)
+        logger.warning("ignoring snapshot %s: %s", info.path, why)
+    return None
+
+
+def encode_state(proj: Projections) -> bytes:
+    """Serialise the projections now (on the caller's thread: the state is live)."""
+    return _encoder.encode(proj.dump())
+
+
+def write_snapshot(directory: str, position: int, payload: bytes, frame_checksum: int) -> str:
+    """Write a snapshot atomically and drop all but the newest ``KEEP``; return its path."""
+    head = HEADER.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        0,
+        PROJECTION_VERSION,
+        position,
+        SCHEMA_FINGERPRINT,
+        frame_checksum,
+        zlib.crc32(payload),
+        len(payload),
+    )
+    path = os.path.join(directory, snapshot_name(position))
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, head)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    for old in list_snapshots(directory)[KEEP:]:
+        os.unlink(old.path)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
+
+
+async def check_snapshots(directory: str) -> list[tuple[str, int, str]]:
+    """Compare every snapshot with a replay of the log up to its position.
+
+    Returns problems as (path, offset, message); an empty list means every
+    snapshot equals the replay.
+    """
+    from .segmentlog import SegmentLog
+
+    problems: list[tuple[str, int, str]] = []
+    snaps = list_snapshots(directory)
+    if not snaps:
+        return problems
+    log = SegmentLog(directory, read_only=True)
+    await log.open()
+    try:
+        for info in sorted(snaps, key=lambda i: i.position):
+            try:
+                _, loaded = read_snapshot(info.path)
+            except (OSError, IntegrityError) as err:
+                problems.append((info.path, 0, str(err)))
+                continue
+            if log.frame_checksum(info.position) != info.frame_checksum:
+                problems.append((info.path, 32, "frame checksum does not match the log"))
+                continue
+            replayed = Projections()
+            async for first, events in log.read_runs(1, info.position):
+                replayed.apply_all(zip(range(first, first + len(events)), events, strict=True))
+            replayed.position = info.position
+            if replayed.state() != loaded.state():
+                problems.append(
+                    (
+                        info.path,
+                        HEADER_SIZE,
+                        f"differs from a replay up to position {info.position}",
+                    )
+                )
+    finally:
+        await log.close()
+    return problems

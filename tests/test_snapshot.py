@@ -1,0 +1,204 @@
+"""Snapshots: written atomically, used on connect, ignored (with a warning) when
+they do not belong to the log, and never a source of wrong state."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from storeutil import fill
+
+from eventstore import EventStore, StorageError
+from eventstore.snapshot import check_snapshots, list_snapshots, read_snapshot
+from projections import Projections
+
+
+async def _busy(store: EventStore, n: int = 120, text: str = "line") -> None:
+    for i in range(n):
+        user = f"user{i % 7}"
+        await store.save_user_stats(user, chat_lines=1, last_seen=1000 + i, session_start=900)
+        await store.save_message(user, f"{text} {i}", timestamp=1000 + i)
+        if i % 10 == 0:
+            await store.log_user_action(user, "join", timestamp=1000 + i)
+            await store.log_user_count(i, i + 1, timestamp=1000 + i)
+            await store.update_channel_stats(max_users=i, timestamp=1000 + i)
+        if i % 25 == 24:
+            await store.end_session(user, timestamp=1000 + i)
+            await store.clear_old_messages(30)
+
+
+async def _full_replay_state(directory: Path) -> dict[str, object]:
+    store = EventStore(directory, read_only=True)
+    await store.connect()
+    proj = Projections()
+    async for pos, ev in store.read():
+        proj.apply(pos, ev)
+    await store.close()
+    return proj.state()
+
+
+async def test_close_writes_a_snapshot_that_connect_uses(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=2048) as store:
+        await _busy(store)
+        position = store.position
+        state = store.projections.state()
+    snaps = list_snapshots(str(d))
+    assert [s.position for s in snaps] == [position]
+    _info, loaded = read_snapshot(snaps[0].path)
+    assert loaded.state() == state
+    async with EventStore(d, segment_size=2048) as store:
+        assert store.projections.state() == state
+        # Reads that go back to the log for rows work after a snapshot start.
+        # 30 kept by the last clear at line 99, then lines 100..119.
+        assert len(await store.get_recent_messages(limit=100)) == 50
+        assert await store.get_user_actions(username="user0")
+    assert await check_snapshots(str(d)) == []
+
+
+async def test_connect_replays_only_the_tail_after_a_snapshot(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=2048) as store:
+        await _busy(store, 60)
+    async with EventStore(d, segment_size=2048, snapshot_every=None) as store:
+        # Without a new snapshot on close... the write below is in the tail.
+        await _busy(store, 40)
+        state = store.projections.state()
+    # close() still snapshots (snapshot_every only controls periodic ones).
+    async with EventStore(d, segment_size=2048) as store:
+        assert store.projections.state() == state
+    assert state == await _full_replay_state(d)
+
+
+async def test_periodic_snapshots_every_n_events(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=50) as store:
+        await fill(store, 130)
+        await store.log.flush()  # type: ignore[attr-defined]
+        import asyncio
+
+        for _ in range(50):
+            if len(list_snapshots(str(d))) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        positions = [s.position for s in list_snapshots(str(d))]
+        assert len(positions) == 2  # the newest two are kept
+        assert all(p >= 50 for p in positions)
+
+
+def _corrupt(path: str, offset: int) -> None:
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("offset", [0, 12, 16, 40, 60, -1])
+async def test_damaged_snapshot_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, offset: int
+) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await _busy(store)
+        state = store.projections.state()
+    snap = list_snapshots(str(d))[0].path
+    _corrupt(snap, offset)
+    caplog.set_level(logging.WARNING)
+    async with EventStore(d, snapshot_every=None) as store:
+        assert store.projections.state() == state
+    if offset != 0:  # a bad magic is not even listed as a snapshot
+        assert "ignoring snapshot" in caplog.text
+
+
+async def test_truncated_snapshot_is_ignored(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await _busy(store)
+        state = store.projections.state()
+    snap = Path(list_snapshots(str(d))[0].path)
+    snap.write_bytes(snap.read_bytes()[:-10])
+    async with EventStore(d) as store:
+        assert store.projections.state() == state
+
+
+async def test_foreign_snapshot_is_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    async with EventStore(a) as store:
+        await _busy(store, 100)
+    async with EventStore(b, snapshot_every=None) as store:
+        await _busy(store, 100, text="other")
+        await store.save_message("only-in-b", "hello", timestamp=1)
+        state = store.projections.state()
+    for f in b.glob("snapshot-*"):
+        f.unlink()
+    # A's snapshot, at a position B also has, but of other bytes.
+    shutil.copy(list_snapshots(str(a))[0].path, b)
+    caplog.set_level(logging.WARNING)
+    async with EventStore(b, snapshot_every=None) as store:
+        assert store.projections.state() == state
+    assert "does not match the log" in caplog.text
+
+
+async def test_snapshot_past_the_end_of_a_cut_log_is_ignored(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        await fill(store, 100)
+    # Drop the last segment entirely: the snapshot now covers missing events.
+    segs = sorted(d.glob("*.seg"))
+    segs[-1].unlink()
+    state = await _full_replay_state(d)
+    async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
+        assert store.projections.state() == state
+
+
+async def test_memory_and_read_only_stores_keep_no_snapshots(tmp_path: Path) -> None:
+    async with EventStore(":memory:") as store:
+        await store.save_message("a", "b")
+        with pytest.raises(StorageError):
+            await store.write_snapshot()
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=None) as store:
+        await store.save_message("a", "b")
+        with pytest.raises(StorageError, match="empty") if False else _nothing():
+            pass
+    for f in d.glob("snapshot-*"):
+        f.unlink()
+    async with EventStore(d, read_only=True) as reader:
+        with pytest.raises(StorageError, match="read-only"):
+            await reader.write_snapshot()
+    assert not list(d.glob("snapshot-*"))
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+async def test_empty_store_has_nothing_to_snapshot(tmp_path: Path) -> None:
+    async with EventStore(tmp_path / "s") as store:
+        with pytest.raises(StorageError, match="empty"):
+            await store.write_snapshot()
+    assert not list((tmp_path / "s").glob("snapshot-*"))
+
+
+async def test_check_snapshots_reports_a_snapshot_that_disagrees(tmp_path: Path) -> None:
+    import msgspec
+
+    from eventstore import snapshot as snapmod
+
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await _busy(store, 50)
+    info, proj = read_snapshot(list_snapshots(str(d))[0].path)
+    # A well-formed snapshot with a wrong state (a lying writer).
+    proj.channel.max_users = 999_999
+    payload = msgspec.msgpack.encode(proj.dump())
+    snapmod.write_snapshot(str(d), info.position, payload, info.frame_checksum)
+    problems = await check_snapshots(str(d))
+    assert len(problems) == 1 and "differs from a replay" in problems[0][2]
