@@ -59,6 +59,7 @@ def find_damage(directory: str) -> Damage | None:
     """
     names, _ = list_segments(directory)
     next_position = 1
+    store_id: bytes | None = None
     for first, name in names:
         path = os.path.join(directory, name)
         with open(path, "rb") as f:
@@ -67,6 +68,12 @@ def find_damage(directory: str) -> Damage | None:
                 check_fingerprint(header, path)
             except (IntegrityError, MigrationError) as err:
                 return Damage(path, 0, str(err).removeprefix(f"{path}: "), next_position - 1)
+            if store_id is None:
+                store_id = header.store_id
+            elif header.store_id != store_id:
+                return Damage(
+                    path, 28, "segment of another store (store id differs)", next_position - 1
+                )
             if first < next_position:
                 return Damage(
                     path, 0, f"segment starts at {first}, before {next_position}", next_position - 1

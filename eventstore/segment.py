@@ -3,14 +3,15 @@
 A segment is named by the position of its first event, zero-padded to 20
 digits (``00000000000000000001.seg``) so that name order is position order.
 
-Header, 32 bytes, little-endian::
+Header, 48 bytes, little-endian::
 
-    0   8  magic            b"\\x89ESLOG\\r\\n"
+    0   8  magic            b"\x89ESLOG\r\n"
     8   2  format version   u16 (1)
     10  2  flags            u16: bit 0 set = written by compaction (gaps allowed)
     12  8  first position   u64, equals the number in the file name
     20  8  schema fingerprint  eventstore.events.SCHEMA_FINGERPRINT
-    28  4  header checksum  crc32 of bytes 0..28
+    28  16 store id         random bytes chosen when the store was created
+    44  4  header checksum  crc32 of bytes 0..44
 
 Then frames, back to back, each::
 
@@ -53,8 +54,9 @@ __all__ = [
 
 MAGIC = b"\x89ESLOG\r\n"
 FORMAT_VERSION = 1
-HEADER = struct.Struct("<8sHHQ8sI")
-HEADER_SIZE = HEADER.size  # 32
+HEADER = struct.Struct("<8sHHQ8s16sI")
+HEADER_SIZE = HEADER.size  # 48
+STORE_ID_SIZE = 16
 FRAME_HEADER = struct.Struct("<IIQI")
 FRAME_HEADER_SIZE = FRAME_HEADER.size  # 20
 #: The largest payload a frame may declare.  Checked before a single byte of
@@ -77,33 +79,36 @@ class SegmentHeader:
     flags: int
     first_position: int
     fingerprint: bytes
+    store_id: bytes
 
 
 FLAG_COMPACTED = 1
 
 
 def pack_header(
-    first_position: int, fingerprint: bytes = SCHEMA_FINGERPRINT, flags: int = 0
+    first_position: int,
+    store_id: bytes,
+    fingerprint: bytes = SCHEMA_FINGERPRINT,
+    flags: int = 0,
 ) -> bytes:
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, flags, first_position, fingerprint, 0)
-    crc = zlib.crc32(head[:28])
-    return head[:28] + struct.pack("<I", crc)
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, flags, first_position, fingerprint, store_id, 0)
+    return head[:44] + struct.pack("<I", zlib.crc32(head[:44]))
 
 
 def unpack_header(data: bytes, path: str) -> SegmentHeader:
     """Parse and check a segment header; errors name the file."""
     if len(data) < HEADER_SIZE:
         raise IntegrityError(f"{path}: segment header is {len(data)} bytes, expected {HEADER_SIZE}")
-    magic, version, flags, first, fingerprint, crc = HEADER.unpack_from(data)
+    magic, version, flags, first, fingerprint, store_id, crc = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise IntegrityError(f"{path}: not a segment file (magic {magic!r})")
-    if zlib.crc32(data[:28]) != crc:
+    if zlib.crc32(data[:44]) != crc:
         raise IntegrityError(f"{path}: segment header checksum mismatch at offset 0")
     if version != FORMAT_VERSION:
         raise MigrationError(
             f"{path}: segment format version {version}; this code reads version {FORMAT_VERSION}"
         )
-    return SegmentHeader(version, flags, first, fingerprint)
+    return SegmentHeader(version, flags, first, fingerprint, store_id)
 
 
 def pack_frame_header(buf: bytearray, offset: int, first_position: int, count: int) -> None:

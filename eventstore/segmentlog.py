@@ -57,6 +57,7 @@ from .segment import (
     FLAG_COMPACTED,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
+    STORE_ID_SIZE,
     FrameError,
     check_fingerprint,
     list_segments,
@@ -162,6 +163,8 @@ class SegmentLog(EventLog):
         self.logger = logger or logging.getLogger("eventstore")
         self._lock = WriterLock(directory)
         self._segments: list[Segment] = []
+        #: Random id written into every segment header when the store is made.
+        self.store_id: bytes | None = None
         self._open = False
         self._head = 0
         # Submitted but not yet written and indexed: (first position, events).
@@ -270,10 +273,19 @@ class SegmentLog(EventLog):
             previous = first
             seg.flags = header.flags
             seg.end = os.fstat(fd).st_size
+            if self.store_id is None:
+                self.store_id = header.store_id
+            elif header.store_id != self.store_id:
+                raise IntegrityError(
+                    f"{path}: segment of another store (id {header.store_id.hex()}, "
+                    f"the others have {self.store_id.hex()})"
+                )
         if not self._segments:
             if self.read_only:
                 self._head = 0
                 return
+            # A new store: its id ties every segment and snapshot to it.
+            self.store_id = os.urandom(STORE_ID_SIZE)
             self._create_segment(1)
         for before, after in zip(self._segments, self._segments[1:], strict=False):
             before.next_position = after.first
@@ -357,7 +369,8 @@ class SegmentLog(EventLog):
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
-            os.write(fd, pack_header(first, flags=flags))
+            assert self.store_id is not None
+            os.write(fd, pack_header(first, self.store_id, flags=flags))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -799,6 +812,11 @@ class SegmentLog(EventLog):
                 continue
             header = unpack_header(os.pread(fd, HEADER_SIZE, 0), path)
             check_fingerprint(header, path)
+            if self.store_id is None:
+                self.store_id = header.store_id
+            elif header.store_id != self.store_id:
+                os.close(fd)
+                raise IntegrityError(f"{path}: segment of another store")
             if self._segments:
                 self._continue_scan(self._segments[-1])
             self._segments.append(Segment(first, path, fd, header.flags, next_position=first))

@@ -10,14 +10,16 @@ segments.  Layout, little-endian (also in docs/format.md)::
     12  4  projection version  u32 (projections.PROJECTION_VERSION)
     16  8  position            u64, the last event the state includes
     24  8  schema fingerprint  the event schema of the code that wrote it
-    32  4  frame checksum      the crc32 field of the log frame holding ``position``
-    36  4  payload checksum    crc32 of the payload
-    40  8  payload length      u64
-    48  n  payload             msgpack of projections.Projections.dump()
+    32  16 store id            the store's id, as in its segment headers
+    48  4  frame checksum      the crc32 field of the log frame holding ``position``
+    52  4  payload checksum    crc32 of the payload
+    56  8  payload length      u64
+    64  n  payload             msgpack of projections.Projections.dump()
 
-The frame checksum ties a snapshot to the exact bytes of its log: a snapshot
-copied from another store, or left over after ``repair`` cut the log, names a
-frame that is not there (or differs), and is ignored.  So is one with another
+The store id ties a snapshot to its store: one copied from another store is
+ignored.  The frame checksum ties it to the exact bytes of its log: one left
+over after ``repair`` cut the log and new events took the old positions names
+a frame that is not there, or differs, and is ignored.  So is one with another
 schema or projection version, a bad checksum or a position past the log's
 end.  Ignoring costs a full replay, never a wrong state.
 
@@ -53,8 +55,8 @@ __all__ = [
 
 MAGIC = b"\x89ESSNAP\n"
 FORMAT_VERSION = 1
-HEADER = struct.Struct("<8sHHIQ8sIIQ")
-HEADER_SIZE = HEADER.size  # 48
+HEADER = struct.Struct("<8sHHIQ8s16sIIQ")
+HEADER_SIZE = HEADER.size  # 64
 KEEP = 2
 SNAPSHOT_RE = re.compile(r"^snapshot-(\d{20})\.snap$")
 
@@ -67,6 +69,8 @@ class FrameChecks(Protocol):
     @property
     def head(self) -> int: ...
 
+    store_id: bytes | None
+
     def frame_checksum(self, position: int) -> int | None: ...
 
 
@@ -77,6 +81,7 @@ class SnapshotInfo:
     size: int
     projection_version: int
     fingerprint: str
+    store_id: bytes
     frame_checksum: int
 
 
@@ -107,7 +112,7 @@ def _parse_header(head: bytes, path: str) -> SnapshotInfo:
         raise IntegrityError(
             f"{path}: snapshot header is {len(head)} bytes, expected {HEADER_SIZE}"
         )
-    magic, version, _flags, pversion, position, fingerprint, frame_crc, _pcrc, length = (
+    magic, version, _flags, pversion, position, fingerprint, store_id, frame_crc, _pcrc, length = (
         HEADER.unpack(head)
     )
     if magic != MAGIC:
@@ -117,7 +122,7 @@ def _parse_header(head: bytes, path: str) -> SnapshotInfo:
             f"{path}: snapshot format version {version}, expected {FORMAT_VERSION}"
         )
     return SnapshotInfo(
-        path, position, HEADER_SIZE + length, pversion, fingerprint.hex(), frame_crc
+        path, position, HEADER_SIZE + length, pversion, fingerprint.hex(), store_id, frame_crc
     )
 
 
@@ -137,7 +142,7 @@ def read_snapshot(path: str) -> tuple[SnapshotInfo, Projections]:
             f"this code has {SCHEMA_FINGERPRINT.hex()}"
         )
     payload = memoryview(data)[HEADER_SIZE:]
-    _, _, _, _, _, _, _, pcrc, length = HEADER.unpack_from(data)
+    pcrc, length = HEADER.unpack_from(data)[-2:]
     if len(payload) != length or zlib.crc32(payload) != pcrc:
         raise IntegrityError(f"{path}: payload checksum mismatch (truncated or damaged)")
     try:
@@ -156,7 +161,9 @@ def load_newest(directory: str, log: FrameChecks, logger: logging.Logger) -> Pro
     """The newest snapshot that belongs to this log, or None (full replay)."""
     for info in list_snapshots(directory):
         why = None
-        if info.position > log.head:
+        if info.store_id != log.store_id:
+            why = f"it belongs to another store (id {info.store_id.hex()})"
+        elif info.position > log.head:
             why = f"it covers position {info.position}, past the log's end {log.head}"
         elif log.frame_checksum(info.position) != info.frame_checksum:
             why = "its frame checksum does not match the log (another store's, or the log was cut)"
@@ -174,7 +181,9 @@ def encode_state(proj: Projections) -> bytes:
     return _encoder.encode(proj.dump())
 
 
-def write_snapshot(directory: str, position: int, payload: bytes, frame_checksum: int) -> str:
+def write_snapshot(
+    directory: str, store_id: bytes, position: int, payload: bytes, frame_checksum: int
+) -> str:
     """Write a snapshot atomically and drop all but the newest ``KEEP``; return its path."""
     head = HEADER.pack(
         MAGIC,
@@ -183,6 +192,7 @@ def write_snapshot(directory: str, position: int, payload: bytes, frame_checksum
         PROJECTION_VERSION,
         position,
         SCHEMA_FINGERPRINT,
+        store_id,
         frame_checksum,
         zlib.crc32(payload),
         len(payload),
@@ -230,8 +240,11 @@ async def check_snapshots(directory: str) -> list[tuple[str, int, str]]:
             except (OSError, IntegrityError) as err:
                 problems.append((info.path, 0, str(err)))
                 continue
+            if info.store_id != log.store_id:
+                problems.append((info.path, 32, "snapshot of another store (store id differs)"))
+                continue
             if log.frame_checksum(info.position) != info.frame_checksum:
-                problems.append((info.path, 32, "frame checksum does not match the log"))
+                problems.append((info.path, 48, "frame checksum does not match the log"))
                 continue
             replayed = Projections()
             async for first, events in log.read_runs(1, info.position):

@@ -531,9 +531,10 @@ class EventStore(StorageAdapter):
         checksum = log.frame_checksum(position)
         if checksum is None:
             raise StorageError(f"position {position} is not in the log; no snapshot written")
+        assert log.store_id is not None
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(
-            None, write_snapshot, log.directory, position, payload, checksum
+            None, write_snapshot, log.directory, log.store_id, position, payload, checksum
         )
         self._snap_pos = max(self._snap_pos, position)
         return path

@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,9 @@ async def test_segment_header_bytes(tmp_path: Path) -> None:
     version, flags, first = struct.unpack_from("<HHQ", data, 8)
     assert (version, flags, first) == (1, 0, 1)
     assert data[20:28] == SCHEMA_FINGERPRINT
+    store_id = data[28:44]
+    assert len(set(store_id)) > 1  # random, not a constant
+    assert struct.unpack_from("<I", data, 44)[0] == zlib.crc32(data[:44])
     length, _crc, pos, count = struct.unpack_from("<IIQI", data, HEADER_SIZE)
     assert (pos, count) == (1, 1)
     assert len(data) == HEADER_SIZE + FRAME_HEADER_SIZE + length
@@ -233,10 +237,26 @@ async def test_unknown_schema_fingerprint_is_reported(tmp_path: Path) -> None:
     d, _ = await _small_store(tmp_path)
     first = segment_files(d)[0]
     data = bytearray(first.read_bytes())
-    data[:HEADER_SIZE] = pack_header(1, fingerprint=b"\x01" * 8)
+    data[:HEADER_SIZE] = pack_header(1, bytes(data[28:44]), fingerprint=b"\x01" * 8)
     first.write_bytes(bytes(data))
     with pytest.raises(MigrationError, match="0101010101010101"):
         await all_events(d)
+
+
+async def test_segment_of_another_store_is_refused(tmp_path: Path) -> None:
+    a, _ = await _small_store(tmp_path)
+    b = tmp_path / "b"
+    async with EventStore(b, segment_size=1024) as store:
+        await fill(store, 40, prefix="b")
+    # Slip b's last segment into a, as if files were mixed up by hand.
+    last_a = segment_files(a)[-1]
+    last_b = segment_files(b)[-1]
+    last_a.unlink()
+    (a / last_b.name).write_bytes(last_b.read_bytes())
+    with pytest.raises(IntegrityError, match="another store"):
+        await all_events(a)
+    damage = find_damage(str(a))
+    assert damage is not None and "another store" in damage.reason
 
 
 async def test_stray_files_are_ignored_and_unfinished_rolls_removed(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ def _corrupt(path: str, offset: int) -> None:
     Path(path).write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("offset", [0, 12, 16, 40, 60, -1])
+@pytest.mark.parametrize("offset", [0, 12, 16, 40, 50, 60, 70, -1])
 async def test_damaged_snapshot_is_ignored_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, offset: int
 ) -> None:
@@ -139,7 +139,7 @@ async def test_foreign_snapshot_is_ignored(
     caplog.set_level(logging.WARNING)
     async with EventStore(b, snapshot_every=None) as store:
         assert store.projections.state() == state
-    assert "does not match the log" in caplog.text
+    assert "belongs to another store" in caplog.text
 
 
 async def test_snapshot_past_the_end_of_a_cut_log_is_ignored(tmp_path: Path) -> None:
@@ -199,6 +199,6 @@ async def test_check_snapshots_reports_a_snapshot_that_disagrees(tmp_path: Path)
     # A well-formed snapshot with a wrong state (a lying writer).
     proj.channel.max_users = 999_999
     payload = msgspec.msgpack.encode(proj.dump())
-    snapmod.write_snapshot(str(d), info.position, payload, info.frame_checksum)
+    snapmod.write_snapshot(str(d), info.store_id, info.position, payload, info.frame_checksum)
     problems = await check_snapshots(str(d))
     assert len(problems) == 1 and "differs from a replay" in problems[0][2]
