@@ -24,9 +24,11 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Any, Dict, List, Optional  # noqa: UP035 - the contract's spelling
+from typing import Any, Dict, List, Optional, TypeVar  # noqa: UP035 - the contract's spelling
 
 __all__ = ["StorageAdapter"]
+
+_Adapter = TypeVar("_Adapter", bound="StorageAdapter")
 
 
 class StorageAdapter(ABC):
@@ -57,7 +59,7 @@ class StorageAdapter(ABC):
     def is_connected(self) -> bool:
         """True between a successful ``connect()`` and ``close()``."""
 
-    async def __aenter__(self) -> StorageAdapter:
+    async def __aenter__(self: _Adapter) -> _Adapter:
         await self.connect()
         return self
 

@@ -1,0 +1,1 @@
+"""Benchmarks: the workload generator and the SQLite baseline they compare against."""
