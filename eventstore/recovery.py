@@ -18,7 +18,14 @@ from .codec import decode_batch
 from .errors import IntegrityError, MigrationError
 from .framing import FrameWalker
 from .lockfile import WriterLock
-from .segment import HEADER_SIZE, FrameError, check_fingerprint, list_segments, unpack_header
+from .segment import (
+    FLAG_COMPACTED,
+    HEADER_SIZE,
+    FrameError,
+    check_fingerprint,
+    list_segments,
+    unpack_header,
+)
 
 __all__ = ["Damage", "RepairReport", "find_damage", "repair"]
 
@@ -59,6 +66,7 @@ def find_damage(directory: str) -> Damage | None:
     """
     names, _ = list_segments(directory)
     next_position = 1
+    prev_compacted = False
     store_id: bytes | None = None
     for first, name in names:
         path = os.path.join(directory, name)
@@ -78,15 +86,18 @@ def find_damage(directory: str) -> Damage | None:
                 return Damage(
                     path, 0, f"segment starts at {first}, before {next_position}", next_position - 1
                 )
-            gaps = bool(header.flags & 1) or next_position == 1
-            walker = FrameWalker(HEADER_SIZE, first if gaps else next_position, gaps_allowed=gaps)
-            if not gaps and first != next_position:
+            compacted = bool(header.flags & FLAG_COMPACTED)
+            # Compaction may leave gaps inside its segments and at their ends;
+            # anywhere else a gap means events are missing.
+            if first != next_position and not (compacted or prev_compacted):
                 return Damage(
                     path,
                     0,
-                    f"segment starts at {first}, expected {next_position}",
+                    f"segment starts at {first}, expected {next_position} (events missing)",
                     next_position - 1,
                 )
+            prev_compacted = compacted
+            walker = FrameWalker(HEADER_SIZE, first, gaps_allowed=compacted)
             try:
                 while True:
                     data = f.read(max(_CHUNK, walker.wanted()))

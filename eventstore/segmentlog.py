@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .codec import decode_batch, encode_batch_into
+from .compaction import recover_compaction
 from .errors import ConnectionError, IntegrityError, QueryError, StorageError
 from .events import Event
 from .framing import FrameWalker
@@ -184,6 +185,10 @@ class SegmentLog(EventLog):
         self._last_flush = 0.0
         self._resolved: asyncio.Future[None] | None = None
         self._cache: OrderedDict[tuple[int, int], list[Event]] = OrderedDict()
+        self._roll_waiters: list[asyncio.Future[None]] = []
+        # True while the writer task is inside the log's thread: "none" mode's
+        # inline writes from submit() must not run beside it.
+        self._busy = False
 
     # -- lifecycle ---------------------------------------------------------------
     @property
@@ -238,6 +243,7 @@ class SegmentLog(EventLog):
 
     def _load_segments(self) -> None:
         d = self.directory
+        recover_compaction(d, self.logger, read_only=self.read_only)
         names, stray = list_segments(d)
         for name in stray:
             if name.endswith(".seg.tmp") and not self.read_only:
@@ -437,7 +443,7 @@ class SegmentLog(EventLog):
         assert self._wake is not None and self._resolved is not None
         if self.durability == "none":
             fut = self._resolved
-            if (
+            if not self._busy and (
                 self._queued_events >= NONE_FLUSH_EVENTS
                 or time.monotonic() - self._last_flush >= NONE_FLUSH_INTERVAL
             ):
@@ -468,6 +474,24 @@ class SegmentLog(EventLog):
         _resolve(waiters)
 
     async def _run_writer(self) -> None:
+        try:
+            await self._writer_loop()
+        except BaseException as err:
+            # Nobody may wait for ever on a writer that is gone.
+            failure = (
+                err
+                if isinstance(err, StorageError)
+                else StorageError(f"{self.directory}: the writer stopped: {err!r}")
+            )
+            if self._failed is None:
+                self._fail(failure, [])
+            for fut in self._roll_waiters:
+                if not fut.done():
+                    fut.set_exception(failure)
+            self._roll_waiters = []
+            raise
+
+    async def _writer_loop(self) -> None:
         assert self._wake is not None and self._pool is not None
         loop = asyncio.get_running_loop()
         while True:
@@ -478,7 +502,13 @@ class SegmentLog(EventLog):
                 frames = self._encode(batches)
                 try:
                     if self.durability == "fsync":
-                        result = await loop.run_in_executor(self._pool, self._write, frames, True)
+                        self._busy = True
+                        try:
+                            result = await loop.run_in_executor(
+                                self._pool, self._write, frames, True
+                            )
+                        finally:
+                            self._busy = False
                     else:
                         result = self._write(frames, sync=False)
                 except StorageError as err:
@@ -491,11 +521,51 @@ class SegmentLog(EventLog):
                 # flush() callers that arrived while a round was in flight.
                 _resolve(self._waiters)
                 self._waiters = []
+            if self._roll_waiters and not self._queue:
+                await self._roll_between_rounds(loop)
             if not self._open:
                 return
             if self.durability == "none":
                 # Let callers pile up a round; they are not waiting for it.
                 await asyncio.sleep(0.01)
+
+    async def roll(self) -> None:
+        """Seal the active segment; later events go to a new one.
+
+        Compaction rewrites only sealed segments; forgetting a user rolls
+        first so that the user's recent events can be rewritten too.  Runs in
+        the writer task, between rounds, so it never races a write.
+        """
+        if not self._open or self.read_only:
+            raise ConnectionError(f"{self.directory}: the log is not open for writing")
+        assert self._wake is not None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._roll_waiters.append(fut)
+        self._wake.set()
+        await fut
+
+    async def _roll_between_rounds(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiters, self._roll_waiters = self._roll_waiters, []
+        first = self._written_head() + 1
+        self._busy = True
+        try:
+            if self._wend > HEADER_SIZE:  # an empty segment is sealed enough
+                await loop.run_in_executor(self._pool, self._seal_and_roll, first)
+        except OSError as err:
+            failure = StorageError(f"{self.directory}: cannot start a new segment: {err}")
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(failure)
+            return
+        finally:
+            self._busy = False
+        _resolve(waiters)
+
+    def _seal_and_roll(self, first: int) -> None:
+        assert self._wfd is not None
+        os.fdatasync(self._wfd)
+        self._roll(first)
+        self._wend = HEADER_SIZE
 
     def _encode(self, batches: list[tuple[int, Sequence[Event]]]) -> list[tuple[int, int, bytes]]:
         """Encode a round as frames of consecutive events: (first, count, bytes)."""
@@ -527,9 +597,8 @@ class SegmentLog(EventLog):
         """
         assert self._wfd is not None
         placed: list[tuple[Segment, int, int, int, int]] = []
-        n_segments = len(self._segments)
         begin = offset = self._wend
-        seg = self._segments[-1]
+        seg = began_in = self._segments[-1]
         try:
             for first, count, data in frames:
                 if offset > HEADER_SIZE and offset + len(data) > self.segment_size:
@@ -545,13 +614,16 @@ class SegmentLog(EventLog):
             failure = StorageError(
                 f"{seg.path}: write at offset {offset} failed: {err.strerror or err}"
             )
-            self._take_back(n_segments, begin)
+            self._take_back(began_in, begin)
             raise failure from err
         self._wend = offset
         return placed
 
-    def _take_back(self, n_segments: int, begin: int) -> None:
+    def _take_back(self, began_in: Segment, begin: int) -> None:
         """Undo a failed round: drop segments it created, cut the first one back."""
+        # Found by identity: compaction may have changed the sealed segments
+        # (and so the indexes) while this round was being written.
+        n_segments = self._segments.index(began_in) + 1
         with contextlib.suppress(OSError):
             for seg in self._segments[n_segments:]:
                 os.close(seg.fd)
@@ -614,12 +686,24 @@ class SegmentLog(EventLog):
         loop = asyncio.get_running_loop()
         stop = self._head if to_position is None else min(to_position, self._head)
         written = self._written_head()
+        disk_stop = min(stop, written)
+        prev: Segment | None = None  # the previous segment, if read to its end
         for seg in list(self._segments):
-            if seg.next_position <= from_position or seg.first > min(stop, written):
+            if seg.next_position <= from_position or seg.first > disk_stop:
+                prev = None
                 continue
-            disk_stop = min(stop, written)
+            if (
+                prev is not None
+                and seg.first != prev.next_position
+                and not (prev.gaps_allowed or seg.gaps_allowed)
+            ):
+                raise IntegrityError(
+                    f"{seg.path}: segment starts at position {seg.first}, but the previous "
+                    f"segment ends at {prev.next_position - 1} (events missing)"
+                )
             async for first, events in self._read_segment(loop, seg, from_position, disk_stop):
                 yield first, events
+            prev = seg if disk_stop >= seg.next_position - 1 else None
         if stop > written:
             for first, batch in list(self._unwritten):
                 lo = max(from_position, first)
@@ -736,7 +820,11 @@ class SegmentLog(EventLog):
         seg.frame_pos, seg.frame_off, seg.indexed = pos_arr, off_arr, True
 
     def frame_checksum(self, position: int) -> int | None:
-        """The checksum field of the frame holding ``position`` (snapshots use it)."""
+        """The checksum field of the last frame starting at or before ``position``.
+
+        Snapshots record it to prove they belong to this log.  "At or before"
+        because compaction may have dropped the event at ``position`` itself.
+        """
         if position > self._written_head():
             return None
         found = self._locate(position)
@@ -744,8 +832,8 @@ class SegmentLog(EventLog):
             return None
         seg, i = found
         header = os.pread(seg.fd, FRAME_HEADER_SIZE, seg.frame_off[i])
-        _length, crc, first, count = struct.unpack("<IIQI", header)
-        return crc if first <= position < first + count else None
+        crc: int = struct.unpack("<IIQI", header)[1]
+        return crc
 
     async def flush(self) -> None:
         """Return once everything submitted so far has been written (any mode)."""
@@ -787,6 +875,30 @@ class SegmentLog(EventLog):
         if not first <= pos < first + len(events):
             raise QueryError(f"{self.directory}: no event at position {pos}")
         return events[pos - first]
+
+    def replace_sealed(self, count: int) -> None:
+        """Take up the segments compaction put in place of the first ``count``."""
+        old = self._segments[:count]
+        limit = self._segments[count].first
+        fresh: list[Segment] = []
+        for first, name in list_segments(self.directory)[0]:
+            if first >= limit:
+                break
+            path = os.path.join(self.directory, name)
+            fd = os.open(path, os.O_RDONLY)
+            header = unpack_header(os.pread(fd, HEADER_SIZE, 0), path)
+            seg = Segment(first, path, fd, header.flags, next_position=first)
+            seg.end = os.fstat(fd).st_size
+            fresh.append(seg)
+        for before, after in zip(fresh, [*fresh[1:], self._segments[count]], strict=True):
+            before.next_position = after.first
+        # Slice assignment: the writer thread may append a rolled segment at
+        # the end of this same list meanwhile.
+        self._segments[:count] = fresh
+        self._cache.clear()
+        for seg in old:
+            with contextlib.suppress(OSError):
+                os.close(seg.fd)
 
     # -- followers -------------------------------------------------------------------
     async def refresh(self) -> int:

@@ -182,9 +182,14 @@ def encode_state(proj: Projections) -> bytes:
 
 
 def write_snapshot(
-    directory: str, store_id: bytes, position: int, payload: bytes, frame_checksum: int
+    directory: str,
+    store_id: bytes,
+    position: int,
+    payload: bytes,
+    frame_checksum: int,
+    keep: int = KEEP,
 ) -> str:
-    """Write a snapshot atomically and drop all but the newest ``KEEP``; return its path."""
+    """Write a snapshot atomically and drop all but the newest ``keep``; return its path."""
     head = HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
@@ -209,7 +214,7 @@ def write_snapshot(
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    for old in list_snapshots(directory)[KEEP:]:
+    for old in list_snapshots(directory)[keep:]:
         os.unlink(old.path)
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -22,13 +22,14 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
 from projections import Projections
 
 from .adapter import StorageAdapter
 from .clock import Clock, system_clock
+from .compaction import CompactReport, compact_log
 from .errors import ConnectionError, StorageError, ValidationError
 from .events import (
     EVENT_TYPES,
@@ -39,6 +40,7 @@ from .events import (
     SessionEnded,
     UserActionLogged,
     UserCountLogged,
+    UserCountsTrimmed,
     UserForgotten,
     UserStatsSaved,
 )
@@ -107,6 +109,7 @@ class EventStore(StorageAdapter):
         self._snap_task: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._catch_up_lock = asyncio.Lock()
+        self._decide_lock = asyncio.Lock()
 
     def _make_log(
         self, path: str | os.PathLike[str] | EventLog, segment_size: int | None
@@ -117,6 +120,11 @@ class EventStore(StorageAdapter):
         if path == MEMORY:
             self.path = None
             return MemoryLog()
+        if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+            from .pglog import PostgresLog  # asyncpg is imported only here
+
+            self.path = None
+            return PostgresLog(path, read_only=self.read_only, logger=self.logger)
         from .segmentlog import SegmentLog
 
         self.path = os.fspath(path)
@@ -151,6 +159,7 @@ class EventStore(StorageAdapter):
                 self._start_snapshot()
         self._connected = True
         self._catch_up_lock = asyncio.Lock()  # bound to this connection's loop
+        self._decide_lock = asyncio.Lock()
         interval = self.follow if self.follow is not None else (1.0 if self._log.shared else None)
         if interval is not None:
             # A shared log is always followed: other processes write to it.
@@ -252,6 +261,25 @@ class EventStore(StorageAdapter):
         await self._catch_up(first + len(events) - 1)
         return first
 
+    @contextlib.asynccontextmanager
+    async def _deciding(self) -> AsyncIterator[None]:
+        """Hold while a write whose result depends on the projections decides.
+
+        Local logs apply a write before anything else can run, so callers
+        always decide on the current state.  On a shared log the decision and
+        its apply are a commit apart, and concurrent callers in this process
+        would all decide on the same state (20 end_session calls would each
+        report the whole session).  So these writes take turns here, after
+        catching up.  Another process can still come in between; the folds
+        re-check, but the value returned may then be stale.
+        """
+        if not self._log.shared:
+            yield
+            return
+        async with self._decide_lock:
+            await self._catch_up()
+            yield
+
     async def _catch_up(self, through: int | None = None) -> None:
         """Apply the log's events past our position (at least through ``through``)."""
         async with self._catch_up_lock:
@@ -313,11 +341,12 @@ class EventStore(StorageAdapter):
         self._check_write()
         check_name("username", username)
         ts = self._now(timestamp)
-        rec = self._proj.user_stats.users.get(username)
-        if rec is None or rec[4] is None:
-            return 0
-        seconds = max(0, ts - int(rec[4]))
-        await self._write(SessionEnded(username, ts, seconds))
+        async with self._deciding():
+            rec = self._proj.user_stats.users.get(username)
+            if rec is None or rec[4] is None:
+                return 0
+            seconds = max(0, ts - int(rec[4]))
+            await self._write(SessionEnded(username, ts, seconds))
         return seconds
 
     async def get_user_stats(self, username: str) -> dict[str, Any] | None:
@@ -450,17 +479,22 @@ class EventStore(StorageAdapter):
     async def clear_old_messages(self, keep_count: int = 1000) -> int:
         self._check_write()
         keep = check_int("keep_count", keep_count)
-        deleted = max(0, len(self._proj.messages) - keep)
-        if deleted:
-            await self._write(MessagesCleared(keep, deleted, self.clock()))
+        async with self._deciding():
+            deleted = max(0, len(self._proj.messages) - keep)
+            if deleted:
+                await self._write(MessagesCleared(keep, deleted, self.clock()))
         return deleted
 
     # -- beyond the contract ---------------------------------------------------------------
     async def forget_user(self, username: str, timestamp: int | None = None) -> bool:
-        """Make every read forget ``username``: stats, actions and messages.
+        """Forget ``username``: stats, actions and messages, in every read and on disk.
 
-        Appends a ``UserForgotten`` event; returns False (and appends nothing)
-        if no read returns anything of that user.
+        Appends a ``UserForgotten`` event, after which no read returns
+        anything of that user.  On a store in a directory it then seals the
+        active segment and compacts, so that no segment and no snapshot holds
+        the user's data or the name as a username any more (a name other users
+        typed in their own messages is theirs and stays).  Returns False, and
+        appends nothing, if no read returns anything of that user.
         """
         self._check_write()
         check_name("username", username)
@@ -474,7 +508,57 @@ class EventStore(StorageAdapter):
         if not known:
             return False
         await self._write(UserForgotten(username, ts))
+        if self._snapshots_enabled():
+            await self.compact()
+            # Older snapshots still hold the user: keep only a fresh one.
+            await self.write_snapshot(keep=1)
         return True
+
+    async def compact(
+        self,
+        *,
+        dry_run: bool = False,
+        keep_history_days: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> CompactReport:
+        """Rewrite sealed segments without what no read can see any more.
+
+        Seals the active segment first, so everything written so far is
+        compacted.  With ``keep_history_days`` it first records a retention
+        decision (a ``UserCountsTrimmed`` event: user counts older than that
+        many days are gone from every read) and then compacts.  Raises
+        IntegrityError, changing nothing, if the rewritten log would not give
+        exactly the same projections.  ``dry_run`` reports what would be
+        reclaimed and changes nothing.
+        """
+        self._check_write()
+        from .segmentlog import SegmentLog
+
+        log = self._log
+        if not isinstance(log, SegmentLog):
+            raise StorageError("only stores in a directory are compacted")
+        trim_before = None
+        if keep_history_days is not None:
+            days = check_int("keep_history_days", keep_history_days)
+            now = self.clock()
+            trim_before = max(0, now - days * 86_400)
+            would_trim = self._proj.counts.index.range(None, trim_before - 1)[1]
+            if would_trim and not dry_run:
+                await self._write(UserCountsTrimmed(trim_before, now))
+        if not dry_run:
+            await log.roll()
+        report = await compact_log(
+            log,
+            dry_run=dry_run,
+            trim_before=trim_before if dry_run else None,
+            progress=progress,
+            logger=self.logger,
+        )
+        report.trimmed_before = trim_before
+        if not dry_run and report.segments_rewritten:
+            # Frames moved: older snapshots may no longer match the log.
+            await self.write_snapshot()
+        return report
 
     def _has_messages(self, username: str) -> bool:
         code = self._proj.messages.users.get(username)
@@ -507,7 +591,7 @@ class EventStore(StorageAdapter):
 
         self._snap_task = asyncio.get_running_loop().create_task(run(), name="eventstore-snapshot")
 
-    async def write_snapshot(self) -> str:
+    async def write_snapshot(self, *, keep: int = 2) -> str:
         """Save the projections now, so the next connect() replays only what follows.
 
         Returns the snapshot's path.  Also done on ``close()`` and every
@@ -534,7 +618,7 @@ class EventStore(StorageAdapter):
         assert log.store_id is not None
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(
-            None, write_snapshot, log.directory, log.store_id, position, payload, checksum
+            None, write_snapshot, log.directory, log.store_id, position, payload, checksum, keep
         )
         self._snap_pos = max(self._snap_pos, position)
         return path

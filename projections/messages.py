@@ -40,6 +40,7 @@ class MessagesProjection:
         ucode = self.users.get(ev.username)
         if ucode is not None:
             self.index.drop_code(ucode)
+            self.users.forget(ev.username)
 
     def positions(self, limit: int, offset: int) -> list[int]:
         return self.index.newest(offset, limit)

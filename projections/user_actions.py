@@ -50,6 +50,7 @@ class UserActionsProjection:
         self.all.drop_positions(set(idx.pos))
         for tidx in self.by_type.values():
             tidx.drop_code(ucode)
+        self.users.forget(ev.username)
 
     def positions(
         self, username: str | None, action_type: str | None, limit: int, offset: int

@@ -1,0 +1,440 @@
+"""Compaction: rewrite sealed segments without what no read can see any more.
+
+What goes:
+
+* messages deleted by ``clear_old_messages``, user counts trimmed by a
+  retention decision, and every row of a forgotten user;
+* a user's many stat updates, folded into one absolute ``UserStatsSet`` at the
+  position of the last of them (likewise the channel peaks, into one
+  ``ChannelStatsSet``);
+* ``UserForgotten`` events themselves, once the user's earlier events are gone
+  (the name must not survive in any segment).
+
+Positions never change: kept events keep theirs, folded events take the
+position of the last event they replace, and the rewritten segments are
+flagged as compacted so that readers accept the gaps.
+
+Why it is safe.  Before anything is switched, the projections are rebuilt
+twice, from the old log and from the new one (both up to the same position),
+and compared; if they differ, nothing changes and IntegrityError is raised.
+
+Why it is crash-safe.  New segments are written into ``compacting/`` and
+fsynced; then ``compacting/COMMIT`` (the names of the old segments) is written
+and fsynced: that is the moment of decision.  Only then are new segments
+renamed into place and the old ones removed.  ``SegmentLog.open`` finishes a
+committed compaction (roll forward) or deletes an uncommitted one (roll back)
+before it lists segments, so a store killed at any moment opens with either
+all old or all new segments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from projections import Projections
+from projections.channel_stats import ChannelStatsProjection
+from projections.sorted_index import SortedIndex
+from projections.user_stats import UserStatsProjection
+
+from .codec import encode_batch_into
+from .errors import ConnectionError, IntegrityError
+from .events import (
+    ChannelPeakRaised,
+    ChannelStatsSet,
+    Event,
+    MessageSaved,
+    SessionEnded,
+    UserActionLogged,
+    UserCountLogged,
+    UserForgotten,
+    UserStatsSaved,
+    UserStatsSet,
+    event_name,
+)
+from .segment import (
+    FLAG_COMPACTED,
+    FRAME_HEADER_SIZE,
+    HEADER_SIZE,
+    pack_frame_header,
+    pack_header,
+    segment_name,
+)
+
+if TYPE_CHECKING:
+    from .segmentlog import SegmentLog
+
+__all__ = ["COMPACT_DIR", "CompactReport", "compact_log", "describe", "recover_compaction"]
+
+COMPACT_DIR = "compacting"
+COMMIT = "COMMIT"
+FRAME_EVENTS = 1024
+
+Progress = Callable[[int, int], None]
+
+# Events that pass 2 never copies: folded into absolute ones, or forgotten.
+_FOLDED_AWAY = (
+    UserStatsSaved,
+    UserStatsSet,
+    SessionEnded,
+    ChannelPeakRaised,
+    ChannelStatsSet,
+    UserForgotten,
+)
+
+
+@dataclass
+class CompactReport:
+    """What a compaction did (or, with ``dry_run``, would do)."""
+
+    dry_run: bool
+    segments_rewritten: int = 0
+    segments_written: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    events_before: int = 0
+    events_after: int = 0
+    dropped_by_type: dict[str, int] = field(default_factory=dict)
+    users_folded: int = 0
+    trimmed_before: int | None = None
+
+    @property
+    def events_dropped(self) -> int:
+        return self.events_before - self.events_after
+
+    @property
+    def bytes_reclaimed(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_compaction(directory: str, logger: logging.Logger, *, read_only: bool) -> None:
+    """Finish or undo a compaction a crash interrupted (called by SegmentLog.open)."""
+    work = os.path.join(directory, COMPACT_DIR)
+    if not os.path.isdir(work):
+        return
+    commit = os.path.join(work, COMMIT)
+    if read_only:
+        if os.path.exists(commit):
+            # The writer is switching segments right now (or died doing so and
+            # will finish on its next open); the directory is a mix until then.
+            raise ConnectionError(
+                f"{directory}: a compaction is being committed; try again in a moment"
+            )
+        return
+    if not os.path.exists(commit):
+        shutil.rmtree(work)
+        _fsync_dir(directory)
+        logger.warning("%s: removed an unfinished compaction (not committed)", directory)
+        return
+    with open(commit, encoding="ascii") as f:
+        old_names = [line.strip() for line in f if line.strip()]
+    _switch(directory, work, old_names)
+    logger.warning("%s: finished a committed compaction", directory)
+
+
+def _switch(directory: str, work: str, old_names: list[str]) -> None:
+    """Move new segments into place and remove the old ones.  Idempotent."""
+    new_names = sorted(n for n in os.listdir(work) if n.endswith(".seg"))
+    for name in new_names:
+        os.replace(os.path.join(work, name), os.path.join(directory, name))
+    keep = set(new_names)
+    for name in old_names:
+        if name not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+    _fsync_dir(directory)
+    os.unlink(os.path.join(work, COMMIT))
+    os.rmdir(work)
+    _fsync_dir(directory)
+
+
+def _write_commit(work: str, old_names: list[str]) -> None:
+    """Write the commit marker: from here on, the compaction will be finished."""
+    commit = os.path.join(work, COMMIT)
+    with open(commit + ".tmp", "w", encoding="ascii") as f:
+        f.write("".join(n + "\n" for n in old_names))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(commit + ".tmp", commit)
+    _fsync_dir(work)
+
+
+def _visible(index: SortedIndex, ts: int, pos: int) -> bool:
+    """Is the row (ts, pos) in ``index``?  O(log n), no extra memory."""
+    tss, poss = index.ts, index.pos
+    i = bisect_left(tss, ts)
+    n = len(tss)
+    while i < n and tss[i] == ts:
+        if poss[i] == pos:
+            return True
+        i += 1
+    return False
+
+
+class _SegmentWriter:
+    """Writes events (with their positions) as compacted segments in a directory."""
+
+    def __init__(self, directory: str, store_id: bytes, segment_size: int, write: bool) -> None:
+        self.directory = directory
+        self.store_id = store_id
+        self.segment_size = segment_size
+        self.write = write
+        self.names: list[str] = []
+        self.bytes = 0
+        self._fd: int | None = None
+        self._size = 0
+        self._run: list[Event] = []
+        self._run_first = 0
+
+    def add(self, position: int, event: Event) -> None:
+        if self._run and (
+            position != self._run_first + len(self._run) or len(self._run) >= FRAME_EVENTS
+        ):
+            self._flush_run()
+        if not self._run:
+            self._run_first = position
+        self._run.append(event)
+
+    def _flush_run(self) -> None:
+        buf = bytearray(FRAME_HEADER_SIZE)
+        encode_batch_into(self._run, buf, FRAME_HEADER_SIZE)
+        pack_frame_header(buf, 0, self._run_first, len(self._run))
+        if self._size == 0 or self._size + len(buf) > self.segment_size:
+            self._new_segment(self._run_first)
+        if self._fd is not None:
+            os.write(self._fd, buf)
+        self._size += len(buf)
+        self.bytes += len(buf)
+        self._run = []
+
+    def _new_segment(self, first: int) -> None:
+        self._close_segment()
+        name = segment_name(first)
+        self.names.append(name)
+        header = pack_header(first, self.store_id, flags=FLAG_COMPACTED)
+        if self.write:
+            path = os.path.join(self.directory, name)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(self._fd, header)
+        self._size = HEADER_SIZE
+        self.bytes += HEADER_SIZE
+
+    def _close_segment(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def finish(self) -> None:
+        if self._run:
+            self._flush_run()
+        self._close_segment()
+        if self.write:
+            _fsync_dir(self.directory)
+
+
+async def _replay(
+    log: SegmentLog, through: int, projections: Projections, start: int = 1
+) -> Projections:
+    async for first, events in log.read_runs(start, through):
+        projections.apply_all(zip(range(first, first + len(events)), events, strict=True))
+    return projections
+
+
+async def compact_log(
+    log: SegmentLog,
+    *,
+    dry_run: bool = False,
+    trim_before: int | None = None,
+    progress: Progress | None = None,
+    logger: logging.Logger | None = None,
+) -> CompactReport:
+    """Compact every sealed segment of ``log`` (an open writer).
+
+    ``trim_before`` (dry runs only) counts user counts older than it as
+    already trimmed, to report what a retention decision would reclaim.
+    """
+    from .segmentlog import SegmentLog
+
+    logger = logger or logging.getLogger("eventstore")
+    report = CompactReport(dry_run=dry_run)
+    await log.flush()
+    head = log.head
+    if dry_run:
+        # Report as if the active segment were sealed too, as compact() does.
+        sealed = log.segments
+        last_sealed = head
+    else:
+        sealed = log.segments[:-1]
+        last_sealed = log.segments[-1].first - 1
+    if not sealed or last_sealed == 0:
+        return report
+    assert log.store_id is not None
+    directory = log.directory
+    report.bytes_before = sum(os.fstat(s.fd).st_size for s in sealed)
+    total = last_sealed * 3 + head * 2  # rough steps, for the progress bar
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(min(done, total), total)
+
+    # What every read sees at ``head``, computed from the old log itself.
+    before = await _replay(log, head, Projections())
+    step(head)
+
+    # Pass 1: fold each user's stats, and the channel's, over the sealed range.
+    users = UserStatsProjection()
+    channel = ChannelStatsProjection()
+    last_stats: dict[str, int] = {}
+    last_channel = 0
+    async for first, events in log.read_runs(1, last_sealed):
+        for pos, ev in zip(range(first, first + len(events)), events, strict=True):
+            report.events_before += 1
+            if isinstance(ev, UserStatsSaved):
+                users.on_saved(pos, ev)
+                last_stats[ev.username] = pos
+            elif isinstance(ev, UserStatsSet):
+                users.on_set(pos, ev)
+                last_stats[ev.username] = pos
+            elif isinstance(ev, SessionEnded):
+                users.on_session_ended(pos, ev)
+                last_stats[ev.username] = pos
+            elif isinstance(ev, UserForgotten):
+                users.on_forgotten(pos, ev)
+                last_stats.pop(ev.username, None)
+            elif isinstance(ev, ChannelPeakRaised):
+                channel.on_raised(pos, ev)
+                last_channel = pos
+            elif isinstance(ev, ChannelStatsSet):
+                channel.on_set(pos, ev)
+                last_channel = pos
+        step(len(events))
+    folded: dict[int, Event] = {}
+    for name, pos in last_stats.items():
+        rec = users.users[name]
+        folded[pos] = UserStatsSet(name, rec[0], rec[1], rec[2], rec[3], rec[4])
+    report.users_folded = len(last_stats)
+    if last_channel:
+        c = channel
+        folded[last_channel] = ChannelStatsSet(
+            c.max_users,
+            c.max_users_timestamp,
+            c.max_connected,
+            c.max_connected_timestamp,
+            c.last_updated,
+        )
+
+    # Pass 2: write what is still visible, in position order.
+    work = os.path.join(directory, COMPACT_DIR)
+    if not dry_run:
+        if os.path.exists(work):
+            shutil.rmtree(work)
+        os.mkdir(work, 0o700)
+    writer = _SegmentWriter(work, log.store_id, log.segment_size, write=not dry_run)
+    dropped: dict[str, int] = {}
+    try:
+        async for first, events in log.read_runs(1, last_sealed):
+            for pos, ev in zip(range(first, first + len(events)), events, strict=True):
+                keep: Event | None
+                if pos in folded:
+                    keep = folded[pos]
+                elif isinstance(ev, _FOLDED_AWAY):
+                    keep = None
+                elif isinstance(ev, MessageSaved):
+                    keep = ev if _visible(before.messages.index, ev.timestamp, pos) else None
+                elif isinstance(ev, UserActionLogged):
+                    keep = ev if _visible(before.actions.all, ev.timestamp, pos) else None
+                elif isinstance(ev, UserCountLogged):
+                    seen = _visible(before.counts.index, ev.timestamp, pos)
+                    if trim_before is not None and ev.timestamp < trim_before:
+                        seen = False
+                    keep = ev if seen else None
+                else:
+                    keep = ev
+                if keep is None:
+                    name = event_name(ev)
+                    dropped[name] = dropped.get(name, 0) + 1
+                else:
+                    writer.add(pos, keep)
+                    report.events_after += 1
+            step(len(events))
+        writer.finish()
+        report.dropped_by_type = dict(sorted(dropped.items()))
+        report.bytes_after = writer.bytes
+        report.segments_rewritten = len(sealed)
+        report.segments_written = len(writer.names)
+        if dry_run:
+            return report
+
+        # Prove it: the new log must give exactly the old projections.
+        after = Projections()
+        if writer.names:
+            new_log = SegmentLog(work, read_only=True, logger=logger)
+            await new_log.open()
+            try:
+                await _replay(new_log, last_sealed, after)
+            finally:
+                await new_log.close()
+        await _replay(log, head, after, start=last_sealed + 1)
+        step(head)
+        if after.state() != before.state():
+            raise IntegrityError(
+                f"{directory}: compaction refused: the rewritten segments would change "
+                "what reads return; nothing was changed"
+            )
+
+        # The moment of decision, then the switch.
+        old_names = [os.path.basename(s.path) for s in sealed]
+        _write_commit(work, old_names)
+        await asyncio.get_running_loop().run_in_executor(None, _switch, directory, work, old_names)
+        log.replace_sealed(len(sealed))
+    except BaseException:
+        # Not committed: leave the store as it was.
+        if not dry_run and not os.path.exists(os.path.join(work, COMMIT)):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    logger.info(
+        "%s: compacted %d segments, %d -> %d bytes, %d events dropped",
+        directory,
+        report.segments_rewritten,
+        report.bytes_before,
+        report.bytes_after,
+        report.events_dropped,
+    )
+    return report
+
+
+def describe(report: CompactReport) -> dict[str, Any]:
+    """The report as plain data (for JSON output)."""
+    return {
+        "dry_run": report.dry_run,
+        "segments_rewritten": report.segments_rewritten,
+        "segments_written": report.segments_written,
+        "bytes_before": report.bytes_before,
+        "bytes_after": report.bytes_after,
+        "bytes_reclaimed": report.bytes_reclaimed,
+        "events_before": report.events_before,
+        "events_after": report.events_after,
+        "events_dropped": report.events_dropped,
+        "dropped_by_type": report.dropped_by_type,
+        "users_folded": report.users_folded,
+        "trimmed_before": report.trimmed_before,
+    }

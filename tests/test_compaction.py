@@ -1,0 +1,382 @@
+"""Compaction: same reads before and after, positions unchanged, space
+reclaimed, refusal when unsafe, crash safety, retention and forgetting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from storeutil import segment_files
+
+from eventstore import EventStore, IntegrityError
+from eventstore import compaction as compaction_mod
+from eventstore.events import UserCountsTrimmed
+from eventstore.recovery import find_damage
+from eventstore.snapshot import check_snapshots
+
+HERE = Path(__file__).parent
+
+
+async def reads(store: EventStore) -> dict[str, Any]:
+    """Every read method's full answer."""
+    return {
+        "users": await store.get_all_user_stats(),
+        "channel": await store.get_channel_stats(),
+        "actions": await store.get_user_actions(limit=10**6),
+        "counts": await store.get_user_count_history(),
+        "messages": await store.get_recent_messages(limit=10**6),
+    }
+
+
+async def busy_history(store: EventStore, rounds: int = 6, *, forget: bool = False) -> None:
+    t = 10_000
+    for r in range(rounds):
+        for i in range(40):
+            user = f"user{(i * 7 + r) % 9}"
+            t += 7
+            await store.save_user_stats(user, chat_lines=1, last_seen=t)
+            await store.save_message(user, f"r{r} line {i} from {user}", timestamp=t)
+            if i % 8 == 0:
+                await store.save_user_stats(user, session_start=t)
+                await store.log_user_action(user, "join", timestamp=t)
+                await store.update_channel_stats(max_users=r * 10 + i, timestamp=t)
+            if i % 8 == 4:
+                await store.end_session(user, timestamp=t)
+                await store.log_user_action(user, "leave", timestamp=t)
+            if i % 10 == 0:
+                await store.log_user_count(i, i + 3, timestamp=t)
+        await store.clear_old_messages(25)
+    if forget:
+        await store.forget_user("user3", timestamp=t)
+
+
+async def test_compaction_keeps_every_read_and_every_position(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store)
+        before = await reads(store)
+        state = store.projections.state()
+        size_before = sum(p.stat().st_size for p in segment_files(d))
+        report = await store.compact()
+        assert await reads(store) == before  # same ids, same rows, live
+        assert store.projections.state() == state
+        # New writes after compaction go on from the same positions.
+        position = store.position
+        await store.save_message("late", "after compaction", timestamp=99_999)
+        assert (await store.get_recent_messages(limit=1))[0]["id"] == position + 1
+    assert report.segments_rewritten > 1
+    assert report.events_dropped > 0
+    assert report.dropped_by_type["message_saved"] > 0
+    assert report.dropped_by_type["user_stats_saved"] > 0
+    assert report.users_folded > 0
+    size_after = sum(p.stat().st_size for p in segment_files(d))
+    assert size_after < size_before
+    assert not (d / compaction_mod.COMPACT_DIR).exists()
+    assert find_damage(str(d)) is None
+    assert await check_snapshots(str(d)) == []
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        got = await reads(store)
+    assert got["messages"][0]["message"] == "after compaction"
+    got["messages"] = got["messages"][1:]
+    assert got == before
+
+
+async def test_full_replay_without_snapshot_after_compaction(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 3)
+        await store.compact()
+        before = await reads(store)
+    for snap in d.glob("snapshot-*"):
+        snap.unlink()
+    async with EventStore(d, segment_size=4096) as store:
+        assert await reads(store) == before
+
+
+async def test_dry_run_changes_nothing_and_reports(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 3)
+        files = {p.name: p.read_bytes() for p in d.iterdir() if p.suffix == ".seg"}
+        position = store.position
+        report = await store.compact(dry_run=True)
+        assert report.dry_run and report.events_dropped > 0
+        assert report.bytes_after < report.bytes_before
+        assert {p.name: p.read_bytes() for p in d.iterdir() if p.suffix == ".seg"} == files
+        assert store.position == position
+
+
+async def test_compaction_refuses_when_the_new_log_would_read_differently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 2)
+        await store.log.roll()  # type: ignore[attr-defined]
+        files = {p.name: p.read_bytes() for p in segment_files(d)}
+        real = compaction_mod._visible
+        lost = {"n": 0}
+
+        def lossy(index: Any, ts: int, pos: int) -> bool:
+            seen = real(index, ts, pos)
+            if seen and not lost["n"]:
+                lost["n"] = pos  # a bug that loses one visible row
+                return False
+            return seen
+
+        monkeypatch.setattr(compaction_mod, "_visible", lossy)
+        with pytest.raises(IntegrityError, match="compaction refused"):
+            await store.compact()
+        assert {p.name: p.read_bytes() for p in segment_files(d)} == files
+        assert not (d / compaction_mod.COMPACT_DIR).exists()
+
+
+async def test_keep_history_records_the_decision_then_compacts(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    now = 10 * 86_400
+    async with EventStore(d, segment_size=4096, clock=lambda: now) as store:
+        for day in range(10):
+            await store.log_user_count(day, day, timestamp=day * 86_400 + 5)
+        dry = await store.compact(dry_run=True, keep_history_days=3)
+        assert dry.dropped_by_type.get("user_count_logged") == 7
+        assert len(await store.get_user_count_history()) == 10
+        report = await store.compact(keep_history_days=3)
+        history = await store.get_user_count_history()
+        assert [h["chat_users"] for h in history] == [7, 8, 9]
+        assert report.dropped_by_type["user_count_logged"] == 7
+        trims = [ev async for _, ev in store.read() if isinstance(ev, UserCountsTrimmed)]
+        assert trims == [UserCountsTrimmed(before=7 * 86_400, timestamp=now)]
+
+
+async def test_forget_user_leaves_no_byte_of_the_name(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    name = "zebra_unicorn_42"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 2)
+        await store.save_user_stats(name, chat_lines=3, session_start=5)
+        await store.save_message(name, "my secret words", timestamp=20_000)
+        await store.log_user_action(name, "pm", details="!stats", timestamp=20_001)
+        await store.save_message("other", "nothing about anyone", timestamp=20_002)
+        await store.write_snapshot()
+        assert await store.forget_user(name)
+        assert await store.get_user_stats(name) is None
+        assert await store.get_user_actions(username=name) == []
+        assert all(m["username"] != name for m in await store.get_recent_messages(limit=1000))
+        assert not await store.forget_user(name)  # nothing left to forget
+    needle = name.encode()
+    for root, _dirs, files in os.walk(d):
+        for f in files:
+            data = (Path(root) / f).read_bytes()
+            assert needle not in data, f"{f} still holds the name"
+            assert b"my secret words" not in data
+    assert find_damage(str(d)) is None
+    assert await check_snapshots(str(d)) == []
+    async with EventStore(d, segment_size=4096) as store:
+        assert await store.get_user_stats(name) is None
+
+
+async def test_readers_that_open_during_a_commit_are_asked_to_retry(tmp_path: Path) -> None:
+    from eventstore import ConnectionError
+
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await store.save_message("a", "b")
+    (d / compaction_mod.COMPACT_DIR).mkdir()
+    (d / compaction_mod.COMPACT_DIR / "COMMIT").write_text("")
+    with pytest.raises(ConnectionError, match="compaction is being committed"):
+        await EventStore(d, read_only=True).connect()
+
+
+# -- crash safety --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fail_at", ["write", "verify", "commit", "switch"])
+async def test_an_interrupted_compaction_opens_old_or_new_never_a_mix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str
+) -> None:
+    """Stop compaction at each stage as a crash would, then reopen from disk."""
+    d = tmp_path / "s"
+
+    class Crash(BaseException):
+        pass
+
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        old_files = {p.name: p.read_bytes() for p in segment_files(d)}
+        if fail_at == "write":
+            real_add = compaction_mod._SegmentWriter.add
+            count = {"n": 0}
+
+            def add(self: Any, pos: int, ev: Any) -> None:
+                count["n"] += 1
+                if count["n"] == 50:
+                    raise Crash
+                real_add(self, pos, ev)
+
+            monkeypatch.setattr(compaction_mod._SegmentWriter, "add", add)
+        elif fail_at == "verify":
+            real_replay = compaction_mod._replay
+            calls = {"n": 0}
+
+            async def replay_then_crash(*a: Any, **k: Any) -> Any:
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise Crash
+                return await real_replay(*a, **k)
+
+            monkeypatch.setattr(compaction_mod, "_replay", replay_then_crash)
+        elif fail_at == "commit":
+
+            def no_commit(work: str, names: list[str]) -> None:
+                raise Crash
+
+            monkeypatch.setattr(compaction_mod, "_write_commit", no_commit)
+        else:
+            real_replace = os.replace
+            moved = {"n": 0}
+
+            def replace_then_crash(src: Any, dst: Any) -> None:
+                real_replace(src, dst)
+                moved["n"] += 1
+                if moved["n"] == 1:
+                    raise Crash
+
+            monkeypatch.setattr(compaction_mod.os, "replace", replace_then_crash)
+        with pytest.raises(Crash):
+            await store.compact()
+        monkeypatch.undo()
+        # The process "dies" here: drop the store without closing it properly.
+        store._log._lock.release()  # type: ignore[attr-defined]
+        store._connected = False
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as again:
+        assert await reads(again) == before
+    assert not (d / compaction_mod.COMPACT_DIR).exists()
+    now_files = {p.name: p.read_bytes() for p in segment_files(d)}
+    if fail_at in ("write", "verify", "commit"):
+        # Rolled back: every old segment is there unchanged (plus the empty
+        # segment the roll started).
+        for name, data in old_files.items():
+            assert now_files[name] == data
+    else:
+        # Rolled forward: compacted segments only, flagged as such.
+        flags = [int.from_bytes((d / n).read_bytes()[10:12], "little") for n in now_files]
+        assert flags.count(1) >= 1
+    assert find_damage(str(d)) is None
+
+
+def _compactor(directory: Path) -> subprocess.Popen[str]:
+    script = f"""
+import asyncio, sys
+sys.path.insert(0, {str(HERE.parent)!r})
+from eventstore import EventStore
+async def main():
+    store = EventStore({str(directory)!r}, segment_size=4096, snapshot_every=None)
+    await store.connect()
+    print("ready", flush=True)
+    n = 0
+    while True:
+        n += 1
+        await store.save_message("bot", f"tick {{n}}", timestamp=50_000 + n)
+        await store.save_user_stats("bot", chat_lines=1, last_seen=50_000 + n)
+        if n % 3 == 0:
+            await store.clear_old_messages(20)
+        await store.compact()
+        print(f"ack {{n}}", flush=True)
+asyncio.run(main())
+"""
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+async def test_sigkill_during_compaction_never_loses_or_mixes(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 2, forget=True)
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(12):
+        proc = _compactor(d)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+        await asyncio.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        kills += 1
+        acked = [int(line.split()[1]) for line in out.splitlines() if line.startswith("ack")]
+        async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+            messages = await store.get_recent_messages(limit=100)
+            ticks = [m["message"] for m in messages if m["username"] == "bot"]
+            if acked:
+                assert f"tick {acked[-1]}" in ticks or len(ticks) >= 20
+            users = {u["username"] for u in await store.get_all_user_stats()}
+            assert "user0" in users and "user3" not in users
+        assert not (d / compaction_mod.COMPACT_DIR).exists()
+        assert find_damage(str(d)) is None
+    assert kills == 12
+
+
+# -- property: random histories ---------------------------------------------------------
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("chat"), st.integers(0, 4), st.integers(0, 50)),
+        st.tuples(st.just("join"), st.integers(0, 4), st.integers(0, 50)),
+        st.tuples(st.just("leave"), st.integers(0, 4), st.integers(0, 50)),
+        st.tuples(st.just("count"), st.integers(0, 9), st.integers(0, 50)),
+        st.tuples(st.just("peak"), st.integers(0, 30), st.integers(0, 50)),
+        st.tuples(st.just("clear"), st.integers(0, 10), st.integers(0, 0)),
+        st.tuples(st.just("forget"), st.integers(0, 4), st.integers(0, 50)),
+        st.tuples(st.just("compact"), st.integers(0, 0), st.integers(0, 0)),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=OPS)
+async def test_random_histories_compact_to_the_same_reads(tmp_path_factory: Any, ops: Any) -> None:
+    d = tmp_path_factory.mktemp("prop") / "s"
+    async with EventStore(d, segment_size=1024, snapshot_every=None, clock=lambda: 1) as store:
+        for op, a, b in ops:
+            user = f"u{a}"
+            if op == "chat":
+                await store.save_user_stats(user, chat_lines=1, last_seen=b)
+                await store.save_message(user, f"{user} says {b}", timestamp=b)
+            elif op == "join":
+                await store.save_user_stats(user, session_start=b)
+                await store.log_user_action(user, "join", timestamp=b)
+            elif op == "leave":
+                await store.end_session(user, timestamp=b)
+            elif op == "count":
+                await store.log_user_count(a, a + 1, timestamp=b)
+            elif op == "peak":
+                await store.update_channel_stats(max_users=a, max_connected=a // 2, timestamp=b)
+            elif op == "clear":
+                await store.clear_old_messages(a)
+            elif op == "forget":
+                await store.forget_user(user, timestamp=b)
+            else:
+                before = await reads(store)
+                await store.compact()
+                assert await reads(store) == before
+        before = await reads(store)
+        state = store.projections.state()
+        await store.compact()
+        assert await reads(store) == before
+        assert store.projections.state() == state
+    async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
+        assert await reads(store) == before
