@@ -1,23 +1,93 @@
-"""Encoding and decoding of event batches.
+"""Encoding and decoding of event batches, and the upcasting of old events.
 
 A batch of events is encoded as one msgpack array, so that one checksum and
 one decode call cover many events.  The encoder and decoder are built once per
-process: building a typed decoder is far more expensive than using one.
+process (building a typed decoder costs far more than using one) and rebuilt
+only when an upcaster registers an old event type.
+
+Schema evolution.  A field added last with a default needs nothing: msgspec
+fills the default into old events, and old code ignores the extra trailing
+field of new ones.  A rename, a split of meaning or a changed meaning gets a
+new tag; the old class is kept and an upcaster registered for it turns each
+old event into a current one while reading, so projections only ever see
+current events::
+
+    @upcaster(MessageSavedV0)
+    def _(old: MessageSavedV0) -> MessageSaved:
+        return MessageSaved(old.timestamp, old.user, old.text)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 
 from .errors import IntegrityError
-from .events import Event
+from .events import EVENT_TYPES, BaseEvent, Event, event_tag
 
-__all__ = ["decode_batch", "encode_batch", "encode_batch_into"]
+__all__ = [
+    "decode_batch",
+    "encode_batch",
+    "encode_batch_into",
+    "known_tags",
+    "remove_upcaster",
+    "upcaster",
+]
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(list[Event])
+_decoder: msgspec.msgpack.Decoder[list[Any]] = msgspec.msgpack.Decoder(list[Event])
+# Old event type -> function returning the next version (applied until current).
+_upcasters: dict[type[BaseEvent], Callable[[Any], BaseEvent]] = {}
+
+_Old = TypeVar("_Old", bound=BaseEvent)
+
+
+def _rebuild() -> None:
+    global _decoder
+    types: tuple[Any, ...] = (*EVENT_TYPES, *_upcasters)
+    union = types[0]
+    for t in types[1:]:
+        union = union | t
+    _decoder = msgspec.msgpack.Decoder(list[union])  # type: ignore[valid-type]
+
+
+def upcaster(
+    old: type[_Old],
+) -> Callable[[Callable[[_Old], BaseEvent]], Callable[[_Old], BaseEvent]]:
+    """Register a function turning events of the old type ``old`` into newer ones."""
+
+    def register(fn: Callable[[_Old], BaseEvent]) -> Callable[[_Old], BaseEvent]:
+        if old in EVENT_TYPES:
+            raise ValueError(f"{old.__name__} is a current event type; upcasters are for old ones")
+        _upcasters[old] = fn
+        _rebuild()
+        return fn
+
+    return register
+
+
+def remove_upcaster(old: type[BaseEvent]) -> None:
+    """Unregister ``old`` (tests use this to leave the registry as they found it)."""
+    if _upcasters.pop(old, None) is not None:
+        _rebuild()
+
+
+def known_tags() -> set[int]:
+    """Every tag this code can read: current events and those with an upcaster."""
+    return {event_tag(t) for t in (*EVENT_TYPES, *_upcasters)}
+
+
+def _upcast(event: Any) -> Event:
+    seen = 0
+    while type(event) in _upcasters:
+        event = _upcasters[type(event)](event)
+        seen += 1
+        if seen > 100:
+            raise IntegrityError(f"upcasters of {type(event).__name__} loop")
+    result: Event = event
+    return result
 
 
 def encode_batch(events: Sequence[Event]) -> bytes:
@@ -31,10 +101,22 @@ def encode_batch_into(events: Sequence[Event], buf: bytearray, offset: int) -> N
 
 
 def decode_batch(data: bytes | memoryview, where: str = "") -> list[Event]:
-    """Decode one batch; undecodable bytes raise :class:`IntegrityError` naming ``where``."""
+    """Decode one batch (upcasting old events); bad bytes raise IntegrityError."""
     try:
-        return _decoder.decode(data)
+        events: list[Event] = _decoder.decode(data)
     except msgspec.DecodeError as err:
         raise IntegrityError(
             f"undecodable event batch{' at ' + where if where else ''}: {err}"
         ) from err
+    if _upcasters:
+        events = [_upcast(e) if type(e) in _upcasters else e for e in events]
+    return events
+
+
+def batch_tags(data: bytes | memoryview) -> set[int]:
+    """The tags of a batch's events, without knowing their types."""
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return set()
+    return {item[0] for item in raw if isinstance(item, list) and item and isinstance(item[0], int)}

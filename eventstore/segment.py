@@ -178,11 +178,35 @@ def parse_frame(buf: bytes | memoryview, offset: int, base: int = 0) -> FrameInf
 
 
 def check_fingerprint(header: SegmentHeader, path: str) -> None:
-    if header.fingerprint not in READABLE_FINGERPRINTS:
+    """Refuse a segment holding event types this code cannot read.
+
+    A known fingerprint is fine.  An unknown one (the segment was written by
+    other code) is fine too if every event tag in it is one this code can
+    read: newer code may only have added fields, which are ignored.
+    Otherwise MigrationError names the unknown tags, before any replay.
+    """
+    if header.fingerprint in READABLE_FINGERPRINTS:
+        return
+    from .codec import batch_tags, known_tags
+    from .framing import FrameWalker
+
+    found: set[int] = set()
+    with open(path, "rb") as f:
+        f.seek(HEADER_SIZE)
+        walker = FrameWalker(HEADER_SIZE, header.first_position, gaps_allowed=True)
+        try:
+            while data := f.read(4 * 1024 * 1024):
+                for _info, payload in walker.feed(data):
+                    found |= batch_tags(payload)
+        except FrameError:
+            pass  # damage is reported by whoever reads the frames
+    unknown = found - known_tags()
+    if unknown:
         raise MigrationError(
-            f"{path}: written with event schema {header.fingerprint.hex()}, which this "
-            f"code does not know (it writes {SCHEMA_FINGERPRINT.hex()}); "
-            "open the store with a newer eventstore"
+            f"{path}: holds events with tag(s) {', '.join(map(str, sorted(unknown)))} that "
+            f"this code cannot read (event schema {header.fingerprint.hex()}, this code has "
+            f"{SCHEMA_FINGERPRINT.hex()}); open the store with the newer eventstore that "
+            "wrote it"
         )
 
 

@@ -230,19 +230,6 @@ async def test_bad_magic_is_an_integrity_error(tmp_path: Path) -> None:
         await all_events(d)
 
 
-async def test_unknown_schema_fingerprint_is_reported(tmp_path: Path) -> None:
-    from eventstore.errors import MigrationError
-    from eventstore.segment import pack_header
-
-    d, _ = await _small_store(tmp_path)
-    first = segment_files(d)[0]
-    data = bytearray(first.read_bytes())
-    data[:HEADER_SIZE] = pack_header(1, bytes(data[28:44]), fingerprint=b"\x01" * 8)
-    first.write_bytes(bytes(data))
-    with pytest.raises(MigrationError, match="0101010101010101"):
-        await all_events(d)
-
-
 async def test_segment_of_another_store_is_refused(tmp_path: Path) -> None:
     a, _ = await _small_store(tmp_path)
     b = tmp_path / "b"

@@ -1,0 +1,154 @@
+"""Schema evolution: old logs keep replaying after the event types change.
+
+Three kinds of change, as docs/format.md and eventstore/codec.py describe:
+a field added last with a default (nothing to do, both ways), a changed
+event (a new tag, the old type kept with an upcaster), and a log written by
+newer code with event types this code does not know (refused up front, by
+tag, instead of failing in the middle of a replay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from storeutil import segment_files
+
+from eventstore import EventStore, MigrationError
+from eventstore.codec import remove_upcaster, upcaster
+from eventstore.events import BaseEvent, MessageSaved, UserStatsSaved
+from eventstore.recovery import find_damage
+from eventstore.segment import HEADER_SIZE, pack_header
+
+
+class MessageSavedV0(BaseEvent, tag=90, frozen=True):
+    """How a chat line looked in an imagined earlier version: other names, other order."""
+
+    version = 0
+    user: str
+    text: str
+    at: int
+
+
+class UserStatsSavedPlus(BaseEvent, tag=1, frozen=True):
+    """UserStatsSaved as newer code might write it: one more field, last, with a default."""
+
+    username: str
+    now: int
+    first_seen: int | None = None
+    last_seen: int | None = None
+    chat_lines: int = 0
+    time_connected: int = 0
+    session_start: int | None = None
+    client: str = "web"
+
+
+class FutureEvent(BaseEvent, tag=200, frozen=True):
+    """An event type this code has never heard of."""
+
+    payload: str
+
+
+@pytest.fixture
+def v0_upcaster() -> Iterator[None]:
+    @upcaster(MessageSavedV0)
+    def _(old: MessageSavedV0) -> MessageSaved:
+        return MessageSaved(timestamp=old.at, username=old.user, message=old.text)
+
+    yield
+    remove_upcaster(MessageSavedV0)
+
+
+def _rewrite_fingerprint(directory: Path, fingerprint: bytes) -> None:
+    """Stamp every segment as written by other code (another event schema)."""
+    for seg in segment_files(directory):
+        data = bytearray(seg.read_bytes())
+        store_id = bytes(data[28:44])
+        first = int.from_bytes(data[12:20], "little")
+        data[:HEADER_SIZE] = pack_header(first, store_id, fingerprint=fingerprint)
+        seg.write_bytes(bytes(data))
+
+
+async def _write_raw(directory: Path, events: list[msgspec.Struct]) -> None:
+    """Append structs as they are, bypassing the adapter (as older/newer code would)."""
+    store = EventStore(directory, snapshot_every=None)
+    await store.connect()
+    _first, done = store.log.submit(events)  # type: ignore[arg-type]
+    await done
+    store._connected = False  # do not snapshot: this code could not fold them all
+    await store.log.close()
+
+
+async def test_old_events_are_upcast_while_reading(tmp_path: Path, v0_upcaster: None) -> None:
+    d = tmp_path / "s"
+    await _write_raw(
+        d, [MessageSavedV0("alice", "from the old days", 5), MessageSavedV0("bob", "hi", 6)]
+    )
+    async with EventStore(d, snapshot_every=None) as store:
+        messages = await store.get_recent_messages()
+        assert [(m["username"], m["message"], m["timestamp"]) for m in messages] == [
+            ("bob", "hi", 6),
+            ("alice", "from the old days", 5),
+        ]
+        # Projections and readers of the stream see only current events.
+        assert [ev async for _, ev in store.read()] == [
+            MessageSaved(5, "alice", "from the old days"),
+            MessageSaved(6, "bob", "hi"),
+        ]
+        # And new writes go on in the current shape.
+        await store.save_message("carol", "new", timestamp=7)
+    async with EventStore(d, snapshot_every=None) as store:
+        assert len(await store.get_recent_messages()) == 3
+
+
+async def test_without_its_upcaster_an_old_tag_is_refused_by_name(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+
+    @upcaster(MessageSavedV0)
+    def _(old: MessageSavedV0) -> MessageSaved:
+        return MessageSaved(old.at, old.user, old.text)
+
+    try:
+        await _write_raw(d, [MessageSavedV0("alice", "x", 5)])
+    finally:
+        remove_upcaster(MessageSavedV0)
+    _rewrite_fingerprint(d, b"\x00" * 8)
+    with pytest.raises(MigrationError, match="tag\\(s\\) 90 "):
+        await EventStore(d).connect()
+
+
+async def test_log_with_unknown_event_types_is_refused_before_replay(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=None) as store:
+        await store.save_message("a", "b", timestamp=1)
+    await _write_raw(d, [FutureEvent("from the future")])
+    _rewrite_fingerprint(d, b"\xfe" * 8)
+    with pytest.raises(MigrationError) as info:
+        await EventStore(d).connect()
+    message = str(info.value)
+    assert "tag(s) 200" in message and "fefefefefefefefe" in message
+    damage = find_damage(str(d))
+    assert damage is not None and "200" in damage.reason
+
+
+async def test_a_field_added_by_newer_code_is_ignored_by_this_code(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    await _write_raw(d, [UserStatsSavedPlus("alice", 10, chat_lines=2, client="tv")])
+    _rewrite_fingerprint(d, b"\x11" * 8)  # newer code: another fingerprint, same tags
+    async with EventStore(d, snapshot_every=None) as store:
+        stats = await store.get_user_stats("alice")
+        assert stats is not None and stats["total_chat_lines"] == 2
+        assert [ev async for _, ev in store.read()] == [UserStatsSaved("alice", 10, chat_lines=2)]
+
+
+def test_an_event_written_before_a_field_was_added_gets_its_default() -> None:
+    old_bytes = msgspec.msgpack.encode([UserStatsSaved("alice", 10)])
+    decoded = msgspec.msgpack.decode(old_bytes, type=list[UserStatsSavedPlus])
+    assert decoded == [UserStatsSavedPlus("alice", 10, client="web")]
+
+
+def test_upcasters_are_for_old_types_only() -> None:
+    with pytest.raises(ValueError, match="current event type"):
+        upcaster(MessageSaved)(lambda ev: ev)
