@@ -240,9 +240,13 @@ class _SegmentWriter:
             os.close(self._fd)
             self._fd = None
 
-    def finish(self) -> None:
+    def finish(self, first_position: int) -> None:
         if self._run:
             self._flush_run()
+        if not self.names:
+            # Everything was dropped.  An empty compacted segment still
+            # records that the gap up to the next segment is intended.
+            self._new_segment(first_position)
         self._close_segment()
         if self.write:
             _fsync_dir(self.directory)
@@ -376,7 +380,7 @@ async def compact_log(
                     writer.add(pos, keep)
                     report.events_after += 1
             step(len(events))
-        writer.finish()
+        writer.finish(sealed[0].first)
         report.dropped_by_type = dict(sorted(dropped.items()))
         report.bytes_after = writer.bytes
         report.segments_rewritten = len(sealed)

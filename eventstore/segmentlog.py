@@ -46,7 +46,7 @@ import time
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -189,6 +189,13 @@ class SegmentLog(EventLog):
         self._resolved: asyncio.Future[None] | None = None
         self._cache: OrderedDict[tuple[int, int], list[Event]] = OrderedDict()
         self._roll_waiters: list[asyncio.Future[None]] = []
+        # submit() checks one flag instead of three conditions.
+        self._accepting = False
+        self._durability_none = durability == "none"
+        self._submits = 0
+        self._loop_create_future: Callable[[], asyncio.Future[None]] = lambda: (
+            asyncio.get_running_loop().create_future()
+        )
         # True while the writer task is inside the log's thread: "none" mode's
         # inline writes from submit() must not run beside it.
         self._busy = False
@@ -222,6 +229,8 @@ class SegmentLog(EventLog):
             self._wake = asyncio.Event()
             self._last_flush = time.monotonic()
             self._writer = loop.create_task(self._run_writer(), name="eventstore-writer")
+            self._loop_create_future = loop.create_future
+            self._accepting = True
 
     def _open_files(self) -> None:
         """Lock, list, check and recover (runs in the log's thread)."""
@@ -394,6 +403,7 @@ class SegmentLog(EventLog):
         if not self._open:
             return
         self._open = False
+        self._accepting = False
         if self._writer is not None:
             assert self._wake is not None
             self._wake.set()
@@ -429,38 +439,47 @@ class SegmentLog(EventLog):
 
     # -- writing -------------------------------------------------------------------
     def submit(self, events: Sequence[Event]) -> tuple[int, asyncio.Future[None]]:
-        if not self._open:
-            raise ConnectionError(f"{self.directory}: the log is not open")
-        if self.read_only:
-            raise ConnectionError(f"{self.directory}: the log is open read-only")
+        # The hot path of every write: kept to a few attribute operations.
+        if not self._accepting:
+            return self._refuse(events)
         first = self._head + 1
-        if self._failed is not None:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            fut.set_exception(self._failed)
-            return first, fut
         self._head += len(events)
         batch = (first, events)
         self._unwritten.append(batch)
         self._queue.append(batch)
         self._queued_events += len(events)
-        assert self._wake is not None and self._resolved is not None
-        if self.durability == "none":
-            fut = self._resolved
+        wake = self._wake
+        assert wake is not None and self._resolved is not None
+        if self._durability_none:
+            self._submits += 1
             if not self._busy and (
                 self._queued_events >= NONE_FLUSH_EVENTS
-                or time.monotonic() - self._last_flush >= NONE_FLUSH_INTERVAL
+                or (
+                    not self._submits & 63
+                    and time.monotonic() - self._last_flush >= NONE_FLUSH_INTERVAL
+                )
             ):
+                # The caller may never yield to the writer task: write here.
                 # (If that round must start a new segment, it goes to the
                 # writer's thread after all: see _write_round_inline.)
-                # The caller may never yield to the writer task: write here.
                 self._write_round_inline()
             else:
-                self._wake.set()
-        else:
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            self._wake.set()
+                wake.set()
+            return first, self._resolved
+        fut = self._loop_create_future()
+        self._waiters.append(fut)
+        wake.set()
         return first, fut
+
+    def _refuse(self, events: Sequence[Event]) -> tuple[int, asyncio.Future[None]]:
+        if not self._open:
+            raise ConnectionError(f"{self.directory}: the log is not open")
+        if self.read_only:
+            raise ConnectionError(f"{self.directory}: the log is open read-only")
+        assert self._failed is not None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_exception(self._failed)
+        return self._head + 1, fut
 
     def _take_round(self) -> tuple[list[tuple[int, Sequence[Event]]], list[asyncio.Future[None]]]:
         batches, self._queue = self._queue, []
@@ -689,6 +708,7 @@ class SegmentLog(EventLog):
     def _fail(self, err: StorageError, waiters: list[asyncio.Future[None]]) -> None:
         """A write failed: fail its callers and every later one, accept no more."""
         self._failed = err
+        self._accepting = False
         self.logger.error("%s", err)
         for fut in waiters + self._waiters:
             if not fut.done():
@@ -848,7 +868,7 @@ class SegmentLog(EventLog):
             return None
         found = self._locate(position)
         if found is None:
-            return None
+            return 0  # compaction dropped every event up to ``position``
         seg, i = found
         header = os.pread(seg.fd, FRAME_HEADER_SIZE, seg.frame_off[i])
         crc: int = struct.unpack("<IIQI", header)[1]
@@ -909,7 +929,8 @@ class SegmentLog(EventLog):
             seg = Segment(first, path, fd, header.flags, next_position=first)
             seg.end = os.fstat(fd).st_size
             fresh.append(seg)
-        for before, after in zip(fresh, [*fresh[1:], self._segments[count]], strict=True):
+        following = [*fresh[1:], self._segments[count]]
+        for before, after in zip(fresh, following, strict=False):
             before.next_position = after.first
         # Slice assignment: the writer thread may append a rolled segment at
         # the end of this same list meanwhile.

@@ -96,6 +96,7 @@ class EventStore(StorageAdapter):
         self._proj = Projections()
         self._connected = False
         self._failed: BaseException | None = None
+        self._readable = self._writable = False
         if follow is not None and follow <= 0:
             raise ValueError(f"follow must be a positive number of seconds, got {follow!r}")
         self.follow = follow
@@ -141,7 +142,7 @@ class EventStore(StorageAdapter):
     async def connect(self) -> None:
         if self._connected:
             return
-        self._failed = None
+        self._set_state(False, None)
         await self._log.open()
         try:
             proj = self._load_snapshot() or Projections()
@@ -157,7 +158,7 @@ class EventStore(StorageAdapter):
             if proj.position >= self._snap_due:
                 # A long replay is worth saving at once, not one interval later.
                 self._start_snapshot()
-        self._connected = True
+        self._set_state(True, None)
         self._catch_up_lock = asyncio.Lock()  # bound to this connection's loop
         self._decide_lock = asyncio.Lock()
         interval = self.follow if self.follow is not None else (1.0 if self._log.shared else None)
@@ -179,8 +180,7 @@ class EventStore(StorageAdapter):
                     await self.write_snapshot()
                 except (StorageError, OSError) as err:
                     self.logger.warning("no snapshot written on close: %s", err)
-        self._connected = False
-        self._failed = None
+        self._set_state(False, None)
         if self._snap_task is not None:
             self._snap_task.cancel()
             with contextlib.suppress(BaseException):
@@ -214,6 +214,15 @@ class EventStore(StorageAdapter):
         return self._proj.position
 
     def _check(self) -> None:
+        if not self._readable:
+            self._raise_closed()
+
+    def _check_write(self) -> None:
+        if not self._writable:
+            self._raise_closed()
+            raise ConnectionError("the store is read-only; open it without read_only to write")
+
+    def _raise_closed(self) -> None:
         if self._failed is not None:
             raise ConnectionError(
                 f"the store stopped after a failed write ({self._failed}); "
@@ -222,10 +231,12 @@ class EventStore(StorageAdapter):
         if not self._connected:
             raise ConnectionError("the store is not connected; call connect() first")
 
-    def _check_write(self) -> None:
-        self._check()
-        if self.read_only:
-            raise ConnectionError("the store is read-only; open it without read_only to write")
+    def _set_state(self, connected: bool, failed: BaseException | None) -> None:
+        # Every public method tests one of these two flags first.
+        self._connected = connected
+        self._failed = failed
+        self._readable = connected and failed is None
+        self._writable = self._readable and not self.read_only
 
     def _now(self, timestamp: Any, name: str = "timestamp") -> int:
         if timestamp is None:
@@ -304,7 +315,7 @@ class EventStore(StorageAdapter):
 
     def _fail(self, err: BaseException) -> None:
         if self._failed is None:
-            self._failed = err
+            self._set_state(self._connected, err)
             self.logger.error("write failed, store stopped until reconnect: %s", err)
 
     # -- user statistics ---------------------------------------------------------
