@@ -59,6 +59,7 @@ from .lockfile import WriterLock
 from .log import EventLog
 from .segment import (
     FLAG_COMPACTED,
+    FRAME_HEADER,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
     STORE_ID_SIZE,
@@ -84,6 +85,8 @@ FRAME_EVENTS = 1024
 NONE_FLUSH_INTERVAL = 0.1
 #: ... and as soon as this many events are waiting.
 NONE_FLUSH_EVENTS = 8192
+#: Bytes of frames between two entries of a segment's sparse frame index.
+INDEX_STRIDE = 4096
 #: Decoded frames kept for fetch(); recent chat is read again and again.
 FRAME_CACHE = 256
 
@@ -103,15 +106,28 @@ class Segment:
     end: int = HEADER_SIZE
     #: Position after the segment's last event.
     next_position: int = 0
-    #: First position and offset of every frame, for fetch().
+    #: First position and offset of frames, about one per INDEX_STRIDE bytes.
     frame_pos: array[int] = field(default_factory=lambda: array("q"))
     frame_off: array[int] = field(default_factory=lambda: array("q"))
-    #: True once frame_pos/frame_off cover the whole segment.
+    #: True once frame_pos/frame_off cover the whole segment (see note()).
     indexed: bool = False
 
     @property
     def gaps_allowed(self) -> bool:
         return bool(self.flags & FLAG_COMPACTED)
+
+    def note(self, first: int, offset: int) -> None:
+        """Index a frame if it starts at least INDEX_STRIDE after the last one indexed.
+
+        A sparse index: a bot writing one event per round makes one frame per
+        event, and a dense index (16 bytes a frame) would cost 160 MB at 10
+        million events.  Finding a frame then means reading at most about
+        INDEX_STRIDE bytes of headers from the nearest entry.
+        """
+        offs = self.frame_off
+        if not offs or offset - offs[-1] >= INDEX_STRIDE:
+            self.frame_pos.append(first)
+            offs.append(offset)
 
 
 def fsync_dir(path: str) -> None:
@@ -328,8 +344,7 @@ class SegmentLog(EventLog):
                     break
                 offset += len(data)
                 for info, _payload in walker.feed(data):
-                    seg.frame_pos.append(info.first_position)
-                    seg.frame_off.append(info.offset)
+                    seg.note(info.first_position, info.offset)
             err = walker.finish()
         except FrameError as bad:
             err = bad
@@ -694,8 +709,7 @@ class SegmentLog(EventLog):
         """Index frames just written and drop their events from memory."""
         last = 0
         for seg, first, count, offset, end in placed:
-            seg.frame_pos.append(first)
-            seg.frame_off.append(offset)
+            seg.note(first, offset)
             seg.next_position = first + count
             seg.end = end
             last = first + count - 1
@@ -775,8 +789,7 @@ class SegmentLog(EventLog):
                 offset += len(data)
                 for info, payload in walker.feed(data):
                     if building:
-                        seg.frame_pos.append(info.first_position)
-                        seg.frame_off.append(info.offset)
+                        seg.note(info.first_position, info.offset)
                     last = info.first_position + info.count - 1
                     if last < lo:
                         continue
@@ -841,7 +854,7 @@ class SegmentLog(EventLog):
         indexed on first use instead.
         """
         walker = FrameWalker(HEADER_SIZE, seg.first, gaps_allowed=True)
-        pos_arr, off_arr = array("q"), array("q")
+        seg.frame_pos, seg.frame_off = array("q"), array("q")
         offset = HEADER_SIZE
         try:
             while offset < seg.end:
@@ -852,11 +865,10 @@ class SegmentLog(EventLog):
                     break
                 offset += len(data)
                 for info, _payload in walker.feed(data):
-                    pos_arr.append(info.first_position)
-                    off_arr.append(info.offset)
+                    seg.note(info.first_position, info.offset)
         except FrameError as err:
             raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}") from None
-        seg.frame_pos, seg.frame_off, seg.indexed = pos_arr, off_arr, True
+        seg.indexed = True
 
     def frame_checksum(self, position: int) -> int | None:
         """The checksum field of the last frame starting at or before ``position``.
@@ -869,10 +881,29 @@ class SegmentLog(EventLog):
         found = self._locate(position)
         if found is None:
             return 0  # compaction dropped every event up to ``position``
-        seg, i = found
-        header = os.pread(seg.fd, FRAME_HEADER_SIZE, seg.frame_off[i])
-        crc: int = struct.unpack("<IIQI", header)[1]
-        return crc
+        frame = self._find_frame(*found, position)
+        return frame[4]
+
+    def _find_frame(self, seg: Segment, i: int, pos: int) -> tuple[int, int, int, bytes, int]:
+        """The last frame of ``seg`` starting at or before ``pos``, from index entry ``i``.
+
+        Returns (first position, count, offset, the bytes read from that offset
+        (at least its header), checksum field).
+        """
+        start = seg.frame_off[i]
+        stop = seg.frame_off[i + 1] if i + 1 < len(seg.frame_off) else seg.end
+        window = os.pread(seg.fd, stop - start, start)
+        best = None
+        o = 0
+        while o + FRAME_HEADER_SIZE <= len(window):
+            length, crc, first, count = FRAME_HEADER.unpack_from(window, o)
+            if first > pos:
+                break
+            best = (first, count, start + o, window[o:], crc)
+            o += FRAME_HEADER_SIZE + length
+        if best is None:
+            raise IntegrityError(f"{seg.path}: no frame header at offset {start}")
+        return best
 
     async def flush(self) -> None:
         """Return once everything submitted so far has been written (any mode)."""
@@ -889,23 +920,23 @@ class SegmentLog(EventLog):
         if found is None:
             raise QueryError(f"{self.directory}: no event at position {pos}")
         seg, i = found
-        first, offset = seg.frame_pos[i], seg.frame_off[i]
+        first, _count, offset, data, _crc = self._find_frame(seg, i, pos)
         key = (seg.first, offset)
         events = self._cache.get(key)
         if events is None:
-            # One frame is at most FRAME_EVENTS events, usually from the page
-            # cache: a small pread on the loop is cheaper than a thread hop.
-            header = os.pread(seg.fd, FRAME_HEADER_SIZE, offset)
-            length = int.from_bytes(header[:4], "little")
-            data = header + os.pread(seg.fd, length, offset + FRAME_HEADER_SIZE)
-            walker = FrameWalker(offset, first, gaps_allowed=True)
+            # Small preads on the loop: a frame is at most FRAME_EVENTS events,
+            # usually in the page cache, and a thread hop costs more.
+            length = int.from_bytes(data[:4], "little")
+            if len(data) < FRAME_HEADER_SIZE + length:
+                data = data + os.pread(
+                    seg.fd, FRAME_HEADER_SIZE + length - len(data), offset + len(data)
+                )
             try:
-                frames = list(walker.feed(data))
+                info = parse_frame(data, 0, offset)
             except FrameError as err:
                 raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}") from None
-            if not frames:
-                raise IntegrityError(f"{seg.path}: incomplete frame at offset {offset}")
-            events = decode_batch(frames[0][1], f"{seg.path} offset {offset}")
+            payload = memoryview(data)[FRAME_HEADER_SIZE : info.end - offset]
+            events = decode_batch(payload, f"{seg.path} offset {offset}")
             self._cache[key] = events
             if len(self._cache) > FRAME_CACHE:
                 self._cache.popitem(last=False)
@@ -991,8 +1022,7 @@ class SegmentLog(EventLog):
                     break
                 offset += len(data)
                 for info, _payload in walker.feed(data):
-                    seg.frame_pos.append(info.first_position)
-                    seg.frame_off.append(info.offset)
+                    seg.note(info.first_position, info.offset)
                     seg.end = info.end
                     seg.next_position = info.first_position + info.count
         except FrameError as err:

@@ -364,3 +364,35 @@ async def test_disk_full_fails_the_writes_and_loses_nothing_acknowledged(
         await store.save_message("back", "again")
         assert (await store.get_recent_messages(limit=1))[0]["message"] == "again"
     assert find_damage(str(d)) is None
+
+
+async def test_sparse_frame_index_finds_every_event(tmp_path: Path) -> None:
+    """One frame per event (one awaiting writer): the index keeps about one
+    entry per 4 KiB, and every event is still found by position."""
+    import random
+
+    from eventstore.segmentlog import SegmentLog
+
+    d = tmp_path / "s"
+    n = 3000
+    async with EventStore(d, durability="flush", segment_size=64 * 1024) as store:
+        for i in range(n):
+            await store.log_user_action(f"user{i % 13}", "join", details=f"d{i}", timestamp=i)
+    for snapshot_used in (True, False):
+        if not snapshot_used:
+            for f in d.glob("snapshot-*"):
+                f.unlink()
+        async with EventStore(d, segment_size=64 * 1024, snapshot_every=None) as store:
+            log = store.log
+            assert isinstance(log, SegmentLog)
+            frames = n  # one event per frame
+            entries = sum(len(seg.frame_pos) for seg in log.segments if seg.indexed)
+            assert entries < frames / 20
+            rng = random.Random(1)
+            positions = rng.sample(range(1, n + 1), 300)
+            events = await log.fetch(positions)
+            assert [ev.details for ev in events] == [f"d{p - 1}" for p in positions]  # type: ignore[union-attr]
+            rows = await store.get_user_actions(username="user5", limit=1000)
+            assert [r["details"] for r in rows] == [
+                f"d{i}" for i in reversed(range(n)) if i % 13 == 5
+            ]
