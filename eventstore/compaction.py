@@ -256,7 +256,7 @@ async def _replay(
     log: SegmentLog, through: int, projections: Projections, start: int = 1
 ) -> Projections:
     async for first, events in log.read_runs(start, through):
-        projections.apply_all(zip(range(first, first + len(events)), events, strict=True))
+        projections.apply_run(first, events)
     return projections
 
 

@@ -253,7 +253,7 @@ async def check_snapshots(directory: str) -> list[tuple[str, int, str]]:
                 continue
             replayed = Projections()
             async for first, events in log.read_runs(1, info.position):
-                replayed.apply_all(zip(range(first, first + len(events)), events, strict=True))
+                replayed.apply_run(first, events)
             replayed.position = info.position
             if replayed.state() != loaded.state():
                 problems.append(

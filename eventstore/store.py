@@ -148,7 +148,7 @@ class EventStore(StorageAdapter):
             proj = self._load_snapshot() or Projections()
             self._snap_pos = proj.position
             async for first, events in self._log.read_runs(proj.position + 1):
-                proj.apply_all(zip(range(first, first + len(events)), events, strict=True))
+                proj.apply_run(first, events)
         except BaseException:
             await self._log.close()
             raise
@@ -298,7 +298,7 @@ class EventStore(StorageAdapter):
             if through is not None and proj.position >= through:
                 return
             async for first, events in self._log.read_runs(proj.position + 1):
-                proj.apply_all(zip(range(first, first + len(events)), events, strict=True))
+                proj.apply_run(first, events)
 
     async def _wait(self, done: asyncio.Future[None]) -> None:
         if done.done() and done.exception() is None:
@@ -673,7 +673,7 @@ class EventStore(StorageAdapter):
         if self._log.shared:
             return await self._append_shared(events)
         first, done = self._log.submit(events)
-        self._proj.apply_all(zip(range(first, first + len(events)), events, strict=True))
+        self._proj.apply_run(first, events)
         await self._wait(done)
         return first
 

@@ -61,37 +61,47 @@ class Projections:
         self._bind()
 
     def _bind(self) -> None:
-        forgotten: list[Handler] = [
-            self.user_stats.on_forgotten,
-            self.actions.on_forgotten,
-            self.messages.on_forgotten,
-        ]
-        self._handlers: dict[type, list[Handler]] = {
-            UserStatsSaved: [self.user_stats.on_saved],
-            UserStatsSet: [self.user_stats.on_set],
-            SessionEnded: [self.user_stats.on_session_ended],
-            UserActionLogged: [self.actions.on_logged],
-            ChannelPeakRaised: [self.channel.on_raised],
-            ChannelStatsSet: [self.channel.on_set],
-            UserCountLogged: [self.counts.on_logged],
-            UserCountsTrimmed: [self.counts.on_trimmed],
-            MessageSaved: [self.messages.on_saved],
-            MessagesCleared: [self.messages.on_cleared],
-            UserForgotten: forgotten,
+        # One callable per event type: apply_all runs once per event of a
+        # replay, so even a loop over a one-element list shows up there.
+        self._handlers: dict[type, Handler] = {
+            UserStatsSaved: self.user_stats.on_saved,
+            UserStatsSet: self.user_stats.on_set,
+            SessionEnded: self.user_stats.on_session_ended,
+            UserActionLogged: self.actions.on_logged,
+            ChannelPeakRaised: self.channel.on_raised,
+            ChannelStatsSet: self.channel.on_set,
+            UserCountLogged: self.counts.on_logged,
+            UserCountsTrimmed: self.counts.on_trimmed,
+            MessageSaved: self.messages.on_saved,
+            MessagesCleared: self.messages.on_cleared,
+            UserForgotten: self._on_forgotten,
         }
+
+    def _on_forgotten(self, position: int, event: UserForgotten) -> None:
+        self.user_stats.on_forgotten(position, event)
+        self.actions.on_forgotten(position, event)
+        self.messages.on_forgotten(position, event)
 
     def apply(self, position: int, event: Event) -> None:
         """Fold one event.  Positions must increase."""
-        for handler in self._handlers[type(event)]:
-            handler(position, event)
+        self._handlers[type(event)](position, event)
         self.position = position
+
+    def apply_run(self, first: int, events: list[Event]) -> None:
+        """Fold events at consecutive positions from ``first`` (one frame's worth)."""
+        handlers = self._handlers
+        position = first
+        for event in events:
+            handlers[type(event)](position, event)
+            position += 1
+        if events:
+            self.position = position - 1
 
     def apply_all(self, items: Iterable[tuple[int, Event]]) -> None:
         handlers = self._handlers
         position = self.position
         for position, event in items:
-            for handler in handlers[type(event)]:
-                handler(position, event)
+            handlers[type(event)](position, event)
         self.position = position
 
     def dump(self) -> dict[str, Any]:

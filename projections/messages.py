@@ -28,7 +28,10 @@ class MessagesProjection:
         return len(self.index)
 
     def on_saved(self, pos: int, ev: MessageSaved) -> None:
-        self.index.add(ev.timestamp, pos, self.users.code(ev.username))
+        code = self.users.codes.get(ev.username)
+        if code is None:
+            code = self.users.code(ev.username)
+        self.index.add(ev.timestamp, pos, code)
 
     def on_cleared(self, pos: int, ev: MessagesCleared) -> None:
         # The newest ``keep_count`` rows are the last ones of the index.
