@@ -1,0 +1,263 @@
+"""Assertions on the event stream: what a call recorded, not only what reads return.
+
+Two forms, for two habits of writing tests:
+
+* :func:`assert_events` compares the events recorded after a position with a
+  list of expected ones and fails with a line-by-line diff.
+* :class:`Scenario` is the given/when/then form: ready-made history, one
+  action, the events that action recorded.
+
+An expected item is an event (compared by type and every field), a
+:class:`Match` (compared by type and only the fields it names), or a
+``(position, event_or_match)`` pair when the position matters too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import msgspec
+
+from ..events import EVENT_TYPES, BaseEvent, Event
+
+if TYPE_CHECKING:
+    from ..store import EventStore
+
+__all__ = ["EventSource", "Expected", "Match", "Scenario", "assert_events", "recorded_events"]
+
+T = TypeVar("T")
+
+#: Longest repr of one field value in a failure message; a 1 MiB message
+#: would otherwise bury the one line that matters.
+_MAX_FIELD_REPR = 80
+
+
+class EventSource(Protocol):
+    """Anything that yields ``(position, event)`` from a position: a store or a log."""
+
+    def read(
+        self, from_position: int = 0, to_position: int | None = None
+    ) -> AsyncIterator[tuple[int, Event]]: ...
+
+
+class Match:
+    """A partial expectation: an event of ``event_type`` whose named fields equal these.
+
+    ``Match(MessageSaved, username="alice")`` matches any ``MessageSaved`` by
+    alice, whatever its timestamp and text.  Naming a field the event type
+    does not have is a TypeError at once, so a typo cannot make a check vacuous.
+    """
+
+    __slots__ = ("event_type", "fields")
+
+    def __init__(self, event_type: type[BaseEvent], /, **fields: Any) -> None:
+        if not (isinstance(event_type, type) and issubclass(event_type, EVENT_TYPES)):
+            raise TypeError(f"Match needs an event type, got {event_type!r}")
+        known = {f.name for f in msgspec.structs.fields(event_type)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TypeError(
+                f"{event_type.__name__} has no field {', '.join(unknown)}; "
+                f"its fields are {', '.join(sorted(known))}"
+            )
+        self.event_type = event_type
+        self.fields = fields
+
+    def differences(self, event: object) -> list[str]:
+        """Why ``event`` does not match, one line per reason; empty if it does."""
+        if type(event) is not self.event_type:
+            return [f"type: expected {self.event_type.__name__}, recorded {type(event).__name__}"]
+        out = []
+        for name, want in self.fields.items():
+            got = getattr(event, name)
+            if got != want or type(got) is not type(want):
+                out.append(f"{name}: expected {_short(want)}, recorded {_short(got)}")
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Match):
+            return self.event_type is other.event_type and self.fields == other.fields
+        return not self.differences(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        args = "".join(f", {k}={_short(v)}" for k, v in self.fields.items())
+        return f"Match({self.event_type.__name__}{args})"
+
+
+#: What ``assert_events`` and ``Scenario.then`` accept for one recorded event.
+Expected = BaseEvent | Match | tuple[int, BaseEvent | Match]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    if len(text) <= _MAX_FIELD_REPR:
+        return text
+    return f"{text[: _MAX_FIELD_REPR - 20]}... ({len(text)} chars)"
+
+
+def _show(event: object) -> str:
+    """An event as ``Type(field=value, ...)`` with long values shortened."""
+    if not isinstance(event, EVENT_TYPES):
+        return _short(event)
+    fields = ", ".join(
+        f"{f.name}={_short(getattr(event, f.name))}" for f in msgspec.structs.fields(event)
+    )
+    return f"{type(event).__name__}({fields})"
+
+
+def _differences(want: BaseEvent | Match, got: object) -> list[str]:
+    if isinstance(want, Match):
+        return want.differences(got)
+    if type(want) is not type(got):
+        return [f"type: expected {type(want).__name__}, recorded {type(got).__name__}"]
+    out = []
+    for f in msgspec.structs.fields(want):
+        w, g = getattr(want, f.name), getattr(got, f.name)
+        # type() as well as ==: 1 == True, yet a bool is not a count.
+        if w != g or type(w) is not type(g):
+            out.append(f"{f.name}: expected {_short(w)}, recorded {_short(g)}")
+    return out
+
+
+def _split(item: Expected) -> tuple[int | None, BaseEvent | Match]:
+    if isinstance(item, tuple):
+        if len(item) != 2 or type(item[0]) is not int:
+            raise TypeError(f"expected a (position, event) pair, got {item!r}")
+        return item[0], item[1]
+    return None, item
+
+
+async def recorded_events(source: EventSource, since: int = 0) -> list[tuple[int, Event]]:
+    """Every ``(position, event)`` recorded after position ``since``, oldest first."""
+    return [item async for item in source.read(since + 1)]
+
+
+def _check_expected(items: list[Expected]) -> None:
+    for item in items:
+        _, want = _split(item)
+        if not isinstance(want, (Match, *EVENT_TYPES)):
+            raise TypeError(f"expected an event or a Match, got {want!r}")
+
+
+def _diff(
+    expected: list[Expected], actual: list[tuple[int, Event]], since: int
+) -> tuple[bool, str]:
+    """Compare; return (all matched, report)."""
+    lines = []
+    ok = True
+    for i in range(max(len(expected), len(actual))):
+        want_pos, want = _split(expected[i]) if i < len(expected) else (None, None)
+        got_pos, got = actual[i] if i < len(actual) else (None, None)
+        at = f"@{got_pos}" if got_pos is not None else ""
+        head = f"  #{i + 1:<3} {at:<7}"
+        if want is None:
+            ok = False
+            lines.append(f"{head} UNEXPECTED  recorded {_show(got)}")
+            continue
+        if got is None:
+            ok = False
+            pos = "" if want_pos is None else f" at @{want_pos}"
+            lines.append(f"{head} MISSING     expected {_show_expected(want)}{pos}")
+            continue
+        reasons = _differences(want, got)
+        if want_pos is not None and want_pos != got_pos:
+            reasons.insert(0, f"position: expected @{want_pos}, recorded @{got_pos}")
+        if not reasons:
+            lines.append(f"{head} ok          {_show(got)}")
+            continue
+        ok = False
+        pad = " " * len(head)
+        lines.append(f"{head} MISMATCH    expected {_show_expected(want)}")
+        lines.append(f"{pad}             recorded {_show(got)}")
+        lines.extend(f"{pad}               - {reason}" for reason in reasons)
+    if not lines:
+        lines.append("  (none)")
+    title = (
+        f"events recorded after position {since} differ from those expected "
+        f"({len(expected)} expected, {len(actual)} recorded):"
+    )
+    return ok, "\n".join([title, *lines])
+
+
+def _show_expected(want: BaseEvent | Match) -> str:
+    return repr(want) if isinstance(want, Match) else _show(want)
+
+
+async def assert_events(
+    source: EventSource, expected: Iterable[Expected], *, since: int = 0
+) -> list[tuple[int, Event]]:
+    """Assert that exactly ``expected`` was recorded after position ``since``.
+
+    Takes the store (or its log).  On failure the AssertionError lists every
+    recorded event against its expectation, one line each, with the fields that
+    differ.  Returns the recorded ``(position, event)`` pairs.
+
+    Example::
+
+        mark = store.position
+        await store.save_message("alice", "hi")
+        await assert_events(store, [Match(MessageSaved, username="alice")], since=mark)
+    """
+    wanted = list(expected)
+    _check_expected(wanted)
+    actual = await recorded_events(source, since)
+    ok, report = _diff(wanted, actual, since)
+    if not ok:
+        raise AssertionError(report)
+    return actual
+
+
+class Scenario:
+    """Given some history, when the bot does one thing, then these events follow.
+
+    Example::
+
+        scenario = Scenario(store)
+        await scenario.given([UserStatsSaved("alice", 100)])
+        await scenario.when(lambda s: s.save_user_stats("alice", chat_lines=1))
+        await scenario.then([UserStatsSaved("alice", clock.now, chat_lines=1)])
+
+    ``then`` checks only the events recorded by the last ``when`` (or, without
+    a ``when``, those after ``given``); ``then([])`` asserts that nothing was.
+    """
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        #: The position after which ``then`` looks.
+        self.mark = store.position
+        #: What the last ``when`` returned.
+        self.result: Any = None
+
+    async def given(self, events: Sequence[Event]) -> Scenario:
+        """Append ready-made events as history (no write rule is applied)."""
+        await self.store.append(events)
+        self.mark = self.store.position
+        return self
+
+    async def when(self, action: Callable[[EventStore], Awaitable[T]]) -> T:
+        """Run ``action(store)`` and remember where its events begin."""
+        self.mark = self.store.position
+        result = await action(self.store)
+        self.result = result
+        return result
+
+    async def when_raises(
+        self,
+        error: type[BaseException] | tuple[type[BaseException], ...],
+        action: Callable[[EventStore], Awaitable[object]],
+    ) -> BaseException:
+        """Run ``action(store)``, assert it raises ``error``, and return the error."""
+        self.mark = self.store.position
+        try:
+            await action(self.store)
+        except error as err:
+            self.result = err
+            return err
+        raise AssertionError(f"the action did not raise {error!r}")
+
+    async def then(self, expected: Iterable[Expected]) -> list[tuple[int, Event]]:
+        """Assert that the last ``when`` recorded exactly ``expected``."""
+        return await assert_events(self.store, expected, since=self.mark)
