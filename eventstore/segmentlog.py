@@ -738,7 +738,11 @@ class SegmentLog(EventLog):
             raise ConnectionError(f"{self.directory}: the log is not open")
         loop = asyncio.get_running_loop()
         stop = self._head if to_position is None else min(to_position, self._head)
-        written = self._written_head()
+        # Take the boundary and the batches above it at the same moment: the
+        # writer may move batches from memory to disk while this generator
+        # is suspended, and they must be read from one place or the other.
+        unwritten = list(self._unwritten)
+        written = unwritten[0][0] - 1 if unwritten else self._head
         disk_stop = min(stop, written)
         prev: Segment | None = None  # the previous segment, if read to its end
         for seg in list(self._segments):
@@ -758,7 +762,7 @@ class SegmentLog(EventLog):
                 yield first, events
             prev = seg if disk_stop >= seg.next_position - 1 else None
         if stop > written:
-            for first, batch in list(self._unwritten):
+            for first, batch in unwritten:
                 lo = max(from_position, first)
                 hi = min(stop, first + len(batch) - 1)
                 if lo <= hi:

@@ -50,6 +50,7 @@ __all__ = [
     "list_snapshots",
     "load_newest",
     "read_snapshot",
+    "unusable_reason",
     "write_snapshot",
 ]
 
@@ -157,16 +158,29 @@ def read_snapshot(path: str) -> tuple[SnapshotInfo, Projections]:
     return info, proj
 
 
+def unusable_reason(info: SnapshotInfo, log: FrameChecks) -> str | None:
+    """Why ``connect()`` would ignore this snapshot for ``log``, or None.
+
+    Checks the header against the log; the payload checksum is checked when
+    the snapshot is read (``read_snapshot``).
+    """
+    if info.store_id != log.store_id:
+        return f"it belongs to another store (id {info.store_id.hex()})"
+    if info.position > log.head:
+        return f"it covers position {info.position}, past the log's end {log.head}"
+    if info.projection_version != PROJECTION_VERSION:
+        return f"projection version {info.projection_version}, this code has {PROJECTION_VERSION}"
+    if info.fingerprint != SCHEMA_FINGERPRINT.hex():
+        return f"event schema {info.fingerprint}, this code has {SCHEMA_FINGERPRINT.hex()}"
+    if log.frame_checksum(info.position) != info.frame_checksum:
+        return "its frame checksum does not match the log (another store's, or the log was cut)"
+    return None
+
+
 def load_newest(directory: str, log: FrameChecks, logger: logging.Logger) -> Projections | None:
     """The newest snapshot that belongs to this log, or None (full replay)."""
     for info in list_snapshots(directory):
-        why = None
-        if info.store_id != log.store_id:
-            why = f"it belongs to another store (id {info.store_id.hex()})"
-        elif info.position > log.head:
-            why = f"it covers position {info.position}, past the log's end {log.head}"
-        elif log.frame_checksum(info.position) != info.frame_checksum:
-            why = "its frame checksum does not match the log (another store's, or the log was cut)"
+        why = unusable_reason(info, log)
         if why is None:
             try:
                 return read_snapshot(info.path)[1]
