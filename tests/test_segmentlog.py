@@ -396,3 +396,29 @@ async def test_sparse_frame_index_finds_every_event(tmp_path: Path) -> None:
             assert [r["details"] for r in rows] == [
                 f"d{i}" for i in reversed(range(n)) if i % 13 == 5
             ]
+
+
+@pytest.mark.parametrize("durability", ["none", "flush", "fsync"])
+async def test_reading_beside_a_busy_writer_misses_nothing(tmp_path: Path, durability: str) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, durability=durability, segment_size=4096) as store:  # type: ignore[arg-type]
+        done = asyncio.Event()
+
+        async def writer() -> None:
+            for i in range(3000):
+                await store.save_message("w", f"m{i}", timestamp=i)
+                if i % 7 == 0:
+                    await asyncio.sleep(0)
+            done.set()
+
+        task = asyncio.create_task(writer())
+        reads = 0
+        while not done.is_set():
+            at_start = store.position
+            got = [p async for p, _ in store.read()]
+            assert got == list(range(1, len(got) + 1))
+            assert len(got) >= at_start
+            reads += 1
+            await asyncio.sleep(0)  # a read of memory only never yields by itself
+        await task
+        assert reads > 3
