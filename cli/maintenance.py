@@ -1,0 +1,124 @@
+"""Commands that write: compact, snapshot, forget-user.
+
+Each opens the store as its writer, so each refuses while the bot has it
+open (one writer per store, held by a lock): the message names the bot's
+process and the call to make from inside the bot instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any
+
+import msgspec
+import typer
+
+from . import output as out
+from .inspect import Directory, Json
+
+
+def compact(
+    directory: Directory = "data",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would change; change nothing.")
+    ] = False,
+    keep_history: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-history",
+            min=0,
+            help="Also drop user counts older than DAYS days.",
+            metavar="DAYS",
+        ),
+    ] = None,
+    json: Json = False,
+) -> None:
+    """Rewrite the log without the events no read needs any more.
+
+    Cleared messages, forgotten users and superseded statistics are dropped;
+    every read returns the same before and after, and the store checks that
+    before it replaces anything (if not, it changes nothing and the exit code
+    is 1).  Positions, and so ids, never change.  Needs the bot stopped, or
+    call await store.compact() from the bot.
+
+    Example: eventstore compact data/ --dry-run
+    """
+    out.need_store(directory)
+
+    async def main() -> Any:
+        async with out.open_writer(directory, "await store.compact()") as store:
+            with out.progress_bar("compacting") as progress:
+                return await store.compact(
+                    dry_run=dry_run, keep_history_days=keep_history, progress=progress
+                )
+
+    # An IntegrityError (compaction would change a read) exits 1 through out.run.
+    report = out.run(main())
+    if json:
+        out.print_json(_plain(report))
+        return
+    verb = "would rewrite" if report.dry_run else "rewrote"
+    typer.echo(
+        f"{'dry run: ' if report.dry_run else ''}{verb} "
+        f"{out.plural(report.segments_rewritten, 'segment')}: "
+        f"{out.size(report.bytes_before)} -> {out.size(report.bytes_after)}, "
+        f"{report.events_dropped} events dropped"
+    )
+    if report.dropped_by_type:
+        out.table(sorted(report.dropped_by_type.items()), ("type", "dropped"))
+    if report.dry_run:
+        typer.echo("nothing was changed")
+
+
+def _plain(report: Any) -> dict[str, Any]:
+    """The report's fields, plus ``events_dropped`` (a property, so not a field)."""
+    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+        data = dataclasses.asdict(report)
+    else:
+        data = dict(msgspec.to_builtins(report))
+    data["events_dropped"] = report.events_dropped
+    return data
+
+
+def snapshot(directory: Directory = "data") -> None:
+    """Save the read models now, so the next start replays only what follows.
+
+    The store also snapshots on close and every 100,000 events; this is for
+    before a planned restart of a long-running store.  Needs the bot stopped,
+    or call await store.write_snapshot() from the bot.
+
+    Example: eventstore snapshot data/
+    """
+    out.need_store(directory)
+
+    async def main() -> tuple[str, int]:
+        async with out.open_writer(directory, "await store.write_snapshot()") as store:
+            return await store.write_snapshot(), store.position
+
+    path, position = out.run(main())
+    typer.echo(f"wrote {path} (position {position})")
+
+
+def forget_user(
+    directory: Directory,
+    name: Annotated[str, typer.Argument(help="The username to forget.", metavar="NAME")],
+) -> None:
+    """Erase a user from every read: statistics, actions and chat lines.
+
+    Appends a UserForgotten event (reads stop returning the user at once) and
+    compaction then removes the user's events from the files.  Needs the bot
+    stopped, or call await store.forget_user(name) from the bot.  A user the
+    store knows nothing of is reported and nothing is written.
+
+    Example: eventstore forget-user data/ alice
+    """
+    out.need_store(directory)
+
+    async def main() -> bool:
+        async with out.open_writer(directory, f"await store.forget_user({name!r})") as store:
+            return await store.forget_user(name)
+
+    if out.run(main()):
+        typer.echo(f"forgot {name!r}: no read of {directory} returns anything of them any more")
+    else:
+        typer.echo(f"nothing to forget: {directory} holds nothing of {name!r}; nothing written")

@@ -1,0 +1,335 @@
+"""What every command shares: errors and exit codes, running the library, printing.
+
+Exit codes: 0 for success, 1 when a problem was found or an operation was
+refused (damage, a locked store, a library error), 2 for bad usage (Typer's
+own usage errors already exit 2; :func:`usage_error` does the same for
+checks Typer cannot express).  Errors are one line on stderr, ``Error: ...``;
+data goes to stdout, progress bars to stderr and only on a terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Any, NoReturn, TypeVar
+
+import msgspec
+import typer
+
+from eventstore import EventStore, StorageError
+from eventstore.errors import ConnectionError
+from eventstore.lockfile import lock_holder
+from eventstore.store import Durability
+
+T = TypeVar("T")
+
+#: A progress callback: (done, total or None when unknown).
+Progress = Callable[..., None]
+
+_json = msgspec.json.Encoder()
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``Error: message`` on stderr and exit with ``code``."""
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def usage_error(message: str) -> NoReturn:
+    fail(message, 2)
+
+
+def describe(err: BaseException) -> str:
+    """One line for a library or OS error."""
+    if isinstance(err, OSError) and not isinstance(err, StorageError) and err.filename:
+        return f"{err.filename}: {err.strerror or err}"
+    return str(err) or type(err).__name__
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one library call; its errors become ``Error: ...`` and exit code 1."""
+    try:
+        return asyncio.run(coro)
+    except (StorageError, OSError) as err:
+        fail(describe(err))
+
+
+def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call a blocking library function; its errors become ``Error: ...`` and exit 1."""
+    try:
+        return func(*args, **kwargs)
+    except (StorageError, OSError) as err:
+        fail(describe(err))
+
+
+def need_store(directory: str) -> None:
+    """Refuse a directory that does not exist (writers would create it)."""
+    if not os.path.isdir(directory):
+        fail(f"{directory}: no such store directory")
+
+
+@contextlib.asynccontextmanager
+async def open_writer(
+    directory: str, hint: str, *, create: bool = False, durability: Durability = "fsync"
+) -> AsyncIterator[EventStore]:
+    """Open ``directory`` as its writer, or exit 1 naming the process that is.
+
+    ``hint`` is how to do the same from inside the bot, e.g.
+    ``await store.compact()``.  Without ``create`` a missing directory is an
+    error instead of a new, empty store.
+    """
+    if not create:
+        need_store(directory)
+    store = EventStore(directory, durability=durability)
+    try:
+        await store.connect()
+    except ConnectionError:
+        pid = lock_holder(directory)
+        if pid is None:
+            raise
+        who = f"process {pid}" if pid > 0 else "another process"
+        fail(
+            f"{directory} is open for writing by {who}; "
+            f"stop the bot or run this from it with {hint}"
+        )
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+# -- progress ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None = None) -> Iterator[Progress | None]:
+    """A rich progress bar on stderr, or None when stderr is not a terminal.
+
+    The callback takes ``(done, total=None)``; library calls pass it as their
+    ``progress`` argument.
+    """
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+
+        def update(done: int, total: int | None = None) -> None:
+            if total is not None:
+                bar.update(task, completed=done, total=total)
+            else:
+                bar.update(task, completed=done)
+
+        yield update
+
+
+# -- printing ------------------------------------------------------------------------
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` as indented JSON (dataclasses and Structs included)."""
+    typer.echo(msgspec.json.format(_json.encode(data), indent=2).decode())
+
+
+class JsonLines:
+    """Write records as JSON lines to stdout, buffered; quiet on a closed pipe."""
+
+    def __init__(self, flush_every: int = 1 << 16) -> None:
+        self._buf = bytearray()
+        self._flush_every = flush_every
+
+    def write(self, record: Any) -> None:
+        self._buf += _json.encode(record)
+        self._buf += b"\n"
+        if len(self._buf) >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        data = bytes(self._buf)
+        self._buf.clear()
+        write_stdout(data)
+
+
+def write_stdout(data: bytes) -> None:
+    try:
+        out = getattr(sys.stdout, "buffer", None)
+        if out is not None:
+            sys.stdout.flush()
+            out.write(data)
+            out.flush()
+        else:  # pragma: no cover - a text-only stdout
+            sys.stdout.write(data.decode())
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # ``eventstore dump | head``: the reader has had enough.  Point stdout
+        # at /dev/null so the interpreter's final flush does not complain.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+
+
+def when(ts: int | None) -> str:
+    """A Unix timestamp as ``2025-11-02 14:03:11Z`` (UTC), or ``-``."""
+    if ts is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return str(ts)
+
+
+def iso(ts: int) -> str:
+    """A Unix timestamp as ``2025-11-02T14:03:11Z``, the form ``--at`` takes."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def size(n: int) -> str:
+    """Bytes for people: ``512 B``, ``1.5 KiB``, ``3.2 MiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def plural(n: int, word: str) -> str:
+    """``1 segment``, ``3 segments``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def duration(seconds: int) -> str:
+    """``3h07m``, ``12m05s``, ``40s``."""
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str], indent: int = 2) -> None:
+    """Print aligned columns; numbers are right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    numeric = [
+        all(isinstance(row[i], int) for row in rows) if rows else False for i in range(len(headers))
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    pad = " " * indent
+    for r in cells:
+        parts = [
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)
+        ]
+        typer.echo((pad + "  ".join(parts)).rstrip())
+
+
+def heading(text: str) -> None:
+    typer.echo("")
+    typer.echo(text)
+
+
+# -- the read models, as replay and demo print them -----------------------------------
+
+
+def print_state(state: dict[str, Any]) -> None:
+    """Top chatters, channel peaks, recent chat and user counts (see ReplayResult.summary)."""
+    heading("top chatters")
+    chatters = state["top_chatters"]
+    if chatters:
+        table(
+            [
+                (
+                    u["username"],
+                    u["total_chat_lines"],
+                    duration(u["total_time_connected"]),
+                    when(u["first_seen"]),
+                    when(u["last_seen"]),
+                )
+                for u in chatters
+            ],
+            ("user", "lines", "connected", "first seen", "last seen"),
+        )
+    else:
+        typer.echo("  (no users)")
+
+    heading("channel peaks")
+    ch = state["channel_peaks"]
+    table(
+        [
+            ("most in chat", ch["max_users"], when(ch["max_users_timestamp"])),
+            ("most connected", ch["max_connected"], when(ch["max_connected_timestamp"])),
+        ],
+        ("", "users", "at"),
+    )
+
+    heading("recent chat")
+    chat = state["recent_chat"]
+    if chat:
+        for m in chat:
+            typer.echo(f"  {when(m['timestamp'])}  {m['username']}: {m['message']}")
+    else:
+        typer.echo("  (no messages)")
+
+    if "recent_actions" in state:
+        heading("recent actions")
+        actions = state["recent_actions"]
+        if actions:
+            for a in actions:
+                details = f" {a['details']}" if a["details"] is not None else ""
+                typer.echo(f"  {when(a['timestamp'])}  {a['username']} {a['action_type']}{details}")
+        else:
+            typer.echo("  (no actions)")
+
+    heading("user counts")
+    counts = state["user_counts"]
+    if not counts["samples"]:
+        typer.echo("  (no samples)")
+        return
+    latest, top_chat, top_conn = (
+        counts["latest"],
+        counts["max_chat_users"],
+        counts["max_connected_users"],
+    )
+    typer.echo(
+        f"  {counts['samples']} samples, "
+        f"{when(counts['first_timestamp'])} .. {when(counts['last_timestamp'])}"
+    )
+    typer.echo(
+        f"  latest   {latest['chat_users']} in chat, {latest['connected_users']} connected"
+        f" ({when(latest['timestamp'])})"
+    )
+    typer.echo(
+        f"  highest  {top_chat['value']} in chat ({when(top_chat['timestamp'])}), "
+        f"{top_conn['value']} connected ({when(top_conn['timestamp'])})"
+    )
+    typer.echo(
+        f"  average  {counts['mean_chat_users']} in chat, "
+        f"{counts['mean_connected_users']} connected"
+    )

@@ -1,0 +1,151 @@
+"""Moving data in and out: import-sqlite, export."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from eventstore import EventStore
+from eventstore.legacy import ImportReport, StoreNotEmptyError, export_jsonl, export_sqlite
+from eventstore.legacy import import_sqlite as import_legacy
+
+from . import output as out
+from .inspect import Directory, Json
+
+
+def import_sqlite(
+    db: Annotated[str, typer.Argument(help="The bot's legacy SQLite file.", metavar="DB")],
+    directory: Directory = "data",
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Import into a store that already holds events (adds to it)."),
+    ] = False,
+    json: Json = False,
+) -> None:
+    """Import the bot's legacy SQLite database into a store (created if missing).
+
+    Statistics become absolute values; actions, user counts and chat keep
+    their timestamps and order but get new ids (their log positions).  The
+    whole file is checked before anything is written.  Tables the store does
+    not keep (current_status, outbound_messages, api_tokens) are reported.
+    A store that already holds events is refused unless --force.
+
+    Example: eventstore import-sqlite bot.db data/
+    """
+    if not os.path.isfile(db):
+        out.fail(f"{db}: no such file")
+
+    async def main() -> ImportReport:
+        async with out.open_writer(
+            directory, f"await import_sqlite(store, {db!r})", create=True
+        ) as store:
+            with out.progress_bar("importing") as progress:
+                try:
+                    return await import_legacy(store, db, force=force, progress=progress)
+                except StoreNotEmptyError:
+                    out.fail(
+                        f"{directory} is not empty (its last event is at position "
+                        f"{store.position}); import into a new directory, or pass --force "
+                        "to add the file's data to it"
+                    )
+
+    report = out.run(main())
+    if json:
+        out.print_json(report)
+        return
+    span = (
+        f" (positions {report.first_position}..{report.first_position + report.events - 1})"
+        if report.first_position is not None
+        else ""
+    )
+    typer.echo(f"imported {report.path} into {directory}: {report.events} events{span}")
+    for line in report.describe():
+        typer.echo(f"  {line}")
+
+
+class Format(str, enum.Enum):
+    jsonl = "jsonl"
+    sqlite = "sqlite"
+
+
+def export(
+    directory: Directory,
+    format: Annotated[
+        Format, typer.Option("--format", help="jsonl: every event; sqlite: the legacy schema.")
+    ],
+    target: Annotated[
+        str, typer.Argument(help="The file to create ('-' for stdout, jsonl only).", metavar="OUT")
+    ],
+) -> None:
+    """Export a store: every event as JSON lines, or what its reads return as legacy SQLite.
+
+    jsonl writes the lines of dump, for every event in the log.  sqlite writes
+    a new file with the bot's legacy schema (ids kept), built under a temporary
+    name and renamed when complete.  Neither overwrites an existing file.
+    Read-only: works beside a running bot.
+
+    Example: eventstore export data/ --format sqlite backup.db
+    """
+    out.need_store(directory)
+    to_stdout = target == "-"
+    if to_stdout and format is Format.sqlite:
+        out.usage_error("--format sqlite needs a file name, not '-'")
+    if not to_stdout and os.path.lexists(target):
+        out.fail(f"{target}: already exists; refusing to overwrite it")
+
+    async def main() -> dict[str, int]:
+        async with EventStore(directory, read_only=True) as store:
+            total = store.position if format is Format.jsonl else None
+            with out.progress_bar("exporting", total=total) as progress:
+                if format is Format.sqlite:
+                    return await export_sqlite(store, target, progress=progress)
+                if to_stdout:
+                    return {"events": await export_jsonl(store, _Counting(_stdout(), progress))}
+                with _exclusive(target) as f:
+                    return {"events": await export_jsonl(store, _Counting(f, progress))}
+
+    counts = out.run(main())
+    summary = ", ".join(f"{n} {what}" for what, n in counts.items())
+    typer.echo(
+        f"exported {directory} to {'stdout' if to_stdout else target}: {summary}",
+        err=to_stdout,
+    )
+
+
+class _Counting:
+    """A binary writer that reports lines written (one line per event)."""
+
+    def __init__(self, f: Any, progress: Any) -> None:
+        self._f = f
+        self._progress = progress
+        self._lines = 0
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
+        if self._progress is not None:
+            self._lines += data.count(b"\n")
+            self._progress(self._lines)
+
+
+def _stdout() -> Any:
+    return getattr(sys.stdout, "buffer", sys.stdout)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str) -> Any:
+    """Create ``path`` (never replacing a file); remove it again if the export fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise

@@ -1,0 +1,395 @@
+"""Checking a store directory byte by byte: the operator's ``verify``.
+
+:func:`verify` reads every segment file directly (no lock, nothing written,
+safe beside a running writer) and checks
+
+* every segment header: magic, checksum, format version, event schema, and
+  that the first position in the header agrees with the file name;
+* every frame: its checksum, that its payload decodes into as many events as
+  its header says, and that positions continue without a gap or an overlap
+  (within a segment, and from one segment to the next; compacted segments may
+  leave gaps, never overlaps);
+* every snapshot: that it equals a replay of the log up to its position
+  (:func:`_check_snapshots`, only when the log itself is sound).
+
+Unlike ``recovery.find_damage``, which stops at the first damage because
+``repair`` cuts there, verify reports *every* problem it can reach: after a
+bad frame it cannot know where the next frame of that segment starts (the
+length field may be what is damaged), so it gives up on the rest of that
+segment and carries on with the next one.
+
+:func:`scan_segment` is the one place that walks a segment's frames; ``info``
+(:mod:`eventstore.inspect`) uses it too, so both agree on what is damage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import snapshot
+from .codec import decode_batch
+from .errors import ConnectionError, IntegrityError, MigrationError, StorageError
+from .events import Event
+from .framing import FrameWalker
+from .lockfile import lock_holder
+from .segment import (
+    FLAG_COMPACTED,
+    FRAME_HEADER_SIZE,
+    HEADER_SIZE,
+    FrameError,
+    FrameInfo,
+    check_fingerprint,
+    list_segments,
+    unpack_header,
+)
+from .snapshot import list_snapshots
+
+__all__ = ["Problem", "SegmentScan", "VerifyReport", "scan_segment", "verify"]
+
+#: Bytes read per call while walking a segment.
+READ_CHUNK = 4 * 1024 * 1024
+#: How often a check starts over when a segment vanishes under it (a live
+#: writer's compaction replaces segments).
+ATTEMPTS = 3
+
+#: Called with (bytes done, bytes in total).
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: the file, the byte offset in it, and what is wrong."""
+
+    path: str
+    offset: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message} at offset {self.offset}"
+
+
+@dataclass
+class SegmentScan:
+    """What walking one segment found."""
+
+    path: str
+    #: Size of the file when the walk began (bytes after it are not read).
+    size: int
+    #: First position in the file name (the header should agree).
+    first_position: int
+    compacted: bool = False
+    #: The store id in the header (None if the header is unreadable).
+    store_id: bytes | None = None
+    frames: int = 0
+    events: int = 0
+    #: Positions of the segment's first and last events, None if it has none.
+    first_event: int | None = None
+    last_event: int | None = None
+    #: Where the next segment should continue; None when damage hides it.
+    next_position: int | None = None
+    #: Bytes after the last complete frame that a live writer is still writing.
+    in_progress: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` checked and every problem it found."""
+
+    directory: str
+    segments: int = 0
+    frames: int = 0
+    events: int = 0
+    bytes: int = 0
+    first_position: int | None = None
+    last_position: int | None = None
+    #: Snapshots compared with a replay; None if they were not checked (the
+    #: log itself has problems, so a replay could not be trusted).
+    snapshots_checked: int | None = None
+    problems: list[Problem] = field(default_factory=list)
+    #: Remarks that are not problems (a live writer, files that are not segments).
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def scan_segment(
+    path: str,
+    first_position: int,
+    *,
+    expect: int | None = None,
+    exact: bool = True,
+    store_id: bytes | None = None,
+    last: bool = False,
+    writer_active: bool = False,
+    on_frame: Callable[[FrameInfo, list[Event]], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> SegmentScan:
+    """Walk one segment file: header, frames, checksums, decoding, continuity.
+
+    ``expect`` is the position the previous segment says comes next (1 for
+    the first); with ``exact=False`` it is only a lower bound (after a
+    compacted segment, which may have lost events at its end, or after damage
+    hid where the previous segment really ended).  ``store_id`` is the id the
+    other segments carry (None: not known yet).  ``last`` marks
+    the newest segment, the only one a crash can leave with a torn tail; with
+    ``writer_active`` too, an incomplete frame at its very end is a write in
+    progress, not damage.  ``on_frame(info, events)`` is called for every
+    decoded frame, ``on_bytes(n)`` as bytes are read.  Raises OSError if the
+    file cannot be read (``FileNotFoundError`` if it vanished).
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        scan = SegmentScan(path, size, first_position)
+
+        def problem(offset: int, message: str) -> SegmentScan:
+            scan.problems.append(Problem(path, offset, message))
+            return scan
+
+        head = f.read(HEADER_SIZE)
+        if on_bytes is not None:
+            on_bytes(len(head))
+        try:
+            header = unpack_header(head, path)
+            check_fingerprint(header, path)
+        except (IntegrityError, MigrationError) as err:
+            return problem(0, str(err).removeprefix(f"{path}: ").removesuffix(" at offset 0"))
+        scan.compacted = bool(header.flags & FLAG_COMPACTED)
+        scan.store_id = header.store_id
+        if store_id is not None and header.store_id != store_id:
+            problem(
+                28,
+                f"segment of another store (store id {header.store_id.hex()}, "
+                f"the segments before it have {store_id.hex()})",
+            )
+        if header.first_position != first_position:
+            problem(
+                12,
+                f"header says first position {header.first_position}, "
+                f"the file name says {first_position}",
+            )
+        if expect is not None:
+            if first_position < expect:
+                problem(0, f"segment starts at position {first_position}, before {expect}")
+            elif first_position > expect and exact and not scan.compacted:
+                missing = (
+                    f"position {expect} is"
+                    if first_position == expect + 1
+                    else f"positions {expect}..{first_position - 1} are"
+                )
+                problem(
+                    0,
+                    f"segment starts at position {first_position}, expected {expect} "
+                    f"({missing} missing)",
+                )
+
+        walker = FrameWalker(HEADER_SIZE, first_position, gaps_allowed=scan.compacted)
+        offset = HEADER_SIZE
+        try:
+            while offset < size:
+                data = f.read(min(max(READ_CHUNK, walker.wanted()), size - offset))
+                if not data:
+                    break
+                offset += len(data)
+                if on_bytes is not None:
+                    on_bytes(len(data))
+                for info, payload in walker.feed(data):
+                    try:
+                        events = decode_batch(payload)
+                    except IntegrityError as err:
+                        return problem(info.offset, str(err))
+                    if len(events) != info.count:
+                        return problem(
+                            info.offset,
+                            f"frame holds {len(events)} events, its header says {info.count}",
+                        )
+                    scan.frames += 1
+                    scan.events += info.count
+                    if scan.first_event is None:
+                        scan.first_event = info.first_position
+                    scan.last_event = info.first_position + info.count - 1
+                    if on_frame is not None:
+                        on_frame(info, events)
+            bad = walker.finish()
+        except FrameError as err:
+            bad = err
+        if bad is not None:
+            if last and writer_active and _still_being_written(bad, size):
+                scan.in_progress = size - bad.offset
+            elif last and bad.short and bad.offset == walker.offset:
+                return problem(
+                    bad.offset,
+                    f"torn tail: {size - bad.offset} bytes after the last complete frame "
+                    f"({bad.reason}); a crash mid-write leaves this, and the next writer "
+                    "cuts it",
+                )
+            else:
+                return problem(bad.offset, bad.reason)
+        scan.next_position = walker.next_position
+        return scan
+
+
+def _still_being_written(err: FrameError, size: int) -> bool:
+    """Could ``err`` be a frame a live writer has not finished writing?
+
+    A reader can catch a ``pwrite`` half-way: the frame then runs past the end
+    of the file, or (if the kernel showed the length before the payload) ends
+    at the end of the file with a checksum that does not match yet.
+    """
+    return err.short or (err.checksum and err.offset + FRAME_HEADER_SIZE <= size)
+
+
+def verify(directory: str | os.PathLike[str], progress: Progress | None = None) -> VerifyReport:
+    """Check every byte of the store in ``directory`` and list every problem.
+
+    Never takes the writer lock and never writes, so it is safe to run while
+    the bot is writing (the frame the writer is in the middle of is then
+    noted, not reported).  ``progress(done, total)`` is called in bytes.
+    Raises :class:`~eventstore.errors.ConnectionError` if ``directory`` is not
+    a directory; damage is reported, never raised.
+
+    Example::
+
+        report = verify("data")
+        for problem in report.problems:
+            print(problem)
+    """
+    d = os.fspath(directory)
+    if not os.path.isdir(d):
+        raise ConnectionError(f"{d}: no such store directory")
+    for attempt in range(ATTEMPTS):
+        try:
+            return _verify(d, progress)
+        except FileNotFoundError:
+            # A writer's compaction replaced segments while we read them;
+            # start over on the new set.
+            if attempt == ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _verify(directory: str, progress: Progress | None) -> VerifyReport:
+    report = VerifyReport(directory)
+    names, stray = list_segments(directory)
+    writer = lock_holder(directory)
+    paths = [os.path.join(directory, name) for _, name in names]
+    total = sum(os.path.getsize(p) for p in paths)
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    # Compaction may leave gaps inside its segments and at their ends (it
+    # drops events); anywhere else a gap means events are missing.
+    expect, exact, store_id = 1, True, None
+    for i, ((first, _name), path) in enumerate(zip(names, paths, strict=True)):
+        scan = scan_segment(
+            path,
+            first,
+            expect=expect,
+            exact=exact,
+            store_id=store_id,
+            last=i == len(names) - 1,
+            writer_active=writer is not None,
+            on_bytes=on_bytes,
+        )
+        report.segments += 1
+        report.frames += scan.frames
+        report.events += scan.events
+        report.bytes += scan.size
+        if scan.first_event is not None and report.first_position is None:
+            report.first_position = scan.first_event
+        if scan.last_event is not None:
+            report.last_position = scan.last_event
+        report.problems.extend(scan.problems)
+        if scan.in_progress:
+            report.notes.append(
+                f"{path}: the writer (process {writer}) was writing {scan.in_progress} bytes "
+                f"at offset {scan.size - scan.in_progress}; not checked"
+            )
+        if store_id is None:
+            store_id = scan.store_id
+        if scan.next_position is not None:
+            expect, exact = scan.next_position, not scan.compacted
+        else:
+            # Damage hides where this segment really ends: the next one can
+            # only be checked for overlap with what was read.
+            seen = scan.last_event if scan.last_event is not None else first - 1
+            expect, exact = max(seen + 1, expect), False
+
+    skipped = [n for n in stray if not _known_file(n)]
+    if skipped:
+        report.notes.append(f"not segments, not checked: {', '.join(sorted(skipped))}")
+    if report.problems:
+        report.notes.append("snapshots not checked: the log itself has problems")
+    else:
+        report.problems.extend(_check_snapshots(directory))
+        report.snapshots_checked = len(list_snapshots(directory))
+    return report
+
+
+def _known_file(name: str) -> bool:
+    return name == "LOCK" or (name.startswith("snapshot-") and name.endswith(".snap"))
+
+
+def _check_snapshots(directory: str) -> list[Problem]:
+    """Compare every snapshot with a replay of the log up to its position.
+
+    The comparison lives in :mod:`eventstore.snapshot` (``check_snapshots``);
+    this hook adapts it: it may be a coroutine function (it is then run on its
+    own event loop in a worker thread, so ``verify`` works both inside and
+    outside a running loop) and its problems may be ``Problem``s or ``(path,
+    offset, message)`` tuples.  Without that function it checks nothing.
+    """
+    check = getattr(snapshot, "check_snapshots", None)
+    if check is None:  # pragma: no cover - the function ships with the store
+        return []
+    try:
+        found = _call(check, directory)
+    except (StorageError, OSError) as err:
+        return [Problem(directory, 0, f"snapshot check failed: {err}")]
+    return [_as_problem(p) for p in found]
+
+
+def _call(func: Callable[[str], Any], directory: str) -> Sequence[Any]:
+    result = func(directory)
+    if not asyncio.iscoroutine(result):
+        return list(result)
+    coro = result
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as err:
+            box["error"] = err
+
+    worker = threading.Thread(target=run, name="eventstore-verify-snapshots")
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return list(box["value"])
+
+
+def _as_problem(item: Any) -> Problem:
+    if isinstance(item, Problem):
+        return item
+    if isinstance(item, tuple) and len(item) == 3:
+        path, offset, message = item
+        return Problem(str(path), int(offset), str(message))
+    return Problem(
+        str(getattr(item, "path", "?")),
+        int(getattr(item, "offset", 0)),
+        str(getattr(item, "message", item)),
+    )

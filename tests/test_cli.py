@@ -1,0 +1,688 @@
+"""The command line: exit codes, exact output and error text, JSON, filters, follow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from cli.main import app
+from eventstore import EventStore
+from eventstore.legacy import LEGACY_SCHEMA
+from eventstore.lockfile import WriterLock
+from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE
+from eventstore.testing import FakeClock
+
+T0 = 1_700_000_000  # 2023-11-14 22:13:20Z
+NAMES = ("ada", "bob", "cy")
+TYPES = (
+    "channel_peak_raised, channel_stats_set, message_saved, messages_cleared, session_ended, "
+    "user_action_logged, user_count_logged, user_counts_trimmed, user_forgotten, "
+    "user_stats_saved, user_stats_set"
+)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args: Any) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+async def fill(directory: Path, *, segment_size: int = 1024) -> None:
+    """The busy store: 123 events over several segments, every one known.
+
+    Positions 1..120 alternate a chat line's stats update (odd) and its message
+    (even, "line i" by NAMES[i % 3] at T0 + 10 i); then a join (121), a user
+    count (122) and a new peak (123).
+    """
+    clock = FakeClock(T0)
+    async with EventStore(
+        directory, durability="flush", clock=clock, segment_size=segment_size
+    ) as store:
+        for i in range(60):
+            t = T0 + 10 * i
+            user = NAMES[i % 3]
+            await store.save_user_stats(user, chat_lines=1, last_seen=t)
+            await store.save_message(user, f"line {i}", timestamp=t)
+        await store.log_user_action("ada", "join", timestamp=T0 + 5)
+        await store.log_user_count(3, 7, timestamp=T0 + 600)
+        await store.update_channel_stats(max_users=3, max_connected=7, timestamp=T0 + 600)
+
+
+def busy_store(tmp_path: Path, name: str = "busy") -> Path:
+    d = tmp_path / name
+    asyncio.run(fill(d))
+    return d
+
+
+def empty_store(tmp_path: Path) -> Path:
+    d = tmp_path / "empty"
+
+    async def create() -> None:
+        async with EventStore(d):
+            pass
+
+    asyncio.run(create())
+    return d
+
+
+def segment_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name.endswith(".seg"))
+
+
+def frame_offsets(path: Path) -> list[int]:
+    data = path.read_bytes()
+    offsets, off = [], HEADER_SIZE
+    while off < len(data):
+        offsets.append(off)
+        off += FRAME_HEADER_SIZE + struct.unpack_from("<I", data, off)[0]
+    return offsets
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def dumped(result: Result) -> list[dict[str, Any]]:
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+# -- errors every command shares ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["info"],
+        ["verify"],
+        ["dump"],
+        ["tail"],
+        ["replay"],
+        ["compact"],
+        ["snapshot"],
+        ["forget-user", "{d}", "ada"],
+        ["export", "{d}", "--format", "jsonl", "{d}.jsonl"],
+    ],
+)
+def test_missing_store_directory(tmp_path: Path, args: list[str]) -> None:
+    d = tmp_path / "nope"
+    argv = [a.format(d=d) for a in args]
+    if len(argv) == 1:
+        argv.append(str(d))
+    result = invoke(*argv)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {d}: no such store directory\n"
+    assert result.stdout == ""
+    assert not d.exists()  # a writer command did not create it
+
+
+def test_default_directory_is_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke("info")
+    assert result.exit_code == 1
+    assert result.stderr == "Error: data: no such store directory\n"
+    (tmp_path / "data").mkdir()
+    assert invoke("info").exit_code == 0
+
+
+def test_store_locked_by_a_writer(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    lock = WriterLock(str(d))
+    lock.acquire()
+    try:
+        result = invoke("forget-user", d, "ada")
+        assert result.exit_code == 1
+        assert result.stderr == (
+            f"Error: {d} is open for writing by process {os.getpid()}; stop the bot or run "
+            "this from it with await store.forget_user('ada')\n"
+        )
+        # Readers do not mind the lock, and info names its holder.
+        info = invoke("info", d)
+        assert info.exit_code == 0
+        assert f"writer     process {os.getpid()} holds the lock\n" in info.stdout
+        assert json.loads(invoke("info", d, "--json").stdout)["writer_pid"] == os.getpid()
+    finally:
+        lock.release()
+    assert "writer     none\n" in invoke("info", d).stdout
+
+
+def test_unknown_type_is_a_usage_error(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("dump", d, "--type", "message_saved", "--type", "chat_line")
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: unknown event type 'chat_line'; valid types: {TYPES}\n"
+    assert result.stdout == ""
+
+
+def test_until_with_at_is_a_usage_error(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("replay", d, "--until", 5, "--at", T0)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: --until and --at cannot be used together; give a position or a time\n"
+    )
+
+
+def test_bad_at_is_a_usage_error(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("replay", d, "--at", "yesterday")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: --at: expected Unix seconds or an ISO 8601 time such as "
+        "2025-11-02T14:00:00Z, got 'yesterday'\n"
+    )
+
+
+def test_typer_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert invoke("dump", tmp_path, "--from", "-1").exit_code == 2
+    assert invoke("tail", tmp_path, "-n", "x").exit_code == 2
+    assert invoke("export", tmp_path, "--format", "csv", "out").exit_code == 2
+    assert invoke("frobnicate").exit_code == 2
+
+
+# -- info ---------------------------------------------------------------------------------
+
+
+def test_info_on_an_empty_store(tmp_path: Path) -> None:
+    d = empty_store(tmp_path)
+    result = invoke("info", d)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"store      {d}"
+    assert "events     none" in lines
+    assert "writer     none" in lines
+    assert "snapshots  none" in lines
+    data = json.loads(invoke("info", d, "--json").stdout)
+    assert data["events"] == 0
+    assert data["counts_by_type"] == {}
+    assert data["first"] is None and data["last"] is None
+    assert data["snapshots"] == []
+    assert [s["events"] for s in data["segments"]] == [0]
+
+
+def test_info_on_a_busy_store(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("info", d)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    segments = segment_files(d)
+    assert len(segments) > 2
+    assert "events     123, positions 1..123" in lines
+    assert "first      #1  2023-11-14 22:13:20Z  user_stats_saved" in lines
+    assert "last       #123  2023-11-14 22:23:20Z  channel_peak_raised" in lines
+    assert "times      2023-11-14 22:13:20Z .. 2023-11-14 22:23:20Z" in lines
+    assert any(
+        line.startswith("snapshots  snapshot-00000000000000000123.snap  position 123")
+        and line.endswith(", current")
+        for line in lines
+    )
+    assert lines[lines.index("events by type") :] == [
+        "events by type",
+        "  type                 count",
+        "  message_saved           60",
+        "  user_stats_saved        60",
+        "  channel_peak_raised      1",
+        "  user_action_logged       1",
+        "  user_count_logged        1",
+    ]
+    for seg in segments:
+        assert any(line.startswith(f"  {seg.name}") for line in lines)
+
+    data = json.loads(invoke("info", d, "--json").stdout)
+    assert data["events"] == 123
+    assert data["counts_by_type"] == {
+        "message_saved": 60,
+        "user_stats_saved": 60,
+        "channel_peak_raised": 1,
+        "user_action_logged": 1,
+        "user_count_logged": 1,
+    }
+    assert data["first"] == {"position": 1, "time": T0, "type": "user_stats_saved"}
+    assert data["last"] == {"position": 123, "time": T0 + 600, "type": "channel_peak_raised"}
+    assert (data["earliest_time"], data["latest_time"]) == (T0, T0 + 600)
+    assert [s["name"] for s in data["segments"]] == [p.name for p in segments]
+    assert sum(s["events"] for s in data["segments"]) == 123
+    assert data["segments_size"] == sum(p.stat().st_size for p in segments)
+    assert data["writer_pid"] is None
+    assert data["problems"] == []
+
+
+# -- verify -------------------------------------------------------------------------------
+
+
+def test_verify_a_healthy_store(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("verify", d)
+    assert result.exit_code == 0, result.output
+    n = len(segment_files(d))
+    assert result.stdout.splitlines()[0].startswith(
+        f"checked {n} segments, 123 frames, 123 events, positions 1..123 ("
+    )
+    assert result.stdout.splitlines()[-1] == "ok"
+    data = json.loads(invoke("verify", d, "--json").stdout)
+    assert data["ok"] is True
+    assert data["problems"] == []
+    assert (data["events"], data["frames"], data["snapshots_checked"]) == (123, 123, 1)
+
+
+def test_verify_lists_damage_in_two_segments(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    segments = segment_files(d)
+    first, third = segments[0], segments[2]
+    bad1 = frame_offsets(first)[2]
+    bad2 = frame_offsets(third)[1]
+    flip(first, bad1 + FRAME_HEADER_SIZE + 1)  # inside a payload
+    flip(third, bad2 + FRAME_HEADER_SIZE + 1)
+    result = invoke("verify", d)
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert f"problem: {first}: frame checksum mismatch at offset {bad1}" in lines
+    assert f"problem: {third}: frame checksum mismatch at offset {bad2}" in lines
+    assert lines[-1] == "2 problems found"
+    assert "note: snapshots not checked: the log itself has problems" in lines
+
+    data = json.loads(invoke("verify", d, "--json").stdout)
+    assert data["ok"] is False
+    assert data["problems"] == [
+        {"path": str(first), "offset": bad1, "message": "frame checksum mismatch"},
+        {"path": str(third), "offset": bad2, "message": "frame checksum mismatch"},
+    ]
+    # info reads past the damage too, and says so with exit code 1.
+    info = invoke("info", d)
+    assert info.exit_code == 1
+    assert f"  {first}: frame checksum mismatch at offset {bad1}" in info.stdout.splitlines()
+
+
+def test_verify_reports_a_missing_segment(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    segments = segment_files(d)
+    segments[1].unlink()
+    result = invoke("verify", d)
+    assert result.exit_code == 1
+    second_first = int(segments[2].name[:20])
+    expected_first = int(segments[1].name[:20])
+    assert (
+        f"problem: {segments[2]}: segment starts at position {second_first}, expected "
+        f"{expected_first} (positions {expected_first}..{second_first - 1} are missing) "
+        "at offset 0"
+    ) in result.stdout.splitlines()
+
+
+def test_verify_torn_tail_is_a_problem_unless_a_writer_is_mid_write(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    last = segment_files(d)[-1]
+    size = last.stat().st_size
+    with last.open("ab") as f:  # the first 30 bytes of a frame that promises 200
+        f.write(struct.pack("<IIQI", 200, 0, 124, 1) + b"\x00" * 10)
+    result = invoke("verify", d)
+    assert result.exit_code == 1
+    assert (
+        f"problem: {last}: torn tail: 30 bytes after the last complete frame (frame of 200 "
+        "bytes runs past the end of the data); a crash mid-write leaves this, and the next "
+        f"writer cuts it at offset {size}"
+    ) in result.stdout.splitlines()
+    lock = WriterLock(str(d))
+    lock.acquire()
+    try:
+        live = invoke("verify", d)
+    finally:
+        lock.release()
+    assert live.exit_code == 0, live.output
+    assert (
+        f"note: {last}: the writer (process {os.getpid()}) was writing 30 bytes at offset "
+        f"{size}; not checked"
+    ) in live.stdout.splitlines()
+
+
+def test_verify_beside_a_live_writer(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+
+    async def check_while_open() -> Result:
+        async with EventStore(d, durability="flush") as store:
+            await store.save_message("zed", "still here", timestamp=T0 + 5000)
+            return await asyncio.to_thread(invoke, "verify", d)
+
+    result = asyncio.run(check_while_open())
+    assert result.exit_code == 0, result.output
+    assert "124 events" in result.stdout
+
+
+# -- dump -----------------------------------------------------------------------------------
+
+
+def test_dump_everything(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    records = dumped(invoke("dump", d))
+    assert [r["position"] for r in records] == list(range(1, 124))
+    assert records[1] == {
+        "position": 2,
+        "type": "message_saved",
+        "timestamp": T0,
+        "username": "ada",
+        "message": "line 0",
+    }
+    assert records[-1] == {
+        "position": 123,
+        "type": "channel_peak_raised",
+        "timestamp": T0 + 600,
+        "max_users": 3,
+        "max_connected": 7,
+    }
+
+
+def test_dump_filters(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    window = dumped(invoke("dump", d, "--from", 10, "--to", 14))
+    assert [r["position"] for r in window] == [10, 11, 12, 13, 14]
+
+    messages = dumped(invoke("dump", d, "--type", "message_saved"))
+    assert [r["position"] for r in messages] == list(range(2, 121, 2))
+    assert {r["type"] for r in messages} == {"message_saved"}
+
+    two = dumped(invoke("dump", d, "--type", "user_count_logged", "--type", "user_action_logged"))
+    assert [(r["position"], r["type"]) for r in two] == [
+        (121, "user_action_logged"),
+        (122, "user_count_logged"),
+    ]
+
+    bob = dumped(invoke("dump", d, "--user", "bob", "--type", "message_saved", "--from", 50))
+    assert [r["message"] for r in bob] == [f"line {i}" for i in range(25, 60) if i % 3 == 1]
+    assert {r["username"] for r in bob} == {"bob"}
+
+    ada = dumped(invoke("dump", d, "--user", "ada", "--to", 8))
+    assert [r["position"] for r in ada] == [1, 2, 7, 8]
+    assert dumped(invoke("dump", d, "--user", "nobody")) == []
+    assert dumped(invoke("dump", d, "--from", 200)) == []
+
+
+# -- tail -----------------------------------------------------------------------------------
+
+
+def test_tail_n(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("tail", d, "-n", 3)
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [
+        "     121  2023-11-14 22:13:25Z  user_action_logged    "
+        '{"timestamp":1700000005,"username":"ada","action_type":"join","details":null}',
+        "     122  2023-11-14 22:23:20Z  user_count_logged     "
+        '{"timestamp":1700000600,"chat_users":3,"connected_users":7}',
+        "     123  2023-11-14 22:23:20Z  channel_peak_raised   "
+        '{"timestamp":1700000600,"max_users":3,"max_connected":7}',
+    ]
+    assert [r["position"] for r in dumped(invoke("tail", d, "-n", 5, "--json"))] == list(
+        range(119, 124)
+    )
+    assert len(invoke("tail", d).stdout.splitlines()) == 10
+    assert len(invoke("tail", d, "-n", 1000).stdout.splitlines()) == 123
+    assert invoke("tail", d, "-n", 0).stdout == ""
+
+
+def test_tail_follows_a_live_writer(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "cli", "tail", str(d), "-n", "1", "-f", "--json"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+    def next_record() -> dict[str, Any]:
+        return dict(json.loads(lines.get(timeout=15)))
+
+    try:
+        assert next_record()["position"] == 123  # -n 1: the last one
+
+        async def write() -> None:
+            async with EventStore(d, durability="flush", segment_size=1024) as store:
+                for i in range(30):  # enough to roll a segment
+                    await store.save_message("zed", f"live {i}", timestamp=T0 + 1000 + i)
+                # Still open: the follower reads beside the writer.
+                got = [await asyncio.to_thread(next_record) for _ in range(30)]
+                assert [r["position"] for r in got] == list(range(124, 154))
+                assert [r["message"] for r in got] == [f"live {i}" for i in range(30)]
+
+        asyncio.run(write())
+    finally:
+        follower.send_signal(signal.SIGINT)
+        try:
+            _, err = follower.communicate(timeout=15)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            follower.kill()
+            raise
+    assert follower.returncode == 0, err
+    assert "Traceback" not in err
+
+
+async def test_tail_events_follow_stops_when_the_loop_is_left(tmp_path: Path) -> None:
+    from eventstore.inspect import tail_events
+
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await store.save_message("ada", "before", timestamp=T0)
+        seen: list[str] = []
+        events = tail_events(d, 5, follow=True, interval=0.05)
+        async for _, event in events:
+            seen.append(event.message)  # type: ignore[union-attr]
+            if len(seen) == 1:
+                await store.save_message("ada", "after", timestamp=T0 + 1)
+            if len(seen) == 2:
+                break
+        await events.aclose()
+    assert seen == ["before", "after"]
+
+
+# -- replay ---------------------------------------------------------------------------------
+
+
+def test_replay_text(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("replay", d, "--until", 6, "--limit", 2)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"{d} up to position 6: 6 events applied, last position 6 of 123; 3 users",
+        "",
+        "top chatters",
+        "  user  lines  connected  first seen            last seen",
+        "  ada       1  0s         2023-11-14 22:13:20Z  2023-11-14 22:13:20Z",
+        "  bob       1  0s         2023-11-14 22:13:20Z  2023-11-14 22:13:30Z",
+        "",
+        "channel peaks",
+        "                  users  at",
+        "  most in chat        0  -",
+        "  most connected      0  -",
+        "",
+        "recent chat",
+        "  2023-11-14 22:13:40Z  cy: line 2",
+        "  2023-11-14 22:13:30Z  bob: line 1",
+        "",
+        "recent actions",
+        "  (no actions)",
+        "",
+        "user counts",
+        "  (no samples)",
+    ]
+
+
+def test_replay_json_at_a_moment(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    # T0 + 100: lines 0..10 said, the join (T0 + 5) made, no count or peak yet.
+    result = invoke("replay", d, "--at", T0 + 100, "--json", "--limit", 3)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["at"] == T0 + 100
+    assert data["events_applied"] == 23
+    assert data["events_skipped"] == 100
+    assert [m["message"] for m in data["recent_chat"]] == ["line 10", "line 9", "line 8"]
+    assert [(u["username"], u["total_chat_lines"]) for u in data["top_chatters"]] == [
+        ("ada", 4),
+        ("bob", 4),
+        ("cy", 3),
+    ]
+    assert data["channel_peaks"]["max_users"] == 0
+    assert data["user_counts"] == {"samples": 0}
+    assert [a["action_type"] for a in data["recent_actions"]] == ["join"]
+    # The same moment in ISO 8601, with and without a zone.
+    for text in ("2023-11-14T22:15:00Z", "2023-11-14T22:15:00", "2023-11-14T23:15:00+01:00"):
+        same = json.loads(invoke("replay", d, "--at", text, "--json", "--limit", 3).stdout)
+        assert same == data, text
+
+
+def test_replay_now(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    data = json.loads(invoke("replay", d, "--json").stdout)
+    assert (data["position"], data["events_applied"], data["users"]) == (123, 123, 3)
+    assert data["channel_peaks"]["max_connected"] == 7
+    assert data["user_counts"]["samples"] == 1
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+
+def test_demo_then_inspect_it(tmp_path: Path) -> None:
+    d = tmp_path / "demo"
+    started = time.monotonic()
+    result = invoke("demo", d, "--minutes", 60, "--seed", 3)
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - started < 30
+    out = result.stdout
+    assert out.startswith("played 60 simulated minutes of a busy channel (seed 3), ")
+    for section in ("top chatters", "channel peaks", "recent chat", "user counts"):
+        assert f"\n{section}\n" in out
+    assert f"store: {d} (" in out
+    assert "It persists" in out
+
+    info = json.loads(invoke("info", d, "--json").stdout)
+    assert info["events"] > 300
+    assert set(info["counts_by_type"]) >= {
+        "user_stats_saved",
+        "message_saved",
+        "user_action_logged",
+        "session_ended",
+        "user_count_logged",
+        "channel_peak_raised",
+    }
+    assert invoke("verify", d).exit_code == 0
+    now = json.loads(invoke("replay", d, "--json").stdout)
+    assert now["position"] == info["last"]["position"]
+    assert now["top_chatters"] and now["recent_chat"]
+    assert now["user_counts"]["samples"] == 12  # one every five minutes
+
+    # A second run appends to the same store, later in time.
+    again = json.loads(invoke("demo", d, "--minutes", 10, "--json").stdout)
+    assert again["played"]["first_position"] == info["last"]["position"] + 1
+    assert again["played"]["start"] > info["latest_time"]
+    assert again["answers"]["position"] == again["played"]["last_position"]
+
+
+# -- import and export ----------------------------------------------------------------------
+
+
+def legacy_db(path: Path) -> Path:
+    conn = sqlite3.connect(path)
+    conn.executescript(LEGACY_SCHEMA)
+    conn.executescript(
+        "CREATE TABLE api_tokens (token TEXT PRIMARY KEY);"
+        f"INSERT INTO user_stats VALUES ('ada', {T0}, {T0 + 50}, 4, 60, NULL);"
+        f"INSERT INTO channel_stats VALUES (1, 9, {T0}, 12, {T0}, {T0});"
+        f"INSERT INTO user_actions (timestamp, username, action_type) VALUES ({T0}, 'ada', 'join');"
+        f"INSERT INTO user_count_history (timestamp, chat_users, connected_users) "
+        f"VALUES ({T0}, 3, 5);"
+        f"INSERT INTO recent_chat (timestamp, username, message) VALUES ({T0 + 1}, 'ada', 'hi');"
+    )
+    conn.commit()
+    conn.close()
+    return path
+
+
+def test_import_sqlite(tmp_path: Path) -> None:
+    db = legacy_db(tmp_path / "bot.db")
+    d = tmp_path / "store"
+    result = invoke("import-sqlite", db, d)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"imported {db} into {d}: 5 events (positions 1..5)",
+        "  user_stats: 1 rows",
+        "  channel_stats: 1 rows",
+        "  user_actions: 1 rows",
+        "  user_count_history: 1 rows",
+        "  recent_chat: 1 rows",
+        "  events: 5",
+        "  ignored table: api_tokens",
+    ]
+    data = json.loads(invoke("replay", d, "--json").stdout)
+    assert data["recent_chat"][0]["message"] == "hi"
+
+    again = invoke("import-sqlite", db, d)
+    assert again.exit_code == 1
+    assert again.stderr == (
+        f"Error: {d} is not empty (its last event is at position 5); import into a new "
+        "directory, or pass --force to add the file's data to it\n"
+    )
+    forced = json.loads(invoke("import-sqlite", db, d, "--force", "--json").stdout)
+    assert forced["events"] == 5 and forced["first_position"] == 6
+    assert forced["ignored_tables"] == ["api_tokens"]
+
+
+def test_import_sqlite_missing_file(tmp_path: Path) -> None:
+    result = invoke("import-sqlite", tmp_path / "nope.db", tmp_path / "store")
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {tmp_path / 'nope.db'}: no such file\n"
+    assert not (tmp_path / "store").exists()
+
+
+def test_export_jsonl_and_sqlite(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    out = tmp_path / "events.jsonl"
+    result = invoke("export", d, "--format", "jsonl", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"exported {d} to {out}: 123 events\n"
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines == dumped(invoke("dump", d))
+
+    refused = invoke("export", d, "--format", "jsonl", out)
+    assert refused.exit_code == 1
+    assert refused.stderr == f"Error: {out}: already exists; refusing to overwrite it\n"
+
+    db = tmp_path / "backup.db"
+    result = invoke("export", d, "--format", "sqlite", db)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"exported {d} to {db}: 3 user_stats, ")
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM recent_chat").fetchone() == (60,)
+    conn.close()
+
+
+def test_export_jsonl_to_stdout(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("export", d, "--format", "jsonl", "-")
+    assert result.exit_code == 0
+    assert len(result.stdout.splitlines()) == 123
+    assert result.stderr == f"exported {d} to stdout: 123 events\n"
+    bad = invoke("export", d, "--format", "sqlite", "-")
+    assert bad.exit_code == 2
+    assert bad.stderr == "Error: --format sqlite needs a file name, not '-'\n"

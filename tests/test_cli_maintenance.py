@@ -1,0 +1,198 @@
+"""The commands that write: compact, snapshot, forget-user."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_cli import T0, busy_store, invoke, segment_files
+
+from eventstore import EventStore, IntegrityError
+from eventstore.lockfile import WriterLock
+from eventstore.testing import FakeClock
+
+
+async def churn(directory: Path) -> None:
+    """A store with plenty for compaction: superseded stats and cleared chat."""
+    async with EventStore(
+        directory, durability="flush", clock=FakeClock(T0), segment_size=1024
+    ) as s:
+        for i in range(80):
+            await s.save_user_stats(f"u{i % 4}", chat_lines=1, last_seen=T0 + i)
+            await s.save_message(f"u{i % 4}", f"m{i}", timestamp=T0 + i)
+        await s.log_user_count(1, 2, timestamp=T0)
+        await s.clear_old_messages(keep_count=10)
+
+
+def churned(tmp_path: Path) -> Path:
+    d = tmp_path / "churn"
+    asyncio.run(churn(d))
+    return d
+
+
+def reads(directory: Path) -> dict[str, Any]:
+    async def read() -> dict[str, Any]:
+        async with EventStore(directory, read_only=True) as store:
+            return {
+                "users": await store.get_all_user_stats(),
+                "messages": await store.get_recent_messages(limit=1000),
+                "counts": await store.get_user_count_history(),
+                "channel": await store.get_channel_stats(),
+            }
+
+    return asyncio.run(read())
+
+
+# -- refused while the bot writes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["compact"], "await store.compact()"),
+        (["compact", "--dry-run"], "await store.compact()"),
+        (["snapshot"], "await store.write_snapshot()"),
+        (["forget-user", "{d}", "bob"], "await store.forget_user('bob')"),
+    ],
+)
+def test_refused_while_a_writer_holds_the_store(tmp_path: Path, args: list[str], hint: str) -> None:
+    d = busy_store(tmp_path)
+    before = {p.name: p.read_bytes() for p in segment_files(d)}
+    argv = [a.format(d=d) for a in args]
+    if len(argv) == 1 or argv[1] == "--dry-run":
+        argv.insert(1, str(d))
+    lock = WriterLock(str(d))
+    lock.acquire()
+    try:
+        result = invoke(*argv)
+    finally:
+        lock.release()
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {d} is open for writing by process {os.getpid()}; stop the bot or run this "
+        f"from it with {hint}\n"
+    )
+    assert {p.name: p.read_bytes() for p in segment_files(d)} == before
+
+
+# -- compact -------------------------------------------------------------------------------
+
+
+def test_compact_dry_run_changes_nothing(tmp_path: Path) -> None:
+    d = churned(tmp_path)
+    before = {p.name: p.read_bytes() for p in segment_files(d)}
+    result = invoke("compact", d, "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("dry run: would rewrite ")
+    assert lines[-1] == "nothing was changed"
+    assert {p.name: p.read_bytes() for p in segment_files(d)} == before
+
+
+def test_compact_keeps_every_read(tmp_path: Path) -> None:
+    d = churned(tmp_path)
+    before = reads(d)
+    size_before = sum(p.stat().st_size for p in segment_files(d))
+    result = invoke("compact", d, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dry_run"] is False
+    assert report["segments_rewritten"] >= 1
+    assert report["bytes_after"] < report["bytes_before"]
+    assert report["dropped_by_type"]["message_saved"] == 70
+    assert reads(d) == before
+    assert sum(p.stat().st_size for p in segment_files(d)) < size_before
+    assert invoke("verify", d).exit_code == 0
+
+
+def test_compact_text_report(tmp_path: Path) -> None:
+    d = churned(tmp_path)
+    result = invoke("compact", d)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("rewrote ")
+    assert "events dropped" in lines[0]
+    assert any(line.split() == ["message_saved", "70"] for line in lines)
+
+
+def test_compact_keep_history_trims_old_user_counts(tmp_path: Path) -> None:
+    d = churned(tmp_path)  # one user count, at T0 (2023): older than any DAYS here
+    result = invoke("compact", d, "--keep-history", 30, "--json")
+    assert result.exit_code == 0, result.output
+    assert reads(d)["counts"] == []
+
+
+def test_compact_refuses_when_reads_would_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = churned(tmp_path)
+
+    async def refuse(self: EventStore, **kwargs: Any) -> Any:
+        raise IntegrityError("compaction would change get_recent_messages; nothing was changed")
+
+    monkeypatch.setattr(EventStore, "compact", refuse)
+    result = invoke("compact", d)
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: compaction would change get_recent_messages; nothing was changed\n"
+    )
+
+
+# -- snapshot --------------------------------------------------------------------------------
+
+
+def test_snapshot(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    for snap in d.glob("snapshot-*.snap"):
+        snap.unlink()
+    result = invoke("snapshot", d)
+    assert result.exit_code == 0, result.output
+    path = d / "snapshot-00000000000000000123.snap"
+    assert result.stdout == f"wrote {path} (position 123)\n"
+    assert path.exists()
+    assert invoke("verify", d).exit_code == 0
+
+
+def test_snapshot_of_an_empty_store_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "empty"
+
+    async def create() -> None:
+        async with EventStore(d):
+            pass
+
+    asyncio.run(create())
+    result = invoke("snapshot", d)
+    assert result.exit_code == 1
+    assert result.stderr == "Error: nothing to snapshot: the store is empty\n"
+
+
+# -- forget-user ------------------------------------------------------------------------------
+
+
+def test_forget_user(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("forget-user", d, "bob")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"forgot 'bob': no read of {d} returns anything of them any more\n"
+    now = reads(d)
+    assert "bob" not in {u["username"] for u in now["users"]}
+    assert "bob" not in {m["username"] for m in now["messages"]}
+    # Gone from the files as well, not only from the reads.
+    assert not any(b"bob" in p.read_bytes() for p in d.iterdir() if p.is_file())
+    assert invoke("verify", d).exit_code == 0
+
+    again = invoke("forget-user", d, "bob")
+    assert again.exit_code == 0
+    assert again.stdout == f"nothing to forget: {d} holds nothing of 'bob'; nothing written\n"
+
+
+def test_forget_user_rejects_a_bad_name(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("forget-user", d, "")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ")
+    assert "username" in result.stderr

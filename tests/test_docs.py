@@ -1,0 +1,78 @@
+"""Every command is documented: in the README, and by a --help that ends with an example."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cli.main import app
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+COMMANDS: dict[str, Any] = dict(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
+def paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+
+
+def test_the_expected_commands_exist() -> None:
+    assert sorted(COMMANDS) == sorted(
+        [
+            "info",
+            "verify",
+            "dump",
+            "tail",
+            "replay",
+            "compact",
+            "snapshot",
+            "forget-user",
+            "import-sqlite",
+            "export",
+            "demo",
+        ]
+    )
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_command_is_in_the_readme(name: str) -> None:
+    readme = README.read_text()
+    assert re.search(rf"eventstore {re.escape(name)}\b", readme), (
+        f"README.md does not mention `eventstore {name}`"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_ends_with_an_example(name: str) -> None:
+    help_text = COMMANDS[name].help
+    assert help_text, f"{name} has no docstring"
+    last = paragraphs(help_text)[-1]
+    assert last.startswith(f"Example: eventstore {name}"), (
+        f"the help of {name} must end with 'Example: eventstore {name} ...', got {last!r}"
+    )
+    assert "\n" not in last, "the example is one line"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_exits_0_and_shows_the_example(name: str) -> None:
+    result = CliRunner().invoke(app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    example = paragraphs(COMMANDS[name].help)[-1]
+    assert example in result.stdout
+
+
+def test_app_help_lists_every_command() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert name in result.stdout
+
+
+def test_no_arguments_shows_help() -> None:
+    result = CliRunner().invoke(app, [])
+    assert "Usage" in result.output
+    assert "info" in result.output
