@@ -1,0 +1,778 @@
+"""The PostgreSQL log: one log shared by many bot processes on many hosts.
+
+``EventStore("postgresql://user@host/db")`` (``postgres://`` works too) keeps
+its events in PostgreSQL.  Every process appends to the same log and follows
+what the others append; each still folds the whole log into its own
+in-memory projections.  The driver is asyncpg, an optional dependency
+(``pip install 'eventstore[postgres]'``): importing eventstore never needs
+it, constructing a PostgresLog without it raises ImportError.
+
+Tables.  The first ``open()`` creates them, under an advisory lock so that
+processes connecting for the first time at once do not race each other's
+``CREATE TABLE``.  Names are unqualified, so they land in the first schema of
+the connection's ``search_path``; asyncpg passes unknown DSN query parameters
+on as server settings, so ``...?search_path=bot2`` keeps a second store in
+schema ``bot2`` of the same database.  Version 1::
+
+    CREATE TABLE eventstore_schema (
+        singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        version     integer NOT NULL,  -- of these tables: SCHEMA_VERSION
+        fingerprint bytea   NOT NULL   -- events.SCHEMA_FINGERPRINT of the newest writer
+    );
+    CREATE TABLE eventstore_head (
+        singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        position    bigint  NOT NULL   -- the last position handed out; the append lock
+    );
+    CREATE TABLE eventstore_events (
+        position    bigint      PRIMARY KEY,
+        tag         smallint    NOT NULL,  -- the event's msgspec tag (events.py)
+        payload     bytea       NOT NULL,  -- the event alone, msgpack as codec.py writes it
+        username    text,                  -- for operators' queries (see _username)
+        recorded_at timestamptz NOT NULL DEFAULT now()
+    );
+
+A store whose ``version`` is newer than SCHEMA_VERSION, or whose fingerprint
+is not in ``READABLE_FINGERPRINTS``, was written by newer code: ``open()``
+refuses it with MigrationError.
+
+Positions.  ``append`` takes the next positions by incrementing the single
+row of ``eventstore_head`` inside the transaction that inserts the events,
+so appends are serialised and positions are handed out in commit order; see
+:data:`APPEND` for why that matters and what was rejected.
+
+Group commit.  ``append`` queues its batch and wakes the writer task, which
+takes every batch queued since its last round and commits them in one
+transaction; each caller gets back the first position of its own batch.  A
+batch is never split across transactions, so it is all or nothing.
+
+Reading.  ``read_runs`` pages forward by position (PAGE_ROWS rows or
+PAGE_BYTES of payload a page, no transaction held between pages); the server
+joins a page's payloads into one bytea, which decodes in one call.
+
+Connections.  Two per process: one for reads and LISTEN (reads take turns on
+it), and the writer task's own, opened at the first append.  A connection
+that fails, or whose query is cancelled, is dropped and opened again on next
+use; the statement that failed raises ConnectionError.
+
+Following.  The appending transaction also calls ``pg_notify``; the log
+LISTENs on its read connection, and ``wait_for_appends`` returns as soon as a
+notification names a position past the log's head (or at the timeout, which
+is the fallback when notifications are lost with a connection).
+
+Durability.  An append returns once its transaction has committed.  How
+durable a commit is is PostgreSQL's business: with ``synchronous_commit = on``
+(the default) the commit record was flushed to the server's WAL, and to a
+synchronous standby if one is configured.  EventStore's ``durability``
+argument does not apply to this log.  If the connection is lost during
+COMMIT the outcome is unknown: the append raises StorageError, yet its events
+may be in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import logging
+import struct
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+
+from .codec import decode_batch
+from .errors import (
+    ConnectionError,
+    IntegrityError,
+    MigrationError,
+    QueryError,
+    StorageError,
+    ValidationError,
+)
+from .events import EVENT_TYPES, READABLE_FINGERPRINTS, SCHEMA_FINGERPRINT, Event, event_tag
+from .log import EventLog
+
+__all__ = [
+    "DSN_SCHEMES",
+    "SCHEMA_VERSION",
+    "PostgresLog",
+    "redact_dsn",
+]
+
+#: URL schemes that select this log in ``EventStore(path)`` (store.py's _make_log).
+DSN_SCHEMES = ("postgresql://", "postgres://")
+#: The version of the tables this code creates and reads.
+SCHEMA_VERSION = 1
+#: Rows per query when reading forward (replay, catch-up): about 1 MB of
+#: chat messages, and one decode call per page ...
+PAGE_ROWS = 10_000
+#: ... unless their payloads pass this many bytes (messages may be 1 MiB each).
+PAGE_BYTES = 8 * 1024 * 1024
+#: A round of up to this many events commits as one statement (APPEND); a
+#: larger one as a transaction of several, one INSERT per this many rows.
+INSERT_ROWS = 10_000
+#: A writer round takes queued batches until it holds about this many events
+#: (a larger batch goes alone: a batch is never split across transactions).
+ROUND_EVENTS = 10_000
+#: Seconds to wait for a connection to the server.
+CONNECT_TIMEOUT = 10.0
+#: The advisory lock key held while creating or migrating the tables: the
+#: ASCII bytes "eventsto" as a big-endian int64.
+SCHEMA_LOCK = int.from_bytes(b"eventsto", "big")
+#: The NOTIFY channel of a store in schema ``public``; other schemas get
+#: ``eventstore.<schema>`` so that stores sharing a database do not wake each other.
+CHANNEL = "eventstore"
+#: The largest position a bigint holds.
+MAX_POSITION = 2**63 - 1
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS eventstore_schema (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version     integer NOT NULL,
+    fingerprint bytea   NOT NULL
+);
+CREATE TABLE IF NOT EXISTS eventstore_head (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    position    bigint  NOT NULL
+);
+CREATE TABLE IF NOT EXISTS eventstore_events (
+    position    bigint      PRIMARY KEY,
+    tag         smallint    NOT NULL,
+    payload     bytea       NOT NULL,
+    username    text,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+#: Appends one round of at most ``insert_rows`` events in one statement, and so
+#: in one implicit transaction: takes the next $1 positions, inserts the rows
+#: ($2, $3, $4 are the tags, payloads and usernames; row i gets position
+#: last - $1 + i), notifies the listeners on channel $5 (delivered at commit,
+#: and only if it commits) and returns the last position taken.
+#:
+#: Why a counter row.  A reader that tails the log remembers the last
+#: position it read and asks for what follows.  If positions came from a
+#: sequence (or an identity column), two transactions could take 7 and 8 and
+#: commit as 8 then 7: a reader between the two commits sees 8, moves past,
+#: and never reads 7.  A rolled-back transaction would also leave a hole for
+#: good.  So positions must be handed out in commit order, which means
+#: appends must be serialised from taking positions to COMMIT.  The UPDATE
+#: does both in one step: it locks the head row until the transaction ends,
+#: and a second appender blocks on that lock and then increments the value
+#: the first one committed.  Every committed position therefore has every
+#: lower one committed before it, and a reader always sees a prefix of the
+#: log.  (PostgreSQL releases a transaction's locks only after its commit is
+#: visible, so the next appender cannot become visible first.)
+#:
+#: Why one statement.  The lock is held from the UPDATE to the commit, and
+#: every other writer waits for it.  As separate statements (BEGIN, UPDATE,
+#: INSERT, NOTIFY, COMMIT) it would be held across four client round trips,
+#: and a writer process descheduled while holding it would stall them all;
+#: measured with four writer processes on two cores, that cost more than half
+#: the throughput.  In one statement the lock never waits on a client.
+#:
+#: Rejected: ``LOCK TABLE eventstore_events IN EXCLUSIVE MODE`` plus
+#: ``max(position) + 1`` also serialises, but hands a position out twice if
+#: compaction ever deletes the newest events; ``pg_advisory_xact_lock`` with
+#: a constant key is database-wide, so stores in two schemas of one database
+#: would serialise each other, and the key could collide with another
+#: application's.  The price of any of them is the same: one appending
+#: transaction at a time per store, which group commit makes up for.
+APPEND = """
+WITH head AS (
+    UPDATE eventstore_head SET position = position + $1 RETURNING position
+), inserted AS (
+    INSERT INTO eventstore_events (position, tag, payload, username)
+    SELECT head.position - $1 + r.n, r.tag, r.payload, r.username
+    FROM head, unnest($2::smallint[], $3::bytea[], $4::text[])
+        WITH ORDINALITY AS r(tag, payload, username, n)
+)
+SELECT position, pg_notify($5, position::text) FROM head
+"""
+
+#: A round larger than ``insert_rows`` (one huge batch, or a test's setting)
+#: runs as a transaction of several statements: TAKE, one INSERT per chunk of
+#: rows, then NOTIFY.
+TAKE = "UPDATE eventstore_head SET position = position + $1 RETURNING position"
+#: Inserts one chunk: row i gets position $1 + i - 1.
+INSERT = """
+INSERT INTO eventstore_events (position, tag, payload, username)
+SELECT $1::bigint + r.n - 1, r.tag, r.payload, r.username
+FROM unnest($2::smallint[], $3::bytea[], $4::text[])
+    WITH ORDINALITY AS r(tag, payload, username, n)
+"""
+NOTIFY = "SELECT pg_notify($1, $2)"
+
+#: One page of the log from $1 to $2: at most $3 rows, cut after the row that
+#: passes $4 bytes of payload.  Returns one row: the positions, the payloads
+#: joined into one bytea (so one decode call reads them, with no per-row
+#: objects on the way), and how many rows the page had before the cut (fewer
+#: than $3, and none cut: the page reached the end).
+_SELECT_PAGE = """
+SELECT array_agg(position ORDER BY position),
+       string_agg(payload, ''::bytea ORDER BY position),
+       max(page_rows)
+FROM (
+    SELECT position, payload, count(*) OVER () AS page_rows,
+           sum(octet_length(payload)) OVER (ORDER BY position) - octet_length(payload) AS before
+    FROM (
+        SELECT position, payload FROM eventstore_events
+        WHERE position BETWEEN $1 AND $2 ORDER BY position LIMIT $3
+    ) AS page
+) AS sized
+WHERE before < $4
+"""
+_SELECT_SOME = "SELECT position, payload FROM eventstore_events WHERE position = ANY($1::bigint[])"
+
+_encoder = msgspec.msgpack.Encoder()
+_TAGS: dict[type, int] = {cls: event_tag(cls) for cls in EVENT_TYPES}
+# A msgpack array32 header: rows' payloads joined after it decode as one batch.
+_ARRAY32 = struct.Struct(">BI")
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with its password (in the authority or the query) replaced by ``***``."""
+    try:
+        parts = urlsplit(dsn)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, hosts = netloc.rsplit("@", 1)
+            if ":" in userinfo:
+                netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+        query = parts.query
+        if "password=" in query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs])
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return "<unparsable DSN>"
+
+
+def _import_asyncpg() -> Any:
+    try:
+        return importlib.import_module("asyncpg")
+    except ImportError as err:
+        raise ImportError(
+            "the PostgreSQL log needs asyncpg, which is not installed: "
+            "pip install 'eventstore[postgres]'"
+        ) from err
+
+
+def _username(event: Event) -> str | None:
+    """The ``username`` column: the event's user, for operators' SQL.
+
+    NULL for events without a user, and for names holding NUL, which a
+    PostgreSQL text value cannot (the payload keeps the name exactly).
+    """
+    name = getattr(event, "username", None)
+    if name is None or "\x00" in name:
+        return None
+    return str(name)
+
+
+def _channel_for(schema: str) -> str:
+    if schema == "public":
+        return CHANNEL
+    channel = f"{CHANNEL}.{schema}"
+    if len(channel.encode()) > 63:  # NAMEDATALEN - 1: longer names are cut or refused
+        channel = f"{CHANNEL}.{hashlib.blake2b(schema.encode(), digest_size=8).hexdigest()}"
+    return channel
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One ``append`` call waiting for the writer: its rows and its caller."""
+
+    tags: list[int]
+    payloads: list[bytes]
+    usernames: list[str | None]
+    future: asyncio.Future[int] = field(repr=False)
+
+
+class PostgresLog(EventLog):
+    """An event log in a PostgreSQL database, shared by every process that opens it."""
+
+    shared = True
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        read_only: bool = False,
+        logger: logging.Logger | None = None,
+        page_rows: int = PAGE_ROWS,
+        insert_rows: int = INSERT_ROWS,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        if page_rows < 1 or insert_rows < 1:
+            raise ValueError(
+                f"page_rows and insert_rows must be at least 1, got {page_rows}, {insert_rows}"
+            )
+        self._pg = _import_asyncpg()
+        self.dsn = dsn
+        #: The DSN without its password, for messages.
+        self.where = redact_dsn(dsn)
+        self.read_only = read_only
+        self.logger = logger or logging.getLogger("eventstore")
+        self.page_rows = page_rows
+        #: Rounds of more events than this are several statements in one transaction.
+        self.insert_rows = insert_rows
+        self.connect_timeout = connect_timeout
+        self.channel = CHANNEL
+        self._open = False
+        self._head = 0
+        # The read connection (reads, LISTEN) and the writer task's own.
+        # An asyncpg connection runs one query at a time: _rlock serialises
+        # the readers, and only the writer task touches _wconn.
+        self._rconn: Any = None
+        self._wconn: Any = None
+        self._rlock = asyncio.Lock()
+        # Set by a notification of a position past the head; wait_for_appends
+        # takes it, or wakes its waiters.
+        self._appended = False
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._queue: list[_Batch] = []
+        self._round: list[_Batch] = []  # being committed
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+    @property
+    def head(self) -> int:
+        return self._head
+
+    async def open(self) -> None:
+        if self._open:
+            return
+        conn = await self._connect()
+        try:
+            await self._prepare(conn)
+            schema = await conn.fetchval(
+                "SELECT relnamespace::regnamespace::text FROM pg_class "
+                "WHERE oid = to_regclass('eventstore_events')"
+            )
+            self.channel = _channel_for(str(schema))
+            self._head = await self._read_head(conn)
+            await conn.add_listener(self.channel, self._on_notify)
+        except StorageError:
+            conn.terminate()
+            raise
+        except Exception as err:
+            conn.terminate()
+            raise ConnectionError(f"{self.where}: cannot open the log: {err}") from err
+        except BaseException:
+            conn.terminate()
+            raise
+        self._rconn = conn
+        # asyncio primitives belong to the loop that opens the log.
+        self._rlock = asyncio.Lock()
+        self._appended = False
+        self._wake = asyncio.Event()
+        self._open = True
+        if not self.read_only:
+            self._writer = asyncio.get_running_loop().create_task(
+                self._run_writer(), name="eventstore-pg-writer"
+            )
+
+    async def _connect(self) -> Any:
+        try:
+            return await self._pg.connect(self.dsn, timeout=self.connect_timeout)
+        except (OSError, asyncio.TimeoutError, ValueError) as err:
+            raise ConnectionError(f"{self.where}: cannot connect: {err}") from err
+        except (self._pg.PostgresError, self._pg.InterfaceError) as err:
+            raise ConnectionError(f"{self.where}: cannot connect: {err}") from err
+
+    async def _prepare(self, conn: Any) -> None:
+        """Create the tables if missing, or check that this code can read them."""
+        async with conn.transaction():
+            if not self.read_only:
+                # Held to the end of this transaction.  Without it two first
+                # connects both run CREATE TABLE IF NOT EXISTS, and one of
+                # them fails on the catalog's unique index: IF NOT EXISTS
+                # only sees tables that were committed.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            present = await conn.fetchval("SELECT to_regclass('eventstore_schema') IS NOT NULL")
+            if not present:
+                if self.read_only:
+                    raise ConnectionError(
+                        f"{self.where}: no event store here (no table eventstore_schema "
+                        "on the search_path); open it once without read_only to create it"
+                    )
+                await conn.execute(_DDL)
+                await conn.execute(
+                    "INSERT INTO eventstore_schema (version, fingerprint) VALUES ($1, $2)",
+                    SCHEMA_VERSION,
+                    SCHEMA_FINGERPRINT,
+                )
+                await conn.execute("INSERT INTO eventstore_head (position) VALUES (0)")
+                self.logger.info("%s: created the event store tables", self.where)
+            row = await conn.fetchrow("SELECT version, fingerprint FROM eventstore_schema")
+            if row is None:
+                raise IntegrityError(f"{self.where}: table eventstore_schema has no row")
+            version, fingerprint = row[0], bytes(row[1])
+            if version > SCHEMA_VERSION:
+                raise MigrationError(
+                    f"{self.where}: the tables are at schema version {version}; "
+                    f"this code knows versions up to {SCHEMA_VERSION}"
+                )
+            if version < 1:
+                raise IntegrityError(f"{self.where}: schema version {version} is not valid")
+            if fingerprint not in READABLE_FINGERPRINTS:
+                raise MigrationError(
+                    f"{self.where}: events were written with schema fingerprint "
+                    f"{fingerprint.hex()}, which this code cannot read (it writes "
+                    f"{SCHEMA_FINGERPRINT.hex()})"
+                )
+            if fingerprint != SCHEMA_FINGERPRINT and not self.read_only:
+                # This writer may add events that only this schema reads: from
+                # now on older code must refuse the store.
+                await conn.execute(
+                    "UPDATE eventstore_schema SET fingerprint = $1", SCHEMA_FINGERPRINT
+                )
+
+    async def _read_head(self, conn: Any) -> int:
+        row = await conn.fetchrow(
+            "SELECT position, (SELECT max(position) FROM eventstore_events) FROM eventstore_head"
+        )
+        if row is None:
+            raise IntegrityError(f"{self.where}: table eventstore_head has no row")
+        head, last = int(row[0]), row[1]
+        if last is not None and last > head:
+            raise IntegrityError(
+                f"{self.where}: eventstore_events holds position {last}, past the head "
+                f"{head} in eventstore_head (rows inserted outside the store?)"
+            )
+        return head
+
+    async def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        if self._writer is not None:
+            # The writer commits what was queued before close(), then stops.
+            self._wake.set()
+            with contextlib.suppress(Exception):
+                await self._writer
+            self._writer = None
+        self._fail_queue(ConnectionError(f"{self.where}: the log was closed before this write"))
+        async with self._rlock:
+            rconn, wconn, self._rconn, self._wconn = self._rconn, self._wconn, None, None
+            for conn in (rconn, wconn):
+                await self._close_conn(conn)
+        self._signal_appended()  # release anyone still waiting for appends
+
+    async def _close_conn(self, conn: Any) -> None:
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await conn.close(timeout=5)
+        except Exception:
+            conn.terminate()
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise ConnectionError(f"{self.where}: the log is not open")
+
+    def _lost(self, err: BaseException) -> bool:
+        """Must the connection be replaced after ``err``?
+
+        Only the server's verdict on a statement (a PostgresError other than
+        the connection's own) leaves the connection usable.  Anything else (a
+        closed socket, a timeout, a cancellation, a client-side protocol
+        state error) may leave it in a state no one can tell.
+        """
+        pg = self._pg
+        if isinstance(err, (pg.PostgresConnectionError, pg.exceptions.OperatorInterventionError)):
+            return True
+        return not isinstance(err, pg.PostgresError)
+
+    # -- writing -------------------------------------------------------------------
+    def submit(self, events: Sequence[Event]) -> tuple[int, asyncio.Future[None]]:
+        raise NotImplementedError(
+            "PostgresLog is shared by many processes: positions are known only at "
+            "commit, so it has no submit(); use append() (EventStore does)"
+        )
+
+    async def append(self, events: Sequence[Event]) -> int:
+        """Commit ``events`` in one transaction; return the position of the first.
+
+        The transaction may carry other callers' batches too (group commit).
+        """
+        self._check_open()
+        if self.read_only:
+            raise ConnectionError(f"{self.where}: the log is open read-only")
+        if not events:
+            return self._head + 1
+        tags: list[int] = []
+        payloads: list[bytes] = []
+        usernames: list[str | None] = []
+        for event in events:
+            tag = _TAGS.get(type(event))
+            if tag is None:
+                raise ValidationError(f"not an event: {event!r}")
+            tags.append(tag)
+            payloads.append(_encoder.encode(event))
+            usernames.append(_username(event))
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Batch(tags, payloads, usernames, future))
+        self._wake.set()
+        # Cancelling this await does not take the batch back: it is committed anyway.
+        return await future
+
+    def _take_round(self) -> list[_Batch]:
+        taken = 0
+        for i, batch in enumerate(self._queue):
+            if i and taken + len(batch.tags) > ROUND_EVENTS:
+                break
+            taken += len(batch.tags)
+        else:
+            i = len(self._queue)
+        round_, self._queue = self._queue[:i], self._queue[i:]
+        return round_
+
+    async def _run_writer(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    round_ = self._round = self._take_round()
+                    try:
+                        last = await self._commit(round_)
+                    except StorageError as err:
+                        self._round = []
+                        for batch in round_:
+                            if not batch.future.done():
+                                batch.future.set_exception(err)
+                        continue
+                    self._round = []
+                    self._head = max(self._head, last)
+                    position = last - sum(len(batch.tags) for batch in round_) + 1
+                    for batch in round_:
+                        if not batch.future.done():
+                            batch.future.set_result(position)
+                        position += len(batch.tags)
+                if not self._open:
+                    return
+        except asyncio.CancelledError:
+            stopped = ConnectionError(
+                f"{self.where}: the log's writer was stopped (a write in progress may or "
+                "may not have committed)"
+            )
+            self._queue[:0] = self._round
+            self._fail_queue(stopped)
+            raise
+
+    async def _commit(self, round_: list[_Batch]) -> int:
+        """Commit one round in one transaction; return the last position it took."""
+        tags = [t for batch in round_ for t in batch.tags]
+        payloads = [p for batch in round_ for p in batch.payloads]
+        usernames = [u for batch in round_ for u in batch.usernames]
+        n = len(tags)
+        conn = self._wconn
+        try:
+            if conn is None or conn.is_closed():
+                conn = self._wconn = await self._connect()
+            if n <= self.insert_rows:
+                row = await conn.fetchrow(APPEND, n, tags, payloads, usernames, self.channel)
+                last = int(row[0])
+            else:
+                async with conn.transaction():
+                    last = int(await conn.fetchval(TAKE, n))
+                    first = last - n + 1
+                    for start in range(0, n, self.insert_rows):
+                        stop = start + self.insert_rows
+                        chunk = (tags[start:stop], payloads[start:stop], usernames[start:stop])
+                        await conn.execute(INSERT, first + start, *chunk)
+                    await conn.execute(NOTIFY, self.channel, str(last))
+        except StorageError:
+            raise
+        except BaseException as err:
+            if self._lost(err):
+                if conn is not None:
+                    conn.terminate()
+                self._wconn = None
+            if not isinstance(err, Exception):  # cancelled: the outcome is unknown
+                raise
+            if self._lost(err):
+                raise ConnectionError(
+                    f"{self.where}: connection lost while appending {n} events "
+                    f"(if it was lost during COMMIT they may be in the log): {err}"
+                ) from err
+            raise StorageError(f"{self.where}: append of {n} events failed: {err}") from err
+        return last
+
+    def _fail_queue(self, err: StorageError) -> None:
+        queue, self._queue = self._queue, []
+        for batch in queue:
+            if not batch.future.done():
+                batch.future.set_exception(err)
+
+    async def delete_positions(self, positions: Sequence[int]) -> int:
+        """Delete the events at ``positions`` in one transaction; return how many existed.
+
+        For compaction.  Positions are never reused: the head does not move.
+        """
+        self._check_open()
+        if self.read_only:
+            raise ConnectionError(f"{self.where}: the log is open read-only")
+        status = await self._query(
+            "execute",
+            "DELETE FROM eventstore_events WHERE position = ANY($1::bigint[])",
+            list(positions),
+        )
+        return int(str(status).rsplit(" ", 1)[-1])
+
+    # -- reading -------------------------------------------------------------------
+    async def _query(self, method: str, sql: str, *args: Any) -> Any:
+        """Run one statement on the read connection (reconnecting if it was lost)."""
+        self._check_open()
+        async with self._rlock:
+            conn = self._rconn
+            if conn is None or conn.is_closed():
+                conn = await self._connect()
+                try:
+                    await conn.add_listener(self.channel, self._on_notify)
+                except BaseException as err:
+                    conn.terminate()
+                    if not isinstance(err, Exception):
+                        raise
+                    raise ConnectionError(f"{self.where}: cannot LISTEN: {err}") from err
+                self._rconn = conn
+                # Notifications sent while we were away are lost: look now.
+                self._signal_appended()
+            try:
+                return await getattr(conn, method)(sql, *args)
+            except BaseException as err:
+                if not self._lost(err):
+                    raise QueryError(f"{self.where}: query failed: {err}") from err
+                conn.terminate()
+                self._rconn = None
+                if not isinstance(err, Exception):  # cancelled: not ours to translate
+                    raise
+                raise ConnectionError(f"{self.where}: connection lost: {err}") from err
+
+    def _decode(self, payloads: list[bytes], positions: Sequence[int]) -> list[Event]:
+        """Decode rows' payloads with one call (they join into one msgpack array)."""
+        data = b"".join([_ARRAY32.pack(0xDD, len(payloads)), *payloads])
+        try:
+            return decode_batch(data)
+        except IntegrityError:
+            # Name the row that is damaged.
+            for position, payload in zip(positions, payloads, strict=True):
+                decode_batch(_ARRAY32.pack(0xDD, 1) + payload, f"{self.where} position {position}")
+            raise
+
+    async def _decode_joined(self, positions: list[int], blob: bytes) -> list[Event]:
+        """Decode a page's joined payloads; on damage, read its rows one by one to name it."""
+        try:
+            return decode_batch(_ARRAY32.pack(0xDD, len(positions)) + blob)
+        except IntegrityError:
+            rows = await self._query("fetch", _SELECT_SOME, positions)
+            found = {row[0]: row[1] for row in rows}
+            present = [p for p in positions if p in found]
+            self._decode([found[p] for p in present], present)
+            raise
+
+    async def read_runs(
+        self, from_position: int = 0, to_position: int | None = None
+    ) -> AsyncIterator[tuple[int, list[Event]]]:
+        """Yield runs up to ``to_position`` or, without it, to the end as committed now.
+
+        Reads page by page (keyset pagination, no transaction held between
+        pages).  Every page is a prefix of what is committed, so a run never
+        skips a position that a later page could still fill in.
+        """
+        self._check_open()
+        position = max(from_position, 1)
+        stop = MAX_POSITION if to_position is None else min(to_position, MAX_POSITION)
+        while position <= stop:
+            page = await self._query(
+                "fetchrow", _SELECT_PAGE, position, stop, self.page_rows, PAGE_BYTES
+            )
+            positions, blob, page_rows = page[0], page[1], page[2]
+            if not positions:
+                return
+            events = await self._decode_joined(positions, blob)
+            last = positions[-1]
+            if last > self._head:
+                self._head = last
+            if last - positions[0] == len(positions) - 1:
+                yield positions[0], events
+            else:  # compaction left gaps
+                start = 0
+                for i in range(1, len(positions)):
+                    if positions[i] != positions[i - 1] + 1:
+                        yield positions[start], events[start:i]
+                        start = i
+                yield positions[start], events[start:]
+            if page_rows < self.page_rows and len(positions) == page_rows:
+                return  # the page reached the end, uncut
+            position = last + 1
+
+    async def fetch(self, positions: Sequence[int]) -> list[Event]:
+        if not positions:
+            self._check_open()
+            return []
+        rows = await self._query("fetch", _SELECT_SOME, list(positions))
+        found: dict[int, bytes] = {row[0]: row[1] for row in rows}
+        missing = [pos for pos in positions if pos not in found]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise QueryError(f"{self.where}: no event at position {missing[0]}{more}")
+        return self._decode([found[pos] for pos in positions], positions)
+
+    # -- following -----------------------------------------------------------------
+    async def refresh(self) -> int:
+        """Learn the head other processes have committed; return it."""
+        head = await self._query("fetchval", "SELECT position FROM eventstore_head")
+        if head is not None and head > self._head:
+            self._head = int(head)
+        return self._head
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            last = int(payload)
+        except ValueError:
+            last = MAX_POSITION  # not ours to parse: look anyway
+        if last > self._head:
+            self._signal_appended()
+
+    def _signal_appended(self) -> None:
+        self._appended = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_for_appends(self, timeout: float) -> None:
+        """Return when a notification names a position past the head, or after ``timeout``.
+
+        A future and a timer rather than ``asyncio.wait_for``: up to Python
+        3.11, wait_for can swallow a cancellation that arrives as the wait
+        ends, and a store closing its follower while notifications pour in
+        then waited for ever.
+        """
+        if not self._open:
+            await asyncio.sleep(timeout)
+            return
+        if not self._appended:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            timer = loop.call_later(timeout, _resolve, waiter)
+            self._waiters.add(waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiters.discard(waiter)
+        # Clearing here loses nothing: whatever was notified is committed,
+        # and the caller's refresh() comes after this.
+        self._appended = False
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
