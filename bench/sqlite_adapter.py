@@ -213,6 +213,24 @@ class SqliteAdapter(StorageAdapter):
             )
             return seconds
 
+    async def forget_user(self, username: str, timestamp: int | None = None) -> bool:
+        """Delete every row of ``username``; False (and nothing written) if there was none.
+
+        As :meth:`EventStore.forget_user`, minus the compaction: in SQLite a
+        DELETE is the forgetting (the bytes stay in free pages until VACUUM).
+        """
+        self._conn()
+        check_name("username", username)
+        self._now(timestamp)
+        db = self._conn()
+        changed = 0
+        for table in ("user_stats", "user_actions", "recent_chat"):
+            cursor = await db.execute(f"DELETE FROM {table} WHERE username = ?", (username,))
+            changed += int(cursor.rowcount)
+            await cursor.close()
+        await db.commit()
+        return changed > 0
+
     async def get_user_stats(self, username: str) -> dict[str, Any] | None:
         self._conn()
         rows = await self._rows(
