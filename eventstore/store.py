@@ -86,7 +86,7 @@ class EventStore(StorageAdapter):
     ) -> None:
         super().__init__(logger)
         if durability not in DURABILITY_MODES:
-            raise ValueError(
+            raise ValidationError(
                 f"durability must be one of {', '.join(DURABILITY_MODES)}; got {durability!r}"
             )
         self.durability: Durability = durability
@@ -98,10 +98,10 @@ class EventStore(StorageAdapter):
         self._failed: BaseException | None = None
         self._readable = self._writable = False
         if follow is not None and follow <= 0:
-            raise ValueError(f"follow must be a positive number of seconds, got {follow!r}")
+            raise ValidationError(f"follow must be a positive number of seconds, got {follow!r}")
         self.follow = follow
         if snapshot_every is not None and (type(snapshot_every) is not int or snapshot_every < 1):
-            raise ValueError(
+            raise ValidationError(
                 f"snapshot_every must be a positive int or None, got {snapshot_every!r}"
             )
         self.snapshot_every = snapshot_every
@@ -183,7 +183,7 @@ class EventStore(StorageAdapter):
         self._set_state(False, None)
         if self._snap_task is not None:
             self._snap_task.cancel()
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._snap_task
             self._snap_task = None
         if self._follower is not None:
