@@ -19,7 +19,7 @@ twice, from the old log and from the new one (both up to the same position),
 and compared; if they differ, nothing changes and IntegrityError is raised.
 
 Why it is crash-safe.  New segments are written into ``compacting/`` and
-fsynced; then ``compacting/COMMIT`` (the names of the old segments) is written
+fsynced; then ``compacting/COMMIT`` (the names of the old and new segments) is written
 and fsynced: that is the moment of decision.  Only then are new segments
 renamed into place and the old ones removed.  ``SegmentLog.open`` finishes a
 committed compaction (roll forward) or deletes an uncommitted one (roll back)
@@ -141,17 +141,21 @@ def recover_compaction(directory: str, logger: logging.Logger, *, read_only: boo
         _fsync_dir(directory)
         logger.warning("%s: removed an unfinished compaction (not committed)", directory)
         return
-    with open(commit, encoding="ascii") as f:
-        old_names = [line.strip() for line in f if line.strip()]
-    _switch(directory, work, old_names)
+    old_names, new_names = _read_commit(commit)
+    _switch(directory, work, old_names, new_names)
     logger.warning("%s: finished a committed compaction", directory)
 
 
-def _switch(directory: str, work: str, old_names: list[str]) -> None:
-    """Move new segments into place and remove the old ones.  Idempotent."""
-    new_names = sorted(n for n in os.listdir(work) if n.endswith(".seg"))
+def _switch(directory: str, work: str, old_names: list[str], new_names: list[str]) -> None:
+    """Move new segments into place and remove the old ones.  Idempotent.
+
+    ``new_names`` comes from COMMIT, not from listing ``work``: after a crash
+    half-way through, some new segments are already in place, possibly under
+    the name of an old one, and must not then be taken for old ones.
+    """
     for name in new_names:
-        os.replace(os.path.join(work, name), os.path.join(directory, name))
+        with contextlib.suppress(FileNotFoundError):  # moved before the crash
+            os.replace(os.path.join(work, name), os.path.join(directory, name))
     keep = set(new_names)
     for name in old_names:
         if name not in keep:
@@ -163,15 +167,29 @@ def _switch(directory: str, work: str, old_names: list[str]) -> None:
     _fsync_dir(directory)
 
 
-def _write_commit(work: str, old_names: list[str]) -> None:
+def _write_commit(work: str, old_names: list[str], new_names: list[str]) -> None:
     """Write the commit marker: from here on, the compaction will be finished."""
     commit = os.path.join(work, COMMIT)
+    lines = [f"old {n}\n" for n in old_names] + [f"new {n}\n" for n in new_names]
     with open(commit + ".tmp", "w", encoding="ascii") as f:
-        f.write("".join(n + "\n" for n in old_names))
+        f.write("".join(lines))
         f.flush()
         os.fsync(f.fileno())
     os.rename(commit + ".tmp", commit)
     _fsync_dir(work)
+
+
+def _read_commit(commit: str) -> tuple[list[str], list[str]]:
+    old: list[str] = []
+    new: list[str] = []
+    with open(commit, encoding="ascii") as f:
+        for line in f:
+            kind, _, name = line.strip().partition(" ")
+            if kind == "old":
+                old.append(name)
+            elif kind == "new":
+                new.append(name)
+    return old, new
 
 
 def _visible(index: SortedIndex, ts: int, pos: int) -> bool:
@@ -407,8 +425,10 @@ async def compact_log(
 
         # The moment of decision, then the switch.
         old_names = [os.path.basename(s.path) for s in sealed]
-        _write_commit(work, old_names)
-        await asyncio.get_running_loop().run_in_executor(None, _switch, directory, work, old_names)
+        _write_commit(work, old_names, writer.names)
+        await asyncio.get_running_loop().run_in_executor(
+            None, _switch, directory, work, old_names, writer.names
+        )
         log.replace_sealed(len(sealed))
     except BaseException:
         # Not committed: leave the store as it was.
