@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated, Any
 
 import typer
 
 from eventstore.demo import DemoSummary, play
-from eventstore.inspect import directory_size
+from eventstore.inspect import directory_size, postgres_info
+from eventstore.pglog import is_dsn
 from eventstore.replay import replay as replay_store
 
 from . import output as out
@@ -18,7 +20,11 @@ DEMO_DIR = "data/demo"
 
 def demo(
     directory: Annotated[
-        str, typer.Argument(help="Where to keep the demo store.", metavar="DIR")
+        str,
+        typer.Argument(
+            help="Where to keep the demo store: a directory or a postgresql:// URL.",
+            metavar="DIR|URL",
+        ),
     ] = DEMO_DIR,
     minutes: Annotated[
         int, typer.Option("--minutes", min=1, help="Simulated minutes to play.", metavar="MINUTES")
@@ -44,26 +50,32 @@ def demo(
     counts.  The store persists: running the demo again appends a later
     stretch to it.  For speed the demo writes with durability flush (safe if
     the process dies, not if the machine loses power); the bot's default is
-    fsync.
+    fsync.  Given a PostgreSQL URL it plays into that database instead
+    (creating the store's tables if needed; durability is then the server's).
 
     Example: eventstore demo data/demo --minutes 180
     """
+    postgres = is_dsn(directory)
+    where = out.shown(directory)
 
-    async def main() -> tuple[DemoSummary, dict[str, Any]]:
+    async def main() -> tuple[DemoSummary, dict[str, Any], int]:
         async with out.open_writer(
             directory, "eventstore.demo.play(store)", create=True, durability="flush"
         ) as store:
             summary = await play(store, minutes=minutes, seed=seed)
         # Read the answers back from disk: what any later start of the bot sees.
         async with await replay_store(directory) as result:
-            return summary, await result.summary(limit)
+            state = await result.summary(limit)
+        size = (await postgres_info(directory)).total_size if postgres else 0
+        return summary, state, size
 
-    summary, state = out.run(main())
-    total = directory_size(directory)
+    summary, state, total = out.run(main())
+    if not postgres:
+        total = directory_size(directory)
     if json:
         out.print_json(
             {
-                "directory": directory,
+                "directory": where,
                 "size": total,
                 "played": {
                     "seed": summary.seed,
@@ -103,10 +115,14 @@ def demo(
     echo(f"what the store answers now ({state['position']} events, {state['users']} users):")
     out.print_state(state)
     echo("")
-    echo(f"store: {directory} ({out.size(total)}), written with durability flush")
+    if postgres:
+        echo(f"store: {where} ({out.size(total)})")
+    else:
+        echo(f"store: {where} ({out.size(total)}), written with durability flush")
+    arg = shlex.quote(where)
     echo(
         "It persists: run the demo again to append another stretch, or look inside with\n"
-        f"  eventstore info {directory}\n"
-        f"  eventstore tail {directory} -n 5\n"
-        f"  eventstore replay {directory} --at {out.iso(summary.start + summary.minutes * 30)}"
+        f"  eventstore info {arg}\n"
+        f"  eventstore tail {arg} -n 5\n"
+        f"  eventstore replay {arg} --at {out.iso(summary.start + summary.minutes * 30)}"
     )

@@ -1,7 +1,8 @@
 """Read-only commands: info, verify, dump, tail.
 
 None of them takes the writer lock or writes a byte, so all of them work
-while the bot is running.
+while the bot is running.  Each takes a store directory or a
+``postgresql://`` URL.
 """
 
 from __future__ import annotations
@@ -16,19 +17,25 @@ import typer
 from eventstore import ValidationError
 from eventstore.events import Event, event_name, event_time
 from eventstore.inspect import (
+    PostgresInfo,
     StoreInfo,
     check_types,
     event_record,
+    postgres_info,
     read_events,
     store_info,
     tail_events,
 )
-from eventstore.verify import VerifyReport
+from eventstore.pglog import is_dsn
+from eventstore.verify import PostgresVerifyReport, VerifyReport, verify_postgres
 from eventstore.verify import verify as verify_store
 
 from . import output as out
 
-Directory = Annotated[str, typer.Argument(help="The store directory.", metavar="DIR")]
+Directory = Annotated[
+    str,
+    typer.Argument(help="The store: a directory, or a postgresql:// URL.", metavar="DIR|URL"),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
@@ -40,19 +47,63 @@ def info(directory: Directory = "data", json: Json = False) -> None:
 
     Reads the files directly: takes no lock, changes nothing, and works while
     the bot is writing.  Every frame is checked on the way; damage is listed
-    (verify gives the details) and makes the exit code 1.
+    (verify gives the details) and makes the exit code 1.  For a PostgreSQL
+    URL: rows by type, positions and times, table size, schema version and
+    fingerprint, compactions, all read from the tables in one snapshot.
 
-    Example: eventstore info data/
+    Example: eventstore info postgresql://bot@db.example/bot
     """
-    out.need_store(directory)
-    with out.progress_bar("reading") as progress:
-        result = out.call(store_info, directory, progress=progress)
+    result: StoreInfo | PostgresInfo
+    if is_dsn(directory):
+        result = out.run(postgres_info(directory))
+    else:
+        out.need_store(directory)
+        with out.progress_bar("reading") as progress:
+            result = out.call(store_info, directory, progress=progress)
     if json:
         out.print_json(result)
+    elif isinstance(result, PostgresInfo):
+        _print_pg_info(result)
     else:
         _print_info(result)
     if result.problems:
         raise typer.Exit(1)
+
+
+def _print_pg_info(info: PostgresInfo) -> None:
+    echo = typer.echo
+    echo(f"store      {info.where}")
+    echo(f"schema     {info.schema}, tables version {info.schema_version}")
+    echo(f"events     fingerprint {info.fingerprint}, {info.fingerprint_status}")
+    echo(
+        f"size       {out.size(info.total_size)} (eventstore_events {out.size(info.table_size)}, "
+        f"payloads {out.size(info.payload_bytes)})"
+    )
+    if info.rows == 0:
+        echo(f"rows       none, head {info.head}")
+    else:
+        first = info.first.position if info.first else "?"
+        last = info.last.position if info.last else "?"
+        echo(f"rows       {info.rows}, positions {first}..{last}, head {info.head}")
+        for label, mark in (("first", info.first), ("last", info.last)):
+            if mark is not None:
+                echo(f"{label:<9}  #{mark.position}  {out.when(mark.time)}  {mark.type}")
+        echo(f"recorded   {out.when(info.recorded_first)} .. {out.when(info.recorded_last)}")
+    if info.compactions:
+        echo(
+            f"compacted  {out.plural(info.compactions, 'time')}, last "
+            f"{out.when(info.last_compaction)} through position {info.compacted_through}; "
+            f"{out.plural(info.deleted, 'position')} deleted"
+        )
+    else:
+        echo("compacted  never")
+    if info.counts_by_type:
+        out.heading("events by type")
+        out.table(list(info.counts_by_type.items()), ("type", "count"))
+    if info.problems:
+        out.heading("problems (eventstore verify lists them all)")
+        for problem in info.problems:
+            echo(f"  {problem}")
 
 
 def _print_info(info: StoreInfo) -> None:
@@ -123,19 +174,55 @@ def verify(directory: Directory = "data", json: Json = False) -> None:
     reach.  Exit code 1 if anything is wrong.  Safe while the bot is writing.
     To cut a damaged log back to its last good frame, see eventstore.recovery.repair.
 
-    Example: eventstore verify data/
+    A PostgreSQL URL is checked row by row, in one snapshot: every payload
+    decodes, its tag and username agree with the row's columns, positions run
+    from 1 to the head with gaps only where compaction recorded deleting
+    rows.  Each problem names the row's position.
+
+    Example: eventstore verify postgresql://bot@db.example/bot
     """
-    out.need_store(directory)
-    with out.progress_bar("verifying") as progress:
-        report = out.call(verify_store, directory, progress=progress)
+    report: VerifyReport | PostgresVerifyReport
+    if is_dsn(directory):
+        with out.progress_bar("verifying") as progress:
+            report = out.run(verify_postgres(directory, progress=progress))
+    else:
+        out.need_store(directory)
+        with out.progress_bar("verifying") as progress:
+            report = out.call(verify_store, directory, progress=progress)
     if json:
         data = dataclasses.asdict(report)
         data["ok"] = report.ok
         out.print_json(data)
+    elif isinstance(report, PostgresVerifyReport):
+        _print_pg_report(report)
     else:
         _print_report(report)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _print_pg_report(report: PostgresVerifyReport) -> None:
+    span = (
+        f", positions {report.first_position}..{report.last_position}"
+        if report.first_position is not None
+        else ""
+    )
+    deleted = (
+        f"; {out.plural(report.deleted, 'position')} deleted by "
+        f"{out.plural(report.compactions, 'compaction')}"
+        if report.compactions
+        else ""
+    )
+    typer.echo(
+        f"checked {report.where}: {out.plural(report.rows, 'row')}{span}, head {report.head} "
+        f"({out.size(report.bytes)}){deleted}"
+    )
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}")
+    n = len(report.problems)
+    typer.echo(f"{out.plural(n, 'problem')} found" if n else "ok")
 
 
 def _print_report(report: VerifyReport) -> None:
@@ -187,7 +274,8 @@ def dump(
     """Print stored events as JSON lines: position, type, then the event's fields.
 
     Filters combine: a position range, one or more event types (names such as
-    message_saved or user_action_logged), and a username.  Read-only.
+    message_saved or user_action_logged), and a username.  Read-only; works
+    on a directory or a PostgreSQL URL.
 
     Example: eventstore dump data/ --type message_saved --user alice --from 1000
     """
@@ -229,10 +317,12 @@ def tail(
     """Print the last events; with -f keep printing new ones as the bot writes them.
 
     Following opens the store read-only and picks up new frames every half
-    second; it never gets in the bot's way.  Stop it with Ctrl-C.  Text lines
-    are position, time, type and fields; --json prints the lines of dump.
+    second; it never gets in the bot's way.  On a PostgreSQL URL it is woken
+    by the writers' notifications (LISTEN/NOTIFY) as soon as they commit.
+    Stop it with Ctrl-C.  Text lines are position, time, type and fields;
+    --json prints the lines of dump.
 
-    Example: eventstore tail data/ -n 20 -f
+    Example: eventstore tail postgresql://bot@db.example/bot -n 20 -f
     """
     out.need_store(directory)
     lines = out.JsonLines()

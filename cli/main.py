@@ -13,9 +13,10 @@ from . import demo, inspect, maintenance, replay, transfer
 app = typer.Typer(
     name="eventstore",
     help="Inspect, check, replay, maintain and move the bot's event store.\n\n"
-    "DIR is a store directory (default data/).  Read-only commands (info, verify, dump, "
-    "tail, replay, export) work while the bot runs; commands that write need the bot "
-    "stopped.\n\n"
+    "DIR|URL is a store directory (default data/) or a postgresql:// URL.  Read-only "
+    "commands (info, verify, dump, tail, replay, export) work while the bot runs; "
+    "commands that write need the bot stopped, except on PostgreSQL, where many "
+    "processes write one log.\n\n"
     "Example: eventstore info data/",
     no_args_is_help=True,
     add_completion=False,

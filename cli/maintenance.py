@@ -1,8 +1,10 @@
 """Commands that write: compact, snapshot, forget-user.
 
-Each opens the store as its writer, so each refuses while the bot has it
-open (one writer per store, held by a lock): the message names the bot's
-process and the call to make from inside the bot instead.
+Each opens the store as its writer, so on a directory each refuses while the
+bot has it open (one writer per store, held by a lock): the message names the
+bot's process and the call to make from inside the bot instead.  A
+PostgreSQL store has no such lock (many processes write one log), so there
+they run beside the bots.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from typing import Annotated, Any
 
 import msgspec
 import typer
+
+from eventstore.pgcompaction import PostgresCompactReport
+from eventstore.pglog import is_dsn
 
 from . import output as out
 from .inspect import Directory, Json
@@ -41,7 +46,12 @@ def compact(
     is 1).  Positions, and so ids, never change.  Needs the bot stopped, or
     call await store.compact() from the bot.
 
-    Example: eventstore compact data/ --dry-run
+    On a PostgreSQL URL it deletes those rows (and rewrites each user's last
+    statistics row as absolute values) in one transaction that holds the
+    append lock, after proving under that lock that no read changes.  The
+    bots may keep running: their appends wait for the commit.
+
+    Example: eventstore compact postgresql://bot@db.example/bot --dry-run
     """
     out.need_store(directory)
 
@@ -57,6 +67,9 @@ def compact(
     if json:
         out.print_json(_plain(report))
         return
+    if isinstance(report, PostgresCompactReport):
+        _print_pg_report(report)
+        return
     verb = "would rewrite" if report.dry_run else "rewrote"
     typer.echo(
         f"{'dry run: ' if report.dry_run else ''}{verb} "
@@ -68,6 +81,23 @@ def compact(
         out.table(sorted(report.dropped_by_type.items()), ("type", "dropped"))
     if report.dry_run:
         typer.echo("nothing was changed")
+
+
+def _print_pg_report(report: PostgresCompactReport) -> None:
+    verbs = ("would delete", "rewrite") if report.dry_run else ("deleted", "rewrote")
+    typer.echo(
+        f"{'dry run: ' if report.dry_run else ''}positions 1..{report.through_position}: "
+        f"{verbs[0]} {out.plural(report.events_dropped, 'row')}, {verbs[1]} "
+        f"{report.rows_rewritten} as absolute statistics; payloads "
+        f"{out.size(report.bytes_before)} -> {out.size(report.bytes_after)}"
+    )
+    if report.dropped_by_type:
+        out.table(sorted(report.dropped_by_type.items()), ("type", "deleted"))
+    typer.echo(
+        "nothing was changed"
+        if report.dry_run
+        else "PostgreSQL reuses the space after (auto)vacuum; VACUUM FULL returns it to the disk"
+    )
 
 
 def _plain(report: Any) -> dict[str, Any]:
@@ -87,8 +117,15 @@ def snapshot(directory: Directory = "data") -> None:
     before a planned restart of a long-running store.  Needs the bot stopped,
     or call await store.write_snapshot() from the bot.
 
+    A PostgreSQL store keeps no snapshots (every process replays the log on
+    connect); on a URL this refuses with exit code 1.
+
     Example: eventstore snapshot data/
     """
+    if is_dsn(directory):
+        out.fail(
+            "PostgreSQL stores keep no snapshots: every process replays the log when it connects"
+        )
     out.need_store(directory)
 
     async def main() -> tuple[str, int]:
@@ -108,9 +145,11 @@ def forget_user(
     Appends a UserForgotten event (reads stop returning the user at once) and
     compaction then removes the user's events from the files.  Needs the bot
     stopped, or call await store.forget_user(name) from the bot.  A user the
-    store knows nothing of is reported and nothing is written.
+    store knows nothing of is reported and nothing is written.  On a
+    PostgreSQL URL compaction deletes every row of the user, the
+    UserForgotten row too, and the bots may keep running.
 
-    Example: eventstore forget-user data/ alice
+    Example: eventstore forget-user postgresql://bot@db.example/bot alice
     """
     out.need_store(directory)
 
@@ -118,7 +157,8 @@ def forget_user(
         async with out.open_writer(directory, f"await store.forget_user({name!r})") as store:
             return await store.forget_user(name)
 
+    where = out.shown(directory)
     if out.run(main()):
-        typer.echo(f"forgot {name!r}: no read of {directory} returns anything of them any more")
+        typer.echo(f"forgot {name!r}: no read of {where} returns anything of them any more")
     else:
-        typer.echo(f"nothing to forget: {directory} holds nothing of {name!r}; nothing written")
+        typer.echo(f"nothing to forget: {where} holds nothing of {name!r}; nothing written")

@@ -23,6 +23,7 @@ import typer
 from eventstore import EventStore, StorageError
 from eventstore.errors import ConnectionError
 from eventstore.lockfile import lock_holder
+from eventstore.pglog import PostgresLog, is_dsn, redact_dsn
 from eventstore.store import Durability
 
 T = TypeVar("T")
@@ -69,22 +70,61 @@ def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         fail(describe(err))
 
 
-def need_store(directory: str) -> None:
-    """Refuse a directory that does not exist (writers would create it)."""
-    if not os.path.isdir(directory):
-        fail(f"{directory}: no such store directory")
+def need_store(target: str) -> None:
+    """Refuse a directory that does not exist (writers would create it).
+
+    A ``postgresql://`` URL is checked when the store is opened.
+    """
+    if not is_dsn(target) and not os.path.isdir(target):
+        fail(f"{target}: no such store directory")
+
+
+def shown(target: str) -> str:
+    """``target`` as messages name it: a URL without its password."""
+    return redact_dsn(target) if is_dsn(target) else target
+
+
+def postgres_log(target: str, **options: Any) -> PostgresLog:
+    """A PostgresLog for ``target``, or exit 1 if asyncpg is not installed."""
+    try:
+        return PostgresLog(target, **options)
+    except ImportError as err:
+        fail(str(err))
+
+
+def open_reader(target: str) -> EventStore:
+    """A read-only store on ``target`` (not yet connected).
+
+    On PostgreSQL its log is pinned at the head it finds on connect, so the
+    store holds still while the bots append (export needs one state).
+    """
+    if is_dsn(target):
+        log = postgres_log(target, read_only=True, create=False, pin_head=True)
+        return EventStore(log, read_only=True)
+    return EventStore(target, read_only=True)
 
 
 @contextlib.asynccontextmanager
 async def open_writer(
     directory: str, hint: str, *, create: bool = False, durability: Durability = "fsync"
 ) -> AsyncIterator[EventStore]:
-    """Open ``directory`` as its writer, or exit 1 naming the process that is.
+    """Open ``directory`` (or a ``postgresql://`` URL) as a writer.
 
-    ``hint`` is how to do the same from inside the bot, e.g.
-    ``await store.compact()``.  Without ``create`` a missing directory is an
-    error instead of a new, empty store.
+    A directory has one writer: while another process holds it, exit 1
+    naming that process; ``hint`` is how to do the same from inside the
+    bot, e.g. ``await store.compact()``.  Without ``create`` a missing
+    directory (or a database without the store's tables) is an error
+    instead of a new, empty store.  PostgreSQL has no writer lock: many
+    processes write one log, so this works beside running bots.
     """
+    if is_dsn(directory):
+        store = EventStore(postgres_log(directory, create=create), durability=durability)
+        await store.connect()
+        try:
+            yield store
+        finally:
+            await store.close()
+        return
     if not create:
         need_store(directory)
     store = EventStore(directory, durability=durability)

@@ -10,9 +10,9 @@ from typing import Annotated, Any
 
 import typer
 
-from eventstore import EventStore
 from eventstore.legacy import ImportReport, StoreNotEmptyError, export_jsonl, export_sqlite
 from eventstore.legacy import import_sqlite as import_legacy
+from eventstore.pglog import is_dsn
 
 from . import output as out
 from .inspect import Directory, Json
@@ -33,9 +33,10 @@ def import_sqlite(
     their timestamps and order but get new ids (their log positions).  The
     whole file is checked before anything is written.  Tables the store does
     not keep (current_status, outbound_messages, api_tokens) are reported.
-    A store that already holds events is refused unless --force.
+    A store that already holds events is refused unless --force.  A
+    PostgreSQL URL gets the store's tables if it has none yet.
 
-    Example: eventstore import-sqlite bot.db data/
+    Example: eventstore import-sqlite bot.db postgresql://bot@db.example/bot
     """
     if not os.path.isfile(db):
         out.fail(f"{db}: no such file")
@@ -48,12 +49,14 @@ def import_sqlite(
                 try:
                     return await import_legacy(store, db, force=force, progress=progress)
                 except StoreNotEmptyError:
+                    new = "an empty database or schema" if is_dsn(directory) else "a new directory"
                     out.fail(
-                        f"{directory} is not empty (its last event is at position "
-                        f"{store.position}); import into a new directory, or pass --force "
+                        f"{where} is not empty (its last event is at position "
+                        f"{store.position}); import into {new}, or pass --force "
                         "to add the file's data to it"
                     )
 
+    where = out.shown(directory)
     report = out.run(main())
     if json:
         out.print_json(report)
@@ -63,7 +66,7 @@ def import_sqlite(
         if report.first_position is not None
         else ""
     )
-    typer.echo(f"imported {report.path} into {directory}: {report.events} events{span}")
+    typer.echo(f"imported {report.path} into {where}: {report.events} events{span}")
     for line in report.describe():
         typer.echo(f"  {line}")
 
@@ -87,7 +90,9 @@ def export(
     jsonl writes the lines of dump, for every event in the log.  sqlite writes
     a new file with the bot's legacy schema (ids kept), built under a temporary
     name and renamed when complete.  Neither overwrites an existing file.
-    Read-only: works beside a running bot.
+    Read-only: works beside a running bot.  From a PostgreSQL URL it exports
+    the log as it was when the export began; what the bots append meanwhile
+    is left out.
 
     Example: eventstore export data/ --format sqlite backup.db
     """
@@ -99,7 +104,7 @@ def export(
         out.fail(f"{target}: already exists; refusing to overwrite it")
 
     async def main() -> dict[str, int]:
-        async with EventStore(directory, read_only=True) as store:
+        async with out.open_reader(directory) as store:
             total = store.position if format is Format.jsonl else None
             with out.progress_bar("exporting", total=total) as progress:
                 if format is Format.sqlite:
@@ -112,7 +117,7 @@ def export(
     counts = out.run(main())
     summary = ", ".join(f"{n} {what}" for what, n in counts.items())
     typer.echo(
-        f"exported {directory} to {'stdout' if to_stdout else target}: {summary}",
+        f"exported {out.shown(directory)} to {'stdout' if to_stdout else target}: {summary}",
         err=to_stdout,
     )
 

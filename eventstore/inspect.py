@@ -5,14 +5,16 @@ is taken and nothing is written, so all of it works while the bot runs.
 
 * :func:`store_info` summarises a directory: its segments, event counts by
   type, the positions and times it covers, its snapshots and its writer.
+* :func:`postgres_info` summarises a store in PostgreSQL from its tables:
+  rows by type, positions and times, sizes, schema, compactions.
 * :func:`read_events` yields stored events, filtered by position, type and
   user; :func:`tail_events` yields the last few and can then follow a live
   writer.  :func:`event_record` turns one into the JSON shape the CLI prints.
+  Both take a store directory or a ``postgresql://`` URL.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections import Counter
@@ -24,9 +26,20 @@ import msgspec
 
 from projections import PROJECTION_VERSION
 
-from .errors import ConnectionError, ValidationError
-from .events import SCHEMA_FINGERPRINT, TYPES_BY_NAME, Event, event_name, event_time
+from .codec import decode_event
+from .errors import ConnectionError, IntegrityError, ValidationError
+from .events import (
+    READABLE_FINGERPRINTS,
+    SCHEMA_FINGERPRINT,
+    TYPES_BY_NAME,
+    Event,
+    event_name,
+    event_tag,
+    event_time,
+)
 from .lockfile import LOCK_NAME, lock_holder
+from .log import EventLog
+from .pglog import SCHEMA_VERSION, PostgresLog, is_dsn, redact_dsn
 from .segment import FRAME_HEADER_SIZE, FrameInfo, list_segments
 from .segmentlog import SegmentLog
 from .snapshot import SnapshotInfo, list_snapshots
@@ -34,12 +47,15 @@ from .verify import ATTEMPTS, Problem, scan_segment
 
 __all__ = [
     "EventMark",
+    "PostgresInfo",
     "SegmentSummary",
     "SnapshotSummary",
     "StoreInfo",
     "check_types",
     "directory_size",
     "event_record",
+    "open_log",
+    "postgres_info",
     "read_events",
     "store_info",
     "tail_events",
@@ -270,7 +286,151 @@ def _snapshot_status(
     return f"behind: {head - snap.position} positions before the log's end"
 
 
-# -- events ---------------------------------------------------------------------------
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+_NAMES_BY_TAG = {event_tag(cls): name for name, cls in TYPES_BY_NAME.items()}
+
+
+@dataclass
+class PostgresInfo:
+    """What :func:`postgres_info` found in a store in PostgreSQL."""
+
+    #: The store's URL, password hidden, and the schema its tables are in.
+    where: str
+    schema: str
+    #: The tables' version, and the event schema fingerprint they record (hex),
+    #: with whether this code reads it ("current", "readable ..." or "unreadable ...").
+    schema_version: int
+    fingerprint: str
+    fingerprint_status: str
+    #: The last position handed out (eventstore_head).
+    head: int
+    #: Rows in eventstore_events, by type (from the ``tag`` column; verify
+    #: checks that it agrees with the payloads).
+    rows: int = 0
+    counts_by_type: dict[str, int] = field(default_factory=dict)
+    first: EventMark | None = None
+    last: EventMark | None = None
+    #: When the first and last rows were committed (``recorded_at``), Unix seconds.
+    recorded_first: int | None = None
+    recorded_last: int | None = None
+    #: Bytes of payload; of the events table with its indexes and TOAST
+    #: (``pg_total_relation_size``); and of every table of the store.
+    payload_bytes: int = 0
+    table_size: int = 0
+    total_size: int = 0
+    #: Compactions run, positions they deleted, the head the last one covered
+    #: and when it committed (Unix seconds).
+    compactions: int = 0
+    deleted: int = 0
+    compacted_through: int | None = None
+    last_compaction: int | None = None
+    #: Damage met on the way (the first or last row does not decode).
+    problems: list[str] = field(default_factory=list)
+
+
+async def postgres_info(dsn: str) -> PostgresInfo:
+    """Summarise the store in PostgreSQL at ``dsn`` from its tables.
+
+    One read-only REPEATABLE READ transaction on a connection of its own:
+    no lock, nothing written, a consistent picture beside running writers.
+    Counts come from the ``tag`` column (one aggregate query, no decoding);
+    only the first and last rows are decoded, for their times.  Raises
+    :class:`~eventstore.errors.ConnectionError` if the server cannot be
+    reached or holds no store.
+
+    Example::
+
+        info = await postgres_info("postgresql://bot@db/bot")
+        print(info.rows, info.counts_by_type, info.table_size)
+    """
+    log = PostgresLog(dsn, read_only=True)
+    where = redact_dsn(dsn)
+    async with (
+        log.dedicated() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        schema = await conn.fetchval(
+            "SELECT relnamespace::regnamespace::text FROM pg_class "
+            "WHERE oid = to_regclass('eventstore_schema')"
+        )
+        if schema is None or not await conn.fetchval(
+            "SELECT to_regclass('eventstore_events') IS NOT NULL "
+            "AND to_regclass('eventstore_head') IS NOT NULL"
+        ):
+            raise ConnectionError(
+                f"{where}: no event store here (no table eventstore_schema on the search_path)"
+            )
+        meta = await conn.fetchrow(
+            "SELECT (SELECT version FROM eventstore_schema LIMIT 1), "
+            "(SELECT fingerprint FROM eventstore_schema LIMIT 1), "
+            "(SELECT position FROM eventstore_head LIMIT 1)"
+        )
+        version, fingerprint = int(meta[0] or 0), bytes(meta[1] or b"")
+        info = PostgresInfo(
+            where,
+            str(schema),
+            version,
+            fingerprint.hex(),
+            _fingerprint_status(version, fingerprint),
+            int(meta[2] or 0),
+        )
+        totals = await conn.fetchrow(
+            "SELECT count(*), coalesce(sum(octet_length(payload)), 0), "
+            "extract(epoch FROM min(recorded_at))::bigint, "
+            "extract(epoch FROM max(recorded_at))::bigint, "
+            "pg_total_relation_size('eventstore_events') FROM eventstore_events"
+        )
+        info.rows, info.payload_bytes = int(totals[0]), int(totals[1])
+        info.recorded_first, info.recorded_last = totals[2], totals[3]
+        info.table_size = int(totals[4])
+        info.total_size = int(
+            await conn.fetchval(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+                "WHERE c.relkind = 'r' AND c.relnamespace = $1::regnamespace "
+                "AND starts_with(c.relname, 'eventstore_')",
+                info.schema,
+            )
+        )
+        by_tag = await conn.fetch("SELECT tag, count(*) FROM eventstore_events GROUP BY tag")
+        counts = {_NAMES_BY_TAG.get(tag, f"tag {tag}"): int(n) for tag, n in by_tag}
+        info.counts_by_type = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        ends = await conn.fetch(
+            "(SELECT position, payload FROM eventstore_events ORDER BY position LIMIT 1) "
+            "UNION ALL "
+            "(SELECT position, payload FROM eventstore_events ORDER BY position DESC LIMIT 1)"
+        )
+        marks = [_row_mark(int(p), bytes(payload), info.problems) for p, payload in ends]
+        if marks:
+            info.first, info.last = marks[0], marks[-1]
+        if await conn.fetchval("SELECT to_regclass('eventstore_compactions') IS NOT NULL"):
+            books = await conn.fetchrow(
+                "SELECT count(*), max(through), "
+                "extract(epoch FROM max(finished_at))::bigint, "
+                "(SELECT coalesce(sum(last_position - first_position + 1), 0) "
+                "FROM eventstore_deleted) FROM eventstore_compactions"
+            )
+            info.compactions, info.compacted_through = int(books[0]), books[1]
+            info.last_compaction, info.deleted = books[2], int(books[3])
+    return info
+
+
+def _fingerprint_status(version: int, fingerprint: bytes) -> str:
+    if version > SCHEMA_VERSION or fingerprint not in READABLE_FINGERPRINTS:
+        return "unreadable: written by newer code"
+    return "current" if fingerprint == SCHEMA_FINGERPRINT else "readable (an older schema)"
+
+
+def _row_mark(position: int, payload: bytes, problems: list[str]) -> EventMark | None:
+    try:
+        event = decode_event(msgspec.Raw(payload))
+    except IntegrityError as err:
+        problems.append(f"position {position}: {err}")
+        return None
+    return _mark(position, event)
+
+
+# -- events ---------------------------------------------------------------------------------
 
 
 def event_record(position: int, event: Event) -> dict[str, Any]:
@@ -295,11 +455,16 @@ def check_types(types: Collection[str]) -> frozenset[type]:
     return frozenset(TYPES_BY_NAME[t] for t in types)
 
 
-async def _open_log(directory: str | os.PathLike[str]) -> SegmentLog:
-    d = os.fspath(directory)
-    if not os.path.isdir(d):
-        raise ConnectionError(f"{d}: no such store directory")
-    log = SegmentLog(d, read_only=True)
+async def open_log(target: str | os.PathLike[str]) -> EventLog:
+    """Open the log of a store directory or a ``postgresql://`` URL read-only."""
+    log: EventLog
+    if is_dsn(target):
+        log = PostgresLog(str(target), read_only=True, create=False)
+    else:
+        d = os.fspath(target)
+        if not os.path.isdir(d):
+            raise ConnectionError(f"{d}: no such store directory")
+        log = SegmentLog(d, read_only=True)
     await log.open()
     return log
 
@@ -315,7 +480,8 @@ async def read_events(
 ) -> AsyncGenerator[tuple[int, Event], None]:
     """Yield (position, event) for the stored events that match, oldest first.
 
-    ``start`` and ``stop`` are inclusive positions; ``types`` are event type
+    ``directory`` may also be a ``postgresql://`` URL.  ``start`` and
+    ``stop`` are inclusive positions; ``types`` are event type
     names (``TYPES_BY_NAME``; an unknown one raises ValidationError before
     anything is read); ``user`` matches an event's ``username``.  Reads
     through a read-only log: no lock, nothing written.  ``progress(done,
@@ -327,7 +493,7 @@ async def read_events(
             print(position, event)
     """
     wanted = check_types(types) if types is not None else None
-    log = await _open_log(directory)
+    log = await open_log(directory)
     try:
         head = log.head if stop is None else min(stop, log.head)
         async for first, events in log.read_runs(start, stop):
@@ -354,7 +520,9 @@ async def tail_events(
 
     Following works beside a live writer: the log is opened read-only and
     ``refresh()`` picks up what the writer appended, every ``interval``
-    seconds.  Stop it by leaving the loop or cancelling the task.
+    seconds.  ``directory`` may also be a ``postgresql://`` URL; new rows
+    then show as soon as their writer's notification arrives.  Stop it by
+    leaving the loop or cancelling the task.
 
     Example::
 
@@ -363,13 +531,15 @@ async def tail_events(
     """
     if count < 0:
         raise ValidationError(f"count must be >= 0, got {count}")
-    log = await _open_log(directory)
+    log = await open_log(directory)
     try:
         last = log.head
         for item in await _last(log, count):
             yield item
         while follow:
-            await asyncio.sleep(interval)
+            # PostgreSQL wakes this early when something is appended
+            # (LISTEN/NOTIFY); a directory is looked at every ``interval``.
+            await log.wait_for_appends(interval)
             head = await log.refresh()
             if head <= last:
                 continue
@@ -381,7 +551,7 @@ async def tail_events(
         await log.close()
 
 
-async def _last(log: SegmentLog, count: int) -> list[tuple[int, Event]]:
+async def _last(log: EventLog, count: int) -> list[tuple[int, Event]]:
     """The last ``count`` stored events (compaction may leave gaps: look further back)."""
     head = log.head
     if count == 0 or head == 0:

@@ -27,13 +27,21 @@ schema ``bot2`` of the same database.  Version 1::
         position    bigint      PRIMARY KEY,
         tag         smallint    NOT NULL,  -- the event's msgspec tag (events.py)
         payload     bytea       NOT NULL,  -- the event alone, msgpack as codec.py writes it
-        username    text,                  -- for operators' queries (see _username)
+        username    text,                  -- for operators' queries (see username_column)
         recorded_at timestamptz NOT NULL DEFAULT now()
     );
 
 A store whose ``version`` is newer than SCHEMA_VERSION, or whose fingerprint
 is not in ``READABLE_FINGERPRINTS``, was written by newer code: ``open()``
 refuses it with MigrationError.
+
+Compaction (``eventstore/pgcompaction.py``) deletes rows and rewrites some in
+place, and keeps its books in two more tables, created by the first
+compaction (:data:`BOOKKEEPING_DDL`): ``eventstore_compactions``, one row per
+compaction, and ``eventstore_deleted``, the position ranges compactions
+deleted, so that ``verify`` can tell a compaction's gap from a lost row.
+Code that does not know them reads a compacted log all the same (reads skip
+gaps), so they did not need a new schema version.
 
 Positions.  ``append`` takes the next positions by incrementing the single
 row of ``eventstore_head`` inside the transaction that inserts the events,
@@ -96,10 +104,14 @@ from .events import EVENT_TYPES, READABLE_FINGERPRINTS, SCHEMA_FINGERPRINT, Even
 from .log import EventLog
 
 __all__ = [
+    "BOOKKEEPING_DDL",
     "DSN_SCHEMES",
     "SCHEMA_VERSION",
     "PostgresLog",
+    "decode_rows",
+    "is_dsn",
     "redact_dsn",
+    "username_column",
 ]
 
 #: URL schemes that select this log in ``EventStore(path)`` (store.py's _make_log).
@@ -144,6 +156,26 @@ CREATE TABLE IF NOT EXISTS eventstore_events (
     payload     bytea       NOT NULL,
     username    text,
     recorded_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+#: Compaction's books.  ``eventstore_compactions.id`` counts compactions (1, 2,
+#: ...): a compaction plans without a lock and commits only if no other one
+#: committed meanwhile.  ``through`` is the head when it committed: every
+#: position up to it was considered.  ``eventstore_deleted`` holds disjoint,
+#: non-adjacent ranges (adjacent ones are merged): every position a
+#: compaction deleted, and no other.
+BOOKKEEPING_DDL = """
+CREATE TABLE IF NOT EXISTS eventstore_compactions (
+    id          integer     PRIMARY KEY,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    through     bigint      NOT NULL,
+    deleted     bigint      NOT NULL,
+    rewritten   bigint      NOT NULL
+);
+CREATE TABLE IF NOT EXISTS eventstore_deleted (
+    first_position bigint PRIMARY KEY,
+    last_position  bigint NOT NULL CHECK (last_position >= first_position)
 );
 """
 
@@ -233,6 +265,11 @@ _TAGS: dict[type, int] = {cls: event_tag(cls) for cls in EVENT_TYPES}
 _ARRAY32 = struct.Struct(">BI")
 
 
+def is_dsn(target: object) -> bool:
+    """Does ``target`` name a PostgreSQL store (a ``postgresql://`` or ``postgres://`` URL)?"""
+    return isinstance(target, str) and target.startswith(DSN_SCHEMES)
+
+
 def redact_dsn(dsn: str) -> str:
     """``dsn`` with its password (in the authority or the query) replaced by ``***``."""
     try:
@@ -261,7 +298,22 @@ def _import_asyncpg() -> Any:
         ) from err
 
 
-def _username(event: Event) -> str | None:
+def decode_rows(payloads: Sequence[bytes], positions: Sequence[int], where: str) -> list[Event]:
+    """Decode rows' payloads with one call (they join into one msgpack array).
+
+    A damaged row raises IntegrityError naming ``where`` and its position.
+    """
+    data = b"".join([_ARRAY32.pack(0xDD, len(payloads)), *payloads])
+    try:
+        return decode_batch(data)
+    except IntegrityError:
+        # Name the row that is damaged.
+        for position, payload in zip(positions, payloads, strict=True):
+            decode_batch(_ARRAY32.pack(0xDD, 1) + payload, f"{where} position {position}")
+        raise
+
+
+def username_column(event: Event) -> str | None:
     """The ``username`` column: the event's user, for operators' SQL.
 
     NULL for events without a user, and for names holding NUL, which a
@@ -306,7 +358,16 @@ class PostgresLog(EventLog):
         page_rows: int = PAGE_ROWS,
         insert_rows: int = INSERT_ROWS,
         connect_timeout: float = CONNECT_TIMEOUT,
+        create: bool = True,
+        pin_head: bool = False,
     ) -> None:
+        """``create=False`` refuses a database without the tables instead of
+        creating them (the CLI's writing commands: a mistyped URL should not
+        grow a new, empty store).  ``pin_head=True`` reads only up to the head
+        as it was at ``open()``: ``refresh()`` and ``wait_for_appends`` never
+        move it, so a store on this log holds still while others append (the
+        CLI's ``export``, which must read one consistent state).
+        """
         if page_rows < 1 or insert_rows < 1:
             raise ValueError(
                 f"page_rows and insert_rows must be at least 1, got {page_rows}, {insert_rows}"
@@ -321,6 +382,8 @@ class PostgresLog(EventLog):
         #: Rounds of more events than this are several statements in one transaction.
         self.insert_rows = insert_rows
         self.connect_timeout = connect_timeout
+        self.create = create
+        self.pin_head = pin_head
         self.channel = CHANNEL
         self._open = False
         self._head = 0
@@ -396,10 +459,11 @@ class PostgresLog(EventLog):
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
             present = await conn.fetchval("SELECT to_regclass('eventstore_schema') IS NOT NULL")
             if not present:
-                if self.read_only:
+                if self.read_only or not self.create:
+                    hint = "open it once without read_only to create it" if self.create else ""
                     raise ConnectionError(
                         f"{self.where}: no event store here (no table eventstore_schema "
-                        "on the search_path); open it once without read_only to create it"
+                        f"on the search_path){'; ' + hint if hint else ''}"
                     )
                 await conn.execute(_DDL)
                 await conn.execute(
@@ -515,7 +579,7 @@ class PostgresLog(EventLog):
                 raise ValidationError(f"not an event: {event!r}")
             tags.append(tag)
             payloads.append(_encoder.encode(event))
-            usernames.append(_username(event))
+            usernames.append(username_column(event))
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append(_Batch(tags, payloads, usernames, future))
         self._wake.set()
@@ -656,15 +720,7 @@ class PostgresLog(EventLog):
                 raise ConnectionError(f"{self.where}: connection lost: {err}") from err
 
     def _decode(self, payloads: list[bytes], positions: Sequence[int]) -> list[Event]:
-        """Decode rows' payloads with one call (they join into one msgpack array)."""
-        data = b"".join([_ARRAY32.pack(0xDD, len(payloads)), *payloads])
-        try:
-            return decode_batch(data)
-        except IntegrityError:
-            # Name the row that is damaged.
-            for position, payload in zip(positions, payloads, strict=True):
-                decode_batch(_ARRAY32.pack(0xDD, 1) + payload, f"{self.where} position {position}")
-            raise
+        return decode_rows(payloads, positions, self.where)
 
     async def _decode_joined(self, positions: list[int], blob: bytes) -> list[Event]:
         """Decode a page's joined payloads; on damage, read its rows one by one to name it."""
@@ -689,6 +745,8 @@ class PostgresLog(EventLog):
         self._check_open()
         position = max(from_position, 1)
         stop = MAX_POSITION if to_position is None else min(to_position, MAX_POSITION)
+        if self.pin_head:
+            stop = min(stop, self._head)
         while position <= stop:
             page = await self._query(
                 "fetchrow", _SELECT_PAGE, position, stop, self.page_rows, PAGE_BYTES
@@ -725,9 +783,53 @@ class PostgresLog(EventLog):
             raise QueryError(f"{self.where}: no event at position {missing[0]}{more}")
         return self._decode([found[pos] for pos in positions], positions)
 
+    async def compacted_through(self) -> int | None:
+        """The head when the last compaction committed (None: never compacted).
+
+        Positions up to it may have lost rows no read could see any more, and
+        statistics there may have been folded into absolute values.
+        """
+        # Two statements: a query naming a missing table fails to parse.
+        if not await self._query(
+            "fetchval", "SELECT to_regclass('eventstore_compactions') IS NOT NULL"
+        ):
+            return None
+        through = await self._query("fetchval", "SELECT max(through) FROM eventstore_compactions")
+        return None if through is None else int(through)
+
+    @contextlib.asynccontextmanager
+    async def dedicated(self) -> AsyncIterator[Any]:
+        """A connection of its own, closed on exit; the log need not be open.
+
+        For work that holds a transaction (compaction, and the consistent
+        snapshot verify and info read in) and so must not share the read
+        connection.  asyncpg's errors raised inside become ConnectionError
+        (the connection failed) or QueryError (a statement failed).
+        """
+        conn = await self._connect()
+        try:
+            yield conn
+        except StorageError:
+            raise  # ours already (eventstore's ConnectionError is an OSError too)
+        except (
+            self._pg.PostgresError,
+            self._pg.InterfaceError,
+            OSError,
+            asyncio.TimeoutError,
+        ) as err:
+            if self._lost(err):
+                conn.terminate()
+                raise ConnectionError(f"{self.where}: connection lost: {err}") from err
+            raise QueryError(f"{self.where}: query failed: {err}") from err
+        finally:
+            await self._close_conn(conn)
+
     # -- following -----------------------------------------------------------------
     async def refresh(self) -> int:
         """Learn the head other processes have committed; return it."""
+        if self.pin_head:
+            self._check_open()
+            return self._head
         head = await self._query("fetchval", "SELECT position FROM eventstore_head")
         if head is not None and head > self._head:
             self._head = int(head)
@@ -755,7 +857,7 @@ class PostgresLog(EventLog):
         ends, and a store closing its follower while notifications pour in
         then waited for ever.
         """
-        if not self._open:
+        if not self._open or self.pin_head:
             await asyncio.sleep(timeout)
             return
         if not self._appended:

@@ -25,6 +25,11 @@ snapshot) builds.
 The result keeps the read-only log open, because history rows (chat lines,
 actions) live in the log and are fetched by position; close it, or use it as
 an async context manager.
+
+A store in PostgreSQL (``replay("postgresql://...")``) replays the same way,
+through a read-only PostgresLog: ``head`` is the last position committed
+when the replay opened the log, and ``compacted_through`` the head the last
+compaction covered (see ``eventstore/pgcompaction.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from projections import Projections
 
 from .errors import ConnectionError, ValidationError
 from .events import MessageSaved, UserActionLogged, event_time
+from .log import EventLog
+from .pglog import PostgresLog, is_dsn, redact_dsn
 from .segmentlog import SegmentLog
 
 __all__ = ["ReplayResult", "replay"]
@@ -51,6 +58,7 @@ Progress = Callable[[int, int], None]
 class ReplayResult:
     """The read models rebuilt up to a point, and the log to read rows from."""
 
+    #: The store directory, or the store's URL with its password hidden.
     directory: str
     projections: Projections
     #: The point asked for (at most one of them is set).
@@ -61,8 +69,9 @@ class ReplayResult:
     #: Events folded into the projections, and events read but left out (``at``).
     applied: int
     skipped: int
-    log: SegmentLog
-    #: The last position covered by a compacted segment, None if none is.
+    log: EventLog
+    #: The last position covered by a compacted segment (PostgreSQL: the
+    #: head the last compaction covered), None if nothing was compacted.
     compacted_through: int | None = None
 
     @property
@@ -165,13 +174,15 @@ class ReplayResult:
 
 
 async def replay(
-    directory: str | os.PathLike[str],
+    target: str | os.PathLike[str],
     *,
     until: int | None = None,
     at: int | None = None,
     progress: Progress | None = None,
 ) -> ReplayResult:
-    """Rebuild the projections of the store in ``directory`` up to a point.
+    """Rebuild the projections of the store in ``target`` up to a point.
+
+    ``target`` is a store directory or a ``postgresql://`` URL.
 
     With neither ``until`` nor ``at`` the whole log is replayed (the state a
     ``connect()`` would build now).  ``until`` is a position (inclusive);
@@ -192,10 +203,15 @@ async def replay(
     for name, value in (("until", until), ("at", at)):
         if value is not None and (type(value) is not int or value < 0):
             raise ValidationError(f"{name} must be an int >= 0, got {value!r}")
-    d = os.fspath(directory)
-    if not os.path.isdir(d):
-        raise ConnectionError(f"{d}: no such store directory")
-    log = SegmentLog(d, read_only=True)
+    log: EventLog
+    if is_dsn(target):
+        d = redact_dsn(str(target))
+        log = PostgresLog(str(target), read_only=True, create=False)
+    else:
+        d = os.fspath(target)
+        if not os.path.isdir(d):
+            raise ConnectionError(f"{d}: no such store directory")
+        log = SegmentLog(d, read_only=True)
     await log.open()
     try:
         proj = Projections()
@@ -217,10 +233,13 @@ async def replay(
             if progress is not None:
                 progress(first + len(events) - 1, stop)
         compacted = None
-        segments = log.segments
-        for i, seg in enumerate(segments):
-            if seg.gaps_allowed:
-                compacted = segments[i + 1].first - 1 if i + 1 < len(segments) else head
+        if isinstance(log, PostgresLog):
+            compacted = await log.compacted_through()
+        elif isinstance(log, SegmentLog):
+            segments = log.segments
+            for i, seg in enumerate(segments):
+                if seg.gaps_allowed:
+                    compacted = segments[i + 1].first - 1 if i + 1 < len(segments) else head
         if at is None:
             # The state as of ``stop``, even if compaction dropped the events
             # just before it (they changed no read).

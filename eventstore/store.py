@@ -505,7 +505,9 @@ class EventStore(StorageAdapter):
         active segment and compacts, so that no segment and no snapshot holds
         the user's data or the name as a username any more (a name other users
         typed in their own messages is theirs and stays).  Returns False, and
-        appends nothing, if no read returns anything of that user.
+        appends nothing, if no read returns anything of that user.  On
+        PostgreSQL it compacts too, which deletes the user's rows
+        (``eventstore/pgcompaction.py``).
         """
         self._check_write()
         check_name("username", username)
@@ -523,6 +525,8 @@ class EventStore(StorageAdapter):
             await self.compact()
             # Older snapshots still hold the user: keep only a fresh one.
             await self.write_snapshot(keep=1)
+        elif self._log.shared:  # PostgreSQL: delete the user's rows
+            await self.compact()
         return True
 
     async def compact(
@@ -540,14 +544,16 @@ class EventStore(StorageAdapter):
         many days are gone from every read) and then compacts.  Raises
         IntegrityError, changing nothing, if the rewritten log would not give
         exactly the same projections.  ``dry_run`` reports what would be
-        reclaimed and changes nothing.
+        reclaimed and changes nothing.  On PostgreSQL the same rows are
+        deleted in one transaction instead (``eventstore/pgcompaction.py``).
         """
         self._check_write()
+        from .pglog import PostgresLog
         from .segmentlog import SegmentLog
 
         log = self._log
-        if not isinstance(log, SegmentLog):
-            raise StorageError("only stores in a directory are compacted")
+        if not isinstance(log, (SegmentLog, PostgresLog)):
+            raise StorageError("only stores in a directory or in PostgreSQL are compacted")
         trim_before = None
         if keep_history_days is not None:
             days = check_int("keep_history_days", keep_history_days)
@@ -556,6 +562,18 @@ class EventStore(StorageAdapter):
             would_trim = self._proj.counts.index.range(None, trim_before - 1)[1]
             if would_trim and not dry_run:
                 await self._write(UserCountsTrimmed(trim_before, now))
+        if isinstance(log, PostgresLog):  # a delete in one transaction: pgcompaction.py
+            from .pgcompaction import compact_postgres
+
+            pg_report = await compact_postgres(
+                log,
+                dry_run=dry_run,
+                trim_before=trim_before if dry_run else None,
+                progress=progress,
+                logger=self.logger,
+            )
+            pg_report.trimmed_before = trim_before
+            return pg_report
         if not dry_run:
             await log.roll()
         report = await compact_log(

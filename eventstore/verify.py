@@ -12,6 +12,12 @@ safe beside a running writer) and checks
 * every snapshot: that it equals a replay of the log up to its position
   (:func:`_check_snapshots`, only when the log itself is sound).
 
+:func:`verify_postgres` does the same for a store in PostgreSQL, row by row:
+every payload decodes into one event, the ``tag`` and ``username`` columns
+agree with the payload, positions run from 1 to the head without a gap
+except where a compaction recorded that it deleted rows, and no row lies
+past the head.
+
 Unlike ``recovery.find_damage``, which stops at the first damage because
 ``repair`` cuts there, verify reports *every* problem it can reach: after a
 bad frame it cannot know where the next frame of that segment starts (the
@@ -25,18 +31,22 @@ segment and carries on with the next one.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from . import snapshot
-from .codec import decode_batch
+from .codec import decode_batch, decode_event, known_tags
 from .errors import ConnectionError, IntegrityError, MigrationError, StorageError
-from .events import Event
+from .events import READABLE_FINGERPRINTS, Event
 from .framing import FrameWalker
 from .lockfile import lock_holder
+from .pglog import SCHEMA_VERSION, PostgresLog, decode_rows, redact_dsn, username_column
 from .segment import (
     FLAG_COMPACTED,
     FRAME_HEADER_SIZE,
@@ -49,7 +59,16 @@ from .segment import (
 )
 from .snapshot import list_snapshots
 
-__all__ = ["Problem", "SegmentScan", "VerifyReport", "scan_segment", "verify"]
+__all__ = [
+    "PostgresVerifyReport",
+    "Problem",
+    "RowProblem",
+    "SegmentScan",
+    "VerifyReport",
+    "scan_segment",
+    "verify",
+    "verify_postgres",
+]
 
 #: Bytes read per call while walking a segment.
 READ_CHUNK = 4 * 1024 * 1024
@@ -393,3 +412,288 @@ def _as_problem(item: Any) -> Problem:
         int(getattr(item, "offset", 0)),
         str(getattr(item, "message", item)),
     )
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+#: Rows decoded per call while verifying a PostgreSQL store.
+PG_BATCH_ROWS = 2_000
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One thing wrong in a PostgreSQL store: the row's position (None: not one
+    row's), and what is wrong."""
+
+    position: int | None
+    message: str
+
+    def __str__(self) -> str:
+        return (
+            self.message if self.position is None else f"position {self.position}: {self.message}"
+        )
+
+
+@dataclass
+class PostgresVerifyReport:
+    """What :func:`verify_postgres` checked and every problem it found."""
+
+    #: The store's URL, password hidden.
+    where: str
+    schema_version: int | None = None
+    #: The event schema fingerprint the tables record (hex).
+    fingerprint: str | None = None
+    #: The position in ``eventstore_head``: the last one handed out.
+    head: int | None = None
+    rows: int = 0
+    #: Bytes of payload in those rows.
+    bytes: int = 0
+    first_position: int | None = None
+    last_position: int | None = None
+    #: Positions that compactions recorded as deleted, and how many compactions ran.
+    deleted: int = 0
+    compactions: int = 0
+    problems: list[RowProblem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class _TagOnly(msgspec.Struct, array_like=True):
+    """The first element of an encoded event: its tag (the rest is skipped)."""
+
+    tag: int
+
+
+_tag_decoder = msgspec.msgpack.Decoder(_TagOnly)
+
+
+async def verify_postgres(dsn: str, progress: Progress | None = None) -> PostgresVerifyReport:
+    """Check every row of the PostgreSQL store at ``dsn`` and list every problem.
+
+    Reads one consistent snapshot (a read-only REPEATABLE READ transaction
+    on a connection of its own): no lock, nothing written, safe beside
+    running writers, whose later appends it does not see.  Checks the schema
+    row (version, fingerprint), that every payload decodes into one event
+    whose tag and username agree with the ``tag`` and ``username`` columns,
+    that positions run 1..head with gaps only where ``eventstore_deleted``
+    says a compaction deleted rows, that no recorded deletion has a row, and
+    that no row lies past the head.  ``progress(done, total)`` is called in
+    positions.  Raises :class:`~eventstore.errors.ConnectionError` if the
+    server cannot be reached or holds no store; damage is reported, never
+    raised.
+
+    Example::
+
+        report = await verify_postgres("postgresql://bot@db/bot")
+        for problem in report.problems:
+            print(problem)
+    """
+    log = PostgresLog(dsn, read_only=True)
+    report = PostgresVerifyReport(redact_dsn(dsn))
+    async with (
+        log.dedicated() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        await _pg_check_tables(conn, report)
+        ranges = await _pg_check_books(conn, report)
+        head = report.head or 0
+        walk = _RowWalk(report, ranges, head)
+        batch: list[Any] = []
+        async for row in conn.cursor(
+            "SELECT position, tag, payload, username FROM eventstore_events ORDER BY position",
+            prefetch=PG_BATCH_ROWS,
+        ):
+            batch.append(row)
+            if len(batch) >= PG_BATCH_ROWS:
+                walk.check(batch, report.where)
+                batch = []
+                if progress is not None:
+                    progress(min(walk.expect - 1, head), head)
+        walk.check(batch, report.where)
+        walk.finish()
+        if progress is not None:
+            progress(head, head)
+    return report
+
+
+async def _pg_check_tables(conn: Any, report: PostgresVerifyReport) -> None:
+    tables = await conn.fetchrow(
+        "SELECT to_regclass('eventstore_schema') IS NOT NULL, "
+        "to_regclass('eventstore_head') IS NOT NULL, "
+        "to_regclass('eventstore_events') IS NOT NULL"
+    )
+    if not tables[0]:
+        raise ConnectionError(
+            f"{report.where}: no event store here (no table eventstore_schema on the search_path)"
+        )
+    if not (tables[1] and tables[2]):
+        missing = [
+            n
+            for n, ok in (("eventstore_head", tables[1]), ("eventstore_events", tables[2]))
+            if not ok
+        ]
+        raise IntegrityError(f"{report.where}: table {' and '.join(missing)} missing")
+    schema = await conn.fetch("SELECT version, fingerprint FROM eventstore_schema")
+    if len(schema) != 1:
+        report.problems.append(RowProblem(None, f"eventstore_schema has {len(schema)} rows, not 1"))
+    else:
+        version, fingerprint = schema[0][0], bytes(schema[0][1])
+        report.schema_version, report.fingerprint = version, fingerprint.hex()
+        if version > SCHEMA_VERSION or version < 1:
+            report.problems.append(
+                RowProblem(
+                    None,
+                    f"schema version {version}: this code knows versions 1..{SCHEMA_VERSION}",
+                )
+            )
+        if fingerprint not in READABLE_FINGERPRINTS:
+            report.problems.append(
+                RowProblem(
+                    None,
+                    f"events were written with schema fingerprint {fingerprint.hex()}, "
+                    "which this code cannot read (newer code wrote them?)",
+                )
+            )
+    heads = await conn.fetch("SELECT position FROM eventstore_head")
+    if len(heads) != 1:
+        report.problems.append(RowProblem(None, f"eventstore_head has {len(heads)} rows, not 1"))
+    else:
+        report.head = int(heads[0][0])
+
+
+async def _pg_check_books(conn: Any, report: PostgresVerifyReport) -> list[tuple[int, int]]:
+    """The deleted ranges compactions recorded (checked for overlaps and the head)."""
+    if not await conn.fetchval("SELECT to_regclass('eventstore_compactions') IS NOT NULL"):
+        return []
+    report.compactions = int(await conn.fetchval("SELECT count(*) FROM eventstore_compactions"))
+    rows = await conn.fetch(
+        "SELECT first_position, last_position FROM eventstore_deleted ORDER BY first_position"
+    )
+    ranges = [(int(r[0]), int(r[1])) for r in rows]
+    head = report.head or 0
+    previous = 0
+    for first, last in ranges:
+        report.deleted += last - first + 1
+        if first <= previous:
+            report.problems.append(
+                RowProblem(first, f"deleted range {first}..{last} overlaps the one before it")
+            )
+        if first < 1 or last > head:
+            report.problems.append(
+                RowProblem(first, f"deleted range {first}..{last} lies outside 1..{head}")
+            )
+        previous = max(previous, last)
+    return ranges
+
+
+class _RowWalk:
+    """Walks the rows in position order: decoding, columns, continuity."""
+
+    def __init__(
+        self, report: PostgresVerifyReport, ranges: list[tuple[int, int]], head: int
+    ) -> None:
+        self.report = report
+        self.ranges = ranges
+        self.starts = [first for first, _ in ranges]
+        self.head = head
+        self.expect = 1
+        self.known = known_tags()
+
+    def _deleted_range(self, position: int) -> tuple[int, int] | None:
+        i = bisect.bisect_right(self.starts, position) - 1
+        if i >= 0 and self.ranges[i][1] >= position:
+            return self.ranges[i]
+        return None
+
+    def _missing(self, first: int, last: int) -> None:
+        """Positions first..last hold no row: fine where a compaction deleted them."""
+        position = first
+        i = max(0, bisect.bisect_right(self.starts, first) - 1)
+        holes: list[tuple[int, int]] = []
+        while position <= last:
+            while i < len(self.ranges) and self.ranges[i][1] < position:
+                i += 1
+            if i < len(self.ranges) and self.ranges[i][0] <= position:
+                position = self.ranges[i][1] + 1
+                continue
+            end = last if i >= len(self.ranges) else min(last, self.ranges[i][0] - 1)
+            holes.append((position, end))
+            position = end + 1
+        for a, b in holes:
+            what = f"position {a} is" if a == b else f"positions {a}..{b} are"
+            self.report.problems.append(
+                RowProblem(a, f"missing: {what} not in the table and no compaction deleted them")
+            )
+
+    def check(self, batch: list[Any], where: str) -> None:
+        if not batch:
+            return
+        report = self.report
+        positions = [int(r[0]) for r in batch]
+        payloads = [bytes(r[2]) for r in batch]
+        try:
+            events: list[Event | None] = list(decode_rows(payloads, positions, where))
+        except IntegrityError:
+            events = [
+                self._decode_one(p, payload) for p, payload in zip(positions, payloads, strict=True)
+            ]
+        for row, position, payload, event in zip(batch, positions, payloads, events, strict=True):
+            report.rows += 1
+            report.bytes += len(payload)
+            if report.first_position is None:
+                report.first_position = position
+            report.last_position = position
+            if position > self.expect:
+                self._missing(self.expect, position - 1)
+            self.expect = position + 1
+            if position > self.head:
+                report.problems.append(
+                    RowProblem(position, f"past the head {self.head} in eventstore_head")
+                )
+            span = self._deleted_range(position)
+            if span is not None:
+                report.problems.append(
+                    RowProblem(
+                        position,
+                        f"holds a row, but a compaction recorded {span[0]}..{span[1]} as deleted",
+                    )
+                )
+            if event is None:
+                continue
+            tag = self._payload_tag(payload)
+            if tag != row[1]:
+                report.problems.append(
+                    RowProblem(position, f"tag column says {row[1]}, the payload's tag is {tag}")
+                )
+            name = username_column(event)
+            if name != row[3]:
+                report.problems.append(
+                    RowProblem(position, f"username column says {row[3]!r}, the payload {name!r}")
+                )
+
+    def _decode_one(self, position: int, payload: bytes) -> Event | None:
+        try:
+            return decode_event(msgspec.Raw(payload))
+        except IntegrityError as err:
+            tag = self._payload_tag(payload)
+            why = (
+                f"unknown event tag {tag} (written by newer code?)"
+                if tag is not None and tag not in self.known
+                else str(err)
+            )
+            self.report.problems.append(RowProblem(position, f"payload does not decode: {why}"))
+            return None
+
+    @staticmethod
+    def _payload_tag(payload: bytes) -> int | None:
+        try:
+            return _tag_decoder.decode(payload).tag
+        except msgspec.DecodeError:
+            return None
+
+    def finish(self) -> None:
+        if self.expect <= self.head:
+            self._missing(self.expect, self.head)

@@ -1,0 +1,512 @@
+"""Compaction of the PostgreSQL log: a delete of what no read can see, in one transaction.
+
+What goes, as in the segment log's compaction (``compaction.py``):
+
+* the rows of messages removed by ``clear_old_messages``, of user counts
+  removed by a retention decision (``UserCountsTrimmed``), and every row of a
+  forgotten user: statistics, actions, chat lines;
+* ``UserForgotten`` rows themselves, once no row of that user is left before
+  them: the name must not survive in any row;
+* superseded statistics.  Of a user's statistics rows (``UserStatsSaved``,
+  ``UserStatsSet``, ``SessionEnded``) only the last is kept, rewritten in
+  place (an UPDATE of its tag and payload, in the same transaction) into one
+  ``UserStatsSet`` holding the user's statistics as every read returns them;
+  the channel's peaks likewise fold into one ``ChannelStatsSet``.
+
+Folding is optional for a delete-only compaction; we fold because
+statistics rows are about half of a bot's log (one per chat line), so a
+compaction that kept them would reclaim little.  The rewritten row is
+absolute, so any reader that reaches it gets the right statistics whatever
+it read before it: folding is as safe for a follower as a delete.
+
+What stays: positions.  Kept rows keep theirs, rewritten rows keep theirs,
+and the head row is never touched, so no position is handed out twice and
+ids (positions) of surviving rows are the same as before.
+``MessagesCleared`` and ``UserCountsTrimmed`` rows stay too (a few bytes,
+and no names).
+
+Why it is safe.  The projections are rebuilt twice up to the same position:
+from the log as it is, and from the log as it would be after the delete and
+the rewrites.  If their ``state()`` differ, nothing is changed and
+IntegrityError is raised.  The comparison is made inside the transaction
+that deletes, after it took the append lock.
+
+The lock.  Appends take the next positions by updating the single row of
+``eventstore_head`` (pglog.APPEND), so a lock that conflicts with that
+UPDATE stops every writer of every process.  We take the table in SHARE ROW
+EXCLUSIVE mode: it conflicts with the ROW EXCLUSIVE lock every UPDATE takes
+(an append that already holds it finishes first; the next one waits for our
+commit), and with itself (two compactions take turns), but not with plain
+SELECTs, so readers and followers go on.  The head row's lock (``SELECT ...
+FOR UPDATE``) would stop the appends as well, but a transaction that waited
+for a row lock does not see catalog changes committed meanwhile (its
+negative cache still says the books tables do not exist after the first
+compaction created them), while acquiring a table lock processes them.
+Holding the lock for a whole replay of a large log would stall the bots for
+that long, so the work is split:
+
+1. Without a lock: read the log up to its head H0, twice (once to learn what
+   every read sees at H0 and where each user's statistics end, once to
+   decide row by row and to build the projections of the new log), and note
+   the compaction count (``eventstore_compactions``).
+2. One transaction: take the append lock; check that no other compaction
+   committed since step 1 (only a compaction changes rows at or below a
+   head, so the rows up to H0 are exactly those step 1 read); read the rows
+   appended since, up to the head H, and apply them to both projections;
+   compare; delete, rewrite, update the books; commit.
+
+So the proof is made on the log as it is at H, under the lock, while the
+lock is held only for the tail since H0.  Rejected: one long transaction in
+REPEATABLE READ without the lock (writers could append between the proof and
+the delete, and nothing would have checked that their rows fold the same on
+the compacted log); an advisory lock (appends do not take it); the whole
+replay under the lock (simplest, but it stalls every bot for as long as a
+replay takes, seconds on a large log).
+
+Followers.  Other processes read forward by position and never go back: a
+deleted row simply is not in any later page, and a rewritten row is read in
+its new form.  A follower that had already read part of the compacted range
+when the compaction committed folds the old rows it read with the new ones
+after them.  For cleared messages, trimmed counts and folded statistics that
+mix gives the same state: an absolute row overrides whatever came before it,
+and a clear keeps the newest rows, among which the deleted ones never were
+(tests/test_pg_compaction.py checks random histories cut at every
+position).  A forgotten user's rows are different: a follower that read
+some of them but not yet the ``UserForgotten`` row keeps the user until it
+reconnects, and one that read older chat lines may keep a line that a later
+clear dropped while the user's lines still counted.  The segment log's
+read-only followers share this window; compaction right after
+``forget_user`` keeps it to the time a follower takes to read one
+notification.  Rejected: making followers detect a compaction behind them
+and rebuild (the store would have to replay from scratch while serving
+reads, for a window of milliseconds).
+
+The books (pglog.BOOKKEEPING_DDL), written in the same transaction:
+``eventstore_compactions`` gets one row per compaction (which also makes
+concurrent compactions detect each other), ``eventstore_deleted`` the ranges
+of positions deleted, merged with those of earlier compactions, so that
+``verify`` can tell a gap left by compaction from a row that went missing.
+We keep ranges rather than a count: a count says that rows are missing, the
+ranges say which, and they cost 16 bytes per gap (gaps are never more than
+the rows kept, and adjacent deletions share one range).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from projections import Projections
+
+from .compaction import CompactReport
+from .errors import IntegrityError, StorageError
+from .events import (
+    ChannelPeakRaised,
+    ChannelStatsSet,
+    Event,
+    MessageSaved,
+    SessionEnded,
+    UserActionLogged,
+    UserCountLogged,
+    UserForgotten,
+    UserStatsSaved,
+    UserStatsSet,
+    event_name,
+    event_tag,
+)
+from .pglog import BOOKKEEPING_DDL, PostgresLog, decode_rows
+
+__all__ = ["PostgresCompactReport", "compact_postgres", "merge_ranges"]
+
+#: Called with (steps done, steps in total).
+Progress = Callable[[int, int], None]
+
+#: How often a compaction plans again when another one committed meanwhile.
+ATTEMPTS = 3
+
+_STATS = (UserStatsSaved, UserStatsSet, SessionEnded)
+_CHANNEL = (ChannelPeakRaised, ChannelStatsSet)
+_encoder = msgspec.msgpack.Encoder()
+
+
+@dataclass
+class PostgresCompactReport(CompactReport):
+    """A CompactReport of the PostgreSQL log.
+
+    No segments: ``segments_*`` stay 0.  ``bytes_*`` are payload bytes of
+    the rows up to ``through_position``; PostgreSQL reuses the space of
+    deleted rows for new ones after (auto)vacuum, and only ``VACUUM FULL``
+    gives it back to the file system.
+    """
+
+    #: Every position up to this one was considered (the head when it committed).
+    through_position: int = 0
+    #: Rows rewritten in place (folded statistics).
+    rows_rewritten: int = 0
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+
+class _Planner:
+    """Decides, row by row in position order, what the compacted log holds.
+
+    ``before`` is what every read sees at the end of the range; ``fold_at``
+    maps the position of each user's (and the channel's) last statistics row
+    to the absolute event that replaces it.
+    """
+
+    def __init__(
+        self, before: Projections, fold_at: dict[int, Event], trim_before: int | None
+    ) -> None:
+        self.messages = set(before.messages.index.pos)
+        self.actions = set(before.actions.all.pos)
+        self.counts = set(before.counts.index.pos)
+        self.fold_at = fold_at
+        self.trim_before = trim_before
+        # Users with a row kept so far: their UserForgotten rows must stay.
+        self.kept_users: set[str] = set()
+
+    def decide(self, position: int, event: Event) -> Event | None:
+        """The event the new log holds at ``position``: ``event``, a replacement, or None."""
+        keep: Event | None
+        if position in self.fold_at:
+            keep = self.fold_at[position]
+        elif isinstance(event, _STATS + _CHANNEL):
+            keep = None
+        elif isinstance(event, MessageSaved):
+            keep = event if position in self.messages else None
+        elif isinstance(event, UserActionLogged):
+            keep = event if position in self.actions else None
+        elif isinstance(event, UserCountLogged):
+            trimmed = self.trim_before is not None and event.timestamp < self.trim_before
+            keep = event if position in self.counts and not trimmed else None
+        elif isinstance(event, UserForgotten):
+            keep = event if event.username in self.kept_users else None
+        else:
+            keep = event
+        name = getattr(keep, "username", None)
+        if isinstance(name, str):
+            self.kept_users.add(name)
+        return keep
+
+
+@dataclass
+class _Plan:
+    through: int
+    epoch: int
+    before: Projections
+    after: Projections
+    events: int
+    delete: list[int]
+    rewrite: dict[int, Event]
+    dropped: dict[str, int]
+    users_folded: int
+
+
+async def _plan(
+    log: PostgresLog, through: int, epoch: int, trim_before: int | None, step: Callable[[int], None]
+) -> _Plan:
+    # Pass 1: what every read sees at ``through``, and where each user's
+    # statistics (and the channel's) were last changed.
+    before = Projections()
+    last_stats: dict[str, int] = {}
+    last_channel = 0
+    events = 0
+    async for first, run in log.read_runs(1, through):
+        before.apply_run(first, run)
+        for position, event in enumerate(run, first):
+            if isinstance(event, _STATS):
+                last_stats[event.username] = position
+            elif isinstance(event, UserForgotten):
+                last_stats.pop(event.username, None)
+            elif isinstance(event, _CHANNEL):
+                last_channel = position
+        events += len(run)
+        step(len(run))
+    fold_at: dict[int, Event] = {}
+    for name, position in last_stats.items():
+        rec = before.user_stats.users.get(name)
+        if rec is not None:  # else its last rows changed nothing: they all go
+            fold_at[position] = UserStatsSet(name, rec[0], rec[1], rec[2], rec[3], rec[4])
+    users_folded = len(fold_at)
+    if last_channel:
+        c = before.channel
+        fold_at[last_channel] = ChannelStatsSet(
+            c.max_users,
+            c.max_users_timestamp,
+            c.max_connected,
+            c.max_connected_timestamp,
+            c.last_updated,
+        )
+
+    # Pass 2: decide row by row, and fold the new log as it would read.
+    planner = _Planner(before, fold_at, trim_before)
+    after = Projections()
+    delete: list[int] = []
+    rewrite: dict[int, Event] = {}
+    dropped: dict[str, int] = {}
+    async for first, run in log.read_runs(1, through):
+        for position, event in enumerate(run, first):
+            keep = planner.decide(position, event)
+            if keep is None:
+                delete.append(position)
+                name = event_name(event)
+                dropped[name] = dropped.get(name, 0) + 1
+                continue
+            if keep != event:
+                rewrite[position] = keep
+            after.apply(position, keep)
+        step(len(run))
+    return _Plan(
+        through,
+        epoch,
+        before,
+        after,
+        events,
+        delete,
+        rewrite,
+        dict(sorted(dropped.items())),
+        users_folded,
+    )
+
+
+# -- the books ------------------------------------------------------------------------------
+
+
+def merge_ranges(
+    old: list[tuple[int, int]], positions: list[int]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Merge newly deleted ``positions`` (ascending) into the recorded ranges ``old``.
+
+    ``old`` holds disjoint (first, last) ranges, none adjacent to another.
+    Returns (first positions of old ranges to remove, ranges to insert) that
+    turn ``old`` into the ranges of the union, again disjoint and never
+    adjacent.
+    """
+    pieces: list[tuple[int, int, bool]] = [(a, b, True) for a, b in old]
+    run_start = run_end = None
+    for p in positions:
+        if run_end is not None and p == run_end + 1:
+            run_end = p
+            continue
+        if run_start is not None and run_end is not None:
+            pieces.append((run_start, run_end, False))
+        run_start = run_end = p
+    if run_start is not None and run_end is not None:
+        pieces.append((run_start, run_end, False))
+    pieces.sort()
+    remove: list[int] = []
+    insert: list[tuple[int, int]] = []
+    group: list[tuple[int, int, bool]] = []  # pieces that touch: one range
+    end = 0
+
+    def close() -> None:
+        if not group or (len(group) == 1 and group[0][2]):
+            return  # nothing, or an old range nothing touched
+        remove.extend(a for a, _, was_old in group if was_old)
+        insert.append((group[0][0], end))
+
+    for piece in pieces:
+        if group and piece[0] <= end + 1:
+            group.append(piece)
+            end = max(end, piece[1])
+        else:
+            close()
+            group, end = [piece], piece[1]
+    close()
+    return remove, insert
+
+
+async def _books(conn: Any) -> tuple[int, list[tuple[int, int]]]:
+    """The number of compactions so far, and the deleted ranges recorded."""
+    if not await conn.fetchval("SELECT to_regclass('eventstore_compactions') IS NOT NULL"):
+        return 0, []
+    epoch = await conn.fetchval("SELECT coalesce(max(id), 0) FROM eventstore_compactions")
+    rows = await conn.fetch(
+        "SELECT first_position, last_position FROM eventstore_deleted ORDER BY first_position"
+    )
+    return int(epoch), [(int(r[0]), int(r[1])) for r in rows]
+
+
+# -- compaction ------------------------------------------------------------------------------
+
+
+async def compact_postgres(
+    log: PostgresLog,
+    *,
+    dry_run: bool = False,
+    trim_before: int | None = None,
+    progress: Progress | None = None,
+    logger: logging.Logger | None = None,
+) -> PostgresCompactReport:
+    """Delete (and fold) what no read of ``log`` (open for writing) can see any more.
+
+    ``trim_before`` (dry runs only) counts user counts older than it as
+    already trimmed, to report what a retention decision would reclaim.
+    Raises IntegrityError, changing nothing, if the compacted log would not
+    give exactly the same projections.  ``progress(done, total)`` counts
+    rows read.
+    """
+    logger = logger or logging.getLogger("eventstore")
+    if log.read_only and not dry_run:
+        raise StorageError(f"{log.where}: the log is open read-only; nothing compacted")
+    async with log.dedicated() as conn:
+        for _attempt in range(ATTEMPTS):
+            through = int(await conn.fetchval("SELECT position FROM eventstore_head") or 0)
+            epoch, ranges = await _books(conn)
+            steps = _Steps(progress, through * 2)
+            plan = await _plan(log, through, epoch, trim_before if dry_run else None, steps)
+            report = await _measure(conn, plan, dry_run)
+            if dry_run or (not plan.delete and not plan.rewrite):
+                return report
+            if plan.after.state() != plan.before.state():
+                raise _refused(log)
+            committed = await _commit(conn, log, plan, ranges)
+            if committed is None:
+                logger.info("%s: another compaction committed meanwhile; planning again", log.where)
+                continue
+            report.through_position = committed
+            logger.info(
+                "%s: compacted positions 1..%d: %d rows deleted, %d rewritten",
+                log.where,
+                committed,
+                len(plan.delete),
+                len(plan.rewrite),
+            )
+            return report
+    raise StorageError(
+        f"{log.where}: other compactions kept committing while this one planned "
+        f"({ATTEMPTS} attempts); nothing was changed"
+    )
+
+
+class _Steps:
+    """Counts rows read for a progress callback (two passes over the log)."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.total = max(1, total)
+        self.done = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+
+def _refused(log: PostgresLog) -> IntegrityError:
+    return IntegrityError(
+        f"{log.where}: compaction refused: the compacted log would change what reads "
+        "return; nothing was changed"
+    )
+
+
+async def _measure(conn: Any, plan: _Plan, dry_run: bool) -> PostgresCompactReport:
+    """The report, with payload bytes before and after, from the plan."""
+    before = await conn.fetchval(
+        "SELECT coalesce(sum(octet_length(payload)), 0) FROM eventstore_events "
+        "WHERE position <= $1",
+        plan.through,
+    )
+    gone = await conn.fetchval(
+        "SELECT coalesce(sum(octet_length(payload)), 0) FROM eventstore_events "
+        "WHERE position = ANY($1::bigint[])",
+        plan.delete + list(plan.rewrite),
+    )
+    added = sum(len(_encoder.encode(event)) for event in plan.rewrite.values())
+    return PostgresCompactReport(
+        dry_run=dry_run,
+        bytes_before=int(before),
+        bytes_after=int(before) - int(gone) + added,
+        events_before=plan.events,
+        events_after=plan.events - len(plan.delete),
+        dropped_by_type=plan.dropped,
+        users_folded=plan.users_folded,
+        through_position=plan.through,
+        rows_rewritten=len(plan.rewrite),
+    )
+
+
+async def _commit(
+    conn: Any, log: PostgresLog, plan: _Plan, ranges: list[tuple[int, int]]
+) -> int | None:
+    """Prove and apply ``plan`` in one transaction; the head it covered, or None if stale."""
+    async with conn.transaction():
+        # The append lock: until this transaction ends, no process appends
+        # (and no other compaction commits).  See "The lock" above for why a
+        # table lock rather than the head row's.
+        await conn.execute("LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
+        head = int(await conn.fetchval("SELECT position FROM eventstore_head"))
+        epoch, _ = await _books(conn)
+        if epoch != plan.epoch:
+            return None  # rows up to plan.through may have changed: plan again
+        rows = await conn.fetch(
+            "SELECT position, payload FROM eventstore_events "
+            "WHERE position > $1 AND position <= $2 ORDER BY position",
+            plan.through,
+            head,
+        )
+        if rows:
+            positions = [int(r[0]) for r in rows]
+            tail = decode_rows([r[1] for r in rows], positions, log.where)
+            pairs = list(zip(positions, tail, strict=True))
+            plan.before.apply_all(pairs)
+            plan.after.apply_all(pairs)
+        if plan.after.state() != plan.before.state():
+            raise _refused(log)
+
+        status = await conn.execute(
+            "DELETE FROM eventstore_events WHERE position = ANY($1::bigint[])", plan.delete
+        )
+        deleted = int(str(status).rsplit(" ", 1)[-1])
+        if deleted != len(plan.delete):
+            raise IntegrityError(
+                f"{log.where}: compaction found {deleted} of the {len(plan.delete)} rows it "
+                "was to delete (rows removed outside the store?); nothing was changed"
+            )
+        if plan.rewrite:
+            positions = list(plan.rewrite)
+            events = [plan.rewrite[p] for p in positions]
+            status = await conn.execute(
+                "UPDATE eventstore_events AS e SET tag = r.tag, payload = r.payload "
+                "FROM unnest($1::bigint[], $2::smallint[], $3::bytea[]) "
+                "AS r(position, tag, payload) WHERE e.position = r.position",
+                positions,
+                [event_tag(type(e)) for e in events],
+                [_encoder.encode(e) for e in events],
+            )
+            if int(str(status).rsplit(" ", 1)[-1]) != len(positions):
+                raise IntegrityError(
+                    f"{log.where}: compaction could not rewrite every row it planned to; "
+                    "nothing was changed"
+                )
+
+        if not await conn.fetchval("SELECT to_regclass('eventstore_compactions') IS NOT NULL"):
+            # Created here, under the append lock: two first compactions cannot race.
+            await conn.execute(BOOKKEEPING_DDL)
+        remove, insert = merge_ranges(ranges, plan.delete)
+        if remove:
+            await conn.execute(
+                "DELETE FROM eventstore_deleted WHERE first_position = ANY($1::bigint[])", remove
+            )
+        if insert:
+            await conn.execute(
+                "INSERT INTO eventstore_deleted (first_position, last_position) "
+                "SELECT * FROM unnest($1::bigint[], $2::bigint[])",
+                [a for a, _ in insert],
+                [b for _, b in insert],
+            )
+        await conn.execute(
+            "INSERT INTO eventstore_compactions (id, through, deleted, rewritten) "
+            "VALUES ($1, $2, $3, $4)",
+            plan.epoch + 1,
+            head,
+            len(plan.delete),
+            len(plan.rewrite),
+        )
+    return head
