@@ -488,6 +488,11 @@ class SegmentLog(EventLog):
             else:
                 wake.set()
             return first, self._resolved
+        # Rejected: in "flush" mode, writing here when nothing else is queued
+        # (no task switch to the writer) made one awaiting producer 1.9x
+        # faster (96k -> 183k writes/s) but 64 producers 2.3x slower (336k ->
+        # 148k), because every caller then pays its own encode and pwrite
+        # instead of sharing a round.  Group commit wins where it matters.
         fut = self._loop_create_future()
         self._waiters.append(fut)
         wake.set()
