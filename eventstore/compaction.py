@@ -59,6 +59,7 @@ from .events import (
     UserStatsSet,
     event_name,
 )
+from .fsutil import fsync_dir
 from .segment import (
     FLAG_COMPACTED,
     FRAME_EVENTS,
@@ -114,14 +115,6 @@ class CompactReport:
         return self.bytes_before - self.bytes_after
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def recover_compaction(directory: str, logger: logging.Logger, *, read_only: bool) -> None:
     """Finish or undo a compaction a crash interrupted (called by SegmentLog.open)."""
     work = os.path.join(directory, COMPACT_DIR)
@@ -138,7 +131,7 @@ def recover_compaction(directory: str, logger: logging.Logger, *, read_only: boo
         return
     if not os.path.exists(commit):
         shutil.rmtree(work)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         logger.warning("%s: removed an unfinished compaction (not committed)", directory)
         return
     old_names, new_names = _read_commit(commit)
@@ -161,10 +154,10 @@ def _switch(directory: str, work: str, old_names: list[str], new_names: list[str
         if name not in keep:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
-    _fsync_dir(directory)
+    fsync_dir(directory)
     os.unlink(os.path.join(work, COMMIT))
     os.rmdir(work)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _write_commit(work: str, old_names: list[str], new_names: list[str]) -> None:
@@ -176,7 +169,7 @@ def _write_commit(work: str, old_names: list[str], new_names: list[str]) -> None
         f.flush()
         os.fsync(f.fileno())
     os.rename(commit + ".tmp", commit)
-    _fsync_dir(work)
+    fsync_dir(work)
 
 
 def _read_commit(commit: str) -> tuple[list[str], list[str]]:
@@ -267,7 +260,7 @@ class _SegmentWriter:
             self._new_segment(first_position)
         self._close_segment()
         if self.write:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
 
 async def _replay(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .codec import decode_batch
 from .errors import IntegrityError, MigrationError
 from .framing import FrameWalker
+from .fsutil import fsync_dir
 from .lockfile import WriterLock
 from .segment import (
     FLAG_COMPACTED,
@@ -161,11 +162,7 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
             report.bytes_cut += os.path.getsize(path)
             os.rename(path, path + ".broken")
             report.set_aside.append(path + ".broken")
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)
         log.warning(
             "repaired %s: cut %d bytes at %s; copies in %s",
             directory,

@@ -57,6 +57,7 @@ from .compaction import recover_compaction
 from .errors import ConnectionError, IntegrityError, QueryError, StorageError
 from .events import Event
 from .framing import FrameWalker
+from .fsutil import fsync_dir
 from .lockfile import WriterLock
 from .log import EventLog
 from .segment import (
@@ -129,15 +130,6 @@ class Segment:
         if not offs or offset - offs[-1] >= INDEX_STRIDE:
             self.frame_pos.append(first)
             offs.append(offset)
-
-
-def fsync_dir(path: str) -> None:
-    """Make a new, renamed or removed directory entry durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _resolve(waiters: list[asyncio.Future[None]]) -> None:

@@ -43,6 +43,7 @@ from projections import PROJECTION_VERSION, Projections
 
 from .errors import IntegrityError
 from .events import SCHEMA_FINGERPRINT
+from .fsutil import fsync_dir
 
 __all__ = [
     "SnapshotInfo",
@@ -230,11 +231,7 @@ def write_snapshot(
     os.rename(tmp, path)
     for old in list_snapshots(directory)[keep:]:
         os.unlink(old.path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)
     return path
 
 
