@@ -206,6 +206,7 @@ class SegmentLog(EventLog):
         # submit() checks one flag instead of three conditions.
         self._accepting = False
         self._durability_none = durability == "none"
+        self._roll_pending = False
         self._submits = 0
         self._loop_create_future: Callable[[], asyncio.Future[None]] = lambda: (
             asyncio.get_running_loop().create_future()
@@ -465,6 +466,16 @@ class SegmentLog(EventLog):
         wake = self._wake
         assert wake is not None and self._resolved is not None
         if self._durability_none:
+            if self._roll_pending:
+                # A round that starts a new segment waits for the writer's
+                # thread.  Make this caller wait for it too: a caller that
+                # never yields would otherwise never let the writer run, and
+                # the queue (re-encoded at every attempt) would grow without
+                # bound.  This is the one moment "none" makes a caller wait.
+                fut = self._loop_create_future()
+                self._waiters.append(fut)
+                wake.set()
+                return first, fut
             self._submits += 1
             if not self._busy and (
                 self._queued_events >= NONE_FLUSH_EVENTS
@@ -515,6 +526,7 @@ class SegmentLog(EventLog):
             self._queue[:0] = batches
             self._waiters[:0] = waiters
             self._queued_events += sum(len(b[1]) for b in batches)
+            self._roll_pending = True
             assert self._wake is not None
             self._wake.set()
             return
@@ -569,6 +581,7 @@ class SegmentLog(EventLog):
                     break
                 self._finish_round(result)
                 self._last_flush = time.monotonic()
+                self._roll_pending = False
                 _resolve(waiters)
             if not self._queue and self._failed is None:
                 # flush() callers that arrived while a round was in flight.

@@ -422,3 +422,22 @@ async def test_reading_beside_a_busy_writer_misses_nothing(tmp_path: Path, durab
             await asyncio.sleep(0)  # a read of memory only never yields by itself
         await task
         assert reads >= 2  # the reads really did overlap the writes
+
+
+async def test_none_mode_rolls_segments_for_a_caller_that_never_yields(tmp_path: Path) -> None:
+    """Bulk appends in "none" mode (an import) must not pile up: the round
+    that starts a new segment makes the caller wait for the writer once."""
+    from eventstore.segmentlog import SegmentLog
+
+    d = tmp_path / "s"
+    async with EventStore(d, durability="none", segment_size=16 * 1024) as store:
+        log = store.log
+        assert isinstance(log, SegmentLog)
+        for b in range(100):
+            await store.append(
+                [MessageSaved(b * 500 + i, "u", f"bulk {b}/{i}") for i in range(500)]
+            )
+        # Rolled as it went, and nothing close to the whole history queued.
+        assert len(log.segments) > 20
+        assert sum(len(events) for _, events in log._unwritten) < 10_000
+    assert len(await all_events(d)) == 50_000
