@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
 from projections import Projections
+from projections.user_actions import DETAILS_IN_LOG, DETAILS_NONE
 
 from .adapter import StorageAdapter
 from .clock import Clock, system_clock
@@ -399,9 +400,10 @@ class EventStore(StorageAdapter):
             check_name("username", username)
         if action_type is not None:
             check_name("action_type", action_type)
-        positions = self._proj.actions.positions(
-            username, action_type, check_int("limit", limit), check_int("offset", offset)
-        )
+        limit, offset = check_int("limit", limit), check_int("offset", offset)
+        if username is not None:
+            return await self._user_actions(username, action_type, limit, offset)
+        positions = self._proj.actions.positions(username, action_type, limit, offset)
         events = await self._log.fetch(positions)
         return [
             {
@@ -414,6 +416,36 @@ class EventStore(StorageAdapter):
             for pos, ev in zip(positions, events, strict=True)
             if isinstance(ev, UserActionLogged)
         ]
+
+    async def _user_actions(
+        self, username: str, action_type: str | None, limit: int, offset: int
+    ) -> list[dict[str, Any]]:
+        """One user's actions, answered from memory (long details from the log)."""
+        actions = self._proj.actions
+        rows = actions.user_rows(username, action_type, limit, offset)
+        names = actions.details.names
+        in_log = [pos for pos, _, _, code in rows if code == DETAILS_IN_LOG]
+        fetched = dict(zip(in_log, await self._log.fetch(in_log), strict=True)) if in_log else {}
+        out = []
+        for pos, ts, kind, code in rows:
+            if code >= 0:
+                details: str | None = names[code]
+            elif code == DETAILS_NONE:
+                details = None
+            else:
+                event = fetched[pos]
+                assert isinstance(event, UserActionLogged)
+                details = event.details
+            out.append(
+                {
+                    "id": pos,
+                    "timestamp": ts,
+                    "username": username,
+                    "action_type": kind,
+                    "details": details,
+                }
+            )
+        return out
 
     # -- channel peaks ----------------------------------------------------------------
     async def update_channel_stats(

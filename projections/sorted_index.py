@@ -56,27 +56,37 @@ class SortedIndex:
 
         With ``code`` only rows carrying that code count.
         """
-        out: list[int] = []
-        if limit == 0:
-            return out
-        n = len(self.pos)
         if code is None:
+            n = len(self.pos)
             hi = n - offset
             lo = 0 if limit is None else max(0, hi - limit)
-            if hi <= 0:
-                return out
+            if hi <= 0 or limit == 0:
+                return []
             out = self.pos[lo:hi].tolist()
             out.reverse()
             return out
+        poss = self.pos
+        return [poss[i] for i in self.newest_rows(offset, limit, code)]
+
+    def newest_rows(self, offset: int, limit: int | None, code: int | None = None) -> list[int]:
+        """Like ``newest``, but the rows' indexes (for views with parallel arrays)."""
+        n = len(self.pos)
+        if limit == 0:
+            return []
+        if code is None:
+            hi = n - offset
+            lo = 0 if limit is None else max(0, hi - limit)
+            return list(range(hi - 1, lo - 1, -1))
+        out: list[int] = []
         skip = offset
-        codes, poss = self.code, self.pos
+        codes = self.code
         for i in range(n - 1, -1, -1):
             if codes[i] != code:
                 continue
             if skip:
                 skip -= 1
                 continue
-            out.append(poss[i])
+            out.append(i)
             if limit is not None and len(out) >= limit:
                 break
         return out

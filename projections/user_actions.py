@@ -4,28 +4,45 @@ Only an index lives in memory: for every action its timestamp, position (its
 id) and a 4-byte code.  The rows themselves are read from the log by position.
 Three views of the same rows answer the three kinds of query without a scan:
 all actions, one user's, one action type's.
+
+One user's view also keeps a 4-byte details code per row, so the bot's most
+frequent history read, a user's recent actions, needs no log read at all:
+short details (commands such as "!stats") repeat, and are interned; longer
+ones are left in the log (DETAILS_IN_LOG) and fetched for the rows that have
+them.
 """
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 from eventstore.events import UserActionLogged, UserForgotten
 
 from .interning import Interner
-from .sorted_index import SortedIndex
+from .sorted_index import SortedIndex, from_le, to_le
 
-__all__ = ["UserActionsProjection"]
+__all__ = ["DETAILS_IN_LOG", "DETAILS_NONE", "UserActionsProjection"]
+
+#: Details codes of a user's view: no details, or details kept only in the log.
+DETAILS_NONE = -1
+DETAILS_IN_LOG = -2
+#: Details at most this long (in characters) are interned ...
+DETAILS_INTERN_CHARS = 64
+#: ... while fewer than this many distinct ones are; then the log keeps them.
+DETAILS_INTERN_MAX = 65_536
 
 
 class UserActionsProjection:
-    __slots__ = ("all", "by_type", "by_user", "types", "users")
+    __slots__ = ("all", "by_type", "by_user", "details", "types", "user_details", "users")
 
     def __init__(self) -> None:
         self.users = Interner()
         self.types = Interner()
+        self.details = Interner()
         self.all = SortedIndex()  # code: action type
         self.by_user: dict[str, SortedIndex] = {}  # code: action type
+        self.user_details: dict[str, array[int]] = {}  # parallel to by_user
         self.by_type: dict[int, SortedIndex] = {}  # code: user
 
     def on_logged(self, pos: int, ev: UserActionLogged) -> None:
@@ -35,14 +52,32 @@ class UserActionsProjection:
         idx = self.by_user.get(ev.username)
         if idx is None:
             idx = self.by_user[ev.username] = SortedIndex()
-        idx.add(ev.timestamp, pos, tcode)
+            self.user_details[ev.username] = array("i")
+        i = idx.add(ev.timestamp, pos, tcode)
+        dcodes = self.user_details[ev.username]
+        dcode = self._details_code(ev.details)
+        if i == len(dcodes):
+            dcodes.append(dcode)
+        else:
+            dcodes.insert(i, dcode)
         tidx = self.by_type.get(tcode)
         if tidx is None:
             tidx = self.by_type[tcode] = SortedIndex()
         tidx.add(ev.timestamp, pos, ucode)
 
+    def _details_code(self, details: str | None) -> int:
+        if details is None:
+            return DETAILS_NONE
+        code = self.details.get(details)
+        if code is not None:
+            return code
+        if len(details) > DETAILS_INTERN_CHARS or len(self.details.names) >= DETAILS_INTERN_MAX:
+            return DETAILS_IN_LOG
+        return self.details.code(details)
+
     def on_forgotten(self, pos: int, ev: UserForgotten) -> None:
         idx = self.by_user.pop(ev.username, None)
+        self.user_details.pop(ev.username, None)
         if idx is None:
             return
         ucode = self.users.codes[ev.username]
@@ -50,6 +85,30 @@ class UserActionsProjection:
         for tidx in self.by_type.values():
             tidx.drop_code(ucode)
         self.users.forget(ev.username)
+
+    def user_rows(
+        self, username: str, action_type: str | None, limit: int, offset: int
+    ) -> list[tuple[int, int, str, int]]:
+        """One user's actions, newest first: (position, timestamp, type, details code).
+
+        Details codes >= 0 name ``self.details.names``; see DETAILS_NONE and
+        DETAILS_IN_LOG for the others.
+        """
+        idx = self.by_user.get(username)
+        if idx is None:
+            return []
+        tcode = None
+        if action_type is not None:
+            tcode = self.types.get(action_type)
+            if tcode is None:
+                return []
+        dcodes = self.user_details[username]
+        types = self.types.names
+        pos, ts, codes = idx.pos, idx.ts, idx.code
+        return [
+            (pos[i], ts[i], types[codes[i]], dcodes[i])
+            for i in idx.newest_rows(offset, limit, tcode)
+        ]
 
     def positions(
         self, username: str | None, action_type: str | None, limit: int, offset: int
@@ -80,6 +139,8 @@ class UserActionsProjection:
             "types": self.types.names,
             "all": self.all.dump(),
             "by_user": {name: idx.dump() for name, idx in self.by_user.items()},
+            "details": self.details.names,
+            "user_details": {name: to_le(d) for name, d in self.user_details.items()},
             "by_type": {code: idx.dump() for code, idx in self.by_type.items()},
         }
 
@@ -90,6 +151,10 @@ class UserActionsProjection:
         proj.types = Interner(list(data["types"]))
         proj.all = SortedIndex.load(data["all"])
         proj.by_user = {str(name): SortedIndex.load(idx) for name, idx in data["by_user"].items()}
+        proj.details = Interner(list(data["details"]))
+        proj.user_details = {str(name): from_le("i", d) for name, d in data["user_details"].items()}
+        if any(len(proj.user_details[n]) != len(i) for n, i in proj.by_user.items()):
+            raise ValueError("details codes and user views of different sizes")
         proj.by_type = {int(code): SortedIndex.load(idx) for code, idx in data["by_type"].items()}
         if sum(map(len, proj.by_user.values())) != len(proj.all) or sum(
             map(len, proj.by_type.values())
