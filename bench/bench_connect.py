@@ -1,0 +1,246 @@
+"""Benchmark: connect() time and anonymous memory at 1M and 10M events.
+
+Command (from the repository root; about a minute and a half, plus about
+20 s the first time to build a 1M- and a 10M-event store under the bench
+directory, which are kept for bench_reads and later runs)::
+
+    python -m bench.bench_connect            # 1M (5 runs) and 10M events (3 runs)
+    python -m bench.bench_connect --quick    # 50,000 events, 2 runs: checks the script
+
+The stores hold the first N events of the busy-channel workload, appended
+10,000 at a time with durability "none" (``bench.common.build_store``), so
+their frames hold up to ``FRAME_EVENTS`` (64) events each, and a snapshot
+at the last event.
+
+Every measurement runs in a fresh interpreter (``--child``), so that nothing
+an earlier measurement allocated counts: it imports the library, reads
+RssAnon from /proc/self/status, times ``EventStore(dir, snapshot_every=None)
+.connect()`` (read-write, as the bot opens it: lock, recovery scan of the
+last segment, snapshot or replay), reads RssAnon and VmHWM (peak resident
+set, file-backed pages included) again and exits without close(), which
+would write a snapshot.  Cases:
+
+* with the snapshot, and without it (moved aside: a full replay);
+* warm: the files are in the page cache (they were just read or written);
+* cold: before the child starts, every file of the store is dropped from the
+  page cache with posix_fadvise(POSIX_FADV_DONTNEED).  That empties this
+  machine's cache; a virtual disk may still be cached by its host.
+
+Reported: the median over the runs, with the range (min-max).  RssAnon
+after connect is the figure the target names; "of which the store" is the
+increase over the interpreter with the library imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    Target,
+    add_common_args,
+    bench_dir,
+    build_store,
+    fmt_bytes,
+    fmt_rate,
+    fmt_seconds,
+    loadavg,
+    machine_info,
+    md_table,
+    proc_status_kib,
+    run_child,
+    snapshots_aside,
+    summarize,
+    write_json,
+)
+
+CASES = [
+    ("snapshot", "warm"),
+    ("replay", "warm"),
+    ("snapshot", "cold"),
+    ("replay", "cold"),
+]
+
+
+# -- the child: one connect() in a fresh process -------------------------------------------
+def child(directory: str) -> None:
+    import json
+
+    from eventstore import EventStore
+
+    before = proc_status_kib("RssAnon")
+
+    async def connect() -> tuple[float, int]:
+        store = EventStore(directory, snapshot_every=None)
+        began = time.perf_counter()
+        await store.connect()
+        took = time.perf_counter() - began
+        return took, store.position
+
+    seconds, position = asyncio.run(connect())
+    result = {
+        "seconds": seconds,
+        "position": position,
+        "rss_anon_before": before * 1024,
+        "rss_anon": proc_status_kib("RssAnon") * 1024,
+        "vm_hwm": proc_status_kib("VmHWM") * 1024,
+    }
+    print(json.dumps(result), flush=True)
+    # No close(): it would write a snapshot.  The writer lock dies with us.
+    os._exit(0)
+
+
+def drop_page_cache(directory: Path) -> None:
+    """Evict the store's files from this machine's page cache (they are clean)."""
+    for path in directory.iterdir():
+        if not path.is_file():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def measure_one(directory: Path, source: str, cache: str) -> dict[str, Any]:
+    if source == "replay":
+        with snapshots_aside(directory):
+            if cache == "cold":
+                drop_page_cache(directory)
+            return run_child(["bench.bench_connect", "--child", str(directory)])
+    if cache == "cold":
+        drop_page_cache(directory)
+    return run_child(["bench.bench_connect", "--child", str(directory)])
+
+
+def measure(directory: Path, sizes: list[tuple[int, int]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"sizes": {}, "loadavg_1min_per_run": []}
+    for n, runs in sizes:
+        where = directory / f"store-{n}-b10000"
+        print(f"  store of {n:,} events: {where}", flush=True)
+        stamp = build_store(where, n)
+        results: dict[str, list[dict[str, Any]]] = {f"{s}/{c}": [] for s, c in CASES}
+        for run in range(runs):
+            out["loadavg_1min_per_run"].append(loadavg()[0])
+            for source, cache in CASES[run % len(CASES) :] + CASES[: run % len(CASES)]:
+                result = measure_one(where, source, cache)
+                if result["position"] != n:
+                    raise RuntimeError(f"connected at {result['position']}, expected {n}")
+                results[f"{source}/{cache}"].append(result)
+                print(
+                    f"  {n:,} run {run + 1}/{runs} {source:8} {cache}: "
+                    f"{fmt_seconds(result['seconds'])}, RssAnon {fmt_bytes(result['rss_anon'])}",
+                    flush=True,
+                )
+        out["sizes"][str(n)] = {"stamp": stamp, "runs": runs, "results": results}
+    return out
+
+
+def _stat(results: list[dict[str, Any]], field: str) -> Any:
+    return summarize([r[field] for r in results])
+
+
+def targets(data: dict[str, Any]) -> list[Target]:
+    biggest = max(data["sizes"], key=int)
+    res = data["sizes"][biggest]["results"]
+    n = int(biggest)
+    label = f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n:,}"
+    connect = _stat(res["snapshot/warm"], "seconds").median
+    out = [
+        Target.check(
+            f"connect() at {label} events with a snapshot (warm cache): < 0.5 s",
+            0.5,
+            connect,
+            higher=False,
+            shown=fmt_seconds(connect),
+        )
+    ]
+    for source in ("snapshot", "replay"):
+        rss = max(_stat(res[f"{source}/{cache}"], "rss_anon").median for cache in ("warm", "cold"))
+        out.append(
+            Target.check(
+                f"RssAnon after connect at {label} events ({source}): < 300 MB",
+                300e6,
+                rss,
+                higher=False,
+                shown=f"{rss / 1e6:.0f} MB",
+            )
+        )
+    return out
+
+
+def report(data: dict[str, Any]) -> str:
+    rows = []
+    for n, entry in data["sizes"].items():
+        for source, cache in CASES:
+            res = entry["results"][f"{source}/{cache}"]
+            secs = _stat(res, "seconds")
+            rss = _stat(res, "rss_anon")
+            base = _stat(res, "rss_anon_before").median
+            hwm = _stat(res, "vm_hwm")
+            rows.append(
+                [
+                    f"{int(n):,}",
+                    "snapshot" if source == "snapshot" else "none (full replay)",
+                    cache,
+                    secs.spread(fmt_seconds),
+                    fmt_rate(int(n) / secs.median) + "/s" if source == "replay" else "-",
+                    f"{rss.median / 1e6:.0f} MB ({rss['min'] / 1e6:.0f}-{rss['max'] / 1e6:.0f})",
+                    f"{(rss.median - base) / 1e6:.0f} MB",
+                    f"{hwm.median / 1e6:.0f} MB",
+                ]
+            )
+    table = md_table(
+        [
+            "events",
+            "snapshot",
+            "page cache",
+            "connect()",
+            "replay rate",
+            "RssAnon after",
+            "of which the store",
+            "VmHWM (peak RSS)",
+        ],
+        rows,
+    )
+    sizes = "; ".join(
+        f"{int(n):,} events: log {fmt_bytes(e['stamp']['log_bytes'])} in "
+        f"{e['stamp']['segments']} segments, snapshot {fmt_bytes(e['stamp']['snapshot_bytes'])}, "
+        f"{e['runs']} runs"
+        for n, e in data["sizes"].items()
+    )
+    return f"{table}\n\nStores: {sizes}.  MB = 10^6 bytes.\n"
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child(sys.argv[2])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser)
+    args = parser.parse_args()
+    if args.quick:
+        sizes = [(50_000, args.runs or 2)]
+    else:
+        sizes = [(1_000_000, args.runs or 5), (10_000_000, args.runs or 3)]
+    directory = bench_dir(args.dir)
+    info = machine_info(directory)
+    print(f"bench_connect: {sizes} in {directory}, load {info['loadavg']}", flush=True)
+    data = measure(directory, sizes)
+    data["targets"] = targets(data)
+    data["machine"] = info
+    data["loadavg_after"] = loadavg()
+    print(report(data))
+    for t in data["targets"]:
+        print(f"{t['name']}: {t['shown']} -> {t.verdict()}")
+    write_json(args.json, data)
+
+
+if __name__ == "__main__":
+    main()
