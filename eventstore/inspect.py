@@ -24,8 +24,6 @@ from typing import Any
 
 import msgspec
 
-from projections import PROJECTION_VERSION
-
 from .codec import decode_event
 from .errors import ConnectionError, IntegrityError, ValidationError
 from .events import (
@@ -42,7 +40,7 @@ from .log import EventLog
 from .pglog import SCHEMA_VERSION, PostgresLog, is_dsn, redact_dsn
 from .segment import FRAME_HEADER_SIZE, FrameInfo, list_segments
 from .segmentlog import SegmentLog
-from .snapshot import SnapshotInfo, list_snapshots
+from .snapshot import SnapshotInfo, list_snapshots, unusable_reason
 from .verify import ATTEMPTS, Problem, scan_segment
 
 __all__ = [
@@ -227,13 +225,9 @@ def _store_info(directory: str, progress: Progress | None) -> StoreInfo:
     info.counts_by_type = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     info.first, info.last = first, last
     info.earliest_time, info.latest_time = lo, hi
+    scanned = _ScannedLog(head, store_id, frame_at)
     info.snapshots = [
-        SnapshotSummary(
-            os.path.basename(s.path),
-            s.size,
-            s.position,
-            _snapshot_status(s, store_id, head, frame_at.get(s.position)),
-        )
+        SnapshotSummary(os.path.basename(s.path), s.size, s.position, _snapshot_status(s, scanned))
         for s in snaps
     ]
     return info
@@ -256,34 +250,35 @@ def directory_size(directory: str | os.PathLike[str]) -> int:
     return size
 
 
-def _snapshot_status(
-    snap: SnapshotInfo, store_id: bytes | None, head: int, frame: tuple[str, int] | None
-) -> str:
-    """Would ``connect()`` use this snapshot?  The rules of ``snapshot.load_newest``."""
-    if store_id is not None and snap.store_id != store_id:
-        return f"ignored: belongs to another store (id {snap.store_id.hex()})"
-    if snap.projection_version != PROJECTION_VERSION:
-        return (
-            f"ignored: projection version {snap.projection_version}, "
-            f"this code has {PROJECTION_VERSION}"
-        )
-    if snap.fingerprint != SCHEMA_FINGERPRINT.hex():
-        return f"ignored: written for event schema {snap.fingerprint}"
-    if snap.position > head:
-        return f"ignored: covers position {snap.position}, past the log's end {head}"
-    crc = None
-    if frame is not None:
+@dataclass
+class _ScannedLog:
+    """What ``unusable_reason`` needs from a log, from the scan ``store_info`` made."""
+
+    head: int
+    store_id: bytes | None
+    frames: dict[int, tuple[str, int]]  # snapshot position -> (path, frame offset)
+
+    def frame_checksum(self, position: int) -> int | None:
+        frame = self.frames.get(position)
+        if frame is None:
+            return 0  # as SegmentLog: no frame starts at or before ``position``
         path, offset = frame
         with contextlib.suppress(OSError), open(path, "rb") as f:
             f.seek(offset)
             header = f.read(FRAME_HEADER_SIZE)
             if len(header) == FRAME_HEADER_SIZE:
-                crc = int.from_bytes(header[4:8], "little")
-    if crc != snap.frame_checksum:
-        return "ignored: its frame checksum does not match the log (the log was cut?)"
-    if snap.position == head:
+                return int.from_bytes(header[4:8], "little")
+        return None
+
+
+def _snapshot_status(snap: SnapshotInfo, log: _ScannedLog) -> str:
+    """Would ``connect()`` use this snapshot?  Its own rules, not a copy of them."""
+    why = unusable_reason(snap, log)
+    if why is not None:
+        return f"ignored: {why}"
+    if snap.position == log.head:
         return "current"
-    return f"behind: {head - snap.position} positions before the log's end"
+    return f"behind: {log.head - snap.position} positions before the log's end"
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
