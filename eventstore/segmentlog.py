@@ -157,6 +157,31 @@ def _valid_frame_follows(tail: bytes) -> bool:
     return False
 
 
+def _index_frames(
+    seg: Segment, start: int, next_position: int, stop: int, gaps_allowed: bool
+) -> tuple[FrameWalker, FrameError | None]:
+    """Walk ``seg``'s frames from ``start`` to ``stop``, noting them in its index.
+
+    Checksums are checked, payloads not decoded.  Returns the walker (just
+    past the last good frame) and the error that stopped it, if any: what the
+    error means (a torn tail, a live writer's half frame, damage) is the
+    caller's to decide.
+    """
+    walker = FrameWalker(start, next_position, gaps_allowed=gaps_allowed)
+    offset = start
+    try:
+        while offset < stop:
+            data = os.pread(seg.fd, min(max(READ_CHUNK, walker.wanted()), stop - offset), offset)
+            if not data:
+                break
+            offset += len(data)
+            for info, _payload in walker.feed(data):
+                seg.note(info.first_position, info.offset)
+        return walker, walker.finish()
+    except FrameError as err:
+        return walker, err
+
+
 class SegmentLog(EventLog):
     def __init__(
         self,
@@ -331,22 +356,9 @@ class SegmentLog(EventLog):
     def _scan_tail(self, seg: Segment) -> None:
         """Walk the last segment's frames, index them, and cut a torn tail."""
         size = os.fstat(seg.fd).st_size
-        walker = FrameWalker(HEADER_SIZE, seg.first, gaps_allowed=seg.gaps_allowed)
         seg.frame_pos = array("q")
         seg.frame_off = array("q")
-        offset = HEADER_SIZE
-        err: FrameError | None = None
-        try:
-            while offset < size:
-                data = os.pread(seg.fd, max(READ_CHUNK, walker.wanted()), offset)
-                if not data:
-                    break
-                offset += len(data)
-                for info, _payload in walker.feed(data):
-                    seg.note(info.first_position, info.offset)
-            err = walker.finish()
-        except FrameError as bad:
-            err = bad
+        walker, err = _index_frames(seg, HEADER_SIZE, seg.first, size, seg.gaps_allowed)
         if err is not None and not self._is_torn(seg, err, size):
             raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")
         # Every error leaves the walker just past the last good frame.
@@ -874,21 +886,10 @@ class SegmentLog(EventLog):
         Replay builds it as a side effect; after a snapshot, old segments are
         indexed on first use instead.
         """
-        walker = FrameWalker(HEADER_SIZE, seg.first, gaps_allowed=True)
         seg.frame_pos, seg.frame_off = array("q"), array("q")
-        offset = HEADER_SIZE
-        try:
-            while offset < seg.end:
-                data = os.pread(
-                    seg.fd, min(max(READ_CHUNK, walker.wanted()), seg.end - offset), offset
-                )
-                if not data:
-                    break
-                offset += len(data)
-                for info, _payload in walker.feed(data):
-                    seg.note(info.first_position, info.offset)
-        except FrameError as err:
-            raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}") from None
+        _walker, err = _index_frames(seg, HEADER_SIZE, seg.first, seg.end, True)
+        if err is not None and not err.short:  # an incomplete end is replay's to report
+            raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")
         seg.indexed = True
 
     def frame_checksum(self, position: int) -> int | None:
@@ -1058,18 +1059,7 @@ class SegmentLog(EventLog):
     def _continue_scan(self, seg: Segment) -> None:
         """Index frames appended to ``seg`` since it was last scanned."""
         size = os.fstat(seg.fd).st_size
-        walker = FrameWalker(seg.end, seg.next_position, gaps_allowed=seg.gaps_allowed)
-        offset = seg.end
-        try:
-            while offset < size:
-                data = os.pread(seg.fd, max(READ_CHUNK, walker.wanted()), offset)
-                if not data:
-                    break
-                offset += len(data)
-                for info, _payload in walker.feed(data):
-                    seg.note(info.first_position, info.offset)
-                    seg.end = info.end
-                    seg.next_position = info.first_position + info.count
-        except FrameError as err:
-            if not self._is_torn(seg, err, size):
-                raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}") from None
+        walker, err = _index_frames(seg, seg.end, seg.next_position, size, seg.gaps_allowed)
+        seg.end, seg.next_position = walker.offset, walker.next_position
+        if err is not None and not self._is_torn(seg, err, size):
+            raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")
