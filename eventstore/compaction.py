@@ -73,7 +73,14 @@ from .segment import (
 if TYPE_CHECKING:
     from .segmentlog import SegmentLog
 
-__all__ = ["COMPACT_DIR", "CompactReport", "compact_log", "describe", "recover_compaction"]
+__all__ = [
+    "COMPACT_DIR",
+    "CompactReport",
+    "Planner",
+    "compact_log",
+    "describe",
+    "recover_compaction",
+]
 
 COMPACT_DIR = "compacting"
 COMMIT = "COMMIT"
@@ -263,6 +270,94 @@ class _SegmentWriter:
             fsync_dir(self.directory)
 
 
+class Planner:
+    """Decides what a compacted range keeps; the same rules for every backend.
+
+    Pass 1 shows it every event of the range in position order (``observe``);
+    ``fold`` then turns each user's, and the channel's, last statistics event
+    into an absolute one; pass 2 asks ``decide`` about each event again.
+    ``visible`` is what every read sees (at the end of the log, which may lie
+    past the range): rows it no longer holds are dropped.
+    """
+
+    def __init__(self, trim_before: int | None = None) -> None:
+        #: Dry runs: count user counts older than this as already trimmed.
+        self.trim_before = trim_before
+        self._users = UserStatsProjection()
+        self._channel = ChannelStatsProjection()
+        self._last_stats: dict[str, int] = {}
+        self._last_channel = 0
+        self._fold_at: dict[int, Event] = {}
+        self._visible = Projections()
+        # Users with an event kept so far: a UserForgotten after one stays.
+        self._kept_users: set[str] = set()
+
+    def observe(self, position: int, event: Event) -> None:
+        if isinstance(event, UserStatsSaved):
+            self._users.on_saved(position, event)
+        elif isinstance(event, UserStatsSet):
+            self._users.on_set(position, event)
+        elif isinstance(event, SessionEnded):
+            self._users.on_session_ended(position, event)
+        elif isinstance(event, UserForgotten):
+            self._users.on_forgotten(position, event)
+            self._last_stats.pop(event.username, None)
+            return
+        elif isinstance(event, ChannelPeakRaised):
+            self._channel.on_raised(position, event)
+        elif isinstance(event, ChannelStatsSet):
+            self._channel.on_set(position, event)
+        if isinstance(event, (UserStatsSaved, UserStatsSet, SessionEnded)):
+            self._last_stats[event.username] = position
+        elif isinstance(event, (ChannelPeakRaised, ChannelStatsSet)):
+            self._last_channel = position
+
+    def fold(self, visible: Projections) -> int:
+        """End pass 1; return how many users' statistics were folded."""
+        self._visible = visible
+        for name, position in self._last_stats.items():
+            rec = self._users.users.get(name)
+            if rec is not None:  # else its stats events changed nothing: all go
+                self._fold_at[position] = UserStatsSet(name, *rec)
+        users = len(self._fold_at)
+        if self._last_channel:
+            c = self._channel
+            self._fold_at[self._last_channel] = ChannelStatsSet(
+                c.max_users,
+                c.max_users_timestamp,
+                c.max_connected,
+                c.max_connected_timestamp,
+                c.last_updated,
+            )
+        return users
+
+    def decide(self, position: int, event: Event) -> Event | None:
+        """What the compacted range holds at ``position``: ``event``, its fold, or None."""
+        keep: Event | None
+        visible = self._visible
+        if position in self._fold_at:
+            keep = self._fold_at[position]
+        elif isinstance(event, UserForgotten):
+            keep = event if event.username in self._kept_users else None
+        elif isinstance(event, _FOLDED_AWAY):
+            keep = None
+        elif isinstance(event, MessageSaved):
+            keep = event if _visible(visible.messages.index, event.timestamp, position) else None
+        elif isinstance(event, UserActionLogged):
+            keep = event if _visible(visible.actions.all, event.timestamp, position) else None
+        elif isinstance(event, UserCountLogged):
+            seen = _visible(visible.counts.index, event.timestamp, position)
+            if self.trim_before is not None and event.timestamp < self.trim_before:
+                seen = False
+            keep = event if seen else None
+        else:
+            keep = event
+        name = getattr(keep, "username", None)
+        if isinstance(name, str):
+            self._kept_users.add(name)
+        return keep
+
+
 async def _replay(
     log: SegmentLog, through: int, projections: Projections, start: int = 1
 ) -> Projections:
@@ -316,46 +411,13 @@ async def compact_log(
     step(head)
 
     # Pass 1: fold each user's stats, and the channel's, over the sealed range.
-    users = UserStatsProjection()
-    channel = ChannelStatsProjection()
-    last_stats: dict[str, int] = {}
-    last_channel = 0
+    planner = Planner(trim_before)
     async for first, events in log.read_runs(1, last_sealed):
-        for pos, ev in zip(range(first, first + len(events)), events, strict=True):
-            report.events_before += 1
-            if isinstance(ev, UserStatsSaved):
-                users.on_saved(pos, ev)
-                last_stats[ev.username] = pos
-            elif isinstance(ev, UserStatsSet):
-                users.on_set(pos, ev)
-                last_stats[ev.username] = pos
-            elif isinstance(ev, SessionEnded):
-                users.on_session_ended(pos, ev)
-                last_stats[ev.username] = pos
-            elif isinstance(ev, UserForgotten):
-                users.on_forgotten(pos, ev)
-                last_stats.pop(ev.username, None)
-            elif isinstance(ev, ChannelPeakRaised):
-                channel.on_raised(pos, ev)
-                last_channel = pos
-            elif isinstance(ev, ChannelStatsSet):
-                channel.on_set(pos, ev)
-                last_channel = pos
+        for pos, ev in enumerate(events, first):
+            planner.observe(pos, ev)
+        report.events_before += len(events)
         step(len(events))
-    folded: dict[int, Event] = {}
-    for name, pos in last_stats.items():
-        rec = users.users[name]
-        folded[pos] = UserStatsSet(name, rec[0], rec[1], rec[2], rec[3], rec[4])
-    report.users_folded = len(last_stats)
-    if last_channel:
-        c = channel
-        folded[last_channel] = ChannelStatsSet(
-            c.max_users,
-            c.max_users_timestamp,
-            c.max_connected,
-            c.max_connected_timestamp,
-            c.last_updated,
-        )
+    report.users_folded = planner.fold(before)
 
     # Pass 2: write what is still visible, in position order.
     work = os.path.join(directory, COMPACT_DIR)
@@ -367,23 +429,8 @@ async def compact_log(
     dropped: dict[str, int] = {}
     try:
         async for first, events in log.read_runs(1, last_sealed):
-            for pos, ev in zip(range(first, first + len(events)), events, strict=True):
-                keep: Event | None
-                if pos in folded:
-                    keep = folded[pos]
-                elif isinstance(ev, _FOLDED_AWAY):
-                    keep = None
-                elif isinstance(ev, MessageSaved):
-                    keep = ev if _visible(before.messages.index, ev.timestamp, pos) else None
-                elif isinstance(ev, UserActionLogged):
-                    keep = ev if _visible(before.actions.all, ev.timestamp, pos) else None
-                elif isinstance(ev, UserCountLogged):
-                    seen = _visible(before.counts.index, ev.timestamp, pos)
-                    if trim_before is not None and ev.timestamp < trim_before:
-                        seen = False
-                    keep = ev if seen else None
-                else:
-                    keep = ev
+            for pos, ev in enumerate(events, first):
+                keep = planner.decide(pos, ev)
                 if keep is None:
                     name = event_name(ev)
                     dropped[name] = dropped.get(name, 0) + 1

@@ -102,19 +102,10 @@ import msgspec
 
 from projections import Projections
 
-from .compaction import CompactReport
+from .compaction import CompactReport, Planner
 from .errors import IntegrityError, StorageError
 from .events import (
-    ChannelPeakRaised,
-    ChannelStatsSet,
     Event,
-    MessageSaved,
-    SessionEnded,
-    UserActionLogged,
-    UserCountLogged,
-    UserForgotten,
-    UserStatsSaved,
-    UserStatsSet,
     event_name,
     event_tag,
 )
@@ -128,8 +119,6 @@ Progress = Callable[[int, int], None]
 #: How often a compaction plans again when another one committed meanwhile.
 ATTEMPTS = 3
 
-_STATS = (UserStatsSaved, UserStatsSet, SessionEnded)
-_CHANNEL = (ChannelPeakRaised, ChannelStatsSet)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -152,47 +141,9 @@ class PostgresCompactReport(CompactReport):
 # -- the plan ------------------------------------------------------------------------------
 
 
-class _Planner:
-    """Decides, row by row in position order, what the compacted log holds.
-
-    ``before`` is what every read sees at the end of the range; ``fold_at``
-    maps the position of each user's (and the channel's) last statistics row
-    to the absolute event that replaces it.
-    """
-
-    def __init__(
-        self, before: Projections, fold_at: dict[int, Event], trim_before: int | None
-    ) -> None:
-        self.messages = set(before.messages.index.pos)
-        self.actions = set(before.actions.all.pos)
-        self.counts = set(before.counts.index.pos)
-        self.fold_at = fold_at
-        self.trim_before = trim_before
-        # Users with a row kept so far: their UserForgotten rows must stay.
-        self.kept_users: set[str] = set()
-
-    def decide(self, position: int, event: Event) -> Event | None:
-        """The event the new log holds at ``position``: ``event``, a replacement, or None."""
-        keep: Event | None
-        if position in self.fold_at:
-            keep = self.fold_at[position]
-        elif isinstance(event, _STATS + _CHANNEL):
-            keep = None
-        elif isinstance(event, MessageSaved):
-            keep = event if position in self.messages else None
-        elif isinstance(event, UserActionLogged):
-            keep = event if position in self.actions else None
-        elif isinstance(event, UserCountLogged):
-            trimmed = self.trim_before is not None and event.timestamp < self.trim_before
-            keep = event if position in self.counts and not trimmed else None
-        elif isinstance(event, UserForgotten):
-            keep = event if event.username in self.kept_users else None
-        else:
-            keep = event
-        name = getattr(keep, "username", None)
-        if isinstance(name, str):
-            self.kept_users.add(name)
-        return keep
+# The directory store's rules, so both backends compact alike (the tests
+# reach the decision through this name).
+_Planner = Planner
 
 
 @dataclass
@@ -214,38 +165,17 @@ async def _plan(
     # Pass 1: what every read sees at ``through``, and where each user's
     # statistics (and the channel's) were last changed.
     before = Projections()
-    last_stats: dict[str, int] = {}
-    last_channel = 0
+    planner = _Planner(trim_before)
     events = 0
     async for first, run in log.read_runs(1, through):
         before.apply_run(first, run)
         for position, event in enumerate(run, first):
-            if isinstance(event, _STATS):
-                last_stats[event.username] = position
-            elif isinstance(event, UserForgotten):
-                last_stats.pop(event.username, None)
-            elif isinstance(event, _CHANNEL):
-                last_channel = position
+            planner.observe(position, event)
         events += len(run)
         step(len(run))
-    fold_at: dict[int, Event] = {}
-    for name, position in last_stats.items():
-        rec = before.user_stats.users.get(name)
-        if rec is not None:  # else its last rows changed nothing: they all go
-            fold_at[position] = UserStatsSet(name, rec[0], rec[1], rec[2], rec[3], rec[4])
-    users_folded = len(fold_at)
-    if last_channel:
-        c = before.channel
-        fold_at[last_channel] = ChannelStatsSet(
-            c.max_users,
-            c.max_users_timestamp,
-            c.max_connected,
-            c.max_connected_timestamp,
-            c.last_updated,
-        )
+    users_folded = planner.fold(before)
 
     # Pass 2: decide row by row, and fold the new log as it would read.
-    planner = _Planner(before, fold_at, trim_before)
     after = Projections()
     delete: list[int] = []
     rewrite: dict[int, Event] = {}
