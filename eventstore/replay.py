@@ -42,8 +42,9 @@ from typing import Any
 
 from projections import Projections
 
-from .errors import ConnectionError, ValidationError
+from .errors import ValidationError
 from .events import MessageSaved, UserActionLogged, event_time
+from .inspect import open_log
 from .log import EventLog
 from .pglog import PostgresLog, is_dsn, redact_dsn
 from .segmentlog import SegmentLog
@@ -203,16 +204,8 @@ async def replay(
     for name, value in (("until", until), ("at", at)):
         if value is not None and (type(value) is not int or value < 0):
             raise ValidationError(f"{name} must be an int >= 0, got {value!r}")
-    log: EventLog
-    if is_dsn(target):
-        d = redact_dsn(str(target))
-        log = PostgresLog(str(target), read_only=True, create=False)
-    else:
-        d = os.fspath(target)
-        if not os.path.isdir(d):
-            raise ConnectionError(f"{d}: no such store directory")
-        log = SegmentLog(d, read_only=True)
-    await log.open()
+    d = redact_dsn(str(target)) if is_dsn(target) else os.fspath(target)
+    log = await open_log(target)
     try:
         proj = Projections()
         head = log.head
