@@ -90,12 +90,10 @@ class Projections:
     def apply_run(self, first: int, events: list[Event]) -> None:
         """Fold events at consecutive positions from ``first`` (one frame's worth)."""
         handlers = self._handlers
-        position = first
-        for event in events:
+        for position, event in enumerate(events, first):
             handlers[type(event)](position, event)
-            position += 1
         if events:
-            self.position = position - 1
+            self.position = first + len(events) - 1
 
     def apply_all(self, items: Iterable[tuple[int, Event]]) -> None:
         handlers = self._handlers

@@ -28,10 +28,19 @@ class MessagesProjection:
         return len(self.index)
 
     def on_saved(self, pos: int, ev: MessageSaved) -> None:
+        # Once per chat line: SortedIndex.add's common case is inlined.
         code = self.users.codes.get(ev.username)
         if code is None:
             code = self.users.code(ev.username)
-        self.index.add(ev.timestamp, pos, code)
+        ts = ev.timestamp
+        index = self.index
+        tss = index.ts
+        if tss and ts < tss[-1]:
+            index.add(ts, pos, code)
+            return
+        tss.append(ts)
+        index.pos.append(pos)
+        index.code.append(code)
 
     def on_cleared(self, pos: int, ev: MessagesCleared) -> None:
         # The newest ``keep_count`` rows are the last ones of the index.

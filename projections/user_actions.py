@@ -46,28 +46,48 @@ class UserActionsProjection:
         self.by_type: dict[int, SortedIndex] = {}  # code: user
 
     def on_logged(self, pos: int, ev: UserActionLogged) -> None:
-        tcode = self.types.code(ev.action_type)
-        ucode = self.users.code(ev.username)
-        self.all.add(ev.timestamp, pos, tcode)
-        idx = self.by_user.get(ev.username)
+        # Replay runs this once per action; the common case (a known user and
+        # type, a timestamp not older than the newest row) is spelled out
+        # inline because each SortedIndex.add call costs as much as its body.
+        ts = ev.timestamp
+        name = ev.username
+        tcode = self.types.codes.get(ev.action_type)
+        if tcode is None:
+            tcode = self.types.code(ev.action_type)
+        idx = self.by_user.get(name)
         if idx is None:
-            idx = self.by_user[ev.username] = SortedIndex()
-            self.user_details[ev.username] = array("i")
-        i = idx.add(ev.timestamp, pos, tcode)
-        dcodes = self.user_details[ev.username]
-        dcode = self._details_code(ev.details)
-        if i == len(dcodes):
-            dcodes.append(dcode)
+            ucode = self.users.code(name)
+            idx = self.by_user[name] = SortedIndex()
+            dcodes = self.user_details[name] = array("i")
         else:
-            dcodes.insert(i, dcode)
+            ucode = self.users.codes[name]
+            dcodes = self.user_details[name]
+        details = ev.details
+        dcode = DETAILS_NONE if details is None else self._details_code(details)
         tidx = self.by_type.get(tcode)
         if tidx is None:
             tidx = self.by_type[tcode] = SortedIndex()
-        tidx.add(ev.timestamp, pos, ucode)
+        alls = self.all
+        if alls.ts and ts < alls.ts[-1]:
+            # Older than the newest row: inserted in place in each view.
+            alls.add(ts, pos, tcode)
+            dcodes.insert(idx.add(ts, pos, tcode), dcode)
+            tidx.add(ts, pos, ucode)
+            return
+        # Not older than any row of ``all``, so not older than any row of the
+        # other two views either (they hold the same rows): append to all.
+        alls.ts.append(ts)
+        alls.pos.append(pos)
+        alls.code.append(tcode)
+        idx.ts.append(ts)
+        idx.pos.append(pos)
+        idx.code.append(tcode)
+        dcodes.append(dcode)
+        tidx.ts.append(ts)
+        tidx.pos.append(pos)
+        tidx.code.append(ucode)
 
-    def _details_code(self, details: str | None) -> int:
-        if details is None:
-            return DETAILS_NONE
+    def _details_code(self, details: str) -> int:
         code = self.details.get(details)
         if code is not None:
             return code
