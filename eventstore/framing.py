@@ -4,6 +4,10 @@
 4 MiB at a time) and yields every complete, checksum-verified frame.  It keeps
 the bytes of a frame that straddles two chunks.  It does not decode payloads:
 callers decide whether to (replay does, the tail scan and ``info`` do not).
+
+A frame header of 20 zero bytes ends the frames (zero-filled space, see
+segment.py): from there the walker only checks that every byte it is fed is
+zero, and raises FrameError at the first one that is not.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ class FrameWalker:
         self._i = 0  # index in _buf of the next unparsed frame
         self.next_position = next_position
         self.gaps_allowed = gaps_allowed
+        #: File offset where zero-filled space began, once the walker met it.
+        self.zeros_from: int | None = None
+        self._fed_end = 0
 
     @property
     def offset(self) -> int:
@@ -46,6 +53,10 @@ class FrameWalker:
 
         A payload view is valid until the next call of ``feed``.
         """
+        if self.zeros_from is not None:
+            self._check_zeros(data, self._fed_end)
+            self._fed_end += len(data)
+            return
         if self._i:
             self._buf = self._buf[self._i :]
             self._base += self._i
@@ -60,6 +71,9 @@ class FrameWalker:
             except FrameError as err:
                 if err.short:
                     return  # wait for more bytes
+                if err.blank:
+                    self._enter_zeros()
+                    return
                 raise
             if info.first_position != self.next_position and not (
                 self.gaps_allowed and info.first_position > self.next_position
@@ -74,9 +88,35 @@ class FrameWalker:
             self._i = info.end - self._base
             yield info, view[start : self._i]
 
+    def _enter_zeros(self) -> None:
+        """The frame header at ``_i`` is blank: the rest must be zeros too."""
+        self.zeros_from = self._base + self._i
+        rest, self._buf = self._buf[self._i :], self._buf[: self._i]
+        # File offset just past the bytes fed so far (``offset`` stays put).
+        self._fed_end = self.zeros_from + len(rest)
+        self._check_zeros(rest, self.zeros_from)
+
+    def _check_zeros(self, data: bytes, at: int) -> None:
+        rest = data.lstrip(b"\0")
+        if rest:
+            # Reported where the frames stopped: what lies between is lost.
+            assert self.zeros_from is not None
+            raise FrameError(
+                self.zeros_from,
+                f"zero bytes instead of a frame, but a non-zero byte follows at offset "
+                f"{at + len(data) - len(rest)}",
+            )
+
     def finish(self) -> FrameError | None:
-        """At the end of the data: the error for a trailing incomplete frame, if any."""
+        """At the end of the data: the error for a trailing incomplete frame, if any.
+
+        Fewer than 20 bytes left, all zero, is zero-filled space too short to
+        hold a blank header: not an error.
+        """
         if self.pending == 0:
+            return None
+        if not self._buf[self._i :].lstrip(b"\0"):
+            self.zeros_from = self.offset
             return None
         try:
             parse_frame(self._buf, self._i, self._base)

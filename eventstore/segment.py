@@ -22,8 +22,13 @@ Then frames, back to back, each::
     20  n  payload          one msgpack array of ``count`` events (codec.py)
 
 The events of a frame have consecutive positions.  After compaction frames
-may leave gaps between them, never inside.  ``docs/format.md`` says the same
-with examples.
+may leave gaps between them, never inside.
+
+Zero bytes may follow the last frame, up to the end of the file: a writer in
+"fsync" mode fills space with zeros before it writes frames into it (see
+``segmentlog.PREFILL_BYTES``).  A frame header of 20 zero bytes therefore
+ends the frames, provided every byte after it is zero too; a non-zero byte
+after it is damage.  ``docs/format.md`` says the same with examples.
 """
 
 from __future__ import annotations
@@ -146,13 +151,22 @@ class FrameError(Exception):
     """Why the bytes at an offset are not a valid frame (used by the scanners)."""
 
     def __init__(
-        self, offset: int, reason: str, *, short: bool = False, checksum: bool = False
+        self,
+        offset: int,
+        reason: str,
+        *,
+        short: bool = False,
+        checksum: bool = False,
+        blank: bool = False,
     ) -> None:
         super().__init__(reason)
         self.offset = offset
         self.reason = reason
         #: True if the frame is complete but its checksum does not match.
         self.checksum = checksum
+        #: True if the frame header is 20 zero bytes: the start of zero-filled
+        #: space (FrameWalker then checks that only zeros follow).
+        self.blank = blank
         #: True if the frame would extend past the end of the data: the shape
         #: a write cut short by a crash leaves behind.
         self.short = short
@@ -179,6 +193,8 @@ def parse_frame(buf: bytes | memoryview, offset: int, base: int = 0) -> FrameInf
         )
     mv = memoryview(buf)
     if frame_crc(mv[offset + 8 : offset + 20], mv[offset + 20 : end]) != crc:
+        if not (length or crc or first or count):
+            raise FrameError(base + offset, "zero bytes instead of a frame", blank=True)
         raise FrameError(base + offset, "frame checksum mismatch", checksum=True)
     if count == 0:
         raise FrameError(base + offset, "frame holds no events")

@@ -91,6 +91,18 @@ INDEX_STRIDE = 4096
 #: Bytes of frames kept (split, not decoded) for fetch(): recent chat and a
 #: user's recent actions are read again and again.
 CACHE_BYTES = 8 * 1024 * 1024
+#: In "fsync" mode, a round that writes past the end of the active segment
+#: file also appends this many zero bytes (at most up to segment_size), which
+#: later rounds overwrite.  fdatasync of a write that grows a file must also
+#: commit the new size to the file system's journal; overwriting blocks that
+#: already exist syncs the data alone.  Measured on the project machine: a
+#: write + fdatasync loop appending one-event frames ran at 7.0k/s, the same
+#: loop overwriting a zero-filled file at 10k/s.  Zeros written rather than
+#: ``fallocate``d: ext4 converts unwritten extents on first write, and that
+#: conversion is journalled too.  The zeros after the last frame are cut
+#: when the segment is sealed and when the log closes.
+PREFILL_BYTES = 1024 * 1024
+_ZEROS = bytes(PREFILL_BYTES)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -218,6 +230,9 @@ class SegmentLog(EventLog):
         # Where the writer appends next in the last segment.  Readers use
         # ``Segment.end`` instead, which moves only when a round is indexed.
         self._wend = 0
+        # Size of the active segment file: past ``_wend`` it holds zeros.
+        self._filled = 0
+        self._prefill = durability == "fsync"
         self._failed: StorageError | None = None
         self._last_flush = 0.0
         self._resolved: asyncio.Future[None] | None = None
@@ -352,9 +367,14 @@ class SegmentLog(EventLog):
         if not self.read_only:
             self._wfd = os.open(self._segments[-1].path, os.O_WRONLY)
             self._wend = self._segments[-1].end
+            self._filled = os.fstat(self._wfd).st_size
 
     def _scan_tail(self, seg: Segment) -> None:
-        """Walk the last segment's frames, index them, and cut a torn tail."""
+        """Walk the last segment's frames, index them, and cut a torn tail.
+
+        Zeros after the last frame (space a writer filled in "fsync" mode)
+        are not a torn tail: they stay, and the writer writes over them.
+        """
         size = os.fstat(seg.fd).st_size
         seg.frame_pos = array("q")
         seg.frame_off = array("q")
@@ -363,7 +383,7 @@ class SegmentLog(EventLog):
             raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")
         # Every error leaves the walker just past the last good frame.
         good = walker.offset
-        if good < size and not self.read_only:
+        if err is not None and good < size and not self.read_only:
             # (A reader leaves the tail alone: a live writer may be half-way
             # through that frame.)
             self.logger.warning(
@@ -386,24 +406,28 @@ class SegmentLog(EventLog):
     def _is_torn(self, seg: Segment, err: FrameError, size: int) -> bool:
         """Is ``err`` the shape a crash mid-write leaves at the end of the log?
 
-        A frame running past the end of the file, a frame ending exactly at the
-        end whose checksum fails (a power cut can leave a frame's last pages
-        unwritten), or nothing but zeros after the last good frame (a file
-        extended but never filled) -- provided no valid frame follows.  A
-        damaged length field can make a frame in the middle look like it runs
-        past the end; the frame after it then still parses, and that is
-        damage, not a crash.
+        A frame running past the end of the file, a frame whose checksum
+        fails with nothing but zeros after it (a power cut can leave a frame's
+        last pages unwritten; the zeros are space filled in "fsync" mode, or
+        none at all), or nothing but zeros after the last good frame --
+        provided no valid frame follows.  A damaged length field can make a
+        frame in the middle look like it runs past the end; the frame after
+        it then still parses, and that is damage, not a crash.
         """
         tail = os.pread(seg.fd, size - err.offset, err.offset)
         if not tail.strip(b"\0"):
             return True
+        if not tail[:FRAME_HEADER_SIZE].strip(b"\0"):
+            # Zeros where a frame should start, then other bytes: writes land
+            # in order, so a crash does not leave this (a zeroed page does).
+            return False
         if len(tail) >= FRAME_HEADER_SIZE and _valid_frame_follows(tail):
             return False
         if err.short:
             return True
         if err.checksum:
             length = int.from_bytes(tail[:4], "little")
-            return err.offset + FRAME_HEADER_SIZE + length == size
+            return not tail[FRAME_HEADER_SIZE + length :].strip(b"\0")
         return False
 
     def _create_segment(self, first: int, flags: int = 0) -> Segment:
@@ -439,9 +463,10 @@ class SegmentLog(EventLog):
         loop = asyncio.get_running_loop()
         if self._pool is not None:
             if self._wfd is not None and self._failed is None:
-                # Whatever the mode, close() leaves everything accepted durable.
+                # Whatever the mode, close() leaves everything accepted durable
+                # (and no zeros after the last frame).
                 with contextlib.suppress(OSError):
-                    await loop.run_in_executor(self._pool, os.fdatasync, self._wfd)
+                    await loop.run_in_executor(self._pool, self._seal, self._wend)
             await loop.run_in_executor(self._pool, self._close_files)
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -644,10 +669,21 @@ class SegmentLog(EventLog):
         _resolve(waiters)
 
     def _seal_and_roll(self, first: int) -> None:
-        assert self._wfd is not None
-        os.fdatasync(self._wfd)
+        self._seal(self._wend)
         self._roll(first)
         self._wend = HEADER_SIZE
+
+    def _seal(self, end: int) -> None:
+        """Cut the zeros after ``end`` (the last frame) and sync the active segment.
+
+        Before a roll: once a later segment exists, this one is sealed, and
+        only the last segment may end in zeros.
+        """
+        assert self._wfd is not None
+        if self._filled > end:
+            os.ftruncate(self._wfd, end)
+            self._filled = end
+        os.fdatasync(self._wfd)
 
     def _encode(self, batches: list[tuple[int, Sequence[Event]]]) -> list[tuple[int, int, bytes]]:
         """Encode a round as frames of consecutive events: (first, count, bytes)."""
@@ -684,12 +720,19 @@ class SegmentLog(EventLog):
         try:
             for first, count, data in frames:
                 if offset > HEADER_SIZE and offset + len(data) > self.segment_size:
-                    os.fdatasync(self._wfd)
+                    self._seal(offset)
                     seg = self._roll(first)
                     offset = HEADER_SIZE
                 self._pwrite_all(data, offset)
                 placed.append((seg, first, count, offset, offset + len(data)))
                 offset += len(data)
+            if offset > self._filled:
+                # This round grew the file: grow it by PREFILL_BYTES of zeros
+                # more, so that the next rounds' fdatasyncs find the size set.
+                fill = min(self.segment_size, offset + PREFILL_BYTES) if self._prefill else 0
+                if fill > offset:
+                    self._pwrite_all(memoryview(_ZEROS)[: fill - offset], offset)
+                self._filled = max(fill, offset)
             if sync:
                 os.fdatasync(self._wfd)
         except OSError as err:
@@ -718,8 +761,9 @@ class SegmentLog(EventLog):
                 fsync_dir(self.directory)
             assert self._wfd is not None
             os.ftruncate(self._wfd, begin)
+            self._filled = begin
 
-    def _pwrite_all(self, data: bytes, offset: int) -> None:
+    def _pwrite_all(self, data: bytes | memoryview, offset: int) -> None:
         assert self._wfd is not None
         view = memoryview(data)
         while view:
@@ -732,6 +776,7 @@ class SegmentLog(EventLog):
         assert self._wfd is not None
         os.close(self._wfd)
         self._wfd = os.open(seg.path, os.O_WRONLY)
+        self._filled = HEADER_SIZE
         return seg
 
     def _finish_round(self, placed: list[tuple[Segment, int, int, int, int]]) -> None:
@@ -845,6 +890,7 @@ class SegmentLog(EventLog):
         if building:
             seg.indexed = True
             seg.next_position = walker.next_position
+            seg.end = walker.offset  # before any zeros
 
     async def fetch(self, positions: Sequence[int]) -> list[Event]:
         written = self._written_head()
@@ -887,9 +933,11 @@ class SegmentLog(EventLog):
         indexed on first use instead.
         """
         seg.frame_pos, seg.frame_off = array("q"), array("q")
-        _walker, err = _index_frames(seg, HEADER_SIZE, seg.first, seg.end, True)
+        walker, err = _index_frames(seg, HEADER_SIZE, seg.first, seg.end, True)
         if err is not None and not err.short:  # an incomplete end is replay's to report
             raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")
+        if err is None:
+            seg.end = walker.offset  # before any zeros
         seg.indexed = True
 
     def frame_checksum(self, position: int) -> int | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from eventstore import EventStore
+from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE
 
 
 def segment_files(directory: Path) -> list[Path]:
@@ -32,3 +33,20 @@ def copy_store(src: Path, dst: Path) -> Path:
     if lock.exists():
         os.unlink(lock)
     return dst
+
+
+def frames_end(data: bytes) -> int:
+    """Offset just past a segment's last frame (frames are walked to a zero header).
+
+    An "fsync" writer keeps zeros after the last frame of the active segment.
+    """
+    off = HEADER_SIZE
+    while off + FRAME_HEADER_SIZE <= len(data) and data[off : off + FRAME_HEADER_SIZE].strip(b"\0"):
+        off += FRAME_HEADER_SIZE + int.from_bytes(data[off : off + 4], "little")
+    return off
+
+
+def frames_only(path: Path) -> bytes:
+    """A segment's bytes without the zeros after its last frame."""
+    data = path.read_bytes()
+    return data[: frames_end(data)]

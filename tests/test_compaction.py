@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from storeutil import segment_files
+from storeutil import frames_only, segment_files
 
 from eventstore import EventStore, IntegrityError
 from eventstore import compaction as compaction_mod
@@ -216,7 +216,7 @@ async def test_an_interrupted_compaction_opens_old_or_new_never_a_mix(
         await store.save_message("first", "kept for ever", timestamp=10**9)
         await busy_history(store, 3)
         before = await reads(store)
-        old_files = {p.name: p.read_bytes() for p in segment_files(d)}
+        old_files = {p.name: frames_only(p) for p in segment_files(d)}
         if fail_at == "write":
             real_add = compaction_mod._SegmentWriter.add
             count = {"n": 0}

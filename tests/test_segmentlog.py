@@ -150,11 +150,14 @@ async def test_torn_tail_is_cut_and_logged_with_byte_count(
     assert last.stat().st_size < size - 3  # the partial frame is gone from disk
 
 
-async def test_garbage_zeros_after_last_frame_are_cut(tmp_path: Path) -> None:
+async def test_zeros_after_last_frame_are_skipped_then_cut_on_close(tmp_path: Path) -> None:
     d, events = await _small_store(tmp_path)
-    with open(segment_files(d)[-1], "ab") as f:
+    last = segment_files(d)[-1]
+    size = last.stat().st_size
+    with open(last, "ab") as f:
         f.write(b"\0" * 4096)
     assert await all_events(d) == events
+    assert last.stat().st_size == size
 
 
 def _frame_offsets(data: bytes) -> list[int]:

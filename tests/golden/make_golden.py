@@ -6,6 +6,9 @@ Run once per format or event change, from the repository root:
 
 It writes tests/golden/<name>/store/ (segments, one of them compacted, and a
 snapshot) and tests/golden/<name>/expected.json (what every read returns).
+Since v4 the store is copied while its writer is still open (after a
+snapshot), as a crash would leave it: the last segment then ends in the
+zeros an "fsync" writer fills ahead of its writes.
 Committed golden stores are never rewritten: tests/test_golden.py opens each
 of them with the current code and compares.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,7 @@ async def reads(store: EventStore) -> dict[str, Any]:
     }
 
 
-async def write(directory: Path) -> dict[str, Any]:
+async def write(directory: Path, copy_to: Path) -> dict[str, Any]:
     t = 1_750_000_000
     clock = {"now": t}
     store = EventStore(
@@ -76,7 +81,9 @@ async def write(directory: Path) -> dict[str, Any]:
             await store.compact()
     await store.save_message("zero", "a message at time 0", timestamp=0)
     expected = await reads(store)
-    await store.close()  # writes the snapshot
+    await store.write_snapshot()
+    shutil.copytree(directory, copy_to)  # every acknowledged write is on disk
+    await store.close()
     return expected
 
 
@@ -85,7 +92,8 @@ def main() -> None:
     target = HERE / name
     if target.exists():
         sys.exit(f"{target} exists: golden stores are never rewritten")
-    expected = asyncio.run(write(target / "store"))
+    with tempfile.TemporaryDirectory() as tmp:
+        expected = asyncio.run(write(Path(tmp) / "store", target / "store"))
     lock = target / "store" / "LOCK"
     if lock.exists():
         lock.unlink()
