@@ -49,6 +49,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 
 import msgspec
 
@@ -495,11 +497,13 @@ class SegmentLog(EventLog):
         if not self._accepting:
             return self._refuse(events)
         first = self._head + 1
-        self._head += len(events)
+        n = len(events)
+        self._head += n
         batch = (first, events)
         self._unwritten.append(batch)
-        self._queue.append(batch)
-        self._queued_events += len(events)
+        queue = self._queue
+        queue.append(batch)
+        self._queued_events += n
         wake = self._wake
         assert wake is not None and self._resolved is not None
         if self._durability_none:
@@ -525,7 +529,9 @@ class SegmentLog(EventLog):
                 # (If that round must start a new segment, it goes to the
                 # writer's thread after all: see _write_round_inline.)
                 self._write_round_inline()
-            else:
+            elif len(queue) == 1:
+                # Woken when the queue stops being empty; the writer empties
+                # it whole each round, so a longer queue has a wake pending.
                 wake.set()
             return first, self._resolved
         # Rejected: in "flush" mode, writing here when nothing else is queued
@@ -535,7 +541,8 @@ class SegmentLog(EventLog):
         # instead of sharing a round.  Group commit wins where it matters.
         fut = self._loop_create_future()
         self._waiters.append(fut)
-        wake.set()
+        if len(queue) == 1:
+            wake.set()
         return first, fut
 
     def _refuse(self, events: Sequence[Event]) -> tuple[int, asyncio.Future[None]]:
@@ -688,12 +695,8 @@ class SegmentLog(EventLog):
     def _encode(self, batches: list[tuple[int, Sequence[Event]]]) -> list[tuple[int, int, bytes]]:
         """Encode a round as frames of consecutive events: (first, count, bytes)."""
         frames: list[tuple[int, int, bytes]] = []
-        run: list[Event] = []
-        run_first = 0
-        for first, events in batches:
-            if not run:
-                run_first = first
-            run.extend(events)
+        run_first = batches[0][0] if batches else 0
+        run: list[Event] = list(chain.from_iterable([events for _, events in batches]))
         for start in range(0, len(run), FRAME_EVENTS):
             chunk = run[start : start + FRAME_EVENTS]
             buf = bytearray(FRAME_HEADER_SIZE)
@@ -787,11 +790,7 @@ class SegmentLog(EventLog):
             seg.next_position = first + count
             seg.end = end
             last = first + count - 1
-        unwritten = self._unwritten
-        i = 0
-        while i < len(unwritten) and unwritten[i][0] <= last:
-            i += 1
-        del unwritten[:i]
+        del self._unwritten[: bisect_right(self._unwritten, last, key=itemgetter(0))]
 
     def _fail(self, err: StorageError, waiters: list[asyncio.Future[None]]) -> None:
         """A write failed: fail its callers and every later one, accept no more."""

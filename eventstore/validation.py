@@ -69,5 +69,7 @@ def check_name(name: str, value: Any) -> str:
         raise ValidationError(f"{name} must be a str, got {type(value).__name__} {_show(value)}")
     if not value:
         raise ValidationError(f"{name} must not be empty")
-    check_text(name, value)
+    # check_text's bound, inline: a name is checked on nearly every write.
+    if len(value) * 4 > MAX_TEXT_BYTES or not value.isascii():
+        check_text(name, value)
     return value
