@@ -19,6 +19,7 @@ current events::
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from .events import EVENT_TYPES, BaseEvent, Event, event_tag
 
 __all__ = [
     "decode_batch",
+    "decode_frames",
     "encode_batch",
     "encode_batch_into",
     "known_tags",
@@ -42,6 +44,8 @@ _decoder: msgspec.msgpack.Decoder[list[Any]] = msgspec.msgpack.Decoder(list[Even
 # bytes (no event objects built), then decode only the element wanted.
 _raw_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _one_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Event)
+# msgpack's array 32 header: 0xdd, then the element count (big-endian).
+_ARRAY32 = struct.Struct(">BI")
 # Old event type -> function returning the next version (applied until current).
 _upcasters: dict[type[BaseEvent], Callable[[Any], BaseEvent]] = {}
 
@@ -113,6 +117,44 @@ def decode_batch(data: bytes | memoryview, where: str = "") -> list[Event]:
         raise IntegrityError(
             f"undecodable event batch{' at ' + where if where else ''}: {err}"
         ) from err
+    if _upcasters:
+        events = [_upcast(e) if type(e) in _upcasters else e for e in events]
+    return events
+
+
+def decode_frames(
+    payloads: Sequence[bytes | memoryview], counts: Sequence[int]
+) -> list[Event] | None:
+    """Decode the events of several batches in one call, as one flat list.
+
+    A frame holds one batch, and a bot that awaits every write makes one
+    frame per event: one decode call per frame then costs more than the
+    decoding, and one list per frame keeps the garbage collector busy.  So
+    each payload's array header is checked against its frame's event count
+    and dropped, and the events of all of them are decoded as one array.
+    Returns None if a header does not match or decoding fails: the caller
+    then decodes the batches one by one to learn which is bad.
+    """
+    parts: list[bytes | memoryview] = [_ARRAY32.pack(0xDD, sum(counts))]
+    for payload, count in zip(payloads, counts, strict=True):
+        if not payload:
+            return None
+        kind = payload[0]
+        if 0x90 <= kind <= 0x9F:  # fixarray
+            n, skip = kind & 0x0F, 1
+        elif kind == 0xDC:  # array 16
+            n, skip = int.from_bytes(payload[1:3], "big"), 3
+        elif kind == 0xDD:  # array 32
+            n, skip = int.from_bytes(payload[1:5], "big"), 5
+        else:
+            return None
+        if n != count:
+            return None
+        parts.append(payload[skip:])
+    try:
+        events: list[Event] = _decoder.decode(b"".join(parts))
+    except msgspec.DecodeError:
+        return None
     if _upcasters:
         events = [_upcast(e) if type(e) in _upcasters else e for e in events]
     return events

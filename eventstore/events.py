@@ -48,8 +48,13 @@ __all__ = [
 ]
 
 
-class BaseEvent(msgspec.Struct, array_like=True, tag_field="t", frozen=True):
-    """Base of all events.  ``version`` counts changes of one event's meaning."""
+class BaseEvent(msgspec.Struct, array_like=True, tag_field="t", frozen=True, gc=False):
+    """Base of all events.  ``version`` counts changes of one event's meaning.
+
+    ``gc=False``: events hold only str, int and None, so they cannot be part
+    of a reference cycle, and a replay makes millions of them; left to the
+    garbage collector, each one counts towards its next collection.
+    """
 
     version: ClassVar[int] = 1
 

@@ -136,9 +136,14 @@ def frame_crc(header_tail: bytes | memoryview, payload: bytes | memoryview) -> i
     return zlib.crc32(payload, zlib.crc32(header_tail))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FrameInfo:
-    """A frame found while scanning: where it is and what it holds."""
+    """A frame found while scanning: where it is and what it holds.
+
+    Not frozen: a frozen dataclass's __init__ costs a call per field, and
+    replay makes one of these per frame (one per event for a bot that writes
+    one event per "fsync" round).
+    """
 
     offset: int
     first_position: int

@@ -1,0 +1,126 @@
+"""Replay's reading of frames: runs over any range, and bad payloads named by offset.
+
+Replay decodes many frames in one call (segmentlog.RUN_EVENTS events at a
+time); these tests pin down that it still yields exactly the events asked
+for, and that a frame whose checksum matches but whose payload is bad is
+still reported at its own offset.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from storeutil import frames_end, segment_files
+
+from eventstore import EventStore, IntegrityError
+from eventstore.codec import decode_frames, encode_batch
+from eventstore.events import MessageSaved, UserCountLogged
+from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE
+from eventstore.segmentlog import RUN_EVENTS, SegmentLog
+
+
+async def _mixed_store(d: Path) -> list[object]:
+    """One-event frames (awaited writes) and full frames (bulk appends), several segments."""
+    async with EventStore(d, durability="flush", segment_size=8192) as store:
+        for i in range(300):
+            await store.save_message(f"u{i % 7}", f"m{i}", timestamp=i)
+        await store.append([UserCountLogged(1000 + i, i, i + 1) for i in range(700)])
+        for i in range(300):
+            await store.save_message("late", f"l{i}", timestamp=2000 + i)
+        return [ev async for _, ev in store.read()]
+
+
+async def test_runs_cover_exactly_the_range_asked_for(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    events = await _mixed_store(d)
+    assert len(events) == 1300 > 2 * RUN_EVENTS
+    assert len(segment_files(d)) > 3
+    log = SegmentLog(str(d), read_only=True)
+    await log.open()
+    try:
+        rng = random.Random(7)
+        ranges = [(1, 1300), (0, None), (1300, 1300), (1, 1), (255, 258), (299, 302)]
+        ranges += [tuple(sorted(rng.sample(range(1, 1301), 2))) for _ in range(40)]
+        for lo, hi in ranges:
+            got = []
+            async for first, run in log.read_runs(lo, hi):
+                assert run, "no empty runs"
+                got.extend(enumerate(run, first))
+            top = 1300 if hi is None else hi
+            want = list(enumerate(events, 1))[max(lo, 1) - 1 : top]
+            assert got == want, (lo, hi)
+    finally:
+        await log.close()
+
+
+def _frame_at(data: bytes, index: int) -> tuple[int, int]:
+    """(offset, payload length) of the frame number ``index`` of a segment."""
+    off = HEADER_SIZE
+    for _ in range(index):
+        off += FRAME_HEADER_SIZE + struct.unpack_from("<I", data, off)[0]
+    return off, struct.unpack_from("<I", data, off)[0]
+
+
+def _rewrite_frame(path: Path, off: int, payload: bytes, count: int | None = None) -> None:
+    """Put ``payload`` in the frame at ``off``, with a checksum that matches."""
+    data = bytearray(path.read_bytes())
+    length, _crc, first, old_count = struct.unpack_from("<IIQI", data, off)
+    assert len(payload) == length
+    struct.pack_into("<QI", data, off + 8, first, old_count if count is None else count)
+    data[off + FRAME_HEADER_SIZE : off + FRAME_HEADER_SIZE + length] = payload
+    crc = zlib.crc32(bytes(data[off + 8 : off + FRAME_HEADER_SIZE + length]))
+    struct.pack_into("<I", data, off + 4, crc)
+    path.write_bytes(bytes(data))
+
+
+async def _one_event_frames(d: Path, n: int = 40) -> Path:
+    async with EventStore(d, durability="flush", snapshot_every=None) as store:
+        for i in range(n):
+            await store.save_message("u", f"m{i:02}", timestamp=i)
+    for snap in d.glob("*.snap"):
+        snap.unlink()  # so that opening replays every frame
+    seg = segment_files(d)[0]
+    assert frames_end(seg.read_bytes()) == seg.stat().st_size
+    return seg
+
+
+async def test_an_undecodable_payload_with_a_good_checksum_is_named(tmp_path: Path) -> None:
+    seg = await _one_event_frames(tmp_path / "s")
+    off, length = _frame_at(seg.read_bytes(), 17)
+    payload = bytearray(
+        seg.read_bytes()[off + FRAME_HEADER_SIZE : off + FRAME_HEADER_SIZE + length]
+    )
+    assert payload[:3] == b"\x91\x94\x08"  # [[8, ...]]: one MessageSaved
+    payload[2] = 99  # a tag no event has
+    _rewrite_frame(seg, off, bytes(payload))
+    with pytest.raises(IntegrityError, match=f"undecodable event batch at .*offset {off}"):
+        async with EventStore(tmp_path / "s", read_only=True):
+            pass
+
+
+async def test_a_count_that_disagrees_with_the_payload_is_named(tmp_path: Path) -> None:
+    seg = await _one_event_frames(tmp_path / "s")
+    data = seg.read_bytes()
+    off, length = _frame_at(data, 39)  # the last frame: no later frame to disagree with
+    payload = data[off + FRAME_HEADER_SIZE : off + FRAME_HEADER_SIZE + length]
+    _rewrite_frame(seg, off, payload, count=2)
+    with pytest.raises(
+        IntegrityError, match=f"frame at offset {off} holds 1 events, its header says 2"
+    ):
+        async with EventStore(tmp_path / "s", read_only=True):
+            pass
+
+
+def test_decode_frames_joins_payloads_and_checks_their_counts() -> None:
+    small = [MessageSaved(i, "u", "x") for i in range(3)]
+    big = [MessageSaved(i, "u", "y") for i in range(20)]  # array 16 header
+    payloads = [encode_batch(small), encode_batch(big), encode_batch(small[:1])]
+    assert payloads[1][0] == 0xDC
+    assert decode_frames(payloads, [3, 20, 1]) == small + big + small[:1]
+    assert decode_frames(payloads, [3, 19, 1]) is None  # a count that does not match
+    assert decode_frames([b"\x92\xc1", payloads[0]], [2, 3]) is None  # undecodable
+    assert decode_frames([b"", payloads[0]], [0, 3]) is None
