@@ -396,7 +396,8 @@ async def compact_log(
         return report
     assert log.store_id is not None
     directory = log.directory
-    report.bytes_before = sum(os.fstat(s.fd).st_size for s in sealed)
+    # Segment.end, not the file size: the active segment may end in zeros.
+    report.bytes_before = sum(s.end for s in sealed)
     total = last_sealed * 3 + head * 2  # rough steps, for the progress bar
     done = 0
 

@@ -7,7 +7,10 @@ callers decide whether to (replay does, the tail scan and ``info`` do not).
 
 A frame header of 20 zero bytes ends the frames (zero-filled space, see
 segment.py): from there the walker only checks that every byte it is fed is
-zero, and raises FrameError at the first one that is not.
+zero, and raises FrameError at the first one that is not.  Except with
+``zeros_checked=False``, for readers of a segment a live writer is filling:
+the zeros they read in one chunk may be frames by the time they read the
+next, so there the walker just stops.
 """
 
 from __future__ import annotations
@@ -20,12 +23,20 @@ __all__ = ["FrameWalker"]
 
 
 class FrameWalker:
-    def __init__(self, start_offset: int, next_position: int, *, gaps_allowed: bool) -> None:
+    def __init__(
+        self,
+        start_offset: int,
+        next_position: int,
+        *,
+        gaps_allowed: bool,
+        zeros_checked: bool = True,
+    ) -> None:
         self._buf = b""
         self._base = start_offset  # file offset of _buf[0]
         self._i = 0  # index in _buf of the next unparsed frame
         self.next_position = next_position
         self.gaps_allowed = gaps_allowed
+        self.zeros_checked = zeros_checked
         #: File offset where zero-filled space began, once the walker met it.
         self.zeros_from: int | None = None
         self._fed_end = 0
@@ -54,7 +65,8 @@ class FrameWalker:
         A payload view is valid until the next call of ``feed``.
         """
         if self.zeros_from is not None:
-            self._check_zeros(data, self._fed_end)
+            if self.zeros_checked:
+                self._check_zeros(data, self._fed_end)
             self._fed_end += len(data)
             return
         if self._i:
@@ -94,7 +106,8 @@ class FrameWalker:
         rest, self._buf = self._buf[self._i :], self._buf[: self._i]
         # File offset just past the bytes fed so far (``offset`` stays put).
         self._fed_end = self.zeros_from + len(rest)
-        self._check_zeros(rest, self.zeros_from)
+        if self.zeros_checked:
+            self._check_zeros(rest, self.zeros_from)
 
     def _check_zeros(self, data: bytes, at: int) -> None:
         rest = data.lstrip(b"\0")

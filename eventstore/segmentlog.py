@@ -169,6 +169,11 @@ def _valid_frame_follows(tail: bytes) -> bool:
     position is this frame's first position plus its count.
     """
     first, count = struct.unpack_from("<QI", tail, 8)
+    if first + count == 0:
+        # Positions start at 1, so nothing can follow a frame "at position 0"
+        # (a header torn after its length and checksum); and 8 zero bytes
+        # would match all through the zero-filled space.
+        return False
     needle = struct.pack("<Q", first + count)
     at = tail.find(needle, FRAME_HEADER_SIZE + 8)
     while at != -1:
@@ -182,16 +187,22 @@ def _valid_frame_follows(tail: bytes) -> bool:
 
 
 def _index_frames(
-    seg: Segment, start: int, next_position: int, stop: int, gaps_allowed: bool
+    seg: Segment,
+    start: int,
+    next_position: int,
+    stop: int,
+    gaps_allowed: bool,
+    live: bool = False,
 ) -> tuple[FrameWalker, FrameError | None]:
     """Walk ``seg``'s frames from ``start`` to ``stop``, noting them in its index.
 
     Checksums are checked, payloads not decoded.  Returns the walker (just
     past the last good frame) and the error that stopped it, if any: what the
     error means (a torn tail, a live writer's half frame, damage) is the
-    caller's to decide.
+    caller's to decide.  ``live``: another process may be writing this
+    segment, so the walk stops at zero-filled space without checking it.
     """
-    walker = FrameWalker(start, next_position, gaps_allowed=gaps_allowed)
+    walker = FrameWalker(start, next_position, gaps_allowed=gaps_allowed, zeros_checked=not live)
     offset = start
     try:
         while offset < stop:
@@ -449,14 +460,17 @@ class SegmentLog(EventLog):
         size = os.fstat(seg.fd).st_size
         seg.frame_pos = array("q")
         seg.frame_off = array("q")
+        if self.read_only:
+            # A writer may be at work in this segment: read as a follower does.
+            seg.end, seg.next_position, seg.indexed = HEADER_SIZE, seg.first, True
+            self._continue_scan(seg)
+            return
         walker, err = _index_frames(seg, HEADER_SIZE, seg.first, size, seg.gaps_allowed)
         if err is not None and not self._is_torn(seg, err, size):
             raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")
         # Every error leaves the walker just past the last good frame.
         good = walker.offset
-        if err is not None and good < size and not self.read_only:
-            # (A reader leaves the tail alone: a live writer may be half-way
-            # through that frame.)
+        if err is not None and good < size:
             self.logger.warning(
                 "%s: cut a torn tail of %d bytes at offset %d (%s)",
                 seg.path,
@@ -799,12 +813,9 @@ class SegmentLog(EventLog):
                 placed.append((seg, first, count, offset, offset + len(data)))
                 offset += len(data)
             if offset > self._filled:
-                # This round grew the file: grow it by PREFILL_BYTES of zeros
-                # more, so that the next rounds' fdatasyncs find the size set.
-                fill = min(self.segment_size, offset + PREFILL_BYTES) if self._prefill else 0
-                if fill > offset:
-                    self._pwrite_all(memoryview(_ZEROS)[: fill - offset], offset)
-                self._filled = max(fill, offset)
+                self._filled = offset
+                if self._prefill:
+                    self._fill_ahead(offset)
             if sync:
                 os.fdatasync(self._wfd)
         except OSError as err:
@@ -815,6 +826,28 @@ class SegmentLog(EventLog):
             raise failure from err
         self._wend = offset
         return placed
+
+    def _fill_ahead(self, end: int) -> None:
+        """Append PREFILL_BYTES of zeros after ``end`` (the round just grew the file).
+
+        So that the next rounds' fdatasyncs find the size already set.  Only
+        an optimisation: if the disk has no room for the zeros, they are cut
+        again and the log goes on without filling ahead.
+        """
+        fill = min(self.segment_size, end + PREFILL_BYTES)
+        if fill <= end:
+            return
+        try:
+            self._pwrite_all(memoryview(_ZEROS)[: fill - end], end)
+        except OSError as err:
+            self._prefill = False
+            self.logger.warning(
+                "%s: cannot fill ahead with zeros (%s); writing without", self.directory, err
+            )
+            assert self._wfd is not None
+            os.ftruncate(self._wfd, end)
+            return
+        self._filled = fill
 
     def _take_back(self, began_in: Segment, begin: int) -> None:
         """Undo a failed round: drop segments it created, cut the first one back."""
@@ -1178,9 +1211,23 @@ class SegmentLog(EventLog):
         self._head = seg.next_position - 1
 
     def _continue_scan(self, seg: Segment) -> None:
-        """Index frames appended to ``seg`` since it was last scanned."""
-        size = os.fstat(seg.fd).st_size
-        walker, err = _index_frames(seg, seg.end, seg.next_position, size, seg.gaps_allowed)
-        seg.end, seg.next_position = walker.offset, walker.next_position
-        if err is not None and not self._is_torn(seg, err, size):
-            raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")
+        """Index frames appended to ``seg`` since it was last scanned (readers).
+
+        A frame the writer is still copying can look damaged, and by the time
+        ``_is_torn`` reads the tail again it may be complete and followed by
+        the next one, which looks like damage before a valid frame.  So a
+        walk that stops on what looks like damage is tried again; only one
+        that stops at the same offset twice is reported.
+        """
+        stuck_at = -1
+        while True:
+            size = os.fstat(seg.fd).st_size
+            walker, err = _index_frames(
+                seg, seg.end, seg.next_position, size, seg.gaps_allowed, live=True
+            )
+            seg.end, seg.next_position = walker.offset, walker.next_position
+            if err is None or self._is_torn(seg, err, size):
+                return
+            if err.offset == stuck_at:
+                raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")
+            stuck_at = err.offset

@@ -209,7 +209,15 @@ def scan_segment(
                     f"({missing} missing)",
                 )
 
-        walker = FrameWalker(HEADER_SIZE, first_position, gaps_allowed=scan.compacted)
+        # With a live writer, zeros at the end of the last segment are where it
+        # is writing: frames may appear there while this reads, so the walk
+        # stops at them instead of checking that only zeros follow.
+        walker = FrameWalker(
+            HEADER_SIZE,
+            first_position,
+            gaps_allowed=scan.compacted,
+            zeros_checked=not (last and writer_active),
+        )
         offset = HEADER_SIZE
         try:
             while offset < size:
@@ -242,7 +250,7 @@ def scan_segment(
         if bad is not None:
             if last and writer_active and _still_being_written(bad, size):
                 scan.in_progress = size - bad.offset
-            elif last and bad.short and bad.offset == walker.offset:
+            elif last and bad.offset == walker.offset and _torn(f.fileno(), bad, size):
                 return problem(
                     bad.offset,
                     f"torn tail: {size - bad.offset} bytes after the last complete frame "
@@ -253,6 +261,21 @@ def scan_segment(
                 return problem(bad.offset, bad.reason)
         scan.next_position = walker.next_position
         return scan
+
+
+def _torn(fd: int, err: FrameError, size: int) -> bool:
+    """Is ``err`` at the end of the last segment the shape a crash mid-write leaves?
+
+    A frame running past the end of the file, or one whose checksum fails
+    with nothing but zeros after it (see docs/format.md, "Recovery").
+    """
+    if err.short:
+        return True
+    if not err.checksum:
+        return False
+    length = int.from_bytes(os.pread(fd, 4, err.offset), "little")
+    after = err.offset + FRAME_HEADER_SIZE + length
+    return not os.pread(fd, max(0, size - after), after).strip(b"\0")
 
 
 def _still_being_written(err: FrameError, size: int) -> bool:

@@ -164,3 +164,147 @@ async def test_a_stray_byte_in_filled_space_is_damage(tmp_path: Path) -> None:
     damage = find_damage(str(copy))
     assert damage is not None and damage.offset == end
     assert "non-zero byte" in damage.reason
+
+
+# -- readers beside a live writer, and the rarer shapes -------------------------------------
+
+
+def test_the_walker_checks_zeros_unless_a_writer_may_be_filling_them() -> None:
+    from eventstore.codec import encode_batch
+    from eventstore.events import MessageSaved
+    from eventstore.framing import FrameWalker
+    from eventstore.segment import FrameError, pack_frame_header
+
+    buf = bytearray(FRAME_HEADER_SIZE)
+    buf += encode_batch([MessageSaved(1, "u", "x")])
+    pack_frame_header(buf, 0, 1, 1)
+    frames, end = bytes(buf), HEADER_SIZE + len(buf)
+    checked = FrameWalker(HEADER_SIZE, 1, gaps_allowed=False)
+    assert len(list(checked.feed(frames + bytes(100)))) == 1
+    with pytest.raises(FrameError, match="non-zero byte follows") as err:
+        list(checked.feed(bytes(50) + b"\x07"))
+    assert err.value.offset == end
+    live = FrameWalker(HEADER_SIZE, 1, gaps_allowed=False, zeros_checked=False)
+    assert len(list(live.feed(frames + bytes(100)))) == 1
+    assert list(live.feed(bytes(50) + b"\x07")) == []  # the writer's new frame, perhaps
+    assert live.finish() is None and live.offset == end
+
+
+async def test_followers_and_verify_stop_at_the_zeros_of_a_live_writer(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as writer:
+        await fill(writer, 30)
+        seg = segment_files(d)[0]
+        end = frames_end(seg.read_bytes())
+        # Bytes far into the zeros, as a reader may see them when the writer
+        # has written there after the reader read the zeros before them.
+        with open(seg, "r+b") as f:
+            f.seek(end + 3000)
+            f.write(b"\x05")
+        assert verify(d).problems == []  # the writer holds the lock
+        async with EventStore(d, read_only=True) as reader:
+            assert reader.position == writer.position == 30
+            await fill(writer, 10, prefix="more")
+            await reader.refresh()
+            assert reader.position == 40
+            assert await reader.get_recent_messages(limit=100) == await writer.get_recent_messages(
+                limit=100
+            )
+
+
+async def test_a_follower_looks_again_when_a_frame_completes_while_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk meets a half-copied frame; by the time the tail is read again it
+    is complete and another frame follows it, which looks like damage."""
+    from eventstore.segmentlog import SegmentLog
+
+    copy, events, end = await _open_copy(tmp_path)
+    seg = segment_files(copy)[0]
+    data = seg.read_bytes()
+    offs = _frame_offsets(data)
+    # Take the last two frames away (zeros in their place), then put back the
+    # first of them half-written: the state a reader can catch mid-pwrite.
+    a, b = offs[-2], offs[-1]
+    whole = data[a:end]
+    with open(seg, "r+b") as f:
+        f.seek(a)
+        f.write(bytes(end - a))
+        f.seek(a)
+        f.write(data[a : a + (b - a) // 2])
+    real_is_torn = SegmentLog._is_torn
+    calls = {"n": 0}
+
+    def is_torn_after_the_writer_finished(self: SegmentLog, *args: object) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            with open(seg, "r+b") as f:
+                f.seek(a)
+                f.write(whole)
+        return real_is_torn(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SegmentLog, "_is_torn", is_torn_after_the_writer_finished)
+    async with EventStore(copy, read_only=True, snapshot_every=None) as reader:
+        assert calls["n"] >= 1
+        assert [ev async for _, ev in reader.read()] == events
+
+
+async def test_no_room_for_the_zeros_only_stops_filling_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    import eventstore.segmentlog as segmentlog
+
+    real = os.pwrite
+
+    def no_room_for_zeros(fd: int, data: bytes | memoryview, offset: int) -> int:
+        if len(data) >= 4096 and not bytes(data).strip(b"\0"):
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(segmentlog.os, "pwrite", no_room_for_zeros)
+    caplog.set_level(logging.WARNING)
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await fill(store, 25)
+        data = segment_files(d)[0].read_bytes()
+        assert len(data) == frames_end(data)  # no zeros, and no failure
+    assert "cannot fill ahead" in caplog.text
+    assert [e.message for e in await all_events(d)] == [f"m{i}" for i in range(25)]
+
+
+async def test_a_header_torn_after_its_checksum_is_cut(tmp_path: Path) -> None:
+    from eventstore.segmentlog import _valid_frame_follows
+
+    copy, events, end = await _open_copy(tmp_path)
+    seg = segment_files(copy)[0]
+    data = seg.read_bytes()
+    with open(seg, "r+b") as f:
+        f.seek(end)
+        f.write(data[HEADER_SIZE : HEADER_SIZE + 8])  # length and checksum, no more
+    tail = seg.read_bytes()[end:]
+    assert len(tail) > 100_000 and not _valid_frame_follows(tail)
+    assert await all_events(copy) == events
+
+
+async def test_verify_calls_a_torn_frame_before_zeros_a_torn_tail(tmp_path: Path) -> None:
+    copy, _events, end = await _open_copy(tmp_path)
+    seg = segment_files(copy)[0]
+    data = seg.read_bytes()
+    start = max(o for o in _frame_offsets(data) if o < end)
+    with open(seg, "r+b") as f:
+        f.seek(end)
+        f.write(data[start:end][: (end - start) // 2])
+    [problem] = verify(copy).problems
+    assert problem.offset == end and "torn tail" in problem.message
+
+
+async def test_a_dry_run_compaction_does_not_count_the_zeros(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await fill(store, 300)
+        report = await store.compact(dry_run=True)
+        files = segment_files(d)
+        assert files[-1].stat().st_size > frames_end(files[-1].read_bytes())
+        assert report.bytes_before == sum(frames_end(f.read_bytes()) for f in files)
