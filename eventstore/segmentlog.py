@@ -11,12 +11,14 @@ write and, in ``"fsync"`` mode, one fdatasync (group commit).  A caller's
 future resolves when its round is as durable as the mode promises:
 
 * ``"fsync"``: the round's bytes were fdatasync'ed.  The write and the sync run
-  in the log's own thread, so the event loop keeps serving other tasks.
+  in the log's own thread (logthread.py), so the event loop keeps serving
+  other tasks.
 * ``"flush"``: the bytes were handed to the kernel with ``pwrite``; they
   survive the process being killed, not a power cut.  The pwrite runs on the
   event loop: it only copies into the page cache, which measured 0.8 us for a
   120-byte frame on the project machine, against 32-35 us for the same pwrite
-  sent through a thread (run_in_executor and back).  A round that has to
+  sent through a thread (measured with run_in_executor, before the log had
+  its own thread; still a hop each way).  A round that has to
   start a new segment (create, fsync, rename, fsync the directory) goes to
   the thread instead.
 * ``"none"``: the future is resolved at once; the writer (or, if the caller
@@ -47,7 +49,6 @@ from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
@@ -62,6 +63,7 @@ from .framing import FrameWalker
 from .fsutil import fsync_dir
 from .lockfile import WriterLock
 from .log import EventLog
+from .logthread import LogThread
 from .segment import (
     FLAG_COMPACTED,
     FRAME_EVENTS,
@@ -307,7 +309,7 @@ class SegmentLog(EventLog):
         self._queued_events = 0
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: LogThread | None = None
         self._wfd: int | None = None
         # Where the writer appends next in the last segment.  Readers use
         # ``Segment.end`` instead, which moves only when a round is indexed.
@@ -349,13 +351,13 @@ class SegmentLog(EventLog):
     async def open(self) -> None:
         if self._open:
             return
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eventstore-log")
+        self._pool = LogThread("eventstore-log")
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._pool, self._open_files)
+            await self._pool.call(self._open_files)
         except BaseException:
             self._close_files()
-            self._pool.shutdown(wait=False)
+            self._pool.stop(wait=False)
             self._pool = None
             raise
         self._open = True
@@ -545,15 +547,14 @@ class SegmentLog(EventLog):
             with contextlib.suppress(StorageError):
                 await self._writer
             self._writer = None
-        loop = asyncio.get_running_loop()
         if self._pool is not None:
             if self._wfd is not None and self._failed is None:
                 # Whatever the mode, close() leaves everything accepted durable
                 # (and no zeros after the last frame).
                 with contextlib.suppress(OSError):
-                    await loop.run_in_executor(self._pool, self._seal, self._wend)
-            await loop.run_in_executor(self._pool, self._close_files)
-            self._pool.shutdown(wait=True)
+                    await self._pool.call(self._seal, self._wend)
+            await self._pool.call(self._close_files)
+            self._pool.stop(wait=True)
             self._pool = None
         for fut in self._waiters:
             if not fut.done():
@@ -685,7 +686,6 @@ class SegmentLog(EventLog):
 
     async def _writer_loop(self) -> None:
         assert self._wake is not None and self._pool is not None
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -696,8 +696,8 @@ class SegmentLog(EventLog):
                     if self.durability == "fsync" or self._would_roll(frames):
                         self._busy = True
                         try:
-                            result = await loop.run_in_executor(
-                                self._pool, self._write, frames, self.durability == "fsync"
+                            result = await self._pool.call(
+                                self._write, frames, self.durability == "fsync"
                             )
                         finally:
                             self._busy = False
@@ -715,7 +715,7 @@ class SegmentLog(EventLog):
                 _resolve(self._waiters)
                 self._waiters = []
             if self._roll_waiters and not self._queue:
-                await self._roll_between_rounds(loop)
+                await self._roll_between_rounds()
             if not self._open:
                 return
             if self.durability == "none":
@@ -741,13 +741,14 @@ class SegmentLog(EventLog):
         self._wake.set()
         await fut
 
-    async def _roll_between_rounds(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _roll_between_rounds(self) -> None:
+        assert self._pool is not None
         waiters, self._roll_waiters = self._roll_waiters, []
         first = self._written_head() + 1
         self._busy = True
         try:
             if self._wend > HEADER_SIZE:  # an empty segment is sealed enough
-                await loop.run_in_executor(self._pool, self._seal_and_roll, first)
+                await self._pool.call(self._seal_and_roll, first)
         except OSError as err:
             failure = StorageError(f"{self.directory}: cannot start a new segment: {err}")
             for fut in waiters:
@@ -911,7 +912,6 @@ class SegmentLog(EventLog):
     ) -> AsyncIterator[tuple[int, list[Event]]]:
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
-        loop = asyncio.get_running_loop()
         stop = self._head if to_position is None else min(to_position, self._head)
         # Take the boundary and the batches above it at the same moment: the
         # writer may move batches from memory to disk while this generator
@@ -933,7 +933,7 @@ class SegmentLog(EventLog):
                     f"{seg.path}: segment starts at position {seg.first}, but the previous "
                     f"segment ends at {prev.next_position - 1} (events missing)"
                 )
-            async for first, events in self._read_segment(loop, seg, from_position, disk_stop):
+            async for first, events in self._read_segment(seg, from_position, disk_stop):
                 yield first, events
             prev = seg if disk_stop >= seg.next_position - 1 else None
         if stop > written:
@@ -947,8 +947,9 @@ class SegmentLog(EventLog):
         return self._unwritten[0][0] - 1 if self._unwritten else self._head
 
     async def _read_segment(
-        self, loop: asyncio.AbstractEventLoop, seg: Segment, lo: int, hi: int
+        self, seg: Segment, lo: int, hi: int
     ) -> AsyncIterator[tuple[int, list[Event]]]:
+        assert self._pool is not None
         end = seg.end
         start, first_pos = HEADER_SIZE, seg.first
         building = not seg.indexed
@@ -962,7 +963,7 @@ class SegmentLog(EventLog):
         try:
             while offset < end:
                 want = min(max(READ_CHUNK, walker.wanted()), end - offset)
-                data = await loop.run_in_executor(self._pool, os.pread, seg.fd, want, offset)
+                data = await self._pool.call(os.pread, seg.fd, want, offset)
                 if not data:
                     break
                 offset += len(data)
@@ -1176,8 +1177,8 @@ class SegmentLog(EventLog):
         """Pick up what a writer appended since (read-only logs); return the new head."""
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self._refresh_files)
+        assert self._pool is not None
+        await self._pool.call(self._refresh_files)
         return self._head
 
     def _refresh_files(self) -> None:
