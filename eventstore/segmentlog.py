@@ -351,13 +351,21 @@ class SegmentLog(EventLog):
     async def open(self) -> None:
         if self._open:
             return
-        self._pool = LogThread("eventstore-log")
+        pool = self._pool = LogThread("eventstore-log")
         loop = asyncio.get_running_loop()
         try:
-            await self._pool.call(self._open_files)
+            await pool.call(self._open_files)
+        except asyncio.CancelledError:
+            # _open_files may still be running (or not yet started) in the
+            # thread: undo it there, after it, or it would take the lock and
+            # the files once this cleanup had run.
+            pool.call_detached(self._close_files)
+            pool.stop(wait=False)
+            self._pool = None
+            raise
         except BaseException:
             self._close_files()
-            self._pool.stop(wait=False)
+            pool.stop(wait=False)
             self._pool = None
             raise
         self._open = True
@@ -548,14 +556,20 @@ class SegmentLog(EventLog):
                 await self._writer
             self._writer = None
         if self._pool is not None:
-            if self._wfd is not None and self._failed is None:
-                # Whatever the mode, close() leaves everything accepted durable
-                # (and no zeros after the last frame).
-                with contextlib.suppress(OSError):
-                    await self._pool.call(self._seal, self._wend)
-            await self._pool.call(self._close_files)
-            self._pool.stop(wait=True)
-            self._pool = None
+            pool, self._pool = self._pool, None
+            closed = False
+            try:
+                if self._wfd is not None and self._failed is None:
+                    # Whatever the mode, close() leaves everything accepted
+                    # durable (and no zeros after the last frame).
+                    with contextlib.suppress(OSError):
+                        await pool.call(self._seal, self._wend)
+                await pool.call(self._close_files)
+                closed = True
+            finally:
+                if not closed:  # close() was cancelled: finish it in the thread
+                    pool.call_detached(self._close_files)
+                pool.stop(wait=closed)
         for fut in self._waiters:
             if not fut.done():
                 fut.set_exception(ConnectionError("the log was closed before this write"))
