@@ -26,8 +26,9 @@ What it measures, all in one process and one run, case after case:
   own frame, header included) appended to a file in the same directory.
   Two variants show where the time goes: the same loop overwriting a file
   filled and synced beforehand (no size change for fdatasync to journal),
-  and the appending loop driven from asyncio through a one-thread executor,
-  as the store's writer does it.
+  and the appending loop driven from asyncio through a one-thread executor
+  (how the store's writer reached its thread until it got one of its own,
+  ``eventstore/logthread.py``, with a cheaper hand-over).
 
 Each case runs ``--runs`` times; the order of the cases rotates from run to
 run so that a slow period of the machine does not always hit the same case.
