@@ -241,12 +241,9 @@ class _FrameGroup:
         self.payloads.append(payload.tobytes())
         self.events += info.count
 
-    def take(self, path: str, lo: int, hi: int) -> list[tuple[int, list[Event]]]:
-        """Decode into runs of consecutive positions, cut to [lo, hi]; empty the group."""
+    def runs(self, path: str, lo: int, hi: int) -> list[tuple[int, list[Event]]]:
+        """Decode into runs of consecutive positions, cut to [lo, hi]."""
         firsts, counts, offsets, payloads = self.firsts, self.counts, self.offsets, self.payloads
-        self.firsts, self.counts, self.offsets = array("q"), array("q"), array("q")
-        self.payloads = []
-        self.events = 0
         events = decode_frames(payloads, counts) if len(payloads) > 1 else None
         if events is None:  # one frame, or a bad one among them: find which
             batches = []
@@ -309,7 +306,7 @@ class SegmentLog(EventLog):
         self._queued_events = 0
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._pool: LogThread | None = None
+        self._thread: LogThread | None = None
         self._wfd: int | None = None
         # Where the writer appends next in the last segment.  Readers use
         # ``Segment.end`` instead, which moves only when a round is indexed.
@@ -351,22 +348,22 @@ class SegmentLog(EventLog):
     async def open(self) -> None:
         if self._open:
             return
-        pool = self._pool = LogThread("eventstore-log")
+        thread = self._thread = LogThread("eventstore-log")
         loop = asyncio.get_running_loop()
         try:
-            await pool.call(self._open_files)
+            await thread.call(self._open_files)
         except asyncio.CancelledError:
             # _open_files may still be running (or not yet started) in the
             # thread: undo it there, after it, or it would take the lock and
             # the files once this cleanup had run.
-            pool.call_detached(self._close_files)
-            pool.stop(wait=False)
-            self._pool = None
+            thread.call_detached(self._close_files)
+            thread.stop(wait=False)
+            self._thread = None
             raise
         except BaseException:
             self._close_files()
-            pool.stop(wait=False)
-            self._pool = None
+            thread.stop(wait=False)
+            self._thread = None
             raise
         self._open = True
         self._failed = None
@@ -555,21 +552,21 @@ class SegmentLog(EventLog):
             with contextlib.suppress(StorageError):
                 await self._writer
             self._writer = None
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
             closed = False
             try:
                 if self._wfd is not None and self._failed is None:
                     # Whatever the mode, close() leaves everything accepted
                     # durable (and no zeros after the last frame).
                     with contextlib.suppress(OSError):
-                        await pool.call(self._seal, self._wend)
-                await pool.call(self._close_files)
+                        await thread.call(self._seal, self._wend)
+                await thread.call(self._close_files)
                 closed = True
             finally:
                 if not closed:  # close() was cancelled: finish it in the thread
-                    pool.call_detached(self._close_files)
-                pool.stop(wait=closed)
+                    thread.call_detached(self._close_files)
+                thread.stop(wait=closed)
         for fut in self._waiters:
             if not fut.done():
                 fut.set_exception(ConnectionError("the log was closed before this write"))
@@ -699,7 +696,7 @@ class SegmentLog(EventLog):
             raise
 
     async def _writer_loop(self) -> None:
-        assert self._wake is not None and self._pool is not None
+        assert self._wake is not None and self._thread is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -710,7 +707,7 @@ class SegmentLog(EventLog):
                     if self.durability == "fsync" or self._would_roll(frames):
                         self._busy = True
                         try:
-                            result = await self._pool.call(
+                            result = await self._thread.call(
                                 self._write, frames, self.durability == "fsync"
                             )
                         finally:
@@ -756,13 +753,13 @@ class SegmentLog(EventLog):
         await fut
 
     async def _roll_between_rounds(self) -> None:
-        assert self._pool is not None
+        assert self._thread is not None
         waiters, self._roll_waiters = self._roll_waiters, []
         first = self._written_head() + 1
         self._busy = True
         try:
             if self._wend > HEADER_SIZE:  # an empty segment is sealed enough
-                await self._pool.call(self._seal_and_roll, first)
+                await self._thread.call(self._seal_and_roll, first)
         except OSError as err:
             failure = StorageError(f"{self.directory}: cannot start a new segment: {err}")
             for fut in waiters:
@@ -963,7 +960,7 @@ class SegmentLog(EventLog):
     async def _read_segment(
         self, seg: Segment, lo: int, hi: int
     ) -> AsyncIterator[tuple[int, list[Event]]]:
-        assert self._pool is not None
+        assert self._thread is not None
         end = seg.end
         start, first_pos = HEADER_SIZE, seg.first
         building = not seg.indexed
@@ -977,7 +974,7 @@ class SegmentLog(EventLog):
         try:
             while offset < end:
                 want = min(max(READ_CHUNK, walker.wanted()), end - offset)
-                data = await self._pool.call(os.pread, seg.fd, want, offset)
+                data = await self._thread.call(os.pread, seg.fd, want, offset)
                 if not data:
                     break
                 offset += len(data)
@@ -996,10 +993,11 @@ class SegmentLog(EventLog):
                         break
                     group.add(info, payload)
                     if group.events >= RUN_EVENTS:
-                        for run in group.take(seg.path, lo, hi):
+                        for run in group.runs(seg.path, lo, hi):
                             yield run
+                        group = _FrameGroup()
                 if group.events:
-                    for run in group.take(seg.path, lo, hi):
+                    for run in group.runs(seg.path, lo, hi):
                         yield run
                 if past_hi:
                     return
@@ -1191,8 +1189,8 @@ class SegmentLog(EventLog):
         """Pick up what a writer appended since (read-only logs); return the new head."""
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
-        assert self._pool is not None
-        await self._pool.call(self._refresh_files)
+        assert self._thread is not None
+        await self._thread.call(self._refresh_files)
         return self._head
 
     def _refresh_files(self) -> None:
