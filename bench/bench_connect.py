@@ -46,6 +46,7 @@ from bench.common import (
     add_common_args,
     bench_dir,
     build_store,
+    finish,
     fmt_bytes,
     fmt_rate,
     fmt_seconds,
@@ -56,7 +57,6 @@ from bench.common import (
     run_child,
     snapshots_aside,
     summarize,
-    write_json,
 )
 
 CASES = [
@@ -233,13 +233,7 @@ def main() -> None:
     info = machine_info(directory)
     print(f"bench_connect: {sizes} in {directory}, load {info['loadavg']}", flush=True)
     data = measure(directory, sizes)
-    data["targets"] = targets(data)
-    data["machine"] = info
-    data["loadavg_after"] = loadavg()
-    print(report(data))
-    for t in data["targets"]:
-        print(f"{t['name']}: {t['shown']} -> {t.verdict()}")
-    write_json(args.json, data)
+    finish(data, info, targets, report, args.json)
 
 
 if __name__ == "__main__":

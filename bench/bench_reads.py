@@ -51,6 +51,7 @@ from bench.common import (
     add_common_args,
     bench_dir,
     build_store,
+    finish,
     fmt_seconds,
     loadavg,
     machine_info,
@@ -59,7 +60,6 @@ from bench.common import (
     proc_status_kib,
     summarize,
     timer,
-    write_json,
 )
 from eventstore import EventStore
 
@@ -249,13 +249,7 @@ def main() -> None:
     info = machine_info(directory)
     print(f"bench_reads: {n:,} events, {runs} runs in {directory}, load {info['loadavg']}")
     data = measure(directory, n, runs, calls, args.budget)
-    data["targets"] = targets(data)
-    data["machine"] = info
-    data["loadavg_after"] = loadavg()
-    print(report(data))
-    for t in data["targets"]:
-        print(f"{t['name']}: {t['shown']} -> {t.verdict()}")
-    write_json(args.json, data)
+    finish(data, info, targets, report, args.json)
 
 
 if __name__ == "__main__":

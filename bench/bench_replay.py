@@ -54,6 +54,7 @@ from bench.common import (
     add_common_args,
     bench_dir,
     build_store,
+    finish,
     fmt_rate,
     fmt_seconds,
     loadavg,
@@ -62,7 +63,6 @@ from bench.common import (
     snapshots_aside,
     summarize,
     timer,
-    write_json,
 )
 from eventstore import EventStore
 from eventstore.events import Event
@@ -263,14 +263,8 @@ def main() -> None:
     info = machine_info(directory)
     print(f"bench_replay: {n:,} events, {runs} runs in {directory}, load {info['loadavg']}")
     data = measure(directory, n, runs)
-    data["targets"] = targets(data)
-    data["machine"] = info
-    data["loadavg_after"] = loadavg()
     data["runs"] = runs
-    print(report(data))
-    for t in data["targets"]:
-        print(f"{t['name']}: {t['shown']} -> {t.verdict()}")
-    write_json(args.json, data)
+    finish(data, info, targets, report, args.json)
 
 
 if __name__ == "__main__":

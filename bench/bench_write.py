@@ -56,6 +56,7 @@ from bench.common import (
     add_common_args,
     bench_dir,
     event_frames,
+    finish,
     fmt_rate,
     fmt_seconds,
     loadavg,
@@ -64,7 +65,6 @@ from bench.common import (
     percentile,
     summarize,
     timer,
-    write_json,
 )
 from bench.sqlite_adapter import SqliteAdapter
 from bench.workload import Op, SimClock, events, op_time, operations
@@ -469,14 +469,8 @@ def main() -> None:
     info = machine_info(directory)
     print(f"bench_write: {runs} runs in {directory}, load {info['loadavg']}", flush=True)
     data = measure(directory, runs, args.quick)
-    data["targets"] = targets(data)
-    data["machine"] = info
-    data["loadavg_after"] = loadavg()
     data["runs"] = runs
-    print(report(data))
-    for t in data["targets"]:
-        print(f"{t['name']}: {t['shown']} -> {t.verdict()}")
-    write_json(args.json, data)
+    finish(data, info, targets, report, args.json)
 
 
 if __name__ == "__main__":

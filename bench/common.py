@@ -264,6 +264,23 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
         path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+def finish(
+    data: dict[str, Any],
+    info: dict[str, Any],
+    targets: Callable[[dict[str, Any]], list[Target]],
+    report: Callable[[dict[str, Any]], str],
+    json_path: Path | None,
+) -> None:
+    """The end of every script: targets, machine, load after; print; save the JSON."""
+    data["targets"] = targets(data)
+    data["machine"] = info
+    data["loadavg_after"] = loadavg()
+    print(report(data))
+    for t in data["targets"]:
+        print(f"{t['name']}: {t['shown']} -> {t.verdict()}")
+    write_json(json_path, data)
+
+
 def run_child(argv: Sequence[str], timeout: float = 1800) -> dict[str, Any]:
     """Run ``python -m <argv>`` in a fresh interpreter; return the JSON of its last line.
 
