@@ -5,6 +5,8 @@ every write as a typed event in an append-only log and answers reads from
 in-memory projections.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .adapter import StorageAdapter
 from .errors import (
     ConnectionError,
@@ -17,7 +19,9 @@ from .errors import (
 )
 from .log import EventLog
 from .memlog import MemoryLog
-from .store import EventStore
+
+if TYPE_CHECKING:
+    from .store import EventStore
 
 __all__ = [
     "ConnectionError",
@@ -33,3 +37,16 @@ __all__ = [
     "ValidationError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # EventStore is imported on first use, not with the package: the store
+    # needs the projections package, whose folds need eventstore.events, and
+    # importing that runs this file first.  Imported eagerly here, a program
+    # that imports ``projections`` before ``eventstore`` would fail on the
+    # circle.
+    if name == "EventStore":
+        from .store import EventStore
+
+        return EventStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
