@@ -221,17 +221,19 @@ def write_snapshot(
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, head)
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
+        for part in (head, payload):
+            view = memoryview(part)
+            while view:  # os.write may write less than it was given
+                view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
+    # The new name is made durable before older snapshots go: removed first,
+    # a crash could leave the directory with neither (a full replay).
+    fsync_dir(directory)
     for old in list_snapshots(directory)[keep:]:
         os.unlink(old.path)
-    fsync_dir(directory)
     return path
 
 

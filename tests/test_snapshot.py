@@ -202,3 +202,49 @@ async def test_check_snapshots_reports_a_snapshot_that_disagrees(tmp_path: Path)
     snapmod.write_snapshot(str(d), info.store_id, info.position, payload, info.frame_checksum)
     problems = await check_snapshots(str(d))
     assert len(problems) == 1 and "differs from a replay" in problems[0][2]
+
+
+async def test_snapshot_rename_is_durable_before_older_ones_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from eventstore import snapshot as snapmod
+
+    d = tmp_path / "s"
+    for n in (10, 20, 30):  # three closes: three snapshots, two kept
+        async with EventStore(d) as store:
+            await _busy(store, n)
+    calls: list[str] = []
+    real_unlink, real_fsync_dir = os.unlink, snapmod.fsync_dir
+    monkeypatch.setattr(snapmod.os, "unlink", lambda p: (calls.append("unlink"), real_unlink(p)))
+    monkeypatch.setattr(
+        snapmod, "fsync_dir", lambda p: (calls.append("fsync_dir"), real_fsync_dir(p))
+    )
+    async with EventStore(d) as store:
+        await _busy(store, 5)
+    assert calls[:2] == ["fsync_dir", "unlink"], calls
+    assert len(list_snapshots(str(d))) == 2
+
+
+async def test_snapshot_survives_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from eventstore import snapshot as snapmod
+
+    d = tmp_path / "s"
+    real_write = os.write
+
+    def dribble(fd: int, data: bytes | memoryview) -> int:
+        return real_write(fd, bytes(data[:7]))  # never more than 7 bytes a call
+
+    async with EventStore(d) as store:
+        await _busy(store, 30)
+        state = store.projections.state()
+        monkeypatch.setattr(snapmod.os, "write", dribble)
+        await store.write_snapshot()
+        monkeypatch.undo()
+    _info, loaded = read_snapshot(list_snapshots(str(d))[0].path)
+    assert loaded.state() == state
