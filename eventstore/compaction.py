@@ -59,7 +59,7 @@ from .events import (
     UserStatsSet,
     event_name,
 )
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, write_all
 from .segment import (
     FLAG_COMPACTED,
     FRAME_EVENTS,
@@ -235,7 +235,7 @@ class _SegmentWriter:
         if self._size == 0 or self._size + len(buf) > self.segment_size:
             self._new_segment(self._run_first)
         if self._fd is not None:
-            os.write(self._fd, buf)
+            write_all(self._fd, buf)
         self._size += len(buf)
         self.bytes += len(buf)
         self._run = []
@@ -248,7 +248,7 @@ class _SegmentWriter:
         if self.write:
             path = os.path.join(self.directory, name)
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(self._fd, header)
+            write_all(self._fd, header)
         self._size = HEADER_SIZE
         self.bytes += HEADER_SIZE
 

@@ -1,15 +1,17 @@
-"""Making directory entries durable.
+"""Writing files whole and making directory entries durable.
 
 A new, renamed or removed file is durable only once its directory is
 fsynced too; every module that creates files (segments, snapshots,
-compaction, repair, exports) calls this one function for it.
+compaction, repair, exports) calls ``fsync_dir`` for it.  ``write_all``
+loops where ``os.write`` may write less than it was given (a full disk, a
+signal).
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["fsync_dir"]
+__all__ = ["fsync_dir", "write_all"]
 
 
 def fsync_dir(path: str) -> None:
@@ -19,3 +21,10 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of ``data`` at ``fd``'s file offset."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -60,7 +60,7 @@ from .compaction import recover_compaction
 from .errors import ConnectionError, IntegrityError, QueryError, StorageError
 from .events import Event
 from .framing import FrameWalker
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, write_all
 from .lockfile import WriterLock
 from .log import EventLog
 from .logthread import LogThread
@@ -530,7 +530,7 @@ class SegmentLog(EventLog):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             assert self.store_id is not None
-            os.write(fd, pack_header(first, self.store_id, flags=flags))
+            write_all(fd, pack_header(first, self.store_id, flags=flags))
             os.fsync(fd)
         finally:
             os.close(fd)

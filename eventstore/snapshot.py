@@ -43,7 +43,7 @@ from projections import PROJECTION_VERSION, Projections
 
 from .errors import IntegrityError
 from .events import SCHEMA_FINGERPRINT
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, write_all
 
 __all__ = [
     "SnapshotInfo",
@@ -221,10 +221,8 @@ def write_snapshot(
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        for part in (head, payload):
-            view = memoryview(part)
-            while view:  # os.write may write less than it was given
-                view = view[os.write(fd, view) :]
+        write_all(fd, head)
+        write_all(fd, payload)
         os.fsync(fd)
     finally:
         os.close(fd)

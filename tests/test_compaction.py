@@ -90,6 +90,33 @@ async def test_compaction_keeps_every_read_and_every_position(tmp_path: Path) ->
     assert got == before
 
 
+async def test_short_writes_lose_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.write may write less than asked (a full disk, a signal): every file
+    the store writes that way (segment headers, compacted segments,
+    snapshots) must still come out whole."""
+    real_write = os.write
+    calls = 0
+
+    def dribble(fd: int, data: Any) -> int:
+        nonlocal calls
+        calls += 1
+        return real_write(fd, bytes(memoryview(data)[:5]))
+
+    d = tmp_path / "s"
+    monkeypatch.setattr(os, "write", dribble)
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        await store.compact()
+        assert await reads(store) == before
+    monkeypatch.undo()
+    assert calls > 100
+    assert find_damage(str(d)) is None
+    assert await check_snapshots(str(d)) == []
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        assert await reads(store) == before
+
+
 async def test_full_replay_without_snapshot_after_compaction(tmp_path: Path) -> None:
     d = tmp_path / "s"
     async with EventStore(d, segment_size=4096) as store:
