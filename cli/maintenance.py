@@ -70,6 +70,12 @@ def compact(
     if isinstance(report, PostgresCompactReport):
         _print_pg_report(report)
         return
+    if not report.dry_run and not report.segments_rewritten:
+        typer.echo(
+            f"nothing to compact: the sealed segments ({out.size(report.bytes_before)}) "
+            "hold nothing to drop; nothing was changed"
+        )
+        return
     verb = "would rewrite" if report.dry_run else "rewrote"
     typer.echo(
         f"{'dry run: ' if report.dry_run else ''}{verb} "

@@ -119,6 +119,31 @@ def test_compact_text_report(tmp_path: Path) -> None:
     assert any(line.split() == ["message_saved", "70"] for line in lines)
 
 
+def test_compact_after_several_restarts_leaves_verify_clean(tmp_path: Path) -> None:
+    d = churned(tmp_path)
+    asyncio.run(churn(d))  # a second session: a second snapshot, for older frames
+    assert len(list(d.glob("snapshot-*.snap"))) == 2
+    before = reads(d)
+    assert invoke("compact", d).exit_code == 0
+    # The older snapshot named frames compaction moved: it must not be left
+    # behind for verify to report as damage.
+    assert len(list(d.glob("snapshot-*.snap"))) == 1
+    result = invoke("verify", d)
+    assert result.exit_code == 0, result.output
+    assert reads(d) == before
+
+
+def test_compact_twice_in_a_row_changes_nothing_the_second_time(tmp_path: Path) -> None:
+    d = churned(tmp_path)
+    assert invoke("compact", d).exit_code == 0
+    files = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    result = invoke("compact", d)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("nothing to compact: the sealed segments (")
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == files
+    assert not (d / "compacting").exists() and invoke("verify", d).exit_code == 0
+
+
 def test_compact_keep_history_trims_old_user_counts(tmp_path: Path) -> None:
     d = churned(tmp_path)  # one user count, at T0 (2023): older than any DAYS here
     result = invoke("compact", d, "--keep-history", 30, "--json")
