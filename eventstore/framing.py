@@ -15,11 +15,12 @@ next, so there the walker just stops.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 
 from .segment import FRAME_HEADER, FRAME_HEADER_SIZE, FrameError, FrameInfo, parse_frame
 
-__all__ = ["FrameWalker"]
+__all__ = ["FrameWalker", "is_torn_tail"]
 
 
 class FrameWalker:
@@ -140,3 +141,55 @@ class FrameWalker:
     def tail_bytes(self) -> bytes:
         """The bytes after the last complete frame."""
         return self._buf[self._i :]
+
+
+def is_torn_tail(tail: bytes, err: FrameError) -> bool:
+    """Is ``err`` the shape a crash mid-write leaves at the end of the log?
+
+    ``tail`` is the file from the frame ``err`` is about to its end.  Torn:
+    a frame running past the end of the file, a frame whose checksum fails
+    with nothing but zeros after it (a power cut can leave a frame's last
+    pages unwritten; the zeros are space filled in "fsync" mode, or none at
+    all), or nothing but zeros -- provided no valid frame follows.  A damaged
+    length field can make a frame in the middle look like it runs past the
+    end; the frame after it then still parses, and that is damage, not a
+    crash.  The writer cuts a torn tail; anything else stops it.
+    """
+    if not tail.strip(b"\0"):
+        return True
+    if not tail[:FRAME_HEADER_SIZE].strip(b"\0"):
+        # Zeros where a frame should start, then other bytes: writes land
+        # in order, so a crash does not leave this (a zeroed page does).
+        return False
+    if len(tail) >= FRAME_HEADER_SIZE and _valid_frame_follows(tail):
+        return False
+    if err.short:
+        return True
+    if err.checksum:
+        length = int.from_bytes(tail[:4], "little")
+        return not tail[FRAME_HEADER_SIZE + length :].strip(b"\0")
+    return False
+
+
+def _valid_frame_follows(tail: bytes) -> bool:
+    """Does a valid frame start somewhere after the (damaged) frame at tail[0]?
+
+    Looks for the header of the frame that should come next: its first
+    position is this frame's first position plus its count.
+    """
+    first, count = struct.unpack_from("<QI", tail, 8)
+    if first + count == 0:
+        # Positions start at 1, so nothing can follow a frame "at position 0"
+        # (a header torn after its length and checksum); and 8 zero bytes
+        # would match all through the zero-filled space.
+        return False
+    needle = struct.pack("<Q", first + count)
+    at = tail.find(needle, FRAME_HEADER_SIZE + 8)
+    while at != -1:
+        try:
+            parse_frame(tail, at - 8)
+            return True
+        except FrameError:
+            pass
+        at = tail.find(needle, at + 1)
+    return False

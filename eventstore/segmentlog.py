@@ -43,7 +43,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import struct
 import time
 from array import array
 from bisect import bisect_right
@@ -59,9 +58,9 @@ from .codec import decode_batch, decode_event, decode_frames, encode_batch_into,
 from .compaction import recover_compaction
 from .errors import ConnectionError, IntegrityError, QueryError, StorageError
 from .events import Event
-from .framing import FrameWalker
+from .framing import FrameWalker, is_torn_tail
 from .fsutil import fsync_dir, write_all
-from .lockfile import WriterLock
+from .lockfile import WriterLock, lock_holder
 from .log import EventLog
 from .logthread import LogThread
 from .segment import (
@@ -77,7 +76,6 @@ from .segment import (
     list_segments,
     pack_frame_header,
     pack_header,
-    parse_frame,
     segment_name,
     unpack_header,
 )
@@ -162,30 +160,6 @@ def _resolve(waiters: list[asyncio.Future[None]]) -> None:
     for fut in waiters:
         if not fut.done():
             fut.set_result(None)
-
-
-def _valid_frame_follows(tail: bytes) -> bool:
-    """Does a valid frame start somewhere after the (damaged) frame at tail[0]?
-
-    Looks for the header of the frame that should come next: its first
-    position is this frame's first position plus its count.
-    """
-    first, count = struct.unpack_from("<QI", tail, 8)
-    if first + count == 0:
-        # Positions start at 1, so nothing can follow a frame "at position 0"
-        # (a header torn after its length and checksum); and 8 zero bytes
-        # would match all through the zero-filled space.
-        return False
-    needle = struct.pack("<Q", first + count)
-    at = tail.find(needle, FRAME_HEADER_SIZE + 8)
-    while at != -1:
-        try:
-            parse_frame(tail, at - 8)
-            return True
-        except FrameError:
-            pass
-        at = tail.find(needle, at + 1)
-    return False
 
 
 def _index_frames(
@@ -469,8 +443,10 @@ class SegmentLog(EventLog):
         seg.frame_off = array("q")
         if self.read_only:
             # A writer may be at work in this segment: read as a follower does.
+            # Without one, zeros after the last frame are checked as a writer
+            # would check them: frames after zeroed ones are damage, not hidden.
             seg.end, seg.next_position, seg.indexed = HEADER_SIZE, seg.first, True
-            self._continue_scan(seg)
+            self._continue_scan(seg, live=lock_holder(self.directory) is not None)
             return
         walker, err = _index_frames(seg, HEADER_SIZE, seg.first, size, seg.gaps_allowed)
         if err is not None and not self._is_torn(seg, err, size):
@@ -496,31 +472,8 @@ class SegmentLog(EventLog):
         seg.indexed = True
 
     def _is_torn(self, seg: Segment, err: FrameError, size: int) -> bool:
-        """Is ``err`` the shape a crash mid-write leaves at the end of the log?
-
-        A frame running past the end of the file, a frame whose checksum
-        fails with nothing but zeros after it (a power cut can leave a frame's
-        last pages unwritten; the zeros are space filled in "fsync" mode, or
-        none at all), or nothing but zeros after the last good frame --
-        provided no valid frame follows.  A damaged length field can make a
-        frame in the middle look like it runs past the end; the frame after
-        it then still parses, and that is damage, not a crash.
-        """
-        tail = os.pread(seg.fd, size - err.offset, err.offset)
-        if not tail.strip(b"\0"):
-            return True
-        if not tail[:FRAME_HEADER_SIZE].strip(b"\0"):
-            # Zeros where a frame should start, then other bytes: writes land
-            # in order, so a crash does not leave this (a zeroed page does).
-            return False
-        if len(tail) >= FRAME_HEADER_SIZE and _valid_frame_follows(tail):
-            return False
-        if err.short:
-            return True
-        if err.checksum:
-            length = int.from_bytes(tail[:4], "little")
-            return not tail[FRAME_HEADER_SIZE + length :].strip(b"\0")
-        return False
+        """Is ``err`` the shape a crash mid-write leaves at the end of the log?"""
+        return is_torn_tail(os.pread(seg.fd, size - err.offset, err.offset), err)
 
     def _create_segment(self, first: int, flags: int = 0) -> Segment:
         """Create a segment durably: temp file, fsync, rename, fsync the directory."""
@@ -1223,20 +1176,21 @@ class SegmentLog(EventLog):
         self._continue_scan(seg)
         self._head = seg.next_position - 1
 
-    def _continue_scan(self, seg: Segment) -> None:
+    def _continue_scan(self, seg: Segment, live: bool = True) -> None:
         """Index frames appended to ``seg`` since it was last scanned (readers).
 
         A frame the writer is still copying can look damaged, and by the time
         ``_is_torn`` reads the tail again it may be complete and followed by
         the next one, which looks like damage before a valid frame.  So a
         walk that stops on what looks like damage is tried again; only one
-        that stops at the same offset twice is reported.
+        that stops at the same offset twice is reported.  ``live=False``:
+        no writer holds the store, so zero-filled space is checked too.
         """
         stuck_at = -1
         while True:
             size = os.fstat(seg.fd).st_size
             walker, err = _index_frames(
-                seg, seg.end, seg.next_position, size, seg.gaps_allowed, live=True
+                seg, seg.end, seg.next_position, size, seg.gaps_allowed, live=live
             )
             seg.end, seg.next_position = walker.offset, walker.next_position
             if err is None or self._is_torn(seg, err, size):

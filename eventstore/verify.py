@@ -44,7 +44,7 @@ from . import snapshot
 from .codec import decode_batch, decode_event, known_tags
 from .errors import ConnectionError, IntegrityError, MigrationError, StorageError
 from .events import READABLE_FINGERPRINTS, Event
-from .framing import FrameWalker
+from .framing import FrameWalker, is_torn_tail
 from .lockfile import lock_holder
 from .pglog import SCHEMA_VERSION, PostgresLog, decode_rows, redact_dsn, username_column
 from .segment import (
@@ -55,6 +55,7 @@ from .segment import (
     FrameInfo,
     check_fingerprint,
     list_segments,
+    parse_frame,
     unpack_header,
 )
 from .snapshot import list_snapshots
@@ -212,80 +213,86 @@ def scan_segment(
         # With a live writer, zeros at the end of the last segment are where it
         # is writing: frames may appear there while this reads, so the walk
         # stops at them instead of checking that only zeros follow.
-        walker = FrameWalker(
-            HEADER_SIZE,
-            first_position,
-            gaps_allowed=scan.compacted,
-            zeros_checked=not (last and writer_active),
-        )
-        offset = HEADER_SIZE
-        try:
-            while offset < size:
-                data = f.read(min(max(READ_CHUNK, walker.wanted()), size - offset))
-                if not data:
-                    break
-                offset += len(data)
-                if on_bytes is not None:
-                    on_bytes(len(data))
-                for info, payload in walker.feed(data):
-                    try:
-                        events = decode_batch(payload)
-                    except IntegrityError as err:
-                        return problem(info.offset, str(err))
-                    if len(events) != info.count:
-                        return problem(
-                            info.offset,
-                            f"frame holds {len(events)} events, its header says {info.count}",
-                        )
-                    scan.frames += 1
-                    scan.events += info.count
-                    if scan.first_event is None:
-                        scan.first_event = info.first_position
-                    scan.last_event = info.first_position + info.count - 1
-                    if on_frame is not None:
-                        on_frame(info, events)
-            bad = walker.finish()
-        except FrameError as err:
-            bad = err
-        if bad is not None:
-            if last and writer_active and _still_being_written(bad, size):
+        live = last and writer_active
+        offset, position = HEADER_SIZE, first_position
+        for attempt in range(ATTEMPTS):
+            walker = FrameWalker(
+                offset, position, gaps_allowed=scan.compacted, zeros_checked=not live
+            )
+            f.seek(offset)
+            bad = None
+            try:
+                while offset < size:
+                    data = f.read(min(max(READ_CHUNK, walker.wanted()), size - offset))
+                    if not data:
+                        break
+                    offset += len(data)
+                    if on_bytes is not None:
+                        on_bytes(len(data))
+                    for info, payload in walker.feed(data):
+                        try:
+                            events = decode_batch(payload)
+                        except IntegrityError as err:
+                            return problem(info.offset, str(err))
+                        if len(events) != info.count:
+                            return problem(
+                                info.offset,
+                                f"frame holds {len(events)} events, its header says {info.count}",
+                            )
+                        scan.frames += 1
+                        scan.events += info.count
+                        if scan.first_event is None:
+                            scan.first_event = info.first_position
+                        scan.last_event = info.first_position + info.count - 1
+                        if on_frame is not None:
+                            on_frame(info, events)
+                bad = walker.finish()
+            except FrameError as err:
+                bad = err
+            if bad is None:
+                break
+            fd = f.fileno()
+            torn = (
+                last
+                and bad.offset == walker.offset
+                and is_torn_tail(os.pread(fd, size - bad.offset, bad.offset), bad)
+            )
+            if torn and live:
+                # The frame the writer is in the middle of (or the zeros it
+                # is about to fill): not checked, not a problem.
                 scan.in_progress = size - bad.offset
-            elif last and bad.offset == walker.offset and _torn(f.fileno(), bad, size):
+            elif torn:
                 return problem(
                     bad.offset,
                     f"torn tail: {size - bad.offset} bytes after the last complete frame "
                     f"({bad.reason}); a crash mid-write leaves this, and the next writer "
                     "cuts it",
                 )
+            elif live and attempt < ATTEMPTS - 1 and _frame_parses_now(fd, bad.offset):
+                # Read half-written, complete now (the writer went on while
+                # this read): look again from that frame, the file grown.
+                offset, position = walker.offset, walker.next_position
+                size = scan.size = os.fstat(fd).st_size
+                continue
             else:
                 return problem(bad.offset, bad.reason)
+            break
         scan.next_position = walker.next_position
         return scan
 
 
-def _torn(fd: int, err: FrameError, size: int) -> bool:
-    """Is ``err`` at the end of the last segment the shape a crash mid-write leaves?
-
-    A frame running past the end of the file, or one whose checksum fails
-    with nothing but zeros after it (see docs/format.md, "Recovery").
-    """
-    if err.short:
-        return True
-    if not err.checksum:
+def _frame_parses_now(fd: int, offset: int) -> bool:
+    """Does a complete, checksum-valid frame start at ``offset`` now?"""
+    head = os.pread(fd, FRAME_HEADER_SIZE, offset)
+    if len(head) < FRAME_HEADER_SIZE:
         return False
-    length = int.from_bytes(os.pread(fd, 4, err.offset), "little")
-    after = err.offset + FRAME_HEADER_SIZE + length
-    return not os.pread(fd, max(0, size - after), after).strip(b"\0")
-
-
-def _still_being_written(err: FrameError, size: int) -> bool:
-    """Could ``err`` be a frame a live writer has not finished writing?
-
-    A reader can catch a ``pwrite`` half-way: the frame then runs past the end
-    of the file, or (if the kernel showed the length before the payload) ends
-    at the end of the file with a checksum that does not match yet.
-    """
-    return err.short or (err.checksum and err.offset + FRAME_HEADER_SIZE <= size)
+    length = int.from_bytes(head[:4], "little")
+    data = head + os.pread(fd, length, offset + FRAME_HEADER_SIZE)
+    try:
+        parse_frame(data, 0)
+    except FrameError:
+        return False
+    return True
 
 
 def verify(directory: str | os.PathLike[str], progress: Progress | None = None) -> VerifyReport:

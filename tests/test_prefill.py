@@ -275,7 +275,7 @@ async def test_no_room_for_the_zeros_only_stops_filling_ahead(
 
 
 async def test_a_header_torn_after_its_checksum_is_cut(tmp_path: Path) -> None:
-    from eventstore.segmentlog import _valid_frame_follows
+    from eventstore.framing import _valid_frame_follows
 
     copy, events, end = await _open_copy(tmp_path)
     seg = segment_files(copy)[0]
@@ -308,3 +308,105 @@ async def test_a_dry_run_compaction_does_not_count_the_zeros(tmp_path: Path) -> 
         files = segment_files(d)
         assert files[-1].stat().st_size > frames_end(files[-1].read_bytes())
         assert report.bytes_before == sum(frames_end(f.read_bytes()) for f in files)
+
+
+# -- damage beside a live writer, and read-only openers without one ------------------------
+
+
+def _flip(seg: Path, offset: int) -> None:
+    with open(seg, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def test_verify_beside_a_live_writer_reports_damage_before_good_frames(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as writer:
+        await fill(writer, 10)  # one awaited write, one frame
+        seg = segment_files(d)[0]
+        offs = _frame_offsets(seg.read_bytes())
+        assert len(offs) == 10
+        _flip(seg, offs[3] + FRAME_HEADER_SIZE + 1)  # frame 4's payload
+        # Six good frames follow it: not the frame the writer is writing.
+        problems = verify(d).problems
+        assert [p.offset for p in problems] == [offs[3]], problems
+        assert "checksum" in problems[0].message
+
+
+async def test_verify_calls_a_damaged_length_with_frames_after_it_damage(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await fill(store, 6)
+    seg = segment_files(d)[0]
+    data = seg.read_bytes()
+    offs = _frame_offsets(data)
+    length = struct.unpack_from("<I", data, offs[2])[0]
+    with open(seg, "r+b") as f:
+        f.seek(offs[2])
+        f.write(struct.pack("<I", length + 65536))  # now runs past the end
+    [problem] = verify(d).problems
+    assert problem.offset == offs[2] and "torn tail" not in problem.message
+    with pytest.raises(IntegrityError, match=f"offset {offs[2]}"):
+        await all_events(d)
+    assert (
+        seg.read_bytes()
+        == data[: offs[2]] + struct.pack("<I", length + 65536) + data[offs[2] + 4 :]
+    )  # refused, nothing cut
+
+
+async def test_a_reader_without_a_writer_reports_frames_hidden_behind_zeros(
+    tmp_path: Path,
+) -> None:
+    copy, _events, _end = await _open_copy(tmp_path, n=6)
+    seg = segment_files(copy)[0]
+    data = seg.read_bytes()
+    offs = _frame_offsets(data)
+    victim = offs[3]
+    with open(seg, "r+b") as f:
+        f.seek(victim)
+        f.write(bytes(offs[4] - victim))  # frame 4 lost to zeros; 5 and 6 intact
+    with pytest.raises(IntegrityError, match=f"offset {victim}"):
+        await all_events(copy, read_only=True)
+
+
+async def test_verify_looks_again_when_a_frame_completes_while_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for followers: verify meets a half-copied frame of the live writer,
+    which is complete, with another after it, when verify reads the tail."""
+    from eventstore import verify as verify_mod
+
+    d = tmp_path / "s"
+    async with EventStore(d) as writer:
+        await fill(writer, 30)
+        seg = segment_files(d)[0]
+        data = seg.read_bytes()
+        end = frames_end(data)
+        offs = _frame_offsets(data)
+        a, b = offs[-2], offs[-1]
+        with open(seg, "r+b") as f:
+            f.seek(a)
+            f.write(bytes(end - a))
+            f.seek(a)
+            f.write(data[a : a + (b - a) // 2])
+        real = verify_mod.is_torn_tail
+        calls = {"n": 0}
+
+        def torn_after_the_writer_finished(tail: bytes, err: object) -> bool:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                with open(seg, "r+b") as f:
+                    f.seek(a)
+                    f.write(data[a:end])
+                tail = seg.read_bytes()[a:]
+            return real(tail, err)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(verify_mod, "is_torn_tail", torn_after_the_writer_finished)
+        report = verify(d)
+        assert calls["n"] >= 1
+        assert report.problems == []
+        assert report.events == 30 and report.last_position == 30
