@@ -60,6 +60,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except (StorageError, OSError) as err:
         fail(describe(err))
+    except ImportError as err:
+        _missing_driver(err)
 
 
 def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -68,6 +70,16 @@ def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return func(*args, **kwargs)
     except (StorageError, OSError) as err:
         fail(describe(err))
+    except ImportError as err:
+        _missing_driver(err)
+
+
+def _missing_driver(err: ImportError) -> NoReturn:
+    # A postgresql:// target without asyncpg installed; any other ImportError
+    # is a bug, and keeps its traceback.
+    if err.name != "asyncpg":
+        raise err
+    fail(str(err))
 
 
 def need_store(target: str) -> None:

@@ -294,7 +294,8 @@ def _import_asyncpg() -> Any:
     except ImportError as err:
         raise ImportError(
             "the PostgreSQL log needs asyncpg, which is not installed: "
-            "pip install 'eventstore[postgres]'"
+            "pip install 'eventstore[postgres]'",
+            name="asyncpg",
         ) from err
 
 

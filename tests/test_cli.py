@@ -686,3 +686,33 @@ def test_export_jsonl_to_stdout(tmp_path: Path) -> None:
     bad = invoke("export", d, "--format", "sqlite", "-")
     assert bad.exit_code == 2
     assert bad.stderr == "Error: --format sqlite needs a file name, not '-'\n"
+
+
+URL_COMMANDS = [
+    ["info", "{url}"],
+    ["verify", "{url}"],
+    ["dump", "{url}"],
+    ["tail", "{url}"],
+    ["replay", "{url}"],
+    ["compact", "{url}"],
+    ["forget-user", "{url}", "bob"],
+    ["export", "{url}", "--format", "jsonl", "{tmp}/out.jsonl"],
+    ["import-sqlite", "{legacy}", "{url}"],
+    ["demo", "{url}"],
+]
+
+
+@pytest.mark.parametrize("args", URL_COMMANDS, ids=lambda a: a[0])
+def test_a_url_without_asyncpg_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # import asyncpg now fails
+    legacy = legacy_db(tmp_path / "legacy.db")
+    values = {"url": "postgresql://bot@db.example/bot", "tmp": tmp_path, "legacy": legacy}
+    result = invoke(*[a.format(**values) for a in args])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "Error: the PostgreSQL log needs asyncpg, which is not installed: "
+        "pip install 'eventstore[postgres]'"
+    )
