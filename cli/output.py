@@ -88,7 +88,14 @@ def need_store(target: str) -> None:
     A ``postgresql://`` URL is checked when the store is opened.
     """
     if not is_dsn(target) and not os.path.isdir(target):
+        not_a_directory(target)
         fail(f"{target}: no such store directory")
+
+
+def not_a_directory(target: str) -> None:
+    """Refuse a path that exists but is not a directory (a store is one)."""
+    if os.path.exists(target) and not os.path.isdir(target):
+        fail(f"{target}: is a file, not a store directory")
 
 
 def shown(target: str) -> str:
@@ -139,6 +146,7 @@ async def open_writer(
         return
     if not create:
         need_store(directory)
+    not_a_directory(directory)
     store = EventStore(directory, durability=durability)
     try:
         await store.connect()

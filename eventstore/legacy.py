@@ -388,6 +388,13 @@ class LegacyReader:
             known = {c.name for c in columns} | {"id"}
             unknown.extend(f"{table}.{c}" for c in sorted(present - known))
             self._selects[table] = f"SELECT {', '.join(exprs)} FROM {_q(real)} ORDER BY rowid"
+        if len(missing) == len(LEGACY_TABLES):
+            # An empty SQLite file, or another program's: importing it would
+            # only make an empty store.
+            raise ValidationError(
+                f"{self.path}: none of the bot's tables ({', '.join(LEGACY_TABLES)}) "
+                "is in this file; is it the bot's database?"
+            )
         self.missing_tables = tuple(missing)
         self.ignored_tables = tuple(
             sorted(

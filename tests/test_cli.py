@@ -655,6 +655,48 @@ def test_import_sqlite_missing_file(tmp_path: Path) -> None:
     assert not (tmp_path / "store").exists()
 
 
+def _bad_row_db(path: Path) -> Path:
+    legacy_db(path)
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO recent_chat (timestamp, username, message) VALUES (-7, 'bob', 'x')")
+    conn.commit()
+    conn.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda p: p.write_text("not a database\n") and p, "not a readable SQLite database"),
+        (lambda p: p.write_bytes(b"") or p, "none of the bot's tables"),
+        (_bad_row_db, "timestamp must be >= 0, got -7"),
+    ],
+    ids=["text file", "empty file", "bad row"],
+)
+def test_import_sqlite_of_a_bad_file_leaves_no_store(tmp_path: Path, make: Any, error: str) -> None:
+    db = tmp_path / "bot.db"
+    make(db)
+    result = invoke("import-sqlite", db, tmp_path / "store")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"Error: {db}") and error in result.stderr, result.stderr
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["demo", "{f}"], ["import-sqlite", "{db}", "{f}"], ["info", "{f}"], ["compact", "{f}"]],
+    ids=lambda a: a[0],
+)
+def test_a_file_where_a_store_directory_belongs_is_named(tmp_path: Path, args: list[str]) -> None:
+    f = tmp_path / "afile"
+    f.write_text("x")
+    db = legacy_db(tmp_path / "bot.db")
+    result = invoke(*[a.format(f=f, db=db) for a in args])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {f}: is a file, not a store directory\n"
+    assert f.read_text() == "x"
+
+
 def test_export_jsonl_and_sqlite(tmp_path: Path) -> None:
     d = busy_store(tmp_path)
     out = tmp_path / "events.jsonl"
