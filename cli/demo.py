@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eventstore.demo import DemoSummary, play
+from eventstore.demo import MAX_MINUTES, DemoSummary, play
 from eventstore.inspect import directory_size, postgres_info
 from eventstore.pglog import is_dsn
 from eventstore.replay import replay as replay_store
@@ -27,7 +27,14 @@ def demo(
         ),
     ] = DEMO_DIR,
     minutes: Annotated[
-        int, typer.Option("--minutes", min=1, help="Simulated minutes to play.", metavar="MINUTES")
+        int,
+        typer.Option(
+            "--minutes",
+            min=1,
+            max=MAX_MINUTES,
+            help="Simulated minutes to play (at most a year).",
+            metavar="MINUTES",
+        ),
     ] = 120,
     seed: Annotated[
         int | None,
@@ -60,7 +67,7 @@ def demo(
 
     async def main() -> tuple[DemoSummary, dict[str, Any], int]:
         async with out.open_writer(
-            directory, "eventstore.demo.play(store)", create=True, durability="flush"
+            directory, "await eventstore.demo.play(store)", create=True, durability="flush"
         ) as store:
             summary = await play(store, minutes=minutes, seed=seed)
         # Read the answers back from disk: what any later start of the bot sees.

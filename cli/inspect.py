@@ -279,6 +279,8 @@ def dump(
 
     Example: eventstore dump data/ --type message_saved --user alice --from 1000
     """
+    if stop is not None and stop < start:
+        out.usage_error(f"--to {stop} is before --from {start}: the range is empty")
     if types:
         try:
             check_types(types)

@@ -24,8 +24,11 @@ from projections.user_stats import LAST
 
 from .store import EventStore
 
-__all__ = ["DemoSummary", "play"]
+__all__ = ["MAX_MINUTES", "DemoSummary", "play"]
 
+#: The longest demo: a year of simulated minutes (about seven million events,
+#: some minutes to write), which also keeps its timestamps after 1970.
+MAX_MINUTES = 365 * 24 * 60
 #: Seconds between two user-count samples (the bot's five-minute timer).
 SAMPLE_EVERY = 5 * 60
 
@@ -93,8 +96,8 @@ async def play(
             summary = await play(store, minutes=120, seed=1)
             print(summary.chat_lines, await store.get_channel_stats())
     """
-    if type(minutes) is not int or minutes < 1:
-        raise ValueError(f"minutes must be an int >= 1, got {minutes!r}")
+    if type(minutes) is not int or not 1 <= minutes <= MAX_MINUTES:
+        raise ValueError(f"minutes must be an int from 1 to {MAX_MINUTES}, got {minutes!r}")
     if start is None:
         start = max(int(time.time()) - minutes * 60, _latest(store) + 60)
     if seed is None:

@@ -282,8 +282,13 @@ def redact_dsn(dsn: str) -> str:
         query = parts.query
         if "password=" in query:
             pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs])
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
+            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+        shown = urlunsplit(parts._replace(netloc=netloc, query=query))
+        if not netloc and dsn.startswith(f"{parts.scheme}://"):
+            # urlunsplit drops an empty authority ("postgresql:///bot", a
+            # local socket); keep the URL as it was written.
+            shown = f"{parts.scheme}://{shown[len(parts.scheme) + 1 :]}"
+        return shown
     except ValueError:
         return "<unparsable DSN>"
 

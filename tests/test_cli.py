@@ -21,6 +21,7 @@ from typer.testing import CliRunner, Result
 
 from cli.main import app
 from eventstore import EventStore
+from eventstore.demo import MAX_MINUTES
 from eventstore.legacy import LEGACY_SCHEMA
 from eventstore.lockfile import WriterLock
 from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE
@@ -408,6 +409,11 @@ def test_dump_filters(tmp_path: Path) -> None:
     assert [r["position"] for r in ada] == [1, 2, 7, 8]
     assert dumped(invoke("dump", d, "--user", "nobody")) == []
     assert dumped(invoke("dump", d, "--from", 200)) == []
+    assert dumped(invoke("dump", d, "--from", 5, "--to", 5))[0]["position"] == 5
+
+    backwards = invoke("dump", d, "--from", 10, "--to", 5)
+    assert backwards.exit_code == 2
+    assert "--to 5 is before --from 10: the range is empty" in backwards.stderr
 
 
 # -- tail -----------------------------------------------------------------------------------
@@ -561,6 +567,23 @@ def test_replay_now(tmp_path: Path) -> None:
 
 
 # -- demo ----------------------------------------------------------------------------------
+
+
+def test_demo_minutes_are_bounded(tmp_path: Path) -> None:
+    result = invoke("demo", tmp_path / "d", "--minutes", MAX_MINUTES + 1)
+    assert result.exit_code == 2
+    assert "--minutes" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("minutes", [0, MAX_MINUTES + 1, 1.5])
+async def test_play_refuses_minutes_out_of_range(tmp_path: Path, minutes: Any) -> None:
+    from eventstore.demo import play
+
+    async with EventStore(tmp_path / "d") as store:
+        with pytest.raises(ValueError, match=f"minutes must be an int from 1 to {MAX_MINUTES}"):
+            await play(store, minutes=minutes)
+        assert store.position == 0
 
 
 def test_demo_then_inspect_it(tmp_path: Path) -> None:

@@ -677,6 +677,10 @@ def test_redact_dsn_hides_passwords() -> None:
     assert "s3cret" not in redacted and "other" not in redacted
     assert redacted.startswith("postgresql://bot:***@db:5432/chat?sslmode=require")
     assert redact_dsn("postgresql://bot@db/chat") == "postgresql://bot@db/chat"
+    assert redacted.endswith("&password=***")
+    # A local socket URL keeps its empty authority.
+    assert redact_dsn("postgresql:///bot?sslmode=bogus") == "postgresql:///bot?sslmode=bogus"
+    assert redact_dsn("postgres:///bot?password=x") == "postgres:///bot?password=***"
 
 
 def test_eventstore_imports_without_asyncpg() -> None:
