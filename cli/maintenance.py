@@ -116,7 +116,11 @@ def _plain(report: Any) -> dict[str, Any]:
     return data
 
 
-def snapshot(directory: Directory = "data") -> None:
+def snapshot(
+    directory: Annotated[
+        str, typer.Argument(help="The store's directory (not a URL).", metavar="DIR")
+    ] = "data",
+) -> None:
     """Save the read models now, so the next start replays only what follows.
 
     The store also snapshots on close and every 100,000 events; this is for

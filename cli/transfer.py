@@ -117,6 +117,9 @@ def export(
         out.usage_error("--format sqlite needs a file name, not '-'")
     if not to_stdout and os.path.lexists(target):
         out.fail(f"{target}: already exists; refusing to overwrite it")
+    folder = os.path.dirname(target) or "."
+    if not to_stdout and not os.path.isdir(folder):
+        out.fail(f"{target}: no such directory: {folder}")
 
     async def main() -> dict[str, int]:
         async with out.open_reader(directory) as store:

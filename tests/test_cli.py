@@ -720,6 +720,15 @@ def test_a_file_where_a_store_directory_belongs_is_named(tmp_path: Path, args: l
     assert f.read_text() == "x"
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "sqlite"])
+def test_export_into_a_missing_directory_names_it(tmp_path: Path, fmt: str) -> None:
+    d = busy_store(tmp_path)
+    target = tmp_path / "nosuchdir" / "out.db"
+    result = invoke("export", d, "--format", fmt, target)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {target}: no such directory: {target.parent}\n"
+
+
 def test_export_jsonl_and_sqlite(tmp_path: Path) -> None:
     d = busy_store(tmp_path)
     out = tmp_path / "events.jsonl"
