@@ -551,7 +551,7 @@ class EventStore(StorageAdapter):
         proj = self._proj
         known = (
             username in proj.user_stats.users
-            or username in proj.actions.by_user
+            or proj.actions.has_user(username)
             or self._has_messages(username)
         )
         if not known:

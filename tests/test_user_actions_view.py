@@ -21,7 +21,10 @@ async def test_user_actions_with_short_long_and_no_details(tmp_path: Path, where
             await store.log_user_action("alice", "join", details=None, timestamp=i)
             await store.log_user_action("alice", "pm", details=f"{long}{i}", timestamp=i)
             await store.log_user_action("bob", "pm", details="!stats", timestamp=i)
-        codes = set(store.projections.actions.user_details["alice"])
+        actions = store.projections.actions
+        alice = actions.users.get("alice")
+        rows = zip(actions.row_user, actions.row_details, strict=True)
+        codes = {d for u, d in rows if u == alice}
         assert DETAILS_NONE in codes and DETAILS_IN_LOG in codes and 0 in codes
         expected = await store.get_user_actions(username="alice", limit=1000)
         # The same rows as the log holds, through the unfiltered (log) path.
