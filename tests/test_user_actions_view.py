@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
 from eventstore import EventStore
-from projections.user_actions import DETAILS_IN_LOG, DETAILS_NONE
+from eventstore.events import UserActionLogged, UserForgotten
+from projections.user_actions import DETAILS_IN_LOG, DETAILS_NONE, UserActionsProjection
 
 
 @pytest.mark.parametrize("where", ["memory", "disk"])
@@ -37,3 +40,70 @@ async def test_user_actions_with_short_long_and_no_details(tmp_path: Path, where
             return
     async with EventStore(tmp_path / "s", segment_size=4096) as again:  # from the snapshot
         assert await again.get_user_actions(username="alice", limit=1000) == expected
+
+
+def _action(ts: int, user: str, kind: str = "join", details: str | None = None) -> Any:
+    return UserActionLogged(ts, user, kind, details)
+
+
+def _newest(proj: UserActionsProjection, user: str | None, kind: str | None) -> list[int]:
+    return proj.positions(user, kind, 1000, 0)
+
+
+def test_chains_follow_back_dated_rows_forgotten_users_and_newcomers() -> None:
+    proj = UserActionsProjection()
+    rows: list[tuple[int, int, str, str]] = []  # (ts, pos, user, kind): the model
+
+    def log(pos: int, ts: int, user: str, kind: str) -> None:
+        proj.on_logged(pos, _action(ts, user, kind))
+        rows.append((ts, pos, user, kind))
+
+    def expect(user: str | None, kind: str | None) -> list[int]:
+        picked = [r for r in rows if user in (None, r[2]) and kind in (None, r[3])]
+        return [pos for _, pos, _, _ in sorted(picked, reverse=True)]
+
+    for pos in range(1, 21):
+        log(pos, 100 + pos, ["ann", "bo"][pos % 2], ["join", "leave"][pos % 3 == 0])
+    assert proj.chained
+    log(21, 50, "bo", "pm")  # back-dated: inserted first, the chains go stale
+    assert not proj.chained
+    log(22, 200, "cy", "join")  # a newcomer while they are stale
+    for user in ("ann", "bo", "cy", None):
+        for kind in ("join", "leave", "pm", None):
+            assert _newest(proj, user, kind) == expect(user, kind), (user, kind)
+    assert proj.chained  # rebuilt by the first read
+
+    proj.on_forgotten(23, UserForgotten("bo", 300))
+    rows = [r for r in rows if r[2] != "bo"]
+    log(24, 301, "bo", "join")  # back again, under a new code
+    for user in ("ann", "bo", "cy", None):
+        for kind in ("join", "leave", "pm", None):
+            assert _newest(proj, user, kind) == expect(user, kind), (user, kind)
+    assert proj.has_user("bo") and not proj.has_user("nobody")
+
+    again = UserActionsProjection.load(msgspec.msgpack.decode(msgspec.msgpack.encode(proj.dump())))
+    for user in ("ann", "bo", "cy"):
+        assert again.user_rows(user, None, 5, 1) == proj.user_rows(user, None, 5, 1)
+    assert _newest(again, None, "join") == expect(None, "join")
+
+
+def test_pagination_along_a_chain() -> None:
+    proj = UserActionsProjection()
+    for pos in range(1, 31):
+        proj.on_logged(pos, _action(pos, "ann" if pos % 3 else "bo", "pm" if pos % 2 else "join"))
+    anns = [p for p in range(30, 0, -1) if p % 3]
+    assert proj.positions("ann", None, 4, 0) == anns[:4]
+    assert proj.positions("ann", None, 4, 18) == anns[18:22]
+    assert proj.positions("ann", None, 0, 0) == []
+    assert proj.positions("ann", "pm", 3, 2) == [p for p in anns if p % 2][2:5]
+    assert proj.positions(None, "join", 2, 1) == [28, 26]
+    assert proj.positions("nobody", None, 5, 0) == proj.positions("ann", "nope", 5, 0) == []
+
+
+def test_a_snapshot_with_columns_of_different_lengths_is_refused() -> None:
+    proj = UserActionsProjection()
+    proj.on_logged(1, _action(1, "ann"))
+    data = msgspec.msgpack.decode(msgspec.msgpack.encode(proj.dump()))
+    data["rows"][2] = b""
+    with pytest.raises(ValueError, match="different lengths"):
+        UserActionsProjection.load(data)
