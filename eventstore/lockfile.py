@@ -4,7 +4,9 @@
 as long as a writer is open.  The kernel drops the lock when the process dies,
 however it dies, so a killed bot never leaves a stale lock behind; the pid
 written into the file only serves the error message and ``eventstore info``.
-Readers never take the lock.
+Readers do not hold the lock; ``lock_holder`` (is a writer open?) takes it
+shared for an instant to find out, so a writer that finds it taken tries
+again for a few milliseconds before it reports another writer.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 
 from .errors import ConnectionError
 
 __all__ = ["LOCK_NAME", "WriterLock", "lock_holder"]
 
 LOCK_NAME = "LOCK"
+#: How long a writer keeps trying when the lock is taken: a reader's probe
+#: holds it for microseconds, a writer for as long as it is open.
+RETRY_SECONDS = 0.05
 
 
 class WriterLock:
@@ -28,7 +34,7 @@ class WriterLock:
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(fd)
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
@@ -53,6 +59,18 @@ class WriterLock:
                 os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _lock_exclusive(fd: int) -> None:
+    deadline = time.monotonic() + RETRY_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.001)
 
 
 def _read_pid(fd: int) -> int | None:

@@ -137,6 +137,10 @@ class Segment:
     frame_off: array[int] = field(default_factory=lambda: array("q"))
     #: True once frame_pos/frame_off cover the whole segment (see note()).
     indexed: bool = False
+    #: Readers: the offset of the last frame walked, and its header as read
+    #: (see SegmentLog._check_unchanged).
+    last_frame: int = 0
+    last_header: bytes = b""
 
     @property
     def gaps_allowed(self) -> bool:
@@ -188,6 +192,7 @@ def _index_frames(
             offset += len(data)
             for info, _payload in walker.feed(data):
                 seg.note(info.first_position, info.offset)
+                seg.last_frame = info.offset
         return walker, walker.finish()
     except FrameError as err:
         return walker, err
@@ -1176,6 +1181,23 @@ class SegmentLog(EventLog):
         self._continue_scan(seg)
         self._head = seg.next_position - 1
 
+    def _check_unchanged(self, seg: Segment) -> None:
+        """Refuse to go on if the last frame this reader walked has changed.
+
+        A writer whose write fails takes the round's frames back (truncates),
+        and a repair cuts the log; a reader may have read those frames
+        already, and new, different ones then take their place.  Reading on
+        from where it stopped would keep events that are not in the log.
+        """
+        if seg.last_header and (
+            os.pread(seg.fd, FRAME_HEADER_SIZE, seg.last_frame) != seg.last_header
+        ):
+            raise IntegrityError(
+                f"{seg.path}: the frame at offset {seg.last_frame}, already read, has "
+                "changed or is gone (a writer took back a failed write, or the log was "
+                "repaired); open the store again to read the log as it is now"
+            )
+
     def _continue_scan(self, seg: Segment, live: bool = True) -> None:
         """Index frames appended to ``seg`` since it was last scanned (readers).
 
@@ -1186,6 +1208,7 @@ class SegmentLog(EventLog):
         that stops at the same offset twice is reported.  ``live=False``:
         no writer holds the store, so zero-filled space is checked too.
         """
+        self._check_unchanged(seg)
         stuck_at = -1
         while True:
             size = os.fstat(seg.fd).st_size
@@ -1194,6 +1217,8 @@ class SegmentLog(EventLog):
             )
             seg.end, seg.next_position = walker.offset, walker.next_position
             if err is None or self._is_torn(seg, err, size):
+                if seg.end > HEADER_SIZE:
+                    seg.last_header = os.pread(seg.fd, FRAME_HEADER_SIZE, seg.last_frame)
                 return
             if err.offset == stuck_at:
                 raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")

@@ -31,7 +31,7 @@ from projections.user_actions import DETAILS_IN_LOG, DETAILS_NONE
 from .adapter import StorageAdapter
 from .clock import Clock, system_clock
 from .compaction import CompactReport, compact_log
-from .errors import ConnectionError, StorageError, ValidationError
+from .errors import ConnectionError, IntegrityError, StorageError, ValidationError
 from .events import (
     EVENT_TYPES,
     ChannelPeakRaised,
@@ -708,6 +708,12 @@ class EventStore(StorageAdapter):
             await self._log.wait_for_appends(interval)
             try:
                 await self.refresh()
+            except IntegrityError as err:
+                # The log does not continue what this store has read (damage,
+                # or frames taken back): looking again would fail the same
+                # way every interval.  Reads go on answering from what was read.
+                self.logger.error("follow stopped: %s", err)
+                return
             except StorageError as err:
                 self.logger.warning("follow: refresh failed: %s", err)
 

@@ -314,6 +314,73 @@ async def test_following_reader_converges_across_rolls(tmp_path: Path) -> None:
             )
 
 
+async def test_a_reader_refuses_frames_taken_back_under_it(tmp_path: Path) -> None:
+    """A writer whose write fails truncates the round's frames, which a reader
+    may have read already; new frames of the same size then take their place.
+    Reading on would keep events the log no longer holds."""
+    d = tmp_path / "s"
+    async with EventStore(d, durability="flush") as writer:
+        await fill(writer, 10)  # one frame each
+    seg = segment_files(d)[0]
+    data = seg.read_bytes()
+    offsets = [HEADER_SIZE]
+    while offsets[-1] < len(data):
+        offsets.append(
+            offsets[-1] + FRAME_HEADER_SIZE + struct.unpack_from("<I", data, offsets[-1])[0]
+        )
+    reader = EventStore(d, read_only=True, snapshot_every=None)
+    await reader.connect()
+    try:
+        assert reader.position == 10
+        with open(seg, "r+b") as f:
+            f.truncate(offsets[5])  # positions 6..10 taken back
+        async with EventStore(d, durability="flush", snapshot_every=None) as writer:
+            assert writer.position == 5
+            await fill(writer, 8, prefix="x")  # 6..13, frames of the same sizes
+        with pytest.raises(IntegrityError, match=r"offset \d+, already read, has changed"):
+            await reader.refresh()
+    finally:
+        await reader.close()
+    async with EventStore(d, read_only=True) as again:  # opened anew, it reads the log as it is
+        assert [e.message for _, e in [x async for x in again.read()]][5:] == [
+            f"x{i}" for i in range(8)
+        ]
+
+
+async def test_following_stops_once_with_an_error_when_frames_are_taken_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, durability="flush") as writer:
+        await fill(writer, 10)
+    seg = segment_files(d)[0]
+    first_frame = FRAME_HEADER_SIZE + struct.unpack_from("<I", seg.read_bytes(), HEADER_SIZE)[0]
+    caplog.set_level(logging.WARNING)
+    async with EventStore(d, read_only=True, follow=0.01, snapshot_every=None) as reader:
+        with open(seg, "r+b") as f:
+            f.truncate(HEADER_SIZE + first_frame)  # all but the first event taken back
+        async with EventStore(d, durability="flush", snapshot_every=None) as writer:
+            await fill(writer, 12, prefix="y")
+        await asyncio.sleep(0.2)  # about 20 intervals
+        assert reader.position == 10  # what it had read; the rest is refused
+    stops = [r for r in caplog.records if "follow stopped" in r.getMessage()]
+    assert len(stops) == 1 and "changed or is gone" in stops[0].getMessage()
+    assert not [r for r in caplog.records if "refresh failed" in r.getMessage()]
+
+
+async def test_a_reader_goes_on_across_the_writer_cutting_its_zeros(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    writer = EventStore(d)  # "fsync": zeros after the last frame while open
+    await writer.connect()
+    await fill(writer, 5)
+    async with EventStore(d, read_only=True) as reader:
+        assert reader.position == 5
+        await writer.close()  # cuts the zeros
+        async with EventStore(d) as again:
+            await fill(again, 3, prefix="later")
+        assert await reader.refresh() == 3
+
+
 # -- bad conditions --------------------------------------------------------------------
 
 
@@ -444,3 +511,44 @@ async def test_none_mode_rolls_segments_for_a_caller_that_never_yields(tmp_path:
         assert len(log.segments) > 20
         assert sum(len(events) for _, events in log._unwritten) < 10_000
     assert len(await all_events(d)) == 50_000
+
+
+def test_a_writer_is_not_refused_by_a_reader_probing_the_lock(tmp_path: Path) -> None:
+    """lock_holder() takes the lock shared for an instant (every read-only open
+    does, to learn whether a writer is at work); a writer starting in that
+    instant must not be told another writer holds the store."""
+    import threading
+
+    from eventstore.lockfile import WriterLock, lock_holder
+
+    d = str(tmp_path)
+    (tmp_path / "LOCK").touch()
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            lock_holder(d)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    refused = 0
+    try:
+        for _ in range(2000):
+            lock = WriterLock(d)
+            try:
+                lock.acquire()
+            except ConnectionError:
+                refused += 1
+            else:
+                lock.release()
+    finally:
+        stop.set()
+        prober.join()
+    assert refused == 0
+    held = WriterLock(d)
+    held.acquire()
+    try:
+        with pytest.raises(ConnectionError, match="already open for writing"):
+            WriterLock(d).acquire()
+    finally:
+        held.release()
