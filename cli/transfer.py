@@ -119,7 +119,8 @@ def export(
         out.fail(f"{target}: already exists; refusing to overwrite it")
     folder = os.path.dirname(target) or "."
     if not to_stdout and not os.path.isdir(folder):
-        out.fail(f"{target}: no such directory: {folder}")
+        what = "not a directory" if os.path.exists(folder) else "no such directory"
+        out.fail(f"{target}: {what}: {folder}")
 
     async def main() -> dict[str, int]:
         async with out.open_reader(directory) as store:

@@ -230,8 +230,13 @@ def write_snapshot(
     # The new name is made durable before older snapshots go: removed first,
     # a crash could leave the directory with neither (a full replay).
     fsync_dir(directory)
-    for old in list_snapshots(directory)[keep:]:
+    older = list_snapshots(directory)[keep:]
+    for old in older:
         os.unlink(old.path)
+    if older:
+        # And the removals too: after compaction an older snapshot names
+        # frames that moved, and must not come back after a power cut.
+        fsync_dir(directory)
     return path
 
 

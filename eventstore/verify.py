@@ -51,6 +51,7 @@ from .segment import (
     FLAG_COMPACTED,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
+    MAX_FRAME_PAYLOAD,
     FrameError,
     FrameInfo,
     check_fingerprint,
@@ -286,7 +287,8 @@ def _frame_parses_now(fd: int, offset: int) -> bool:
     head = os.pread(fd, FRAME_HEADER_SIZE, offset)
     if len(head) < FRAME_HEADER_SIZE:
         return False
-    length = int.from_bytes(head[:4], "little")
+    # A damaged length can say 4 GiB: read no more than a frame may hold.
+    length = min(int.from_bytes(head[:4], "little"), MAX_FRAME_PAYLOAD)
     data = head + os.pread(fd, length, offset + FRAME_HEADER_SIZE)
     try:
         parse_frame(data, 0)
@@ -298,7 +300,7 @@ def _frame_parses_now(fd: int, offset: int) -> bool:
 def verify(directory: str | os.PathLike[str], progress: Progress | None = None) -> VerifyReport:
     """Check every byte of the store in ``directory`` and list every problem.
 
-    Never takes the writer lock and never writes, so it is safe to run while
+    Never holds the writer lock and never writes, so it is safe to run while
     the bot is writing (the frame the writer is in the middle of is then
     noted, not reported).  ``progress(done, total)`` is called in bytes.
     Raises :class:`~eventstore.errors.ConnectionError` if ``directory`` is not

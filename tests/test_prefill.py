@@ -410,3 +410,33 @@ async def test_verify_looks_again_when_a_frame_completes_while_it_reads(
         assert calls["n"] >= 1
         assert report.problems == []
         assert report.events == 30 and report.last_position == 30
+
+
+async def test_verify_reads_no_more_than_a_frame_can_hold_for_a_damaged_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from eventstore import verify as verify_mod
+    from eventstore.segment import MAX_FRAME_PAYLOAD
+
+    d = tmp_path / "s"
+    async with EventStore(d) as writer:  # a live writer: verify looks again at errors
+        await fill(writer, 6)
+        seg = segment_files(d)[0]
+        offs = _frame_offsets(seg.read_bytes())
+        with open(seg, "r+b") as f:
+            f.seek(offs[2])
+            f.write(struct.pack("<I", 0xFFFFFFF0))  # frames after it are good
+        asked: list[int] = []
+        real = os.pread
+
+        def pread(fd: int, n: int, offset: int) -> bytes:
+            asked.append(n)
+            return real(fd, n, offset)
+
+        monkeypatch.setattr(verify_mod.os, "pread", pread)
+        problems = verify(d).problems
+        monkeypatch.undo()
+    assert [p.offset for p in problems] == [offs[2]]
+    assert max(asked) <= max(MAX_FRAME_PAYLOAD, 4 * 1024 * 1024)
