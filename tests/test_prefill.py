@@ -126,6 +126,21 @@ async def test_a_torn_frame_in_filled_space_is_cut(
     assert "torn tail" in caplog.text
 
 
+def _half_write_the_last_two_frames(seg: Path) -> tuple[int, bytes]:
+    """Take the last two frames away (zeros in their place), then put back the
+    first of them half-written: the state a reader can catch mid-pwrite.
+    Returns where they began and their bytes, to finish the write with."""
+    data = seg.read_bytes()
+    end = frames_end(data)
+    a, b = _frame_offsets(data)[-2:]
+    with open(seg, "r+b") as f:
+        f.seek(a)
+        f.write(bytes(end - a))
+        f.seek(a)
+        f.write(data[a : a + (b - a) // 2])
+    return a, data[a:end]
+
+
 def _frame_offsets(data: bytes) -> list[int]:
     offs = []
     off = HEADER_SIZE
@@ -219,19 +234,9 @@ async def test_a_follower_looks_again_when_a_frame_completes_while_it_reads(
     is complete and another frame follows it, which looks like damage."""
     from eventstore.segmentlog import SegmentLog
 
-    copy, events, end = await _open_copy(tmp_path)
+    copy, events, _end = await _open_copy(tmp_path)
     seg = segment_files(copy)[0]
-    data = seg.read_bytes()
-    offs = _frame_offsets(data)
-    # Take the last two frames away (zeros in their place), then put back the
-    # first of them half-written: the state a reader can catch mid-pwrite.
-    a, b = offs[-2], offs[-1]
-    whole = data[a:end]
-    with open(seg, "r+b") as f:
-        f.seek(a)
-        f.write(bytes(end - a))
-        f.seek(a)
-        f.write(data[a : a + (b - a) // 2])
+    a, whole = _half_write_the_last_two_frames(seg)
     real_is_torn = SegmentLog._is_torn
     calls = {"n": 0}
 
@@ -384,15 +389,7 @@ async def test_verify_looks_again_when_a_frame_completes_while_it_reads(
     async with EventStore(d) as writer:
         await fill(writer, 30)
         seg = segment_files(d)[0]
-        data = seg.read_bytes()
-        end = frames_end(data)
-        offs = _frame_offsets(data)
-        a, b = offs[-2], offs[-1]
-        with open(seg, "r+b") as f:
-            f.seek(a)
-            f.write(bytes(end - a))
-            f.seek(a)
-            f.write(data[a : a + (b - a) // 2])
+        a, whole = _half_write_the_last_two_frames(seg)
         real = verify_mod.is_torn_tail
         calls = {"n": 0}
 
@@ -401,7 +398,7 @@ async def test_verify_looks_again_when_a_frame_completes_while_it_reads(
             if calls["n"] == 1:
                 with open(seg, "r+b") as f:
                     f.seek(a)
-                    f.write(data[a:end])
+                    f.write(whole)
                 tail = seg.read_bytes()[a:]
             return real(tail, err)  # type: ignore[arg-type]
 
