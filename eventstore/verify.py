@@ -216,6 +216,7 @@ def scan_segment(
         # stops at them instead of checking that only zeros follow.
         live = last and writer_active
         offset, position = HEADER_SIZE, first_position
+        counted = offset  # bytes reported to on_bytes (a look again re-reads some)
         for attempt in range(ATTEMPTS):
             walker = FrameWalker(
                 offset, position, gaps_allowed=scan.compacted, zeros_checked=not live
@@ -228,8 +229,9 @@ def scan_segment(
                     if not data:
                         break
                     offset += len(data)
-                    if on_bytes is not None:
-                        on_bytes(len(data))
+                    if on_bytes is not None and offset > counted:
+                        on_bytes(offset - counted)
+                        counted = offset
                     for info, payload in walker.feed(data):
                         try:
                             events = decode_batch(payload)
