@@ -79,9 +79,6 @@ class UserActionsProjection:
         # By user code: the slot of the newest action (NONE: none).
         self.by_user = array("i")
 
-    def __len__(self) -> int:
-        return len(self.all)
-
     # -- the fold ---------------------------------------------------------
     def on_logged(self, pos: int, ev: UserActionLogged) -> None:
         # Replay runs this once per action: appends at the end of large
