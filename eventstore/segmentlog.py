@@ -160,6 +160,12 @@ class Segment:
             offs.append(offset)
 
 
+def _close_quietly(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _resolve(waiters: list[asyncio.Future[None]]) -> None:
     for fut in waiters:
         if not fut.done():
@@ -286,6 +292,14 @@ class SegmentLog(EventLog):
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._thread: LogThread | None = None
+        # Reads in progress (read_runs, and fetch while it indexes a segment),
+        # and the descriptors of segments compaction replaced while one was:
+        # those stay open until the last read ends, so a read that began
+        # before the switch goes on reading the files it began with (unlinked,
+        # but whole), instead of a closed descriptor or, once the number is
+        # reused, another file.
+        self._readers = 0
+        self._retired_fds: list[int] = []
         self._wfd: int | None = None
         # Where the writer appends next in the last segment.  Readers use
         # ``Segment.end`` instead, which moves only when a round is indexed.
@@ -538,10 +552,9 @@ class SegmentLog(EventLog):
         if self._wfd is not None:
             os.close(self._wfd)
             self._wfd = None
-        for seg in self._segments:
-            with contextlib.suppress(OSError):
-                os.close(seg.fd)
+        _close_quietly([seg.fd for seg in self._segments] + self._retired_fds)
         self._segments = []
+        self._retired_fds = []
         self._lock.release()
 
     # -- writing -------------------------------------------------------------------
@@ -881,6 +894,29 @@ class SegmentLog(EventLog):
     ) -> AsyncIterator[tuple[int, list[Event]]]:
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
+        self._readers += 1
+        try:
+            async for run in self._read_runs(from_position, to_position):
+                yield run
+        finally:
+            self._reader_done()
+
+    def _reader_done(self) -> None:
+        self._readers -= 1
+        if not self._readers and self._retired_fds:
+            fds, self._retired_fds = self._retired_fds, []
+            self._close_fds(fds)
+
+    def _close_fds(self, fds: list[int]) -> None:
+        """Close segment descriptors after the thread's queued calls (which may use them)."""
+        if self._thread is not None:
+            self._thread.call_detached(_close_quietly, fds)
+        else:
+            _close_quietly(fds)
+
+    async def _read_runs(
+        self, from_position: int, to_position: int | None
+    ) -> AsyncIterator[tuple[int, list[Event]]]:
         stop = self._head if to_position is None else min(to_position, self._head)
         # Take the boundary and the batches above it at the same moment: the
         # writer may move batches from memory to disk while this generator
@@ -918,7 +954,6 @@ class SegmentLog(EventLog):
     async def _read_segment(
         self, seg: Segment, lo: int, hi: int
     ) -> AsyncIterator[tuple[int, list[Event]]]:
-        assert self._thread is not None
         end = seg.end
         start, first_pos = HEADER_SIZE, seg.first
         building = not seg.indexed
@@ -932,6 +967,8 @@ class SegmentLog(EventLog):
         try:
             while offset < end:
                 want = min(max(READ_CHUNK, walker.wanted()), end - offset)
+                if self._thread is None:
+                    raise ConnectionError(f"{self.directory}: the log was closed during a read")
                 data = await self._thread.call(os.pread, seg.fd, want, offset)
                 if not data:
                     break
@@ -1138,9 +1175,11 @@ class SegmentLog(EventLog):
         self._segments[:count] = fresh
         self._cache.clear()
         self._cached_bytes = 0
-        for seg in old:
-            with contextlib.suppress(OSError):
-                os.close(seg.fd)
+        fds = [seg.fd for seg in old]
+        if self._readers:
+            self._retired_fds += fds
+        else:
+            self._close_fds(fds)
 
     # -- followers -------------------------------------------------------------------
     async def refresh(self) -> int:

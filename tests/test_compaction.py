@@ -4,6 +4,7 @@ reclaimed, refusal when unsafe, crash safety, retention and forgetting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from storeutil import frames_only, segment_files
 
-from eventstore import EventStore, IntegrityError
+from eventstore import ConnectionError, EventStore, IntegrityError
 from eventstore import compaction as compaction_mod
 from eventstore.events import UserCountsTrimmed
 from eventstore.recovery import find_damage
@@ -88,6 +89,57 @@ async def test_compaction_keeps_every_read_and_every_position(tmp_path: Path) ->
     assert got["messages"][0]["message"] == "after compaction"
     got["messages"] = got["messages"][1:]
     assert got == before
+
+
+def deleted_files_open(directory: Path) -> list[str]:
+    """Files of ``directory`` this process holds open although they were removed."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)) and target.endswith(" (deleted)"):
+                found.append(target)
+    return found
+
+
+async def test_a_read_in_progress_reads_on_through_a_compaction(tmp_path: Path) -> None:
+    """A read that began before compaction switched the segments goes on with
+    the files it began with: the events as they were, not an OSError of a
+    closed descriptor (or, once its number is reused, another file's bytes).
+    The replaced files are closed when the last such read ends."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store)
+        everything = [item async for item in store.read()]
+        reading = store.read()
+        began = [await anext(reading) for _ in range(10)]
+        other = store.read()
+        await anext(other)
+        report = await store.compact()
+        assert report.segments_rewritten > 1
+        rest = [item async for item in reading]
+        assert began + rest == everything
+        assert deleted_files_open(d)  # ``other`` still reads them
+        await other.aclose()
+        await asyncio.sleep(0.05)  # they are closed in the log's thread
+        assert deleted_files_open(d) == []
+        # Reads that begin now see the compacted log.
+        after = [item async for item in store.read()]
+        assert len(after) < len(everything)
+        assert {pos for pos, _ in after} <= {pos for pos, _ in everything}
+
+
+async def test_closing_the_store_ends_a_read_with_a_clear_error(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 2)
+        assert len(segment_files(d)) > 2
+        reading = store.read()
+        await anext(reading)
+    with pytest.raises(ConnectionError, match="closed during a read"):
+        async for _ in reading:
+            pass
+    assert deleted_files_open(d) == []
 
 
 async def test_short_writes_lose_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
