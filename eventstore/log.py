@@ -84,6 +84,14 @@ class EventLog(ABC):
             for i, event in enumerate(events):
                 yield first + i, event
 
+    def index_in_background(self) -> None:
+        """Start whatever makes the first reads after connect() faster (optional).
+
+        The adapter calls it once its projections are rebuilt.  Logs with
+        nothing to prepare do nothing.
+        """
+        return None
+
     async def refresh(self) -> int:
         """Pick up events other processes appended since; return the new head.
 

@@ -160,6 +160,7 @@ class EventStore(StorageAdapter):
                 # A long replay is worth saving at once, not one interval later.
                 self._start_snapshot()
         self._set_state(True, None)
+        self._log.index_in_background()
         self._catch_up_lock = asyncio.Lock()  # bound to this connection's loop
         self._decide_lock = asyncio.Lock()
         interval = self.follow if self.follow is not None else (1.0 if self._log.shared else None)

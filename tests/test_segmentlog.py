@@ -468,6 +468,130 @@ async def test_sparse_frame_index_finds_every_event(tmp_path: Path) -> None:
             ]
 
 
+async def _store_of_sealed_segments(tmp_path: Path, n: int) -> Path:
+    """A store of ``n`` messages "m0".. in several segments, with a snapshot at the end."""
+    d = tmp_path / "s"
+    async with EventStore(d, durability="none", segment_size=16 * 1024) as store:
+        for i in range(n):
+            # Some messages far longer than a frame index stride (4 KiB).
+            text = f"m{i}" + ("" if i % 500 else " " + "x" * 9000)
+            await store.save_message(f"user{i % 5}", text, timestamp=1000 + i)
+    return d
+
+
+def _walks_in_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the thread of every walk of a segment's frames from now on."""
+    import threading
+
+    from eventstore import segmentlog
+
+    walks: list[str] = []
+    real = segmentlog._index_frames
+
+    def spy(seg: segmentlog.Segment, *args: object, **kwargs: object) -> object:
+        walks.append(threading.current_thread().name)
+        return real(seg, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segmentlog, "_index_frames", spy)
+    return walks
+
+
+@pytest.mark.parametrize("chunk", [4 * 1024 * 1024, 3000, 64])
+async def test_old_segments_are_indexed_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """A sealed segment nobody read since open is indexed on its first read:
+    in the log's thread, not on the loop (a 64 MiB segment takes ~55 ms),
+    a chunk per call (writes queue behind one chunk), and once, whatever the
+    number of reads that want it meanwhile.  Frames cut by a chunk's end or
+    longer than a chunk are indexed as a walk of the whole segment does."""
+    import threading
+
+    from eventstore import segmentlog
+
+    n = 12_000
+    d = await _store_of_sealed_segments(tmp_path, n)
+    monkeypatch.setattr(segmentlog, "INDEX_CHUNK", chunk)
+    log = segmentlog.SegmentLog(str(d), read_only=True)
+    await log.open()
+    try:
+        sealed = [seg for seg in log.segments if not seg.indexed]
+        assert len(sealed) >= 4
+        whole = [segmentlog._build_index(seg) for seg in sealed]
+        walks = _walks_in_threads(monkeypatch)
+        positions = [1, 2, sealed[1].first, sealed[1].first + 1, sealed[2].first + 3, n - 5]
+        answers = await asyncio.gather(*(log.fetch(positions) for _ in range(4)))
+        for events in answers:
+            assert [ev.message.split()[0] for ev in events] == [f"m{p - 1}" for p in positions]  # type: ignore[union-attr]
+        assert walks and threading.current_thread().name not in walks
+        asked = [s for s in sealed if any(s.first <= p < s.next_position for p in positions)]
+        assert len(asked) == 3 and not any(s.indexed for s in sealed if s not in asked)
+        if chunk >= 16 * 1024:  # a segment is one call: one walk each, for all four reads
+            assert len(walks) == 3
+        else:
+            assert len(walks) > 3
+        for seg, built in zip(sealed, whole, strict=True):
+            if seg.indexed:
+                assert built is not None
+                assert (seg.frame_pos, seg.frame_off, seg.end) == (
+                    built.frame_pos,
+                    built.frame_off,
+                    built.end,
+                )
+        # Every event of the store is still found from the indexes built there.
+        events = await log.fetch(range(1, n + 1))
+        assert [ev.message.split()[0] for ev in events] == [f"m{i}" for i in range(n)]  # type: ignore[union-attr]
+    finally:
+        await log.close()
+
+
+async def test_a_store_indexes_old_segments_in_the_background_after_connect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a start from a snapshot, the sealed segments are indexed at once,
+    in the log's thread, so that later first reads of old history find them
+    ready; damage found there is logged, and reads of that segment fail."""
+    import threading
+
+    from eventstore.segmentlog import SegmentLog
+
+    n = 12_000
+    d = await _store_of_sealed_segments(tmp_path, n)
+    walks = _walks_in_threads(monkeypatch)
+
+    async def all_indexed(store: EventStore) -> list[bool]:
+        log = store.log
+        assert isinstance(log, SegmentLog)
+        for _ in range(500):
+            if all(seg.indexed for seg in log.segments):
+                break
+            await asyncio.sleep(0.01)
+        return [seg.indexed for seg in log.segments]
+
+    async with EventStore(d, snapshot_every=None) as store:
+        assert all(await all_indexed(store))
+        assert walks and threading.current_thread().name not in walks
+        assert len(await store.get_recent_messages(limit=n)) == n
+        log = store.log
+        assert isinstance(log, SegmentLog)
+        second = Path(log.segments[1].path)
+        second_first = log.segments[1].first
+    data = bytearray(second.read_bytes())
+    data[HEADER_SIZE + FRAME_HEADER_SIZE + 2] ^= 0x40
+    second.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="eventstore"):
+        async with EventStore(d, snapshot_every=None) as store:
+            indexed = await all_indexed(store)
+            assert indexed.count(False) == 1 and not indexed[1]
+            for _ in range(2):
+                with pytest.raises(
+                    IntegrityError, match=rf"{second.name}: .* at offset {HEADER_SIZE}"
+                ):
+                    await store.log.fetch([second_first + 1])
+            assert (await store.log.fetch([1]))[0].message == "m0 " + "x" * 9000  # type: ignore[union-attr]
+    assert f"{second.name}: frame checksum mismatch at offset {HEADER_SIZE}" in caplog.text
+
+
 @pytest.mark.parametrize("durability", ["none", "flush", "fsync"])
 async def test_reading_beside_a_busy_writer_misses_nothing(tmp_path: Path, durability: str) -> None:
     d = tmp_path / "s"
