@@ -122,11 +122,25 @@ class CompactReport:
         return self.bytes_before - self.bytes_after
 
 
-def recover_compaction(directory: str, logger: logging.Logger, *, read_only: bool) -> None:
-    """Finish or undo a compaction a crash interrupted (called by SegmentLog.open)."""
+def pending_commit(directory: str) -> str | None:
+    """The COMMIT file of a compaction that committed and has not finished, if any.
+
+    Until the switch it records is finished (by the writer, or on the next
+    open for writing after a crash), the directory holds a mix of old and
+    new segments, which reads as damage to anyone who walks it.
+    """
+    commit = os.path.join(directory, COMPACT_DIR, COMMIT)
+    return commit if os.path.exists(commit) else None
+
+
+def recover_compaction(directory: str, logger: logging.Logger, *, read_only: bool) -> str | None:
+    """Finish or undo a compaction a crash interrupted; say which (None: nothing to do).
+
+    Called by SegmentLog.open and by recovery.repair, with the writer lock held.
+    """
     work = os.path.join(directory, COMPACT_DIR)
     if not os.path.isdir(work):
-        return
+        return None
     commit = os.path.join(work, COMMIT)
     if read_only:
         if os.path.exists(commit):
@@ -135,15 +149,17 @@ def recover_compaction(directory: str, logger: logging.Logger, *, read_only: boo
             raise ConnectionError(
                 f"{directory}: a compaction is being committed; try again in a moment"
             )
-        return
+        return None
     if not os.path.exists(commit):
         shutil.rmtree(work)
         fsync_dir(directory)
-        logger.warning("%s: removed an unfinished compaction (not committed)", directory)
-        return
-    old_names, new_names = _read_commit(commit)
-    _switch(directory, work, old_names, new_names)
-    logger.warning("%s: finished a committed compaction", directory)
+        done = "removed an unfinished compaction (not committed)"
+    else:
+        old_names, new_names = _read_commit(commit)
+        _switch(directory, work, old_names, new_names)
+        done = "finished a committed compaction"
+    logger.warning("%s: %s", directory, done)
+    return done
 
 
 def _switch(directory: str, work: str, old_names: list[str], new_names: list[str]) -> None:

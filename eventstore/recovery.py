@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from .codec import decode_batch
+from .compaction import pending_commit, recover_compaction
 from .errors import IntegrityError, MigrationError
 from .framing import FrameWalker
 from .fsutil import fsync_dir
@@ -31,6 +32,12 @@ from .segment import (
 __all__ = ["Damage", "RepairReport", "find_damage", "repair"]
 
 _CHUNK = 4 * 1024 * 1024
+
+COMMIT_PENDING = (
+    "a compaction was interrupted after it committed (the segments are a mix of "
+    "old and new until it finishes); opening the store for writing, or repair(), "
+    "finishes it"
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class RepairReport:
     #: Files copied or moved aside, as ``*.broken``.
     set_aside: list[str] = field(default_factory=list)
     bytes_cut: int = 0
+    #: What was done first about a compaction a crash interrupted, if anything.
+    compaction: str | None = None
 
     @property
     def repaired(self) -> bool:
@@ -64,7 +73,12 @@ def find_damage(directory: str) -> Damage | None:
 
     Returns the first damage found, or None.  Unlike ``connect()`` this treats
     a torn tail as damage too, so it also reports what a crash left behind.
+    A compaction interrupted after it committed is reported as such: until it
+    is finished the segments are a mix, and their overlap is not damage.
     """
+    commit = pending_commit(directory)
+    if commit is not None:
+        return Damage(commit, 0, COMMIT_PENDING, 0)
     names, _ = list_segments(directory)
     next_position = 1
     prev_compacted = False
@@ -131,14 +145,18 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
     The damaged segment is copied to ``<name>.broken`` and truncated at the
     last good frame; later segments (whose positions would follow a gap) are
     renamed to ``<name>.broken``.  Never run implicitly; takes the writer lock,
-    so it refuses while a writer is open.
+    so it refuses while a writer is open.  A compaction a crash interrupted is
+    first finished (or undone, if it had not committed), as opening the store
+    would: cutting a directory in the middle of a switch would set aside the
+    new segments, and the switch would then delete the old ones.
     """
     log = logger or logging.getLogger("eventstore")
     lock = WriterLock(directory)
     lock.acquire()
     try:
+        compaction = recover_compaction(directory, log, read_only=False)
         damage = find_damage(directory)
-        report = RepairReport(damage)
+        report = RepairReport(damage, compaction=compaction)
         if damage is None:
             return report
         names, _ = list_segments(directory)

@@ -21,8 +21,9 @@ from storeutil import frames_only, segment_files
 from eventstore import ConnectionError, EventStore, IntegrityError
 from eventstore import compaction as compaction_mod
 from eventstore.events import UserCountsTrimmed
-from eventstore.recovery import find_damage
+from eventstore.recovery import find_damage, repair
 from eventstore.snapshot import check_snapshots
+from eventstore.verify import verify
 
 HERE = Path(__file__).parent
 
@@ -278,11 +279,14 @@ async def test_readers_that_open_during_a_commit_are_asked_to_retry(tmp_path: Pa
 # -- crash safety --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("then", ["open", "repair"])
 @pytest.mark.parametrize("fail_at", ["write", "verify", "commit", "switch"])
 async def test_an_interrupted_compaction_opens_old_or_new_never_a_mix(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str, then: str
 ) -> None:
-    """Stop compaction at each stage as a crash would, then reopen from disk."""
+    """Stop compaction at each stage as a crash would, then reopen from disk,
+    or first check and repair the directory as an operator would: neither
+    verify nor repair takes a switch in progress for damage."""
     d = tmp_path / "s"
 
     class Crash(BaseException):
@@ -341,6 +345,18 @@ async def test_an_interrupted_compaction_opens_old_or_new_never_a_mix(
         # The process "dies" here: drop the store without closing it properly.
         store._log._lock.release()  # type: ignore[attr-defined]
         store._connected = False
+    if then == "repair":
+        report = verify(d)
+        damage = find_damage(str(d))
+        repaired = repair(str(d))
+        assert repaired.damage is None and repaired.set_aside == []
+        if fail_at == "switch":
+            assert not report.ok and "interrupted after it committed" in str(report.problems)
+            assert damage is not None and damage.path.endswith("COMMIT")
+            assert repaired.compaction == "finished a committed compaction"
+        else:
+            # (The failed compaction removed its own work before "dying".)
+            assert report.ok and damage is None and repaired.compaction is None
     async with EventStore(d, segment_size=4096, snapshot_every=None) as again:
         assert await reads(again) == before
     assert not (d / compaction_mod.COMPACT_DIR).exists()
