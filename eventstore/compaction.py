@@ -69,6 +69,7 @@ from .segment import (
     pack_header,
     segment_name,
 )
+from .snapshot import remove_snapshots
 
 if TYPE_CHECKING:
     from .segmentlog import SegmentLog
@@ -486,6 +487,9 @@ async def compact_log(
                 "what reads return; nothing was changed"
             )
 
+        # Snapshots inside the rewritten range go first (see remove_snapshots);
+        # if this compaction then fails, the next connect() replays in full.
+        remove_snapshots(directory, before=last_sealed)
         # The moment of decision, then the switch.
         old_names = [os.path.basename(s.path) for s in sealed]
         _write_commit(work, old_names, writer.names)

@@ -29,6 +29,7 @@ The two newest snapshots are kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -230,14 +231,52 @@ def write_snapshot(
     # The new name is made durable before older snapshots go: removed first,
     # a crash could leave the directory with neither (a full replay).
     fsync_dir(directory)
-    older = list_snapshots(directory)[keep:]
-    for old in older:
-        os.unlink(old.path)
-    if older:
-        # And the removals too: after compaction an older snapshot names
-        # frames that moved, and must not come back after a power cut.
-        fsync_dir(directory)
+    others = [info for info in list_snapshots(directory) if info.path != path]
+    # One of a later position than the state just saved cannot be of this
+    # log (it was cut since: a repair, or a tail lost in "flush" mode); it
+    # must not count among the ``keep`` newest and push this one out.
+    drop = [info.path for info in others if info.position > position]
+    drop += [info.path for info in others if info.position < position][keep - 1 :]
+    _remove(directory, drop, leftovers_of=path)
     return path
+
+
+def remove_snapshots(directory: str, *, before: int) -> int:
+    """Remove the snapshots of positions before ``before``; return how many.
+
+    Compaction calls this before it commits: a snapshot of a moment inside
+    the range it rewrites describes a prefix of the old log, and the new log
+    folds to the same state only at the end of that range (it drops events,
+    a UserForgotten with the user's events, for one).  Such a snapshot
+    loaded with the new log's tail would be wrong, and its frame checksum
+    does not always tell (a frame re-encoded with the same bytes).
+    """
+    drop = [info.path for info in list_snapshots(directory) if info.position < before]
+    _remove(directory, drop)
+    return len(drop)
+
+
+def _remove(directory: str, paths: list[str], leftovers_of: str | None = None) -> None:
+    """Unlink ``paths`` and a crash's leftover ``*.snap.tmp`` files, durably.
+
+    The callers hold the store's snapshot lock (one writer process, one
+    snapshot at a time), so a temporary file other than ``leftovers_of``'s
+    own is a crashed write's, and may hold a forgotten user's name.
+    """
+    own = None if leftovers_of is None else os.path.basename(leftovers_of) + ".tmp"
+    paths = paths + [
+        os.path.join(directory, name)
+        for name in os.listdir(directory)
+        if name != own and name.startswith("snapshot-") and name.endswith(".snap.tmp")
+    ]
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    if paths:
+        # The removals are made durable too: after compaction an older
+        # snapshot names frames that moved, and must not come back after a
+        # power cut.
+        fsync_dir(directory)
 
 
 async def check_snapshots(directory: str) -> list[tuple[str, int, str]]:

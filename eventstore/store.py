@@ -112,6 +112,7 @@ class EventStore(StorageAdapter):
         self._follower: asyncio.Task[None] | None = None
         self._catch_up_lock = asyncio.Lock()
         self._decide_lock = asyncio.Lock()
+        self._snap_lock = asyncio.Lock()
 
     def _make_log(
         self, path: str | os.PathLike[str] | EventLog, segment_size: int | None
@@ -163,6 +164,10 @@ class EventStore(StorageAdapter):
         self._log.index_in_background()
         self._catch_up_lock = asyncio.Lock()  # bound to this connection's loop
         self._decide_lock = asyncio.Lock()
+        # One snapshot at a time, and none while compaction rewrites the
+        # log: a snapshot of a moment inside the rewritten range, written
+        # after the switch, would describe a log that no longer exists.
+        self._snap_lock = asyncio.Lock()
         interval = self.follow if self.follow is not None else (1.0 if self._log.shared else None)
         if interval is not None:
             # A shared log is always followed: other processes write to it.
@@ -611,20 +616,21 @@ class EventStore(StorageAdapter):
             )
             pg_report.trimmed_before = trim_before
             return pg_report
-        if not dry_run:
-            await log.roll()
-        report = await compact_log(
-            log,
-            dry_run=dry_run,
-            trim_before=trim_before if dry_run else None,
-            progress=progress,
-            logger=self.logger,
-        )
-        report.trimmed_before = trim_before
-        if not dry_run and report.segments_rewritten:
-            # Frames moved: older snapshots name frames that are gone, and
-            # connect() and verify would only ignore or report them.
-            await self.write_snapshot(keep=1)
+        async with self._snap_lock:
+            if not dry_run:
+                await log.roll()
+            report = await compact_log(
+                log,
+                dry_run=dry_run,
+                trim_before=trim_before if dry_run else None,
+                progress=progress,
+                logger=self.logger,
+            )
+            report.trimmed_before = trim_before
+            if not dry_run and report.segments_rewritten:
+                # Frames moved: older snapshots name frames that are gone, and
+                # connect() and verify would only ignore or report them.
+                await self._write_snapshot(keep=1)
         return report
 
     def _has_messages(self, username: str) -> bool:
@@ -666,6 +672,10 @@ class EventStore(StorageAdapter):
         keep no snapshots.
         """
         self._check_write()
+        async with self._snap_lock:
+            return await self._write_snapshot(keep)
+
+    async def _write_snapshot(self, keep: int) -> str:
         from .segmentlog import SegmentLog
 
         log = self._log

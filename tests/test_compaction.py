@@ -264,6 +264,51 @@ async def test_forget_user_leaves_no_byte_of_the_name(tmp_path: Path) -> None:
         assert await store.get_user_stats(name) is None
 
 
+async def test_a_crash_after_the_switch_never_brings_a_forgotten_user_back(
+    tmp_path: Path,
+) -> None:
+    """A process killed between compaction's switch and its new snapshot:
+    an older snapshot (of a moment inside the rewritten range) must not be
+    loaded with the compacted log's tail.  Its frame checksum can still
+    match (one event per frame, re-encoded with the same bytes), and the
+    compacted log has dropped the UserForgotten event with the user's."""
+    d = tmp_path / "s"
+    name = "zebra_unicorn_42"
+    async with EventStore(d) as store:  # "fsync": one frame per event
+        await store.save_message("alice", "hello", timestamp=100)
+        await store.save_message(name, "my secret words", timestamp=101)
+        await store.save_user_stats(name, chat_lines=1, last_seen=102)
+        await store.save_message("alice", "bye", timestamp=103)
+    script = f"""
+import asyncio, os, sys
+sys.path.insert(0, {str(HERE.parent)!r})
+from eventstore import EventStore
+from eventstore import compaction
+real = compaction._switch
+def switch_then_die(*args):
+    real(*args)
+    os._exit(9)
+compaction._switch = switch_then_die
+async def main():
+    store = EventStore({str(d)!r})
+    await store.connect()
+    await store.forget_user({name!r}, timestamp=200)
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    async with EventStore(d) as store:
+        assert await store.get_user_stats(name) is None
+        messages = await store.get_recent_messages(limit=10)
+        assert [(m["username"], m["message"]) for m in messages] == [
+            ("alice", "bye"),
+            ("alice", "hello"),
+        ]
+    for path in d.iterdir():
+        if path.is_file():
+            assert name.encode() not in path.read_bytes(), path.name
+
+
 async def test_readers_that_open_during_a_commit_are_asked_to_retry(tmp_path: Path) -> None:
     from eventstore import ConnectionError
 

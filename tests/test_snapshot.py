@@ -154,6 +154,45 @@ async def test_snapshot_past_the_end_of_a_cut_log_is_ignored(tmp_path: Path) -> 
         assert store.projections.state() == state
 
 
+async def test_a_stale_snapshot_of_a_later_position_never_pushes_out_a_new_one(
+    tmp_path: Path,
+) -> None:
+    """After a cut log, an old snapshot of a later position sorts before the
+    one just written: "keep the newest one" must keep the new one, and drop
+    the stale one (which, here, still holds a user forgotten since)."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        await store.save_message("zebra_unicorn_42", "private words", timestamp=1)
+        await fill(store, 100)
+    stale = list_snapshots(str(d))
+    assert [info.position for info in stale] == [101]
+    segs = sorted(d.glob("*.seg"))
+    segs[-1].unlink()  # the log is cut: it now ends before 101
+    async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
+        assert store.position < 101
+        assert await store.forget_user("zebra_unicorn_42")  # compacts, keeps 1 snapshot
+        position = store.position
+    assert [info.position for info in list_snapshots(str(d))] == [position]
+    for path in d.iterdir():
+        assert b"zebra_unicorn_42" not in path.read_bytes(), path.name
+    async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
+        assert store.position == position
+        assert await store.get_user_stats("zebra_unicorn_42") is None
+
+
+async def test_a_new_snapshot_removes_what_a_crashed_one_left(tmp_path: Path) -> None:
+    """A crash while writing a snapshot leaves its temporary file behind:
+    the next snapshot removes it (it may hold a user forgotten since)."""
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await fill(store, 10)
+        leftover = d / "snapshot-00000000000000000005.snap.tmp"
+        leftover.write_bytes(b"half a snapshot of zebra_unicorn_42")
+        await store.write_snapshot()
+        assert not leftover.exists()
+        assert [info.position for info in list_snapshots(str(d))] == [10]
+
+
 async def test_memory_and_read_only_stores_keep_no_snapshots(tmp_path: Path) -> None:
     async with EventStore(":memory:") as store:
         await store.save_message("a", "b")
