@@ -572,7 +572,9 @@ class SegmentLog(EventLog):
         if self._writer is not None:
             assert self._wake is not None
             self._wake.set()
-            with contextlib.suppress(StorageError):
+            # Whatever stopped the writer was logged and failed its callers
+            # (_run_writer); close() still has files and a lock to release.
+            with contextlib.suppress(Exception):
                 await self._writer
             self._writer = None
         if self._thread is not None:
@@ -680,7 +682,11 @@ class SegmentLog(EventLog):
 
     def _write_round_inline(self) -> None:
         batches, waiters = self._take_round()
-        frames = self._encode(batches)
+        try:
+            frames = self._encode(batches)
+        except StorageError as err:
+            self._fail(err, waiters)
+            return
         if self._would_roll(frames):
             # Starting a segment blocks (fsyncs): hand the round back to the
             # writer task, which does that in its thread.
@@ -724,8 +730,8 @@ class SegmentLog(EventLog):
             self._wake.clear()
             while self._queue and self._failed is None:
                 batches, waiters = self._take_round()
-                frames = self._encode(batches)
                 try:
+                    frames = self._encode(batches)
                     if self.durability == "fsync" or self._would_roll(frames):
                         self._busy = True
                         try:
@@ -810,16 +816,24 @@ class SegmentLog(EventLog):
         os.fdatasync(self._wfd)
 
     def _encode(self, batches: list[tuple[int, Sequence[Event]]]) -> list[tuple[int, int, bytes]]:
-        """Encode a round as frames of consecutive events: (first, count, bytes)."""
+        """Encode a round as frames of consecutive events: (first, count, bytes).
+
+        An event that cannot be encoded (the store checks events before they
+        get here; a direct caller of submit() may not) fails the round with
+        StorageError, as a failed write does: its positions are taken.
+        """
         frames: list[tuple[int, int, bytes]] = []
         run_first = batches[0][0] if batches else 0
         run: list[Event] = list(chain.from_iterable([events for _, events in batches]))
-        for start in range(0, len(run), FRAME_EVENTS):
-            chunk = run[start : start + FRAME_EVENTS]
-            buf = bytearray(FRAME_HEADER_SIZE)
-            encode_batch_into(chunk, buf, FRAME_HEADER_SIZE)
-            pack_frame_header(buf, 0, run_first + start, len(chunk))
-            frames.append((run_first + start, len(chunk), bytes(buf)))
+        try:
+            for start in range(0, len(run), FRAME_EVENTS):
+                chunk = run[start : start + FRAME_EVENTS]
+                buf = bytearray(FRAME_HEADER_SIZE)
+                encode_batch_into(chunk, buf, FRAME_HEADER_SIZE)
+                pack_frame_header(buf, 0, run_first + start, len(chunk))
+                frames.append((run_first + start, len(chunk), bytes(buf)))
+        except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as err:
+            raise StorageError(f"{self.directory}: cannot encode an event: {err}") from err
         return frames
 
     def _write(

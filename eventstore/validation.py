@@ -6,11 +6,23 @@ the value, before anything is written.
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
-from .errors import ValidationError
+import msgspec
 
-__all__ = ["MAX_INT", "MAX_TEXT_BYTES", "check_int", "check_name", "check_opt_int", "check_text"]
+from .errors import ValidationError
+from .events import EVENT_TYPES
+
+__all__ = [
+    "MAX_INT",
+    "MAX_TEXT_BYTES",
+    "check_event",
+    "check_int",
+    "check_name",
+    "check_opt_int",
+    "check_text",
+]
 
 #: Longest message, details, username or action type, in UTF-8 bytes.
 MAX_TEXT_BYTES = 1024 * 1024
@@ -73,3 +85,39 @@ def check_name(name: str, value: Any) -> str:
     if len(value) * 4 > MAX_TEXT_BYTES or not value.isascii():
         check_text(name, value)
     return value
+
+
+def _field_checks(cls: type) -> list[tuple[str, bool, bool]]:
+    """(name, is an int field, None allowed) for each field of an event class."""
+    checks = []
+    for f in msgspec.structs.fields(cls):
+        kinds = set(f.type.__args__) if isinstance(f.type, types.UnionType) else {f.type}
+        optional = type(None) in kinds
+        kinds.discard(type(None))
+        assert kinds in ({int}, {str}), f"{cls.__name__}.{f.name}: {f.type}"
+        checks.append((f.name, kinds == {int}, optional))
+    return checks
+
+
+_EVENT_FIELDS = {cls: _field_checks(cls) for cls in EVENT_TYPES}
+
+
+def check_event(event: Any) -> None:
+    """Check an event given whole (``EventStore.append``) as the write methods
+    check their arguments: an event is a Struct, which checks nothing when it
+    is made, and a value the log encodes but a projection cannot hold (an int
+    past 64 bits) would be durable before its fold failed, and fail every
+    replay after."""
+    checks = _EVENT_FIELDS.get(type(event))
+    if checks is None:
+        raise ValidationError(f"not an event: {_show(event)}")
+    kind = type(event).__name__
+    for name, is_int, optional in checks:
+        value = getattr(event, name)
+        if value is None:
+            if not optional:
+                raise ValidationError(f"{kind}.{name} must not be None")
+        elif is_int:
+            check_int(f"{kind}.{name}", value)
+        else:
+            check_text(f"{kind}.{name}", value)

@@ -229,6 +229,19 @@ _BAD: list[Any] = [
     pytest.param(lambda s: s.clear_old_messages(-1), id="clear-negative"),
     pytest.param(lambda s: s.forget_user("alice", timestamp="now"), id="forget-timestamp"),
     pytest.param(lambda s: s.append([MessageSaved(1, "a", "b"), "not an event"]), id="append"),
+    # Events given whole are checked field by field: a Struct checks nothing
+    # when it is made, and an int past 64 bits would be durable before its
+    # fold failed, and fail every replay after.
+    pytest.param(lambda s: s.append([MessageSaved(2**63, "a", "b")]), id="append-int-too-big"),
+    pytest.param(lambda s: s.append([MessageSaved(-1, "a", "b")]), id="append-negative"),
+    pytest.param(lambda s: s.append([MessageSaved(True, "a", "b")]), id="append-bool"),
+    pytest.param(lambda s: s.append([MessageSaved(1, "a", 3)]), id="append-int-for-str"),  # type: ignore[arg-type]
+    pytest.param(lambda s: s.append([MessageSaved(1, None, "b")]), id="append-none"),  # type: ignore[arg-type]
+    pytest.param(lambda s: s.append([MessageSaved(1, "a", "\ud800")]), id="append-surrogate"),
+    pytest.param(
+        lambda s: s.append([UserStatsSet("a", 1, 2, 3, 4, current_session_start="x")]),  # type: ignore[arg-type]
+        id="append-optional-int",
+    ),
 ]
 
 

@@ -436,6 +436,39 @@ async def test_disk_full_fails_the_writes_and_loses_nothing_acknowledged(
     assert find_damage(str(d)) is None
 
 
+@pytest.mark.parametrize("durability", ["none", "flush", "fsync"])
+async def test_an_event_that_cannot_be_encoded_fails_its_round_not_the_writer(
+    tmp_path: Path, durability: str
+) -> None:
+    """The store checks events before they reach the log; a direct caller of
+    submit() may not.  Such an event fails its round like a failed write
+    (every caller of the round gets StorageError, none is left waiting),
+    close() releases the lock, and the log opens again with what was durable."""
+    d = tmp_path / "s"
+    store = EventStore(d, durability=durability, snapshot_every=None)  # type: ignore[arg-type]
+    await store.connect()
+    await store.save_message("a", "before", timestamp=1)
+    await store.log.flush()
+    good = asyncio.create_task(store.save_message("a", "same round", timestamp=2))
+    _first, bad = store.log.submit([MessageSaved(2**64, "a", "too big for msgpack")])
+    results = await asyncio.wait_for(
+        asyncio.gather(good, bad, store.log.flush(), return_exceptions=True), timeout=5
+    )
+    if durability == "none":
+        # Acknowledged at once, as "none" promises; the failure stops the store.
+        assert results[0] is None
+        with pytest.raises(StorageError, match="cannot encode an event"):
+            await store.save_message("a", "after", timestamp=3)
+        with pytest.raises(ConnectionError, match="stopped after a failed write"):
+            await store.save_message("a", "after", timestamp=3)
+    else:
+        assert all(isinstance(r, StorageError) for r in results[:2]), results
+        assert "cannot encode an event" in str(results[1])
+    await store.close()
+    events = await all_events(d)
+    assert [e.message for e in events] == ["before"]  # type: ignore[attr-defined]
+
+
 async def test_sparse_frame_index_finds_every_event(tmp_path: Path) -> None:
     """One frame per event (one awaiting writer): the index keeps about one
     entry per 4 KiB, and every event is still found by position."""
