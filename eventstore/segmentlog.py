@@ -488,6 +488,8 @@ class SegmentLog(EventLog):
             # A new store: its id ties every segment and snapshot to it.
             self.store_id = os.urandom(STORE_ID_SIZE)
             self._create_segment(1)
+        if not self.read_only:
+            self._drop_orphan_segment()
         for before, after in zip(self._segments, self._segments[1:], strict=False):
             before.next_position = after.first
         self._scan_tail(self._segments[-1])
@@ -496,6 +498,42 @@ class SegmentLog(EventLog):
             self._wfd = os.open(self._segments[-1].path, os.O_WRONLY)
             self._wend = self._segments[-1].end
             self._filled = os.fstat(self._wfd).st_size
+
+    def _drop_orphan_segment(self) -> None:
+        """Remove an empty last segment that does not follow on from the one before.
+
+        A roll that failed after its rename, and whose clean-up failed too
+        (see _create_segment), leaves one, named after positions no event
+        has.  Writing on into it would leave a gap of missing positions
+        between the two.  It holds no event: removing it loses nothing.
+        Costs a walk of the previous segment, only when the last is empty
+        (after a roll: compaction, or a close right after one).
+        """
+        if len(self._segments) < 2:
+            return
+        prev, last = self._segments[-2], self._segments[-1]
+        if last.end > HEADER_SIZE + PREFILL_BYTES or any(
+            os.pread(last.fd, last.end - HEADER_SIZE, HEADER_SIZE)
+        ):
+            return  # it holds frames (or damage, which the tail scan reports)
+        walked = _scratch(prev)
+        walker, err = _index_frames(walked, HEADER_SIZE, prev.first, prev.end, prev.gaps_allowed)
+        if err is not None:
+            return  # damage in the previous segment: replay and verify report it
+        walked.end = walker.offset
+        _publish_index(prev, walked)
+        if walker.next_position >= last.first or prev.gaps_allowed:
+            return
+        self.logger.warning(
+            "%s: removed an empty segment that does not follow on from the one before "
+            "(that one ends at position %d; left by a roll that failed)",
+            last.path,
+            walker.next_position - 1,
+        )
+        os.close(last.fd)
+        os.unlink(last.path)
+        fsync_dir(self.directory)
+        self._segments.pop()
 
     def _scan_tail(self, seg: Segment) -> None:
         """Walk the last segment's frames, index them, and cut a torn tail.
@@ -547,14 +585,26 @@ class SegmentLog(EventLog):
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
-            assert self.store_id is not None
-            write_all(fd, pack_header(first, self.store_id, flags=flags))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_dir(self.directory)
-        seg = Segment(first, path, os.open(path, os.O_RDONLY), flags, next_position=first)
+            try:
+                assert self.store_id is not None
+                write_all(fd, pack_header(first, self.store_id, flags=flags))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            fsync_dir(self.directory)
+            rfd = os.open(path, os.O_RDONLY)
+        except BaseException:
+            # Not one of the log's segments yet (a failed round takes back only
+            # those): left behind, an empty segment named after positions the
+            # round never wrote would make the next open skip to them.
+            with contextlib.suppress(OSError):
+                for leftover in (tmp, path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
+                fsync_dir(self.directory)
+            raise
+        seg = Segment(first, path, rfd, flags, next_position=first)
         seg.indexed = True
         self._segments.append(seg)
         return seg

@@ -469,6 +469,70 @@ async def test_an_event_that_cannot_be_encoded_fails_its_round_not_the_writer(
     assert [e.message for e in events] == ["before"]  # type: ignore[attr-defined]
 
 
+async def test_a_roll_that_fails_after_its_rename_leaves_no_segment_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory fsync of a roll fails after the new segment got its name:
+    the round fails, and the new (empty) segment goes too.  Left behind, it
+    would be named after positions the round never wrote, and the next open
+    would skip to them, leaving a gap of missing positions."""
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    store = EventStore(d, segment_size=4096, snapshot_every=None)
+    await store.connect()
+    await fill(store, 5)
+
+    def eio(path: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(segmentlog, "fsync_dir", eio)
+    with pytest.raises(StorageError):
+        # 150 events: frames of 64, the third one starts a new segment.
+        await store.append([MessageSaved(100 + i, "b", "x" * 20) for i in range(150)])
+    monkeypatch.undo()
+    await store.close()
+    assert [p.name for p in segment_files(d)] == ["00000000000000000001.seg"]
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        assert store.position == 5
+        await store.save_message("c", "after", timestamp=999)
+        assert store.position == 6
+    assert [e.message for e in await all_events(d)] == [f"m{i}" for i in range(5)] + ["after"]  # type: ignore[attr-defined]
+    assert find_damage(str(d)) is None
+
+
+async def test_an_empty_last_segment_that_skips_positions_is_removed_on_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Should one be left anyway (its clean-up failed too), the next writer
+    removes it: it holds no event, and writing into it would leave a gap."""
+    from eventstore.segment import pack_header
+
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await fill(store, 5)
+        store_id = store.log.store_id  # type: ignore[attr-defined]
+    orphan = d / "00000000000000000134.seg"
+    orphan.write_bytes(pack_header(134, store_id))
+    with caplog.at_level(logging.WARNING, logger="eventstore"):
+        async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+            assert store.position == 5
+            await store.save_message("c", "after", timestamp=999)
+            assert store.position == 6
+    assert "removed an empty segment that does not follow on" in caplog.text
+    assert not orphan.exists()
+    assert len(await all_events(d)) == 6
+    assert find_damage(str(d)) is None
+    # An empty last segment that does follow on (a close right after a roll) stays.
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await store.log.roll()  # type: ignore[attr-defined]
+    files = segment_files(d)
+    assert len(files) == 2 and files[-1].stat().st_size == HEADER_SIZE
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        assert store.position == 6
+    assert segment_files(d) == files
+
+
 async def test_sparse_frame_index_finds_every_event(tmp_path: Path) -> None:
     """One frame per event (one awaiting writer): the index keeps about one
     entry per 4 KiB, and every event is still found by position."""
