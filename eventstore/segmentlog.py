@@ -627,15 +627,32 @@ class SegmentLog(EventLog):
             with contextlib.suppress(Exception):
                 await self._writer
             self._writer = None
+        failure: StorageError | None = None
+        if self._failed is not None and self.durability == "none" and self._unwritten:
+            # Accepted without waiting, as "none" does, and never written:
+            # nobody has heard of it yet.  (Callers of the other modes got
+            # the error from their write.)
+            lost = sum(len(events) for _, events in self._unwritten)
+            failure = StorageError(
+                f"{self.directory}: {lost} accepted events were not written: {self._failed}"
+            )
         if self._thread is not None:
             thread, self._thread = self._thread, None
             closed = False
             try:
                 if self._wfd is not None and self._failed is None:
                     # Whatever the mode, close() leaves everything accepted
-                    # durable (and no zeros after the last frame).
-                    with contextlib.suppress(OSError):
+                    # durable (and no zeros after the last frame).  In
+                    # "flush" and "none" mode this is the only fsync: its
+                    # failure is the caller's to hear, as file.close() raises
+                    # when its last flush fails.
+                    try:
                         await thread.call(self._seal, self._wend)
+                    except OSError as err:
+                        failure = StorageError(
+                            f"{self.directory}: cannot make the last writes durable: "
+                            f"{err.strerror or err}"
+                        )
                 await thread.call(self._close_files)
                 closed = True
             finally:
@@ -650,6 +667,9 @@ class SegmentLog(EventLog):
         self._unwritten = []
         self._cache.clear()
         self._cached_bytes = 0
+        if failure is not None:
+            self.logger.error("%s", failure)
+            raise failure
 
     def _close_files(self) -> None:
         if self._wfd is not None:

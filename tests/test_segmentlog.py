@@ -461,12 +461,63 @@ async def test_an_event_that_cannot_be_encoded_fails_its_round_not_the_writer(
             await store.save_message("a", "after", timestamp=3)
         with pytest.raises(ConnectionError, match="stopped after a failed write"):
             await store.save_message("a", "after", timestamp=3)
+        # Nobody waited for them: close() says so.
+        with pytest.raises(StorageError, match="2 accepted events were not written"):
+            await store.close()
     else:
         assert all(isinstance(r, StorageError) for r in results[:2]), results
         assert "cannot encode an event" in str(results[1])
-    await store.close()
+        await store.close()
     events = await all_events(d)
     assert [e.message for e in events] == ["before"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("durability", ["none", "flush", "fsync"])
+async def test_close_raises_when_it_cannot_make_the_last_writes_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
+) -> None:
+    """In "flush" and "none" mode the fsync of close() is the only one: when
+    it fails, close() raises (as file.close() does when its flush fails),
+    after releasing everything."""
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability=durability, snapshot_every=None)  # type: ignore[arg-type]
+    await store.connect()
+    await fill(store, 10)
+    await store.log.flush()
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(segmentlog.os, "fdatasync", eio)
+    with pytest.raises(StorageError, match="cannot make the last writes durable: Input/output"):
+        await store.close()
+    monkeypatch.undo()
+    assert not store.is_connected
+    async with EventStore(d, snapshot_every=None) as again:  # the lock was released
+        assert again.position == 10
+
+
+async def test_close_raises_when_none_mode_lost_accepted_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """"none" acknowledges at once; if the writer then fails, nobody has heard
+    of the events it could not write until close() says how many."""
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability="none", snapshot_every=None)
+    await store.connect()
+    await store.save_message("a", "early", timestamp=1)
+    await store.log.flush()
+    for i in range(5):
+        await store.save_message("a", f"late {i}", timestamp=10 + i)
+    monkeypatch.setattr(segmentlog.os, "pwrite", _DiskFull(after_bytes=0))
+    with pytest.raises(StorageError, match=r"5 accepted events were not written: .*No space left"):
+        await store.close()
+    monkeypatch.undo()
+    assert [e.message for e in await all_events(d)] == ["early"]  # type: ignore[attr-defined]
 
 
 async def test_a_roll_that_fails_after_its_rename_leaves_no_segment_behind(
