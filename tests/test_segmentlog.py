@@ -502,7 +502,7 @@ async def test_close_raises_when_it_cannot_make_the_last_writes_durable(
 async def test_close_raises_when_none_mode_lost_accepted_events(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """"none" acknowledges at once; if the writer then fails, nobody has heard
+    """ "none" acknowledges at once; if the writer then fails, nobody has heard
     of the events it could not write until close() says how many."""
     import eventstore.segmentlog as segmentlog
 
