@@ -164,6 +164,14 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
         at = paths.index(damage.path)
         broken = damage.path + ".broken"
         shutil.copy2(damage.path, broken)
+        # The copy is durable before the original is cut: after a power cut
+        # the bytes repair removes must still be somewhere.
+        fd = os.open(broken, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(directory)
         report.set_aside.append(broken)
         size = os.path.getsize(damage.path)
         if damage.offset < HEADER_SIZE:

@@ -205,6 +205,44 @@ async def test_flipped_byte_in_an_earlier_frame_raises_with_file_and_offset(
         assert find_damage(str(work)) is None
 
 
+async def test_repair_makes_its_copy_durable_before_it_cuts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a power cut during repair, the bytes it removes must still be in
+    the .broken copy: the copy and its name are synced before the cut."""
+    from eventstore import recovery
+
+    d, _events = await _small_store(tmp_path)
+    target = segment_files(d)[0]
+    data = bytearray(target.read_bytes())
+    offset = _frame_offsets(bytes(data))[1]
+    data[offset + FRAME_HEADER_SIZE] ^= 0x40
+    target.write_bytes(bytes(data))
+    synced: list[tuple[str, int]] = []
+    real_fsync, real_fsync_dir = os.fsync, recovery.fsync_dir
+
+    def fsync(fd: int) -> None:  # os.fsync itself: fsync_dir's own calls come here too
+        real_fsync(fd)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if not os.path.isdir(path):
+            synced.append((os.path.basename(path), target.stat().st_size))
+
+    def fsync_dir(path: str) -> None:
+        real_fsync_dir(path)
+        synced.append(("<dir>", target.stat().st_size))
+
+    monkeypatch.setattr(recovery.os, "fsync", fsync)
+    monkeypatch.setattr(recovery, "fsync_dir", fsync_dir)
+    report = recovery.repair(str(d))
+    assert report.damage is not None and report.damage.offset == offset
+    whole = len(data)
+    assert synced[:3] == [
+        (target.name + ".broken", whole),  # the copy, while the original is whole
+        ("<dir>", whole),  # and its name
+        (target.name, offset),  # only then the cut original
+    ]
+
+
 async def test_repair_on_a_healthy_store_changes_nothing(tmp_path: Path) -> None:
     d, _events = await _small_store(tmp_path)
     before = {p.name: p.read_bytes() for p in segment_files(d)}
