@@ -443,6 +443,8 @@ async def compact_log(
         if os.path.exists(work):
             shutil.rmtree(work)
         os.mkdir(work, 0o700)
+        # Its name made durable too: COMMIT inside it decides the switch.
+        fsync_dir(directory)
     writer = _SegmentWriter(work, log.store_id, log.segment_size, write=not dry_run)
     dropped: dict[str, int] = {}
     try:
