@@ -40,7 +40,7 @@ from .log import EventLog
 from .pglog import SCHEMA_VERSION, PostgresLog, is_dsn, redact_dsn
 from .segment import FRAME_HEADER_SIZE, FrameInfo, list_segments
 from .segmentlog import SegmentLog
-from .snapshot import SnapshotInfo, list_snapshots, unusable_reason
+from .snapshot import SnapshotInfo, list_snapshots, payload_damage, unusable_reason
 from .verify import ATTEMPTS, Problem, scan_segment
 
 __all__ = [
@@ -274,6 +274,11 @@ class _ScannedLog:
 def _snapshot_status(snap: SnapshotInfo, log: _ScannedLog) -> str:
     """Would ``connect()`` use this snapshot?  Its own rules, not a copy of them."""
     why = unusable_reason(snap, log)
+    if why is None:
+        try:
+            why = payload_damage(snap.path)
+        except OSError as err:
+            why = f"unreadable: {err.strerror or err}"
     if why is not None:
         return f"ignored: {why}"
     if snap.position == log.head:

@@ -402,7 +402,7 @@ def _verify(directory: str, progress: Progress | None) -> VerifyReport:
     if report.problems:
         report.notes.append("snapshots not checked: the log itself has problems")
     else:
-        report.problems.extend(_check_snapshots(directory))
+        report.problems.extend(_check_snapshots(directory, report.notes))
         report.snapshots_checked = len(list_snapshots(directory))
     return report
 
@@ -411,7 +411,7 @@ def _known_file(name: str) -> bool:
     return name == "LOCK" or (name.startswith("snapshot-") and name.endswith(".snap"))
 
 
-def _check_snapshots(directory: str) -> list[Problem]:
+def _check_snapshots(directory: str, notes: list[str]) -> list[Problem]:
     """Compare every snapshot with a replay of the log up to its position.
 
     The comparison lives in :mod:`eventstore.snapshot` (``check_snapshots``);
@@ -419,12 +419,13 @@ def _check_snapshots(directory: str) -> list[Problem]:
     own event loop in a worker thread, so ``verify`` works both inside and
     outside a running loop) and its problems may be ``Problem``s or ``(path,
     offset, message)`` tuples.  Without that function it checks nothing.
+    Snapshots connect() ignores without harm are described in ``notes``.
     """
     check = getattr(snapshot, "check_snapshots", None)
     if check is None:  # pragma: no cover - the function ships with the store
         return []
     try:
-        found = _call(check, directory)
+        found = _call(lambda d: check(d, ignored=notes), directory)
     except (StorageError, OSError) as err:
         return [Problem(directory, 0, f"snapshot check failed: {err}")]
     return [_as_problem(p) for p in found]

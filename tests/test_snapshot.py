@@ -193,6 +193,42 @@ async def test_a_new_snapshot_removes_what_a_crashed_one_left(tmp_path: Path) ->
         assert [info.position for info in list_snapshots(str(d))] == [10]
 
 
+async def test_verify_notes_a_stale_snapshot_and_reports_a_damaged_one(tmp_path: Path) -> None:
+    """A snapshot connect() ignores without harm (past the end of a cut log)
+    is a note, not a problem: verify stays ok.  A damaged snapshot file is a
+    problem, named once; info does not call it current."""
+    from eventstore.inspect import store_info
+    from eventstore.verify import verify
+
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        await fill(store, 100)
+    sorted(d.glob("*.seg"))[-1].unlink()  # the log is cut before the snapshot
+    report = verify(d)
+    assert report.ok, report.problems
+    assert any("ignored by connect(): it covers position 100, past" in n for n in report.notes)
+    # A flipped payload byte.
+    async with EventStore(d, segment_size=1024) as store:
+        await store.save_message("x", "y", timestamp=5000)
+    newest = list_snapshots(str(d))[0]
+    data = bytearray(Path(newest.path).read_bytes())
+    data[-5] ^= 0x40
+    Path(newest.path).write_bytes(bytes(data))
+    statuses = {snap.name: snap.status for snap in store_info(d).snapshots}
+    assert statuses[Path(newest.path).name] == (
+        "ignored: payload checksum mismatch (truncated or damaged)"
+    )
+    report = verify(d)
+    assert [str(p) for p in report.problems] == [
+        f"{newest.path}: payload checksum mismatch (truncated or damaged) at offset 0"
+    ]
+    # A file cut below its header is reported too, not passed over.
+    Path(newest.path).write_bytes(bytes(data[:10]))
+    report = verify(d)
+    assert [p.path for p in report.problems] == [newest.path]
+    assert "snapshot header is 10 bytes" in report.problems[0].message
+
+
 async def test_memory_and_read_only_stores_keep_no_snapshots(tmp_path: Path) -> None:
     async with EventStore(":memory:") as store:
         await store.save_message("a", "b")
