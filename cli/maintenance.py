@@ -44,7 +44,8 @@ def compact(
     every read returns the same before and after, and the store checks that
     before it replaces anything (if not, it changes nothing and the exit code
     is 1).  Positions, and so ids, never change.  Needs the bot stopped, or
-    call await store.compact() from the bot.
+    call await store.compact() from the bot; --dry-run only reads, and runs
+    beside the bot.
 
     On a PostgreSQL URL it deletes those rows (and rewrites each user's last
     statistics row as absolute values) in one transaction that holds the
@@ -56,6 +57,14 @@ def compact(
     out.need_store(directory)
 
     async def main() -> Any:
+        if dry_run and not is_dsn(directory):
+            # Read-only: no lock taken (it runs beside the bot), no recovery,
+            # no snapshot written on close: a dry run changes no file.
+            async with out.open_reader(directory) as store:
+                with out.progress_bar("compacting (dry run)") as progress:
+                    return await store.compact(
+                        dry_run=True, keep_history_days=keep_history, progress=progress
+                    )
         async with out.open_writer(directory, "await store.compact()") as store:
             with out.progress_bar("compacting") as progress:
                 return await store.compact(
@@ -164,6 +173,12 @@ def forget_user(
     out.need_store(directory)
 
     async def main() -> bool:
+        if not is_dsn(directory):
+            # Asked read-only first: for a name the store does not know, the
+            # writer's open (recovery, a snapshot on close) would change files.
+            async with out.open_reader(directory) as reader:
+                if not reader.knows_user(name):
+                    return False
         async with out.open_writer(directory, f"await store.forget_user({name!r})") as store:
             return await store.forget_user(name)
 

@@ -24,6 +24,7 @@ from eventstore import EventStore, StorageError
 from eventstore.errors import ConnectionError
 from eventstore.lockfile import lock_holder
 from eventstore.pglog import PostgresLog, is_dsn, redact_dsn
+from eventstore.segment import list_segments
 from eventstore.store import Durability
 
 T = TypeVar("T")
@@ -83,13 +84,20 @@ def _missing_driver(err: ImportError) -> NoReturn:
 
 
 def need_store(target: str) -> None:
-    """Refuse a directory that does not exist (writers would create it).
+    """Refuse a directory that is not a store: missing, or without segment files.
 
-    A ``postgresql://`` URL is checked when the store is opened.
+    A writer would make a new, empty store there, and a reader would report
+    an empty one; either way the operator most likely meant another path.
+    Only ``import-sqlite`` and ``demo`` create stores.  A ``postgresql://``
+    URL is checked when the store is opened.
     """
-    if not is_dsn(target) and not os.path.isdir(target):
+    if is_dsn(target):
+        return
+    if not os.path.isdir(target):
         not_a_directory(target)
         fail(f"{target}: no such store directory")
+    if not list_segments(target)[0]:
+        fail(f"{target}: no event store here (no segment files)")
 
 
 def not_a_directory(target: str) -> None:

@@ -553,13 +553,7 @@ class EventStore(StorageAdapter):
         self._check_write()
         check_name("username", username)
         ts = self._now(timestamp)
-        proj = self._proj
-        known = (
-            username in proj.user_stats.users
-            or proj.actions.has_user(username)
-            or self._has_messages(username)
-        )
-        if not known:
+        if not self.knows_user(username):
             return False
         await self._write(UserForgotten(username, ts))
         if self._snapshots_enabled():
@@ -588,7 +582,12 @@ class EventStore(StorageAdapter):
         reclaimed and changes nothing.  On PostgreSQL the same rows are
         deleted in one transaction instead (``eventstore/pgcompaction.py``).
         """
-        self._check_write()
+        # A dry run only reads: it works on a read-only store too (beside a
+        # running bot, for one).
+        if dry_run:
+            self._check()
+        else:
+            self._check_write()
         from .pglog import PostgresLog
         from .segmentlog import SegmentLog
 
@@ -631,6 +630,17 @@ class EventStore(StorageAdapter):
                 # connect() and verify would only ignore or report them.
                 await self._write_snapshot(keep=1)
         return report
+
+    def knows_user(self, username: str) -> bool:
+        """True if some read returns something of ``username`` (what forget_user erases)."""
+        self._check()
+        check_name("username", username)
+        proj = self._proj
+        return (
+            username in proj.user_stats.users
+            or proj.actions.has_user(username)
+            or self._has_messages(username)
+        )
 
     def _has_messages(self, username: str) -> bool:
         code = self._proj.messages.users.get(username)

@@ -138,6 +138,10 @@ def test_default_directory_is_data(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert result.exit_code == 1
     assert result.stderr == "Error: data: no such store directory\n"
     (tmp_path / "data").mkdir()
+    result = invoke("info")
+    assert result.exit_code == 1
+    assert result.stderr == "Error: data: no event store here (no segment files)\n"
+    busy_store(tmp_path, "data")
     assert invoke("info").exit_code == 0
 
 

@@ -54,7 +54,6 @@ def reads(directory: Path) -> dict[str, Any]:
     ("args", "hint"),
     [
         (["compact"], "await store.compact()"),
-        (["compact", "--dry-run"], "await store.compact()"),
         (["snapshot"], "await store.write_snapshot()"),
         (["forget-user", "{d}", "bob"], "await store.forget_user('bob')"),
     ],
@@ -82,15 +81,77 @@ def test_refused_while_a_writer_holds_the_store(tmp_path: Path, args: list[str],
 # -- compact -------------------------------------------------------------------------------
 
 
-def test_compact_dry_run_changes_nothing(tmp_path: Path) -> None:
+def every_file(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("state", ["as left", "torn tail, no snapshot", "beside the bot"])
+def test_compact_dry_run_changes_nothing(tmp_path: Path, state: str) -> None:
+    """Not a byte: no torn tail cut, no snapshot written, no lock needed."""
     d = churned(tmp_path)
-    before = {p.name: p.read_bytes() for p in segment_files(d)}
-    result = invoke("compact", d, "--dry-run")
+    if state == "torn tail, no snapshot":
+        for snap in d.glob("snapshot-*"):
+            snap.unlink()
+        last = segment_files(d)[-1]
+        with open(last, "ab") as f:
+            f.write(b"\x07\x00\x00")  # the start of a frame a crash cut short
+    before = every_file(d)
+    lock = WriterLock(str(d))
+    if state == "beside the bot":
+        lock.acquire()
+    try:
+        result = invoke("compact", d, "--dry-run")
+    finally:
+        if state == "beside the bot":
+            lock.release()
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith("dry run: would rewrite ")
     assert lines[-1] == "nothing was changed"
-    assert {p.name: p.read_bytes() for p in segment_files(d)} == before
+    assert every_file(d) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compact", "{d}"],
+        ["compact", "{d}", "--dry-run"],
+        ["snapshot", "{d}"],
+        ["forget-user", "{d}", "alice"],
+        ["info", "{d}"],
+        ["verify", "{d}"],
+        ["export", "{d}", "--format", "jsonl", "{out}"],
+        ["dump", "{d}"],
+    ],
+)
+@pytest.mark.parametrize("contents", ["empty", "unrelated files"])
+def test_a_directory_that_is_not_a_store_is_refused_untouched(
+    tmp_path: Path, args: list[str], contents: str
+) -> None:
+    """Only import-sqlite and demo make stores: a command pointed at the wrong
+    directory says so instead of making (or reporting) an empty store there."""
+    d = tmp_path / "notes"
+    d.mkdir()
+    if contents == "unrelated files":
+        (d / "notes.txt").write_text("shopping list")
+    before = every_file(d)
+    out = tmp_path / "out.jsonl"
+    result = invoke(*[a.format(d=d, out=out) for a in args])
+    assert result.exit_code == 1, result.output
+    assert result.stderr == f"Error: {d}: no event store here (no segment files)\n"
+    assert every_file(d) == before
+    assert not out.exists()
+
+
+def test_forget_user_of_an_unknown_name_changes_nothing(tmp_path: Path) -> None:
+    d = churned(tmp_path)
+    for snap in d.glob("snapshot-*"):
+        snap.unlink()  # a writer would write one on close
+    before = every_file(d)
+    result = invoke("forget-user", d, "nobody")
+    assert result.exit_code == 0
+    assert result.stdout == f"nothing to forget: {d} holds nothing of 'nobody'; nothing written\n"
+    assert every_file(d) == before
 
 
 def test_compact_keeps_every_read(tmp_path: Path) -> None:
