@@ -6,9 +6,14 @@ the bot) or a library call refused; 2 bad usage.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
 import typer
 
 from . import demo, inspect, maintenance, replay, transfer
+from . import output as out
 
 app = typer.Typer(
     name="eventstore",
@@ -23,17 +28,40 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-app.command("info")(inspect.info)
-app.command("verify")(inspect.verify)
-app.command("dump")(inspect.dump)
-app.command("tail")(inspect.tail)
-app.command("replay")(replay.replay)
-app.command("compact")(maintenance.compact)
-app.command("snapshot")(maintenance.snapshot)
-app.command("forget-user")(maintenance.forget_user)
-app.command("import-sqlite")(transfer.import_sqlite)
-app.command("export")(transfer.export)
-app.command("demo")(demo.demo)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reader_gone(command: F) -> F:
+    """``eventstore info | head``: a reader that stops reading is not a failure.
+
+    Click would exit 1 on the broken pipe, which here means "a problem was
+    found"; exit 0 instead, as dump and tail do (see output.write_stdout).
+    """
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except BrokenPipeError:
+            out.reader_gone()
+
+    return cast(F, run)
+
+
+for name, command in [
+    ("info", inspect.info),
+    ("verify", inspect.verify),
+    ("dump", inspect.dump),
+    ("tail", inspect.tail),
+    ("replay", replay.replay),
+    ("compact", maintenance.compact),
+    ("snapshot", maintenance.snapshot),
+    ("forget-user", maintenance.forget_user),
+    ("import-sqlite", transfer.import_sqlite),
+    ("export", transfer.export),
+    ("demo", demo.demo),
+]:
+    app.command(name)(_reader_gone(command))
 
 
 def main() -> None:

@@ -255,11 +255,18 @@ def write_stdout(data: bytes) -> None:
             sys.stdout.write(data.decode())
             sys.stdout.flush()
     except BrokenPipeError:
-        # ``eventstore dump | head``: the reader has had enough.  Point stdout
-        # at /dev/null so the interpreter's final flush does not complain.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
+        reader_gone()
+
+
+def reader_gone() -> NoReturn:
+    """``eventstore dump | head``: the reader has had enough; exit 0.
+
+    Points stdout at /dev/null so the interpreter's final flush does not
+    complain.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise typer.Exit(0) from None
 
 
 def when(ts: int | None) -> str:

@@ -794,3 +794,21 @@ def test_a_url_without_asyncpg_is_one_error_line(
         "Error: the PostgreSQL log needs asyncpg, which is not installed: "
         "pip install 'eventstore[postgres]'"
     )
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "dump", "replay"])
+def test_a_reader_that_stops_reading_is_not_a_failure(tmp_path: Path, command: str) -> None:
+    """``eventstore info | head -1``: exit 0 and nothing on stderr, not the
+    exit 1 that means a problem was found."""
+    d = busy_store(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", command, str(d)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # gone before the first line: every write is a broken pipe
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0
+    assert stderr == b""
