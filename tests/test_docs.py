@@ -1,8 +1,11 @@
-"""Every command is documented: in the README, and by a --help that ends with an example."""
+"""Every command is documented: in the README, and by a --help that ends with an
+example; the README's test-kit example passes as copied."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +79,22 @@ def test_no_arguments_shows_help() -> None:
     result = CliRunner().invoke(app, [])
     assert "Usage" in result.output
     assert "info" in result.output
+
+
+def test_the_readme_test_kit_example_passes_as_copied(tmp_path: Path) -> None:
+    """Run as a user would: a file of its own, pytest-asyncio's default
+    (strict) mode, none of this project's pytest settings."""
+    readme = README.read_text()
+    start = readme.index("```python\nimport pytest\n")
+    code = readme[start + len("```python\n") : readme.index("```", start + 3)]
+    (tmp_path / "test_example.py").write_text(code)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
