@@ -56,7 +56,13 @@ import msgspec
 
 from .codec import decode_batch, decode_event, decode_frames, encode_batch_into, split_batch
 from .compaction import recover_compaction
-from .errors import ConnectionError, IntegrityError, QueryError, StorageError
+from .errors import (
+    ConnectionError,
+    IntegrityError,
+    QueryError,
+    StorageError,
+    ValidationError,
+)
 from .events import Event
 from .framing import FrameWalker, is_torn_tail
 from .fsutil import fsync_dir, write_all
@@ -312,8 +318,10 @@ class SegmentLog(EventLog):
         logger: logging.Logger | None = None,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
     ) -> None:
-        if segment_size < 1024:
-            raise ValueError(f"segment_size must be at least 1024 bytes, got {segment_size}")
+        if type(segment_size) is not int or segment_size < 1024:
+            raise ValidationError(
+                f"segment_size must be an int of at least 1024 bytes, got {segment_size!r}"
+            )
         self.directory = directory
         self.durability = durability
         self.read_only = read_only
@@ -419,9 +427,13 @@ class SegmentLog(EventLog):
         """Lock, list, check and recover (runs in the log's thread)."""
         d = self.directory
         if self.read_only:
+            if os.path.exists(d) and not os.path.isdir(d):
+                raise ConnectionError(f"{d}: is a file, not a store directory")
             if not os.path.isdir(d):
                 raise ConnectionError(f"{d}: no such store directory")
         else:
+            if os.path.exists(d) and not os.path.isdir(d):
+                raise ConnectionError(f"{d}: is a file, not a store directory")
             if not os.path.isdir(d):
                 parent = os.path.dirname(os.path.abspath(d))
                 try:

@@ -90,6 +90,8 @@ class EventStore(StorageAdapter):
                 f"durability must be one of {', '.join(DURABILITY_MODES)}; got {durability!r}"
             )
         self.durability: Durability = durability
+        if type(read_only) is not bool:
+            raise ValidationError(f"read_only must be True or False, got {read_only!r}")
         self.read_only = read_only
         self.clock: Clock = clock or system_clock
         self._log = self._make_log(path, segment_size)
@@ -97,8 +99,15 @@ class EventStore(StorageAdapter):
         self._connected = False
         self._failed: BaseException | None = None
         self._readable = self._writable = False
-        if follow is not None and follow <= 0:
+        if follow is not None and (
+            type(follow) not in (int, float) or not 0 < follow < float("inf")
+        ):
             raise ValidationError(f"follow must be a positive number of seconds, got {follow!r}")
+        if follow is not None and not read_only and not self._log.shared:
+            raise ValidationError(
+                "follow is for read-only stores: the one writer of a store sees every "
+                "event already (a store in PostgreSQL, written by many, is followed anyway)"
+            )
         self.follow = follow
         if snapshot_every is not None and (type(snapshot_every) is not int or snapshot_every < 1):
             raise ValidationError(
@@ -764,5 +773,7 @@ class EventStore(StorageAdapter):
     ) -> AsyncIterator[tuple[int, Event]]:
         """Yield (position, event) for every event in the log, oldest first."""
         self._check()
+        check_int("from_position", from_position)
+        check_opt_int("to_position", to_position)
         async for item in self._log.read(from_position, to_position):
             yield item

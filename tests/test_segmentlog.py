@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import re
 import stat
 import struct
 import zlib
@@ -862,3 +863,61 @@ def test_a_writer_is_not_refused_by_a_reader_probing_the_lock(tmp_path: Path) ->
             WriterLock(d).acquire()
     finally:
         held.release()
+
+
+# -- bad construction arguments and paths -----------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"durability": "sometimes"}, "durability must be one of"),
+        ({"read_only": "yes"}, "read_only must be True or False, got 'yes'"),
+        ({"segment_size": 10}, "segment_size must be an int of at least 1024 bytes, got 10"),
+        ({"segment_size": 4096.0}, "segment_size must be an int"),
+        ({"follow": 0}, "follow must be a positive number of seconds, got 0"),
+        ({"follow": float("nan")}, "follow must be a positive number of seconds, got nan"),
+        ({"follow": "1"}, "follow must be a positive number of seconds, got '1'"),
+        ({"follow": 1.0}, "follow is for read-only stores"),
+        ({"snapshot_every": 0}, "snapshot_every must be a positive int or None, got 0"),
+    ],
+)
+def test_bad_store_arguments_are_refused_by_name(
+    tmp_path: Path, kwargs: dict[str, object], message: str
+) -> None:
+    from eventstore import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        EventStore(tmp_path / "s", **kwargs)  # type: ignore[arg-type]
+    assert not (tmp_path / "s").exists()
+    EventStore(tmp_path / "s", read_only=True, follow=0.5)  # a reader may follow
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_a_file_where_the_store_directory_belongs_is_named_as_such(
+    tmp_path: Path, read_only: bool
+) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("not a store")
+    with pytest.raises(ConnectionError, match=r"notes\.txt: is a file, not a store directory"):
+        await EventStore(path, read_only=read_only).connect()
+    assert path.read_text() == "not a store"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("a",), "from_position must be an int, got str 'a'"),
+        ((-1,), "from_position must be >= 0, got -1"),
+        ((1, "b"), "to_position must be an int, got str 'b'"),
+    ],
+)
+async def test_read_checks_its_positions(
+    tmp_path: Path, args: tuple[object, ...], message: str
+) -> None:
+    from eventstore import ValidationError
+
+    async with EventStore(tmp_path / "s") as store:
+        await fill(store, 3)
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            async for _ in store.read(*args):  # type: ignore[arg-type]
+                pass
+        assert [pos async for pos, _ in store.read(2)] == [2, 3]
