@@ -626,11 +626,13 @@ class SegmentLog(EventLog):
             return
         self._open = False
         self._accepting = False
-        if self._indexer is not None:
-            self._indexer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._indexer
-            self._indexer = None
+        # Walks of old segments stop first: their next call would find the
+        # thread stopped, with nobody left to hear of it.
+        walks = [job for job in (self._indexer, *self._indexing.values()) if job is not None]
+        for job in walks:
+            job.cancel()
+        await asyncio.gather(*walks, return_exceptions=True)
+        self._indexer = None
         if self._writer is not None:
             assert self._wake is not None
             self._wake.set()
@@ -1227,8 +1229,16 @@ class SegmentLog(EventLog):
             # Reads that want the same segment meanwhile wait for this walk.
             job = self._indexing[key] = asyncio.ensure_future(self._walk(thread, seg))
             job.add_done_callback(lambda _: self._indexing.pop(key, None))
-        # Shielded: one waiter cancelled must not cancel the others' walk.
-        _publish_index(seg, await asyncio.shield(job))
+        try:
+            # Shielded: one waiter cancelled must not cancel the others' walk.
+            built = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if job.cancelled():  # by close(), not by this caller's own cancel
+                raise ConnectionError(
+                    f"{self.directory}: the log was closed during a read"
+                ) from None
+            raise
+        _publish_index(seg, built)
 
     def index_in_background(self) -> None:
         """Index the sealed segments not indexed yet, newest first, in the log's thread.
@@ -1263,20 +1273,19 @@ class SegmentLog(EventLog):
         try:
             scratch = _scratch(seg)
             offset, position, end = HEADER_SIZE, seg.first, seg.end
-            chunk = INDEX_CHUNK
+            stop = min(end, offset + INDEX_CHUNK)
             while not seg.indexed:
-                stop = min(end, offset + chunk)
                 walker, err = await thread.call(
                     _index_frames, scratch, offset, position, stop, True
                 )
                 if stop == end or (err is not None and not err.short):
                     _check_walk(seg, scratch, walker, err)
                     return scratch
-                # A frame cut by the chunk's end is read whole by the next
-                # call; one longer than a chunk is read with the rest.
-                if walker.offset == offset:
-                    chunk = end - offset
+                # The frame this chunk's end cut is read whole by the next
+                # call, however long it is.
+                cut_frame_end = stop + walker.wanted() if walker.pending else stop
                 offset, position = walker.offset, walker.next_position
+                stop = min(end, max(offset + INDEX_CHUNK, cut_frame_end))
             return None
         finally:
             self._reader_done()

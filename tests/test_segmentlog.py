@@ -732,6 +732,48 @@ async def test_old_segments_are_indexed_off_the_event_loop(
         await log.close()
 
 
+async def test_closing_during_a_walk_ends_its_reads_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() while old segments are being indexed (for a read, and in the
+    background): the walks stop, the read says the log was closed, and no
+    task is left failing with nobody to hear it."""
+    import time
+
+    from eventstore import segmentlog
+
+    d = await _store_of_sealed_segments(tmp_path, 12_000)
+    monkeypatch.setattr(segmentlog, "INDEX_CHUNK", 64)  # many calls per walk
+    real = segmentlog._index_frames
+
+    def slow(*args: object) -> object:
+        time.sleep(0.002)  # in the log's thread
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segmentlog, "_index_frames", slow)
+    unheard: list[object] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unheard.append(context))
+    store = EventStore(d, snapshot_every=None)
+    await store.connect()
+    log = store.log
+    assert isinstance(log, segmentlog.SegmentLog)
+    first = log.segments[0]
+    assert not first.indexed
+    read = asyncio.ensure_future(log.fetch([first.first]))
+    await asyncio.sleep(0.01)
+    assert not read.done()
+    await store.close()
+    with pytest.raises(ConnectionError, match="closed during a read"):
+        await read
+    import gc
+
+    gc.collect()
+    await asyncio.sleep(0.01)
+    assert unheard == []
+    loop.set_exception_handler(None)
+
+
 async def test_a_store_indexes_old_segments_in_the_background_after_connect(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
