@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
+from eventstore.compaction import pending_commit
 from eventstore.pgcompaction import PostgresCompactReport
 from eventstore.pglog import is_dsn
 
@@ -173,9 +174,11 @@ def forget_user(
     out.need_store(directory)
 
     async def main() -> bool:
-        if not is_dsn(directory):
+        if not is_dsn(directory) and pending_commit(directory) is None:
             # Asked read-only first: for a name the store does not know, the
             # writer's open (recovery, a snapshot on close) would change files.
+            # (Not while a compaction's switch is unfinished: a reader cannot
+            # open the store then, and the writer's open finishes it.)
             async with out.open_reader(directory) as reader:
                 if not reader.knows_user(name):
                     return False

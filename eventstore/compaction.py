@@ -60,6 +60,7 @@ from .events import (
     event_name,
 )
 from .fsutil import fsync_dir, write_all
+from .lockfile import lock_holder
 from .segment import (
     FLAG_COMPACTED,
     FRAME_EVENTS,
@@ -147,8 +148,14 @@ def recover_compaction(directory: str, logger: logging.Logger, *, read_only: boo
         if os.path.exists(commit):
             # The writer is switching segments right now (or died doing so and
             # will finish on its next open); the directory is a mix until then.
+            if lock_holder(directory) is not None:
+                raise ConnectionError(
+                    f"{directory}: a compaction is being committed; try again in a moment"
+                )
             raise ConnectionError(
-                f"{directory}: a compaction is being committed; try again in a moment"
+                f"{directory}: a compaction was interrupted after it committed; opening "
+                "the store for writing (the bot, or any command that writes), or "
+                "repair(), finishes it"
             )
         return None
     if not os.path.exists(commit):

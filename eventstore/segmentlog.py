@@ -663,10 +663,21 @@ class SegmentLog(EventLog):
                     try:
                         await thread.call(self._seal, self._wend)
                     except OSError as err:
-                        failure = StorageError(
-                            f"{self.directory}: cannot make the last writes durable: "
-                            f"{err.strerror or err}"
-                        )
+                        why = err.strerror or err
+                        if self.durability == "fsync":
+                            # Every acknowledged write was synced already;
+                            # what failed is cutting the zeros after the
+                            # last frame, which the next open leaves as
+                            # free space.
+                            self.logger.warning(
+                                "%s: cannot cut the zeros after the last frame: %s",
+                                self.directory,
+                                why,
+                            )
+                        else:
+                            failure = StorageError(
+                                f"{self.directory}: cannot make the last writes durable: {why}"
+                            )
                 await thread.call(self._close_files)
                 closed = True
             finally:
@@ -681,6 +692,7 @@ class SegmentLog(EventLog):
         self._unwritten = []
         self._cache.clear()
         self._cached_bytes = 0
+        self._readers = 0  # reads still paused belong to this open: see read_runs
         if failure is not None:
             self.logger.error("%s", failure)
             raise failure
@@ -1043,14 +1055,20 @@ class SegmentLog(EventLog):
     ) -> AsyncIterator[tuple[int, list[Event]]]:
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
+        # The thread stands for this open: a read left paused across close()
+        # and a new open() must not go on with descriptor numbers that now
+        # name other files, nor count among the new open's readers.
+        thread = self._thread
         self._readers += 1
         try:
-            async for run in self._read_runs(from_position, to_position):
+            async for run in self._read_runs(from_position, to_position, thread):
                 yield run
         finally:
-            self._reader_done()
+            self._reader_done(thread)
 
-    def _reader_done(self) -> None:
+    def _reader_done(self, thread: LogThread | None) -> None:
+        if thread is not self._thread:
+            return  # counted by an open since closed (close() reset the count)
         self._readers -= 1
         if not self._readers and self._retired_fds:
             fds, self._retired_fds = self._retired_fds, []
@@ -1064,7 +1082,7 @@ class SegmentLog(EventLog):
             _close_quietly(fds)
 
     async def _read_runs(
-        self, from_position: int, to_position: int | None
+        self, from_position: int, to_position: int | None, thread: LogThread | None
     ) -> AsyncIterator[tuple[int, list[Event]]]:
         stop = self._head if to_position is None else min(to_position, self._head)
         # Take the boundary and the batches above it at the same moment: the
@@ -1087,7 +1105,7 @@ class SegmentLog(EventLog):
                     f"{seg.path}: segment starts at position {seg.first}, but the previous "
                     f"segment ends at {prev.next_position - 1} (events missing)"
                 )
-            async for first, events in self._read_segment(seg, from_position, disk_stop):
+            async for first, events in self._read_segment(seg, from_position, disk_stop, thread):
                 yield first, events
             prev = seg if disk_stop >= seg.next_position - 1 else None
         if stop > written:
@@ -1101,7 +1119,7 @@ class SegmentLog(EventLog):
         return self._unwritten[0][0] - 1 if self._unwritten else self._head
 
     async def _read_segment(
-        self, seg: Segment, lo: int, hi: int
+        self, seg: Segment, lo: int, hi: int, thread: LogThread | None
     ) -> AsyncIterator[tuple[int, list[Event]]]:
         end = seg.end
         start, first_pos = HEADER_SIZE, seg.first
@@ -1116,9 +1134,9 @@ class SegmentLog(EventLog):
         try:
             while offset < end:
                 want = min(max(READ_CHUNK, walker.wanted()), end - offset)
-                if self._thread is None:
+                if thread is None or self._thread is not thread:
                     raise ConnectionError(f"{self.directory}: the log was closed during a read")
-                data = await self._thread.call(os.pread, seg.fd, want, offset)
+                data = await thread.call(os.pread, seg.fd, want, offset)
                 if not data:
                     break
                 offset += len(data)
@@ -1246,9 +1264,15 @@ class SegmentLog(EventLog):
         After a start from a snapshot only the segments the replay read are
         indexed; the first read of an older one would wait for its walk.
         Damage found on the way is logged here and raised to the reads of
-        that segment.
+        that segment.  Writers only: a read-only open is most often a tool
+        that reads once (the CLI) and indexes what it reads as it goes.
         """
-        if self._indexer is None and self._open and not all(s.indexed for s in self._segments):
+        if (
+            self._indexer is None
+            and self._open
+            and not self.read_only
+            and not all(s.indexed for s in self._segments)
+        ):
             self._indexer = asyncio.get_running_loop().create_task(
                 self._index_all(), name="eventstore-index"
             )
@@ -1259,7 +1283,7 @@ class SegmentLog(EventLog):
                 continue
             try:
                 await self._index_in_thread(seg)
-            except IntegrityError as err:
+            except StorageError as err:  # damage, or the disk failing a read
                 self.logger.warning("%s (reads of it will fail; see eventstore verify)", err)
 
     async def _walk(self, thread: LogThread, seg: Segment) -> Segment | None:
@@ -1275,9 +1299,16 @@ class SegmentLog(EventLog):
             offset, position, end = HEADER_SIZE, seg.first, seg.end
             stop = min(end, offset + INDEX_CHUNK)
             while not seg.indexed:
-                walker, err = await thread.call(
-                    _index_frames, scratch, offset, position, stop, True
-                )
+                if self._thread is not thread:
+                    raise ConnectionError(f"{self.directory}: the log was closed during a read")
+                try:
+                    walker, err = await thread.call(
+                        _index_frames, scratch, offset, position, stop, True
+                    )
+                except OSError as failure:
+                    raise StorageError(
+                        f"{seg.path}: cannot read at offset {offset}: {failure.strerror or failure}"
+                    ) from failure
                 if stop == end or (err is not None and not err.short):
                     _check_walk(seg, scratch, walker, err)
                     return scratch
@@ -1288,7 +1319,7 @@ class SegmentLog(EventLog):
                 stop = min(end, max(offset + INDEX_CHUNK, cut_frame_end))
             return None
         finally:
-            self._reader_done()
+            self._reader_done(thread)
 
     def frame_checksum(self, position: int) -> int | None:
         """The checksum field of the last frame starting at or before ``position``.

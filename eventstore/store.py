@@ -186,16 +186,24 @@ class EventStore(StorageAdapter):
     async def close(self) -> None:
         if not self._connected and self._failed is None:
             return
-        if self._connected and self._failed is None and self._snapshots_enabled():
-            if self._snap_task is not None:
-                with contextlib.suppress(Exception):
-                    await self._snap_task
-            if self._proj.position > self._snap_pos:
+        self._snap_due = None  # no periodic snapshot starts from here on
+        if self._snap_task is not None:
+            with contextlib.suppress(Exception):
+                await self._snap_task
+        # A compaction in progress finishes first: closing the log under its
+        # switch would leave it half-done until the next open.
+        async with self._snap_lock:
+            if (
+                self._connected
+                and self._failed is None
+                and self._snapshots_enabled()
+                and self._proj.position > self._snap_pos
+            ):
                 try:
-                    await self.write_snapshot()
+                    await self._write_snapshot(keep=2)
                 except (StorageError, OSError) as err:
                     self.logger.warning("no snapshot written on close: %s", err)
-        self._set_state(False, None)
+            self._set_state(False, None)
         if self._snap_task is not None:
             self._snap_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -614,16 +622,20 @@ class EventStore(StorageAdapter):
         if isinstance(log, PostgresLog):  # a delete in one transaction: pgcompaction.py
             from .pgcompaction import compact_postgres
 
-            pg_report = await compact_postgres(
-                log,
-                dry_run=dry_run,
-                trim_before=trim_before if dry_run else None,
-                progress=progress,
-                logger=self.logger,
-            )
+            async with self._snap_lock:  # close() waits for it
+                self._check() if dry_run else self._check_write()
+                pg_report = await compact_postgres(
+                    log,
+                    dry_run=dry_run,
+                    trim_before=trim_before if dry_run else None,
+                    progress=progress,
+                    logger=self.logger,
+                )
             pg_report.trimmed_before = trim_before
             return pg_report
         async with self._snap_lock:
+            # Again: close() may have taken the lock first, and closed the log.
+            self._check() if dry_run else self._check_write()
             if not dry_run:
                 await log.roll()
             report = await compact_log(
@@ -695,6 +707,9 @@ class EventStore(StorageAdapter):
 
     async def _write_snapshot(self, keep: int) -> str:
         from .segmentlog import SegmentLog
+
+        if type(keep) is not int or keep < 1:
+            raise ValidationError(f"keep must be an int of at least 1, got {keep!r}")
 
         log = self._log
         if not isinstance(log, SegmentLog):

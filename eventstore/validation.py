@@ -87,15 +87,23 @@ def check_name(name: str, value: Any) -> str:
     return value
 
 
-def _field_checks(cls: type) -> list[tuple[str, bool, bool]]:
-    """(name, is an int field, None allowed) for each field of an event class."""
+#: Event fields checked as names (non-empty), as the write methods check them:
+#: an empty username could never be forgotten (forget_user refuses it).
+_NAME_FIELDS = {"username", "action_type"}
+
+
+def _field_checks(cls: type) -> list[tuple[str, Any, bool]]:
+    """(name, check, None allowed) for each field of an event class."""
     checks = []
     for f in msgspec.structs.fields(cls):
         kinds = set(f.type.__args__) if isinstance(f.type, types.UnionType) else {f.type}
         optional = type(None) in kinds
         kinds.discard(type(None))
         assert kinds in ({int}, {str}), f"{cls.__name__}.{f.name}: {f.type}"
-        checks.append((f.name, kinds == {int}, optional))
+        check = (
+            check_int if kinds == {int} else check_name if f.name in _NAME_FIELDS else check_text
+        )
+        checks.append((f.name, check, optional))
     return checks
 
 
@@ -112,12 +120,10 @@ def check_event(event: Any) -> None:
     if checks is None:
         raise ValidationError(f"not an event: {_show(event)}")
     kind = type(event).__name__
-    for name, is_int, optional in checks:
+    for name, check, optional in checks:
         value = getattr(event, name)
         if value is None:
             if not optional:
                 raise ValidationError(f"{kind}.{name} must not be None")
-        elif is_int:
-            check_int(f"{kind}.{name}", value)
         else:
-            check_text(f"{kind}.{name}", value)
+            check(f"{kind}.{name}", value)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import T0, busy_store, invoke, segment_files
+from test_cli import REPO, T0, busy_store, invoke, segment_files
 
 from eventstore import EventStore, IntegrityError
 from eventstore.lockfile import WriterLock
@@ -282,3 +282,40 @@ def test_forget_user_rejects_a_bad_name(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: ")
     assert "username" in result.stderr
+
+
+def test_after_a_crash_in_compactions_switch_forget_user_finishes_it(tmp_path: Path) -> None:
+    """A reader cannot open a store whose switch is unfinished; forget-user's
+    read-only question is skipped then, and its writer's open finishes it."""
+    import subprocess
+    import sys
+
+    d = churned(tmp_path)
+    before = reads(d)
+    script = f"""
+import asyncio, os, sys
+sys.path.insert(0, {str(REPO)!r})
+from eventstore import EventStore, compaction
+real = os.replace
+def replace_then_die(src, dst):
+    real(src, dst)
+    os._exit(9)
+compaction.os.replace = replace_then_die
+async def main():
+    store = EventStore({str(d)!r}, segment_size=1024)
+    await store.connect()
+    await store.compact()
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    assert (d / "compacting" / "COMMIT").exists()
+    dry = invoke("compact", d, "--dry-run")
+    assert dry.exit_code == 1
+    assert "a compaction was interrupted after it committed" in dry.stderr
+    result = invoke("forget-user", d, "u2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("forgot 'u2'")
+    assert not (d / "compacting").exists()
+    after = reads(d)
+    assert [u for u in before["users"] if u["username"] != "u2"] == after["users"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -21,6 +22,7 @@ from storeutil import frames_only, segment_files
 from eventstore import ConnectionError, EventStore, IntegrityError
 from eventstore import compaction as compaction_mod
 from eventstore.events import UserCountsTrimmed
+from eventstore.lockfile import WriterLock
 from eventstore.recovery import find_damage, repair
 from eventstore.snapshot import check_snapshots
 from eventstore.verify import verify
@@ -309,6 +311,42 @@ asyncio.run(main())
             assert name.encode() not in path.read_bytes(), path.name
 
 
+async def test_close_waits_for_a_compaction_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() during the switch: the compaction finishes (its snapshot too)
+    before the log closes, instead of failing half-way."""
+    import threading
+    import time
+
+    d = tmp_path / "s"
+    switching = threading.Event()
+    real_switch = compaction_mod._switch
+
+    def slow_switch(*args: Any) -> None:
+        switching.set()
+        time.sleep(0.3)
+        real_switch(*args)
+
+    monkeypatch.setattr(compaction_mod, "_switch", slow_switch)
+    store = EventStore(d, segment_size=4096)
+    await store.connect()
+    await busy_history(store, 3)
+    before = await reads(store)
+    await store.write_snapshot()  # nothing left for close() to snapshot
+    compacting = asyncio.ensure_future(store.compact())
+    while not switching.is_set():
+        await asyncio.sleep(0.01)
+    await store.close()
+    report = await compacting
+    assert report.segments_rewritten > 1
+    with caplog.at_level(logging.WARNING, logger="eventstore"):
+        async with EventStore(d, segment_size=4096) as again:
+            assert await reads(again) == before
+    assert "ignoring snapshot" not in caplog.text
+    assert "compaction" not in caplog.text  # nothing left to finish or undo
+
+
 async def test_readers_that_open_during_a_commit_are_asked_to_retry(tmp_path: Path) -> None:
     from eventstore import ConnectionError
 
@@ -317,7 +355,15 @@ async def test_readers_that_open_during_a_commit_are_asked_to_retry(tmp_path: Pa
         await store.save_message("a", "b")
     (d / compaction_mod.COMPACT_DIR).mkdir()
     (d / compaction_mod.COMPACT_DIR / "COMMIT").write_text("")
-    with pytest.raises(ConnectionError, match="compaction is being committed"):
+    lock = WriterLock(str(d))
+    lock.acquire()  # a writer is switching segments right now
+    try:
+        with pytest.raises(ConnectionError, match="compaction is being committed; try again"):
+            await EventStore(d, read_only=True).connect()
+    finally:
+        lock.release()
+    # Nobody is: it was interrupted, and waiting will not help.
+    with pytest.raises(ConnectionError, match="interrupted after it committed; opening the"):
         await EventStore(d, read_only=True).connect()
 
 

@@ -238,6 +238,8 @@ _BAD: list[Any] = [
     pytest.param(lambda s: s.append([MessageSaved(1, "a", 3)]), id="append-int-for-str"),  # type: ignore[arg-type]
     pytest.param(lambda s: s.append([MessageSaved(1, None, "b")]), id="append-none"),  # type: ignore[arg-type]
     pytest.param(lambda s: s.append([MessageSaved(1, "a", "\ud800")]), id="append-surrogate"),
+    pytest.param(lambda s: s.append([MessageSaved(1, "", "b")]), id="append-empty-name"),
+    pytest.param(lambda s: s.append([UserActionLogged(1, "a", "")]), id="append-empty-type"),
     pytest.param(
         lambda s: s.append([UserStatsSet("a", 1, 2, 3, 4, current_session_start="x")]),  # type: ignore[arg-type]
         id="append-optional-int",

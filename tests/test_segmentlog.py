@@ -513,11 +513,15 @@ async def test_an_event_that_cannot_be_encoded_fails_its_round_not_the_writer(
 
 @pytest.mark.parametrize("durability", ["none", "flush", "fsync"])
 async def test_close_raises_when_it_cannot_make_the_last_writes_durable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    durability: str,
 ) -> None:
     """In "flush" and "none" mode the fsync of close() is the only one: when
     it fails, close() raises (as file.close() does when its flush fails),
-    after releasing everything."""
+    after releasing everything.  In "fsync" mode every write was synced
+    already: only cutting the zeros after the last frame failed, a warning."""
     import eventstore.segmentlog as segmentlog
 
     d = tmp_path / "s"
@@ -530,8 +534,12 @@ async def test_close_raises_when_it_cannot_make_the_last_writes_durable(
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(segmentlog.os, "fdatasync", eio)
-    with pytest.raises(StorageError, match="cannot make the last writes durable: Input/output"):
+    if durability == "fsync":
         await store.close()
+        assert "cannot cut the zeros after the last frame: Input/output error" in caplog.text
+    else:
+        with pytest.raises(StorageError, match="cannot make the last writes durable: Input/out"):
+            await store.close()
     monkeypatch.undo()
     assert not store.is_connected
     async with EventStore(d, snapshot_every=None) as again:  # the lock was released
@@ -772,6 +780,53 @@ async def test_closing_during_a_walk_ends_its_reads_cleanly(
     await asyncio.sleep(0.01)
     assert unheard == []
     loop.set_exception_handler(None)
+
+
+async def test_a_read_error_in_the_background_walk_is_logged_and_close_still_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from eventstore import segmentlog
+
+    d = await _store_of_sealed_segments(tmp_path, 12_000)
+
+    def eio(*args: object) -> object:
+        raise OSError(errno.EIO, "Input/output error")
+
+    store = EventStore(d, snapshot_every=None)
+    await store.connect()
+    monkeypatch.setattr(segmentlog, "_index_frames", eio)  # before the first walk starts
+    log = store.log
+    assert isinstance(log, segmentlog.SegmentLog)
+    first = log.segments[0]
+    with pytest.raises(StorageError, match=r"cannot read at offset \d+: Input/output error"):
+        await log.fetch([first.first])
+    for _ in range(100):
+        if "cannot read at offset" in caplog.text:
+            break
+        await asyncio.sleep(0.01)
+    assert "reads of it will fail" in caplog.text
+    await store.close()
+    monkeypatch.undo()
+    async with EventStore(d, snapshot_every=None) as again:  # the lock was released
+        assert (await again.log.fetch([first.first]))[0].message.startswith("m0")  # type: ignore[union-attr]
+
+
+async def test_a_read_paused_across_close_and_open_does_not_go_on(tmp_path: Path) -> None:
+    """Its descriptor numbers may name other files after the new open."""
+    d = await _store_of_sealed_segments(tmp_path, 12_000)
+    store = EventStore(d, snapshot_every=None)
+    await store.connect()
+    reading = store.read()
+    await anext(reading)
+    await store.close()
+    await store.connect()
+    with pytest.raises(ConnectionError, match="closed during a read"):
+        async for _ in reading:
+            pass
+    log = store.log
+    assert log._readers == 0  # type: ignore[attr-defined]
+    assert [pos async for pos, _ in store.read(11_990)] == list(range(11_990, 12_001))
+    await store.close()
 
 
 async def test_a_store_indexes_old_segments_in_the_background_after_connect(

@@ -229,6 +229,18 @@ async def test_verify_notes_a_stale_snapshot_and_reports_a_damaged_one(tmp_path:
     assert "snapshot header is 10 bytes" in report.problems[0].message
 
 
+@pytest.mark.parametrize("keep", [0, -1, 1.5])
+async def test_write_snapshot_refuses_a_bad_keep(tmp_path: Path, keep: object) -> None:
+    from eventstore import ValidationError
+
+    async with EventStore(tmp_path / "s") as store:
+        await fill(store, 3)
+        await store.write_snapshot()
+        with pytest.raises(ValidationError, match="keep must be an int of at least 1"):
+            await store.write_snapshot(keep=keep)  # type: ignore[arg-type]
+        assert [info.position for info in list_snapshots(str(tmp_path / "s"))] == [3]
+
+
 async def test_memory_and_read_only_stores_keep_no_snapshots(tmp_path: Path) -> None:
     async with EventStore(":memory:") as store:
         await store.save_message("a", "b")
