@@ -27,7 +27,8 @@ Only "the newest 100" calls (``get_user_actions()``, ``get_recent_messages()``)
 repeat the same rows, and so are answered from the log's cache of decoded
 frames after the first call.  The very first call of each method after
 connect is reported apart ("first call"): the first read that needs an old
-segment indexes it (a scan of its frame headers and checksums).
+segment waits for its index (a walk of its frame headers and checksums, in
+the log's thread, which a writer starts for every old segment at connect).
 
 Per run, p50 and p99 of the calls; the table gives their medians over the
 runs, the range of p99 over the runs, and the worst call seen.  RssAnon is
