@@ -18,7 +18,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from .segment import FRAME_HEADER, FRAME_HEADER_SIZE, FrameError, FrameInfo, parse_frame
+from .segment import (
+    FRAME_HEADER,
+    FRAME_HEADER_SIZE,
+    MAX_FRAME_PAYLOAD,
+    FrameError,
+    FrameInfo,
+    parse_frame,
+)
 
 __all__ = ["FrameWalker", "is_torn_tail"]
 
@@ -79,6 +86,12 @@ class FrameWalker:
         view = memoryview(buf)
         n = len(buf)
         while n - self._i >= FRAME_HEADER_SIZE:
+            # A frame the end of ``data`` cut waits for more bytes here,
+            # without parse_frame's FrameError: that is every chunk of a
+            # walk, and an exception costs more than this test.
+            length = FRAME_HEADER.unpack_from(buf, self._i)[0]
+            if length <= MAX_FRAME_PAYLOAD and n - self._i < FRAME_HEADER_SIZE + length:
+                return
             try:
                 info = parse_frame(buf, self._i, self._base)
             except FrameError as err:
@@ -135,7 +148,10 @@ class FrameWalker:
         try:
             parse_frame(self._buf, self._i, self._base)
         except FrameError as err:
-            return err
+            # Returned without its traceback: that holds this frame and its
+            # callers', which hold what this walker read (see feed), and
+            # whoever keeps the error would make a reference cycle of them.
+            return err.with_traceback(None)
         return FrameError(self.offset, "unparsed bytes at the end")  # pragma: no cover
 
     def tail_bytes(self) -> bytes:

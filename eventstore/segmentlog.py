@@ -211,7 +211,11 @@ def _index_frames(
                 seg.last_frame = info.offset
         return walker, walker.finish()
     except FrameError as err:
-        return walker, err
+        # Without its traceback, which holds this frame, ``data`` (a 4 MiB
+        # chunk) and the caller's frames: kept with the result, the error
+        # made a reference cycle of them all, one chunk per walk, left to a
+        # garbage collector that runs rarely here (events are not tracked).
+        return walker, err.with_traceback(None)
 
 
 def _build_index(seg: Segment) -> Segment | None:
@@ -1251,7 +1255,7 @@ class SegmentLog(EventLog):
             # Shielded: one waiter cancelled must not cancel the others' walk.
             built = await asyncio.shield(job)
         except asyncio.CancelledError:
-            if job.cancelled():  # by close(), not by this caller's own cancel
+            if job.cancelled() and not self._open:  # by close(), not this caller's cancel
                 raise ConnectionError(
                     f"{self.directory}: the log was closed during a read"
                 ) from None
@@ -1283,6 +1287,8 @@ class SegmentLog(EventLog):
                 continue
             try:
                 await self._index_in_thread(seg)
+            except ConnectionError:
+                return  # closed meanwhile
             except StorageError as err:  # damage, or the disk failing a read
                 self.logger.warning("%s (reads of it will fail; see eventstore verify)", err)
 

@@ -782,6 +782,38 @@ async def test_closing_during_a_walk_ends_its_reads_cleanly(
     loop.set_exception_handler(None)
 
 
+async def test_a_walk_leaves_no_reference_cycle_holding_what_it_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each chunk of a walk ends in a cut frame.  Its FrameError, kept with
+    the walk's result, held a traceback, and so the frames that held the
+    chunk: a reference cycle per chunk (64 MiB per 64 MiB segment walked),
+    freed only when the garbage collector ran, which events (not tracked)
+    rarely make it do.  RssAnon after connect at 10M events went from 186
+    to 317 MB once old segments were indexed at connect."""
+    import gc
+
+    from eventstore import segmentlog
+    from eventstore.framing import FrameWalker
+
+    d = await _store_of_sealed_segments(tmp_path, 12_000)
+    monkeypatch.setattr(segmentlog, "INDEX_CHUNK", 2048)
+    log = segmentlog.SegmentLog(str(d), read_only=True)
+    await log.open()
+    gc.collect()
+    gc.disable()
+    try:
+        sealed = [seg for seg in log.segments if not seg.indexed]
+        for seg in sealed:
+            await log.fetch([seg.first])
+        assert all(seg.indexed for seg in sealed)
+        left = [o for o in gc.get_objects() if isinstance(o, FrameWalker)]
+        assert left == []
+    finally:
+        gc.enable()
+        await log.close()
+
+
 async def test_a_read_error_in_the_background_walk_is_logged_and_close_still_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
