@@ -1234,7 +1234,7 @@ class SegmentLog(EventLog):
                 found[i] = segs[i]
         return list(found.values())
 
-    async def _index_in_thread(self, seg: Segment) -> None:
+    async def _index_in_thread(self, seg: Segment, *, background: bool = False) -> None:
         """Index a sealed segment in the log's thread, off the event loop.
 
         After a snapshot, old segments are indexed on first use; walking a
@@ -1249,7 +1249,9 @@ class SegmentLog(EventLog):
         job = self._indexing.get(key)
         if job is None:
             # Reads that want the same segment meanwhile wait for this walk.
-            job = self._indexing[key] = asyncio.ensure_future(self._walk(thread, seg))
+            job = self._indexing[key] = asyncio.ensure_future(
+                self._walk(thread, seg, background=background)
+            )
             job.add_done_callback(lambda _: self._indexing.pop(key, None))
         try:
             # Shielded: one waiter cancelled must not cancel the others' walk.
@@ -1286,25 +1288,35 @@ class SegmentLog(EventLog):
             if seg.indexed or not self._open:
                 continue
             try:
-                await self._index_in_thread(seg)
+                await self._index_in_thread(seg, background=True)
             except ConnectionError:
                 return  # closed meanwhile
             except StorageError as err:  # damage, or the disk failing a read
                 self.logger.warning("%s (reads of it will fail; see eventstore verify)", err)
 
-    async def _walk(self, thread: LogThread, seg: Segment) -> Segment | None:
+    async def _walk(
+        self, thread: LogThread, seg: Segment, *, background: bool = False
+    ) -> Segment | None:
         """Walk a sealed segment's frames INDEX_CHUNK bytes per call in ``thread``.
 
         The calls go through the same queue as writes, which then wait for
-        one chunk, not for the whole segment.  Counted as a read: compaction
-        leaves the segment's descriptor open until the walk is done.
+        one chunk, not for the whole segment.  A ``background`` walk also
+        steps aside, between chunks, for the walks reads are waiting for: a
+        first read of an old segment right after connect would otherwise
+        share the thread with it and wait twice as long.  Counted as a read:
+        compaction leaves the segment's descriptor open until the walk is done.
         """
         self._readers += 1
         try:
             scratch = _scratch(seg)
             offset, position, end = HEADER_SIZE, seg.first, seg.end
             stop = min(end, offset + INDEX_CHUNK)
+            key = id(seg)
             while not seg.indexed:
+                while background and (
+                    wanted := [job for k, job in self._indexing.items() if k != key]
+                ):
+                    await asyncio.wait(wanted)
                 if self._thread is not thread:
                     raise ConnectionError(f"{self.directory}: the log was closed during a read")
                 try:

@@ -814,6 +814,36 @@ async def test_a_walk_leaves_no_reference_cycle_holding_what_it_read(
         await log.close()
 
 
+async def test_the_background_walk_steps_aside_for_a_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after connect a read of an old segment has the thread to itself:
+    the background walk of another segment waits between its chunks."""
+    from eventstore import segmentlog
+
+    d = await _store_of_sealed_segments(tmp_path, 12_000)
+    monkeypatch.setattr(segmentlog, "INDEX_CHUNK", 1024)
+    walked: list[int] = []  # the segment of every chunk walked, in order
+    real = segmentlog._index_frames
+
+    def spy(seg: segmentlog.Segment, *args: object, **kwargs: object) -> object:
+        walked.append(seg.first)
+        return real(seg, *args, **kwargs)  # type: ignore[arg-type]
+
+    async with EventStore(d, snapshot_every=None) as store:
+        monkeypatch.setattr(segmentlog, "_index_frames", spy)
+        log = store.log
+        assert isinstance(log, segmentlog.SegmentLog)
+        oldest = log.segments[0]
+        while not walked:  # the background walk (newest first) has begun
+            await asyncio.sleep(0.001)
+        assert walked[0] != oldest.first
+        await log.fetch([oldest.first])
+        mine = [i for i, first in enumerate(walked) if first == oldest.first]
+        assert len(mine) > 3
+        assert mine == list(range(mine[0], mine[-1] + 1))  # nothing else in between
+
+
 async def test_a_read_error_in_the_background_walk_is_logged_and_close_still_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
