@@ -18,14 +18,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from .segment import (
-    FRAME_HEADER,
-    FRAME_HEADER_SIZE,
-    MAX_FRAME_PAYLOAD,
-    FrameError,
-    FrameInfo,
-    parse_frame,
-)
+from .segment import FRAME_HEADER, FRAME_HEADER_SIZE, FrameError, FrameInfo, parse_frame
 
 __all__ = ["FrameWalker", "is_torn_tail"]
 
@@ -86,12 +79,6 @@ class FrameWalker:
         view = memoryview(buf)
         n = len(buf)
         while n - self._i >= FRAME_HEADER_SIZE:
-            # A frame the end of ``data`` cut waits for more bytes here,
-            # without parse_frame's FrameError: that is every chunk of a
-            # walk, and an exception costs more than this test.
-            length = FRAME_HEADER.unpack_from(buf, self._i)[0]
-            if length <= MAX_FRAME_PAYLOAD and n - self._i < FRAME_HEADER_SIZE + length:
-                return
             try:
                 info = parse_frame(buf, self._i, self._base)
             except FrameError as err:
