@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 from projections import Projections
@@ -619,37 +619,32 @@ class EventStore(StorageAdapter):
             would_trim = self._proj.counts.index.range(None, trim_before - 1)[1]
             if would_trim and not dry_run:
                 await self._write(UserCountsTrimmed(trim_before, now))
-        if isinstance(log, PostgresLog):  # a delete in one transaction: pgcompaction.py
-            from .pgcompaction import compact_postgres
-
-            async with self._snap_lock:  # close() waits for it
-                self._check() if dry_run else self._check_write()
-                pg_report = await compact_postgres(
-                    log,
-                    dry_run=dry_run,
-                    trim_before=trim_before if dry_run else None,
-                    progress=progress,
-                    logger=self.logger,
-                )
-            pg_report.trimmed_before = trim_before
-            return pg_report
+        # Under the snapshot lock, which close() takes too: it waits for a
+        # compaction to finish instead of closing the log under it.
         async with self._snap_lock:
             # Again: close() may have taken the lock first, and closed the log.
             self._check() if dry_run else self._check_write()
-            if not dry_run:
-                await log.roll()
-            report = await compact_log(
+            compact: Callable[..., Awaitable[CompactReport]]
+            if isinstance(log, PostgresLog):  # a delete in one transaction: pgcompaction.py
+                from .pgcompaction import compact_postgres
+
+                compact = compact_postgres
+            else:
+                if not dry_run:
+                    await log.roll()
+                compact = compact_log
+            report = await compact(
                 log,
                 dry_run=dry_run,
                 trim_before=trim_before if dry_run else None,
                 progress=progress,
                 logger=self.logger,
             )
-            report.trimmed_before = trim_before
-            if not dry_run and report.segments_rewritten:
+            if isinstance(log, SegmentLog) and not dry_run and report.segments_rewritten:
                 # Frames moved: older snapshots name frames that are gone, and
                 # connect() and verify would only ignore or report them.
                 await self._write_snapshot(keep=1)
+        report.trimmed_before = trim_before
         return report
 
     def knows_user(self, username: str) -> bool:
