@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
 from projections import Projections
@@ -624,26 +624,25 @@ class EventStore(StorageAdapter):
         async with self._snap_lock:
             # Again: close() may have taken the lock first, and closed the log.
             self._check() if dry_run else self._check_write()
-            compact: Callable[..., Awaitable[CompactReport]]
+            options: dict[str, Any] = {
+                "dry_run": dry_run,
+                "trim_before": trim_before if dry_run else None,
+                "progress": progress,
+                "logger": self.logger,
+            }
+            report: CompactReport
             if isinstance(log, PostgresLog):  # a delete in one transaction: pgcompaction.py
                 from .pgcompaction import compact_postgres
 
-                compact = compact_postgres
+                report = await compact_postgres(log, **options)
             else:
                 if not dry_run:
                     await log.roll()
-                compact = compact_log
-            report = await compact(
-                log,
-                dry_run=dry_run,
-                trim_before=trim_before if dry_run else None,
-                progress=progress,
-                logger=self.logger,
-            )
-            if isinstance(log, SegmentLog) and not dry_run and report.segments_rewritten:
-                # Frames moved: older snapshots name frames that are gone, and
-                # connect() and verify would only ignore or report them.
-                await self._write_snapshot(keep=1)
+                report = await compact_log(log, **options)
+                if not dry_run and report.segments_rewritten:
+                    # Frames moved: older snapshots name frames that are gone,
+                    # and connect() and verify would only ignore or report them.
+                    await self._write_snapshot(keep=1)
         report.trimmed_before = trim_before
         return report
 
