@@ -358,6 +358,7 @@ class SegmentLog(EventLog):
         # and the task indexing all of them after connect (index_in_background).
         self._indexing: dict[int, asyncio.Future[Segment | None]] = {}
         self._indexer: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
         self._wfd: int | None = None
         # Where the writer appends next in the last segment.  Readers use
         # ``Segment.end`` instead, which moves only when a round is indexed.
@@ -626,8 +627,25 @@ class SegmentLog(EventLog):
         return seg
 
     async def close(self) -> None:
-        if not self._open:
-            return
+        """Flush, sync, release the files and the lock (see EventLog.close).
+
+        The work runs in a task of its own: a caller cancelled half-way
+        through does not leave a writer, a thread and the lock behind with
+        the log already marked closed; a second close() waits for the same
+        work.
+        """
+        if self._closing is None:
+            if not self._open:
+                return
+            self._closing = asyncio.ensure_future(self._close())
+        closing = self._closing
+        try:
+            await asyncio.shield(closing)
+        finally:
+            if closing.done() and self._closing is closing:
+                self._closing = None
+
+    async def _close(self) -> None:
         self._open = False
         self._accepting = False
         # Walks of old segments stop first: their next call would find the
@@ -1330,6 +1348,13 @@ class SegmentLog(EventLog):
                 if stop == end or (err is not None and not err.short):
                     _check_walk(seg, scratch, walker, err)
                     return scratch
+                if walker.offset == offset and not walker.pending:
+                    # No frame, and none cut: zeros where a frame should
+                    # start (damage in a sealed segment).  Read on from the
+                    # same offset to the end in one call, which tells; the
+                    # same chunk again would find the same zeros for ever.
+                    stop = end
+                    continue
                 # The frame this chunk's end cut is read whole by the next
                 # call, however long it is.
                 cut_frame_end = stop + walker.wanted() if walker.pending else stop

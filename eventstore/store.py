@@ -117,6 +117,7 @@ class EventStore(StorageAdapter):
         self._snap_pos = 0
         self._snap_due: int | None = None
         self._snap_task: asyncio.Task[None] | None = None
+        self._closing = False  # from the start of close() to the next connect()
         self._follower: asyncio.Task[None] | None = None
         self._catch_up_lock = asyncio.Lock()
         self._decide_lock = asyncio.Lock()
@@ -153,6 +154,7 @@ class EventStore(StorageAdapter):
         if self._connected:
             return
         self._set_state(False, None)
+        self._closing = False
         await self._log.open()
         try:
             proj = self._load_snapshot() or Projections()
@@ -186,7 +188,8 @@ class EventStore(StorageAdapter):
     async def close(self) -> None:
         if not self._connected and self._failed is None:
             return
-        self._snap_due = None  # no periodic snapshot starts from here on
+        self._closing = True
+        self._snap_due = None  # no periodic snapshot starts from here on (see run())
         if self._snap_task is not None:
             with contextlib.suppress(Exception):
                 await self._snap_task
@@ -683,7 +686,7 @@ class EventStore(StorageAdapter):
             except (StorageError, OSError) as err:
                 self.logger.warning("periodic snapshot failed: %s", err)
             finally:
-                if self.snapshot_every is not None:
+                if self.snapshot_every is not None and not self._closing:
                     self._snap_due = self._snap_pos + self.snapshot_every
 
         self._snap_task = asyncio.get_running_loop().create_task(run(), name="eventstore-snapshot")
@@ -697,6 +700,7 @@ class EventStore(StorageAdapter):
         """
         self._check_write()
         async with self._snap_lock:
+            self._check_write()  # close() may have had the lock first
             return await self._write_snapshot(keep)
 
     async def _write_snapshot(self, keep: int) -> str:

@@ -807,6 +807,9 @@ async def test_a_walk_leaves_no_reference_cycle_holding_what_it_read(
         for seg in sealed:
             await log.fetch([seg.first])
         assert all(seg.indexed for seg in sealed)
+        # The thread's last call has returned once a later one has run.
+        assert log._thread is not None  # type: ignore[attr-defined]
+        await log._thread.call(int)  # type: ignore[attr-defined]
         left = [o for o in gc.get_objects() if isinstance(o, FrameWalker)]
         assert left == []
     finally:
@@ -842,6 +845,32 @@ async def test_the_background_walk_steps_aside_for_a_read(
         mine = [i for i, first in enumerate(walked) if first == oldest.first]
         assert len(mine) > 3
         assert mine == list(range(mine[0], mine[-1] + 1))  # nothing else in between
+
+
+async def test_a_walk_that_meets_zeros_in_a_sealed_segment_reports_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More zeros than a walk's chunk, where a frame should start: the walk
+    reports damage instead of reading the same chunk for ever."""
+    from eventstore import segmentlog
+
+    d = await _store_of_sealed_segments(tmp_path, 12_000)
+    log = segmentlog.SegmentLog(str(d), read_only=True)
+    await log.open()
+    second = log.segments[1]
+    path, first = Path(second.path), second.first
+    await log.close()
+    data = path.read_bytes()
+    offset = _frame_offsets(data)[3]
+    path.write_bytes(data[:offset] + bytes(4096) + data[offset:])
+    monkeypatch.setattr(segmentlog, "INDEX_CHUNK", 1024)
+    log = segmentlog.SegmentLog(str(d), read_only=True)
+    await log.open()
+    try:
+        with pytest.raises(IntegrityError, match=rf"{path.name}: zero bytes instead of a frame"):
+            await asyncio.wait_for(log.fetch([first]), timeout=10)
+    finally:
+        await log.close()
 
 
 async def test_a_read_error_in_the_background_walk_is_logged_and_close_still_works(
@@ -889,6 +918,49 @@ async def test_a_read_paused_across_close_and_open_does_not_go_on(tmp_path: Path
     assert log._readers == 0  # type: ignore[attr-defined]
     assert [pos async for pos, _ in store.read(11_990)] == list(range(11_990, 12_001))
     await store.close()
+
+
+async def test_a_cancelled_close_still_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling close() half-way (here: while it waits for the log's thread,
+    busy with a walk) must not leave the writer, the thread and the lock
+    behind; a second close() waits for the same work."""
+    import threading
+
+    from eventstore import segmentlog
+
+    d = await _store_of_sealed_segments(tmp_path, 12_000)
+    release = threading.Event()
+    walking = threading.Event()
+    real = segmentlog._index_frames
+
+    def held(*args: object) -> object:
+        walking.set()
+        release.wait(10)  # in the log's thread, until the test lets go
+        return real(*args)  # type: ignore[arg-type]
+
+    store = EventStore(d, snapshot_every=None)
+    await store.connect()
+    monkeypatch.setattr(segmentlog, "_index_frames", held)
+    while not walking.is_set():  # the background walk holds the thread
+        await asyncio.sleep(0.001)
+    # A write's round waits behind the walk too, and close() for the writer.
+    write = asyncio.ensure_future(store.save_message("late", "words", timestamp=1))
+    await asyncio.sleep(0.01)
+    closing = asyncio.ensure_future(store.log.close())
+    await asyncio.sleep(0.01)
+    assert not closing.done()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    release.set()
+    await store.log.close()  # waits for the same work to finish
+    await write  # written and synced: close() lets a round in flight finish
+    await store.close()
+    monkeypatch.undo()
+    async with EventStore(d, snapshot_every=None) as again:  # the lock was released
+        assert again.position == 12_001
 
 
 async def test_a_store_indexes_old_segments_in_the_background_after_connect(
