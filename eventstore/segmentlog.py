@@ -431,14 +431,12 @@ class SegmentLog(EventLog):
     def _open_files(self) -> None:
         """Lock, list, check and recover (runs in the log's thread)."""
         d = self.directory
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise ConnectionError(f"{d}: is a file, not a store directory")
         if self.read_only:
-            if os.path.exists(d) and not os.path.isdir(d):
-                raise ConnectionError(f"{d}: is a file, not a store directory")
             if not os.path.isdir(d):
                 raise ConnectionError(f"{d}: no such store directory")
         else:
-            if os.path.exists(d) and not os.path.isdir(d):
-                raise ConnectionError(f"{d}: is a file, not a store directory")
             if not os.path.isdir(d):
                 parent = os.path.dirname(os.path.abspath(d))
                 try:
