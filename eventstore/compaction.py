@@ -44,7 +44,6 @@ from projections.channel_stats import ChannelStatsProjection
 from projections.sorted_index import SortedIndex
 from projections.user_stats import UserStatsProjection
 
-from .codec import encode_batch_into
 from .errors import ConnectionError, IntegrityError
 from .events import (
     ChannelPeakRaised,
@@ -64,9 +63,8 @@ from .lockfile import lock_holder
 from .segment import (
     FLAG_COMPACTED,
     FRAME_EVENTS,
-    FRAME_HEADER_SIZE,
     HEADER_SIZE,
-    pack_frame_header,
+    encode_frames,
     pack_header,
     segment_name,
 )
@@ -253,15 +251,13 @@ class _SegmentWriter:
         self._run.append(event)
 
     def _flush_run(self) -> None:
-        buf = bytearray(FRAME_HEADER_SIZE)
-        encode_batch_into(self._run, buf, FRAME_HEADER_SIZE)
-        pack_frame_header(buf, 0, self._run_first, len(self._run))
-        if self._size == 0 or self._size + len(buf) > self.segment_size:
-            self._new_segment(self._run_first)
-        if self._fd is not None:
-            write_all(self._fd, buf)
-        self._size += len(buf)
-        self.bytes += len(buf)
+        for first, _count, frame in encode_frames(self._run_first, self._run):
+            if self._size == 0 or self._size + len(frame) > self.segment_size:
+                self._new_segment(first)
+            if self._fd is not None:
+                write_all(self._fd, frame)
+            self._size += len(frame)
+            self.bytes += len(frame)
         self._run = []
 
     def _new_segment(self, first: int) -> None:

@@ -37,10 +37,12 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .codec import encode_batch_into
 from .errors import IntegrityError, MigrationError
-from .events import READABLE_FINGERPRINTS, SCHEMA_FINGERPRINT
+from .events import READABLE_FINGERPRINTS, SCHEMA_FINGERPRINT, Event
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,6 +53,7 @@ __all__ = [
     "MAX_FRAME_PAYLOAD",
     "FrameInfo",
     "SegmentHeader",
+    "encode_frames",
     "frame_crc",
     "pack_frame_header",
     "pack_header",
@@ -130,6 +133,42 @@ def pack_frame_header(buf: bytearray, offset: int, first_position: int, count: i
     struct.pack_into("<QI", buf, offset + 8, first_position, count)
     crc = zlib.crc32(memoryview(buf)[offset + 8 :])
     struct.pack_into("<II", buf, offset, length, crc)
+
+
+def encode_frames(first_position: int, events: Sequence[Event]) -> list[tuple[int, int, bytes]]:
+    """Frames for events at consecutive positions: (first position, count, bytes).
+
+    A frame holds at most FRAME_EVENTS events and MAX_FRAME_PAYLOAD payload
+    bytes.  The byte cap binds only for events of hundreds of KiB each (a
+    round of 1 MiB messages from many tasks): such a chunk is split in
+    halves until each half fits.  Readers refuse a longer frame as damage,
+    so one must never be written.  An event too large for a frame of its
+    own raises ValueError before anything is written.
+    """
+    frames: list[tuple[int, int, bytes]] = []
+    for start in range(0, len(events), FRAME_EVENTS):
+        _encode_frame(first_position + start, events[start : start + FRAME_EVENTS], frames)
+    return frames
+
+
+def _encode_frame(
+    first_position: int, events: Sequence[Event], frames: list[tuple[int, int, bytes]]
+) -> None:
+    buf = bytearray(FRAME_HEADER_SIZE)
+    encode_batch_into(events, buf, FRAME_HEADER_SIZE)
+    if len(buf) - FRAME_HEADER_SIZE > MAX_FRAME_PAYLOAD:
+        if len(events) == 1:
+            raise ValueError(
+                f"the event at position {first_position} encodes to "
+                f"{len(buf) - FRAME_HEADER_SIZE} bytes, more than a frame holds "
+                f"({MAX_FRAME_PAYLOAD})"
+            )
+        half = len(events) // 2
+        _encode_frame(first_position, events[:half], frames)
+        _encode_frame(first_position + half, events[half:], frames)
+        return
+    pack_frame_header(buf, 0, first_position, len(events))
+    frames.append((first_position, len(events), bytes(buf)))
 
 
 def frame_crc(header_tail: bytes | memoryview, payload: bytes | memoryview) -> int:

@@ -54,7 +54,7 @@ from operator import itemgetter
 
 import msgspec
 
-from .codec import decode_batch, decode_event, decode_frames, encode_batch_into, split_batch
+from .codec import decode_batch, decode_event, decode_frames, split_batch
 from .compaction import recover_compaction
 from .errors import (
     ConnectionError,
@@ -71,7 +71,6 @@ from .log import EventLog
 from .logthread import LogThread
 from .segment import (
     FLAG_COMPACTED,
-    FRAME_EVENTS,
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
@@ -79,8 +78,8 @@ from .segment import (
     FrameError,
     FrameInfo,
     check_fingerprint,
+    encode_frames,
     list_segments,
-    pack_frame_header,
     pack_header,
     segment_name,
     unpack_header,
@@ -938,19 +937,12 @@ class SegmentLog(EventLog):
         get here; a direct caller of submit() may not) fails the round with
         StorageError, as a failed write does: its positions are taken.
         """
-        frames: list[tuple[int, int, bytes]] = []
         run_first = batches[0][0] if batches else 0
         run: list[Event] = list(chain.from_iterable([events for _, events in batches]))
         try:
-            for start in range(0, len(run), FRAME_EVENTS):
-                chunk = run[start : start + FRAME_EVENTS]
-                buf = bytearray(FRAME_HEADER_SIZE)
-                encode_batch_into(chunk, buf, FRAME_HEADER_SIZE)
-                pack_frame_header(buf, 0, run_first + start, len(chunk))
-                frames.append((run_first + start, len(chunk), bytes(buf)))
+            return encode_frames(run_first, run)
         except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as err:
             raise StorageError(f"{self.directory}: cannot encode an event: {err}") from err
-        return frames
 
     def _write(
         self, frames: list[tuple[int, int, bytes]], sync: bool
