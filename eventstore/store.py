@@ -47,7 +47,14 @@ from .events import (
 from .log import EventLog
 from .memlog import MemoryLog
 from .snapshot import encode_state, load_newest, write_snapshot
-from .validation import check_event, check_int, check_name, check_opt_int, check_text
+from .validation import (
+    MAX_INT,
+    check_event,
+    check_int,
+    check_name,
+    check_opt_int,
+    check_text,
+)
 
 __all__ = ["Durability", "EventStore"]
 
@@ -93,6 +100,8 @@ class EventStore(StorageAdapter):
         if type(read_only) is not bool:
             raise ValidationError(f"read_only must be True or False, got {read_only!r}")
         self.read_only = read_only
+        if clock is not None and not callable(clock):
+            raise ValidationError(f"clock must be a callable returning Unix seconds, got {clock!r}")
         self.clock: Clock = clock or system_clock
         self._log = self._make_log(path, segment_size)
         self._proj = Projections()
@@ -266,8 +275,24 @@ class EventStore(StorageAdapter):
 
     def _now(self, timestamp: Any, name: str = "timestamp") -> int:
         if timestamp is None:
-            return self.clock()
+            return self._clock_now()
         return check_int(name, timestamp)
+
+    def _clock_now(self) -> int:
+        """Read the clock, refusing what no timestamp may be.
+
+        Its reading goes into the event as it is: a float (``time.time``
+        passed where ``int(time.time())`` was meant) would reach the disk and
+        fail every replay after it.
+        """
+        now = self.clock()
+        if type(now) is int and 0 <= now <= MAX_INT:
+            return now
+        raise ValidationError(
+            f"the store's clock returned {now!r} ({type(now).__name__}); a clock must return "
+            "whole Unix seconds, an int >= 0 (int(time.time()), not time.time()); "
+            "nothing was written"
+        )
 
     async def _write(self, event: Event) -> None:
         """Append one event, apply it, and wait until it is durable."""
@@ -361,7 +386,7 @@ class EventStore(StorageAdapter):
         # are None and skip their check without a call.
         event = UserStatsSaved(
             check_name("username", username),
-            self.clock(),
+            self._clock_now(),
             None if first_seen is None else check_int("first_seen", first_seen),
             None if last_seen is None else check_int("last_seen", last_seen),
             0 if chat_lines is None else check_int("chat_lines", chat_lines),
@@ -554,7 +579,7 @@ class EventStore(StorageAdapter):
         async with self._deciding():
             deleted = max(0, len(self._proj.messages) - keep)
             if deleted:
-                await self._write(MessagesCleared(keep, deleted, self.clock()))
+                await self._write(MessagesCleared(keep, deleted, self._clock_now()))
         return deleted
 
     # -- beyond the contract ---------------------------------------------------------------
@@ -617,7 +642,7 @@ class EventStore(StorageAdapter):
         trim_before = None
         if keep_history_days is not None:
             days = check_int("keep_history_days", keep_history_days)
-            now = self.clock()
+            now = self._clock_now()
             trim_before = max(0, now - days * 86_400)
             would_trim = self._proj.counts.index.range(None, trim_before - 1)[1]
             if would_trim and not dry_run:

@@ -73,7 +73,10 @@ def test_fake_clock_rejects_what_is_not_a_timestamp(bad: object) -> None:
         clock.advance(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="int >= 0"):
         FakeClock(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="int >= 0"):
+        clock.tick = bad  # type: ignore[assignment]
     assert clock.now == 7
+    assert clock.tick == 0
 
 
 # -- the plugin ----------------------------------------------------------------------------

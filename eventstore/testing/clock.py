@@ -41,20 +41,28 @@ class FakeClock:
         clock.advance(60)
     """
 
-    __slots__ = ("_now", "calls", "tick")
+    __slots__ = ("_now", "_tick", "calls")
 
     def __init__(self, start: int = DEFAULT_START, *, tick: int = 0) -> None:
         self._now = _check_ts("start", start)
-        #: Seconds every read moves the clock on (after returning).
-        self.tick = _check_ts("tick", tick)
+        self._tick = _check_ts("tick", tick)
         #: How many times the clock was read (by the store or anyone else).
         self.calls = 0
 
     def __call__(self) -> int:
         self.calls += 1
         now = self._now
-        self._now += self.tick
+        self._now += self._tick
         return now
+
+    @property
+    def tick(self) -> int:
+        """Seconds every read moves the clock on (after returning)."""
+        return self._tick
+
+    @tick.setter
+    def tick(self, value: int) -> None:
+        self._tick = _check_ts("tick", value)
 
     @property
     def now(self) -> int:
@@ -75,4 +83,4 @@ class FakeClock:
         return self._now
 
     def __repr__(self) -> str:
-        return f"FakeClock(now={self._now}, tick={self.tick}, calls={self.calls})"
+        return f"FakeClock(now={self._now}, tick={self._tick}, calls={self.calls})"
