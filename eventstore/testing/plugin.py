@@ -16,16 +16,46 @@ Both stores are closed after the test.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn, TypeVar, cast
 
 import pytest
-import pytest_asyncio
 
 from ..store import EventStore
 from .clock import DEFAULT_START, FakeClock
 
 __all__ = ["disk_store", "fake_clock", "memory_store"]
+
+# Installing eventstore registers this plugin in every pytest run of that
+# environment, so it must load without pytest-asyncio (a bot tested with
+# anyio, or none of it): only the async fixtures need it, and say so.
+try:
+    import pytest_asyncio
+except ImportError:
+    _asyncio_plugin: ModuleType | None = None
+else:
+    _asyncio_plugin = pytest_asyncio
+
+F = TypeVar("F", bound=Callable[..., AsyncIterator[EventStore]])
+
+
+def store_fixture(fn: F) -> F:
+    """An async fixture, or one that fails saying pytest-asyncio is missing."""
+    if _asyncio_plugin is not None:
+        return cast(F, _asyncio_plugin.fixture(fn))
+    name = fn.__name__
+
+    @pytest.fixture(name=name)
+    def missing() -> NoReturn:
+        pytest.fail(
+            f"the {name} fixture needs pytest-asyncio: pip install pytest-asyncio "
+            "(or eventstore[test])",
+            pytrace=False,
+        )
+
+    return cast(F, missing)
 
 
 @pytest.fixture
@@ -34,7 +64,7 @@ def fake_clock() -> FakeClock:
     return FakeClock(DEFAULT_START)
 
 
-@pytest_asyncio.fixture
+@store_fixture
 async def memory_store(fake_clock: FakeClock) -> AsyncIterator[EventStore]:
     """A connected store with its log in memory."""
     store = EventStore(":memory:", clock=fake_clock)
@@ -45,7 +75,7 @@ async def memory_store(fake_clock: FakeClock) -> AsyncIterator[EventStore]:
         await store.close()
 
 
-@pytest_asyncio.fixture
+@store_fixture
 async def disk_store(fake_clock: FakeClock, tmp_path: Path) -> AsyncIterator[EventStore]:
     """A connected store with its log in the directory ``tmp_path / "store"``."""
     store = EventStore(tmp_path / "store", clock=fake_clock)
