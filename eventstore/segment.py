@@ -124,6 +124,13 @@ def unpack_header(data: bytes, path: str) -> SegmentHeader:
         raise MigrationError(
             f"{path}: segment format version {version}; this code reads version {FORMAT_VERSION}"
         )
+    if flags & ~FLAG_COMPACTED:
+        # A flag this code does not know may change how the frames read
+        # (newer code's); guessing would risk reading them wrong.
+        raise MigrationError(
+            f"{path}: segment flags {flags:#06x} include bits this code does not know "
+            f"(it knows {FLAG_COMPACTED:#06x}); open the store with the eventstore that wrote it"
+        )
     return SegmentHeader(version, flags, first, fingerprint, store_id)
 
 

@@ -115,7 +115,7 @@ def _parse_header(head: bytes, path: str) -> SnapshotInfo:
         raise IntegrityError(
             f"{path}: snapshot header is {len(head)} bytes, expected {HEADER_SIZE}"
         )
-    magic, version, _flags, pversion, position, fingerprint, store_id, frame_crc, _pcrc, length = (
+    magic, version, flags, pversion, position, fingerprint, store_id, frame_crc, _pcrc, length = (
         HEADER.unpack(head)
     )
     if magic != MAGIC:
@@ -124,6 +124,8 @@ def _parse_header(head: bytes, path: str) -> SnapshotInfo:
         raise IntegrityError(
             f"{path}: snapshot format version {version}, expected {FORMAT_VERSION}"
         )
+    if flags != 0:
+        raise IntegrityError(f"{path}: snapshot flags {flags:#06x}, this code knows none")
     return SnapshotInfo(
         path, position, HEADER_SIZE + length, pversion, fingerprint.hex(), store_id, frame_crc
     )
