@@ -412,6 +412,7 @@ class EventStore(StorageAdapter):
             if rec is None or rec[4] is None:
                 return 0
             seconds = max(0, ts - int(rec[4]))
+            self._proj.user_stats.check_session_end(username, seconds)
             await self._write(SessionEnded(username, ts, seconds))
         return seconds
 

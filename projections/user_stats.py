@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from eventstore.errors import ValidationError
 from eventstore.events import (
     SessionEnded,
     UserForgotten,
     UserStatsSaved,
     UserStatsSet,
 )
+from eventstore.validation import MAX_INT
 
 __all__ = ["UserStats", "UserStatsProjection"]
 
@@ -77,16 +79,38 @@ class UserStatsProjection:
 
     # -- what would a write change ----------------------------------------
     def would_change(self, ev: UserStatsSaved) -> bool:
-        """False if applying ``ev`` would leave the stored record as it is."""
+        """False if applying ``ev`` would leave the stored record as it is.
+
+        Raises ValidationError if a total would pass MAX_INT: the event
+        encoding, snapshots and the SQLite export hold 64-bit integers, so
+        such a total would be recorded but could not be saved again.
+        """
         rec = self.users.get(ev.username)
         if rec is None:
             return True
+        if rec[LINES] + ev.chat_lines > MAX_INT or rec[TIME] + ev.time_connected > MAX_INT:
+            self._too_large(ev.username, rec[LINES], ev.chat_lines, rec[TIME], ev.time_connected)
         return (
             (ev.first_seen is not None and ev.first_seen < rec[FIRST])
             or (ev.last_seen is not None and ev.last_seen > rec[LAST])
             or ev.chat_lines != 0
             or ev.time_connected != 0
             or (ev.session_start is not None and ev.session_start != rec[SESSION])
+        )
+
+    def check_session_end(self, username: str, seconds: int) -> None:
+        """Raise ValidationError if ending a session would take the time past MAX_INT."""
+        rec = self.users.get(username)
+        if rec is not None and rec[TIME] + seconds > MAX_INT:
+            self._too_large(username, rec[LINES], 0, rec[TIME], seconds)
+
+    @staticmethod
+    def _too_large(user: str, lines: int, add_lines: int, time: int, add_time: int) -> None:
+        which = "chat_lines" if lines + add_lines > MAX_INT else "time_connected"
+        total, add = (lines, add_lines) if which == "chat_lines" else (time, add_time)
+        raise ValidationError(
+            f"{which}: {user!r} has {total}, and adding {add} would pass the largest "
+            f"total stored ({MAX_INT})"
         )
 
     # -- reads ------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""Totals stay within the 64-bit integers the encoding, snapshots and exports hold.
+
+Increments are each at most MAX_INT, so two of them could make a total that
+was applied in memory but could not be written to a snapshot (msgpack) or a
+SQLite export afterwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eventstore import EventStore, ValidationError
+from eventstore.events import UserStatsSet
+from eventstore.validation import MAX_INT
+
+
+@pytest.fixture(params=["memory", "disk"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return ":memory:" if request.param == "memory" else str(tmp_path / "s")
+
+
+async def test_an_increment_past_the_largest_total_is_refused(where: str) -> None:
+    async with EventStore(where, clock=lambda: 100) as store:
+        await store.append([UserStatsSet("ann", 1, 2, MAX_INT - 1, MAX_INT, 50)])
+        await store.save_user_stats("ann", chat_lines=1)  # exactly MAX_INT: fine
+        before = store.position
+        with pytest.raises(ValidationError, match=r"chat_lines: 'ann' has .* would pass"):
+            await store.save_user_stats("ann", chat_lines=1)
+        with pytest.raises(ValidationError, match=r"time_connected: 'ann' has .* would pass"):
+            await store.save_user_stats("ann", time_connected=1)
+        with pytest.raises(ValidationError, match="time_connected"):
+            await store.end_session("ann", timestamp=60)
+        assert store.position == before
+        stats = await store.get_user_stats("ann")
+        assert stats is not None
+        assert stats["total_chat_lines"] == MAX_INT
+        assert stats["current_session_start"] == 50
+        await store.save_user_stats("ann", last_seen=99)  # a change of no total still works
+        assert store.position == before + 1
+        if where != ":memory:":
+            await store.write_snapshot()
+
+
+async def test_an_end_session_adding_nothing_is_allowed(where: str) -> None:
+    async with EventStore(where, clock=lambda: 100) as store:
+        await store.append([UserStatsSet("ann", 1, 2, 0, MAX_INT, 50)])
+        assert await store.end_session("ann", timestamp=50) == 0
