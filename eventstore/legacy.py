@@ -337,7 +337,18 @@ class LegacyReader:
             self._inspect()
         except sqlite3.DatabaseError as err:
             self._conn.close()
-            raise ValidationError(f"{self.path}: not a readable SQLite database: {err}") from err
+            hint = ""
+            if os.path.exists(self.path + "-journal"):
+                # A read-only connection cannot roll back what a crashed
+                # writer left half done, so it cannot read the file at all.
+                hint = (
+                    f"; {self.path}-journal is beside it: the bot stopped in the middle "
+                    "of a transaction. Open the database once with sqlite3 as its owner "
+                    "(or start the bot) to roll that back, then import"
+                )
+            raise ValidationError(
+                f"{self.path}: not a readable SQLite database: {err}{hint}"
+            ) from err
         except BaseException:
             self._conn.close()
             raise
@@ -358,10 +369,17 @@ class LegacyReader:
         self._conn.close()
 
     def _inspect(self) -> None:
-        tables = {
-            str(name).lower(): str(name)
-            for (name,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
+        tables: dict[str, str] = {}
+        for name, kind in self._conn.execute(
+            "SELECT name, type FROM sqlite_master WHERE type IN ('table', 'view')"
+        ):
+            if kind == "view" and str(name).lower() in LEGACY_TABLES:
+                raise ValidationError(
+                    f"{self.path}: {name} is a view, not a table; the import reads the "
+                    "bot's tables (copy the rows into a table of that name first)"
+                )
+            if kind == "table":
+                tables[str(name).lower()] = str(name)
         missing: list[str] = []
         defaulted: list[str] = []
         unknown: list[str] = []
@@ -387,7 +405,22 @@ class LegacyReader:
                     defaulted.append(f"{table}.{col.name}")
             known = {c.name for c in columns} | {"id"}
             unknown.extend(f"{table}.{c}" for c in sorted(present - known))
-            self._selects[table] = f"SELECT {', '.join(exprs)} FROM {_q(real)} ORDER BY rowid"
+            if present & {"rowid", "oid", "_rowid_"}:
+                raise ValidationError(
+                    f"{self.path}: table {table} has a column named like SQLite's row id "
+                    "(rowid, oid or _rowid_), which hides the row id the import reads by"
+                )
+            try:
+                self._conn.execute(f"SELECT rowid FROM {_q(real)} LIMIT 0")
+            except sqlite3.OperationalError as err:
+                raise ValidationError(
+                    f"{self.path}: table {table} has no row ids (a WITHOUT ROWID table?): "
+                    f"{err}; the bot's tables always have them"
+                ) from err
+            # Legacy id order, which is rowid order where id is the INTEGER
+            # PRIMARY KEY (the bot's schema), and the rows' own ids otherwise.
+            order = "id, rowid" if "id" in present else "rowid"
+            self._selects[table] = f"SELECT {', '.join(exprs)} FROM {_q(real)} ORDER BY {order}"
         if len(missing) == len(LEGACY_TABLES):
             # An empty SQLite file, or another program's: importing it would
             # only make an empty store.

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +206,68 @@ def test_a_table_whose_timestamps_go_backwards_keeps_its_id_order(tmp_path: Path
         ("UserActionLogged", T0),
     ]
     assert [e.action_type for e in history if isinstance(e, UserActionLogged)] == ["join", "pm"]
+
+
+def test_rows_are_read_in_legacy_id_order_where_id_is_not_the_rowid(tmp_path: Path) -> None:
+    schema = LEGACY_SCHEMA.replace(
+        "CREATE TABLE IF NOT EXISTS recent_chat (\n    id INTEGER PRIMARY KEY AUTOINCREMENT,",
+        "CREATE TABLE IF NOT EXISTS recent_chat (\n    id INTEGER,",
+    )
+    assert schema != LEGACY_SCHEMA
+    # Inserted as id 2 then id 1 (rowids 1 and 2), at the same second.
+    messages = [(2, T0, "a", "second"), (1, T0, "a", "first")]
+    path = build(tmp_path / "ids.db", schema=schema, actions=[], counts=[], messages=messages)
+    history = [e for e in read_legacy(path).events if isinstance(e, MessageSaved)]
+    assert [e.message for e in history] == ["first", "second"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        (
+            "DROP TABLE recent_chat; CREATE VIEW recent_chat AS SELECT * FROM user_actions;",
+            r"recent_chat is a view, not a table",
+        ),
+        (
+            "DROP TABLE recent_chat; CREATE TABLE recent_chat (id INTEGER PRIMARY KEY, "
+            "timestamp INTEGER, username TEXT, message TEXT) WITHOUT ROWID;",
+            r"table recent_chat has no row ids \(a WITHOUT ROWID table\?\)",
+        ),
+        (
+            "ALTER TABLE recent_chat ADD COLUMN rowid TEXT;",
+            r"table recent_chat has a column named like SQLite's row id",
+        ),
+    ],
+)
+def test_tables_the_import_cannot_read_by_row_id_are_named(
+    tmp_path: Path, extra: str, error: str
+) -> None:
+    path = build(tmp_path / "odd.db", extra=extra, messages=[])
+    with pytest.raises(ValidationError, match=error):
+        read_legacy(path)
+
+
+def test_a_hot_journal_is_named_in_the_error(tmp_path: Path) -> None:
+    """A bot killed mid-transaction leaves a journal a read-only open cannot roll back."""
+    path = build(tmp_path / "hot.db")
+    script = f"""
+import os, sqlite3
+conn = sqlite3.connect({str(path)!r}, isolation_level=None)
+conn.execute("PRAGMA journal_mode=DELETE")
+conn.execute("BEGIN")
+conn.execute("DELETE FROM recent_chat")
+conn.execute("INSERT INTO user_count_history VALUES (NULL, 1, 2, 3)")
+conn.execute("PRAGMA cache_size=1")
+for i in range(2000):
+    conn.execute("INSERT INTO recent_chat VALUES (NULL, 1, 'u', ?)", ("x" * 500,))
+os._exit(0)  # no commit, no rollback: the journal stays hot
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert (tmp_path / "hot.db-journal").exists()
+    before = path.read_bytes()
+    with pytest.raises(ValidationError, match=r"hot\.db-journal is beside it"):
+        read_legacy(path)
+    assert path.read_bytes() == before
 
 
 def test_extra_tables_are_ignored_and_reported(legacy_db: Path) -> None:
