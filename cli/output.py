@@ -59,6 +59,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one library call; its errors become ``Error: ...`` and exit code 1."""
     try:
         return asyncio.run(coro)
+    except BrokenPipeError:
+        raise  # the reader of stdout stopped: exit 0 (cli.main._reader_gone)
     except (StorageError, OSError) as err:
         fail(describe(err))
     except ImportError as err:
@@ -69,6 +71,8 @@ def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call a blocking library function; its errors become ``Error: ...`` and exit 1."""
     try:
         return func(*args, **kwargs)
+    except BrokenPipeError:
+        raise  # as in run()
     except (StorageError, OSError) as err:
         fail(describe(err))
     except ImportError as err:

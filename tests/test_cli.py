@@ -796,13 +796,24 @@ def test_a_url_without_asyncpg_is_one_error_line(
     )
 
 
-@pytest.mark.parametrize("command", ["info", "verify", "dump", "replay"])
-def test_a_reader_that_stops_reading_is_not_a_failure(tmp_path: Path, command: str) -> None:
+@pytest.mark.parametrize(
+    ("command", "more"),
+    [
+        ("info", []),
+        ("verify", []),
+        ("dump", []),
+        ("replay", []),
+        ("export", ["--format", "jsonl", "-"]),
+    ],
+)
+def test_a_reader_that_stops_reading_is_not_a_failure(
+    tmp_path: Path, command: str, more: list[str]
+) -> None:
     """``eventstore info | head -1``: exit 0 and nothing on stderr, not the
     exit 1 that means a problem was found."""
     d = busy_store(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", command, str(d)],
+        [sys.executable, "-m", "cli", command, str(d), *more],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
