@@ -13,6 +13,7 @@ import sys
 import textwrap
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -202,6 +203,28 @@ async def test_a_failing_assert_events_shortens_huge_values(memory_store: EventS
     message = str(failure.value)
     assert len(message) < 400
     assert "(1048578 chars)" in message
+
+
+@pytest.mark.parametrize("use_match", [False, True])
+async def test_a_failing_assert_events_shows_where_long_strings_differ(
+    memory_store: EventStore, fake_clock: FakeClock, use_match: bool
+) -> None:
+    text = "x" * 200 + "A" + "y" * 50
+    await memory_store.save_message("alice", text)
+    wrong = text.replace("A", "B")
+    want: Any = (
+        Match(MessageSaved, message=wrong)
+        if use_match
+        else MessageSaved(fake_clock.now, "alice", wrong)
+    )
+    with pytest.raises(AssertionError) as failure:
+        await assert_events(memory_store, [want])
+    message = str(failure.value)
+    assert (
+        "message: differs at character 200 (lengths 251 and 251): "
+        "expected …'xxxxxxxxxxxxxxxxxxxxByyyyyyyyyyyyyyyyyyy'…, "
+        "recorded …'xxxxxxxxxxxxxxxxxxxxAyyyyyyyyyyyyyyyyyyy'…"
+    ) in message, message
 
 
 async def test_assert_events_tells_a_type_from_its_fields(memory_store: EventStore) -> None:

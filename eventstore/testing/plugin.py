@@ -3,6 +3,8 @@
 Installed packages register it through the ``pytest11`` entry point named
 ``eventstore``; a checkout that is not installed can load it with
 ``-p eventstore.testing.plugin`` (or ``pytest_plugins`` in a root conftest).
+Not both: once the package is installed, drop that line, or pytest refuses
+to register the plugin a second time under the other name.
 
 Fixtures:
 

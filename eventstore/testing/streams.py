@@ -72,7 +72,7 @@ class Match:
         for name, want in self.fields.items():
             got = getattr(event, name)
             if got != want or type(got) is not type(want):
-                out.append(f"{name}: expected {_short(want)}, recorded {_short(got)}")
+                out.append(_mismatch(name, want, got))
         return out
 
     def __eq__(self, other: object) -> bool:
@@ -98,6 +98,30 @@ def _short(value: Any) -> str:
     return f"{text[: _MAX_FIELD_REPR - 20]}... ({len(text)} chars)"
 
 
+def _mismatch(name: str, want: Any, got: Any) -> str:
+    """One line saying how a field differs, showing where two long strings part."""
+    if (
+        type(want) is str
+        and type(got) is str
+        and max(len(repr(want)), len(repr(got))) > _MAX_FIELD_REPR
+    ):
+        # Shortened from the start, two long strings would print the same.
+        pairs = enumerate(zip(want, got, strict=False))
+        at = next((i for i, (a, b) in pairs if a != b), min(len(want), len(got)))
+        start, stop = max(0, at - 20), at + 20
+
+        def part(text: str) -> str:
+            before = "…" if start else ""
+            after = "…" if stop < len(text) else ""
+            return f"{before}{text[start:stop]!r}{after}"
+
+        return (
+            f"{name}: differs at character {at} (lengths {len(want)} and {len(got)}): "
+            f"expected {part(want)}, recorded {part(got)}"
+        )
+    return f"{name}: expected {_short(want)}, recorded {_short(got)}"
+
+
 def _show(event: object) -> str:
     """An event as ``Type(field=value, ...)`` with long values shortened."""
     if not isinstance(event, EVENT_TYPES):
@@ -118,7 +142,7 @@ def _differences(want: BaseEvent | Match, got: object) -> list[str]:
         w, g = getattr(want, f.name), getattr(got, f.name)
         # type() as well as ==: 1 == True, yet a bool is not a count.
         if w != g or type(w) is not type(g):
-            out.append(f"{f.name}: expected {_short(w)}, recorded {_short(g)}")
+            out.append(_mismatch(f.name, w, g))
     return out
 
 
