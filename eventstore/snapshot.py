@@ -110,6 +110,21 @@ def list_snapshots(directory: str) -> list[SnapshotInfo]:
     return out
 
 
+def unreadable_snapshots(directory: str, listed: list[SnapshotInfo]) -> list[tuple[str, str]]:
+    """(path, why) of each snapshot file whose header ``list_snapshots`` skipped."""
+    parsed = {os.path.basename(info.path) for info in listed}
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if SNAPSHOT_RE.match(name) and name not in parsed:
+            path = os.path.join(directory, name)
+            try:
+                with open(path, "rb") as f:
+                    _parse_header(f.read(HEADER_SIZE), path)
+            except (OSError, IntegrityError) as err:
+                out.append((path, str(err).removeprefix(f"{path}: ")))
+    return out
+
+
 def _parse_header(head: bytes, path: str) -> SnapshotInfo:
     if len(head) < HEADER_SIZE:
         raise IntegrityError(
@@ -201,7 +216,10 @@ def unusable_reason(info: SnapshotInfo, log: FrameChecks) -> str | None:
 
 def load_newest(directory: str, log: FrameChecks, logger: logging.Logger) -> Projections | None:
     """The newest snapshot that belongs to this log, or None (full replay)."""
-    for info in list_snapshots(directory):
+    snaps = list_snapshots(directory)
+    for path, reason in unreadable_snapshots(directory, snaps):
+        logger.warning("ignoring snapshot %s: %s", path, reason)
+    for info in snaps:
         why = unusable_reason(info, log)
         if why is None:
             try:
@@ -314,17 +332,8 @@ async def check_snapshots(
     """
     from .segmentlog import SegmentLog
 
-    problems: list[tuple[str, int, str]] = []
     snaps = list_snapshots(directory)
-    parsed = {os.path.basename(info.path) for info in snaps}
-    for name in sorted(os.listdir(directory)):
-        if SNAPSHOT_RE.match(name) and name not in parsed:
-            path = os.path.join(directory, name)
-            try:
-                with open(path, "rb") as f:
-                    _parse_header(f.read(HEADER_SIZE), path)
-            except (OSError, IntegrityError) as err:
-                problems.append((path, 0, str(err).removeprefix(f"{path}: ")))
+    problems = [(path, 0, why) for path, why in unreadable_snapshots(directory, snaps)]
     if not snaps:
         return problems
     log = SegmentLog(directory, read_only=True)

@@ -42,7 +42,9 @@ async def test_a_segment_with_an_unknown_flag_is_refused(
     assert any(f"{flags:#06x}" in p.message for p in report.problems), report.problems
 
 
-async def test_a_snapshot_with_flags_is_not_loaded(tmp_path: Path) -> None:
+async def test_a_snapshot_with_flags_is_not_loaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with EventStore(tmp_path) as store:
         await fill(store, 5)
     (snap,) = tmp_path.glob("*.snap")
@@ -52,5 +54,6 @@ async def test_a_snapshot_with_flags_is_not_loaded(tmp_path: Path) -> None:
     async with EventStore(tmp_path, read_only=True) as again:
         # Rebuilt from the log instead: the same five messages.
         assert len(await again.get_recent_messages()) == 5
+    assert "ignoring snapshot" in caplog.text and "snapshot flags 0x0001" in caplog.text
     report = await asyncio.to_thread(verify, str(tmp_path))
     assert any("snapshot flags 0x0001" in p.message for p in report.problems), report.problems
