@@ -1,11 +1,12 @@
 """The PostgreSQL log: one log shared by many bot processes on many hosts.
 
-``EventStore("postgresql://user@host/db")`` (``postgres://`` works too) keeps
-its events in PostgreSQL.  Every process appends to the same log and follows
-what the others append; each still folds the whole log into its own
-in-memory projections.  The driver is asyncpg, an optional dependency
-(``pip install 'eventstore[postgres]'``): importing eventstore never needs
-it, constructing a PostgresLog without it raises ImportError.
+``EventStore("postgresql://user@host/db")`` (``postgres://`` works too, the
+scheme in any case) keeps its events in PostgreSQL.  Every process appends
+to the same log and follows what the others append; each still folds the
+whole log into its own in-memory projections.  The driver is asyncpg, an
+optional dependency (``pip install 'eventstore[postgres]'``): importing
+eventstore never needs it, constructing a PostgresLog without it raises
+ImportError.
 
 Tables.  The first ``open()`` creates them, under an advisory lock so that
 processes connecting for the first time at once do not race each other's
@@ -60,7 +61,19 @@ joins a page's payloads into one bytea, which decodes in one call.
 Connections.  Two per process: one for reads and LISTEN (reads take turns on
 it), and the writer task's own, opened at the first append.  A connection
 that fails, or whose query is cancelled, is dropped and opened again on next
-use; the statement that failed raises ConnectionError.
+use; the statement that failed raises ConnectionError.  ``close()`` lets the
+writer commit what was queued, then closes both; it runs in a task of its
+own, so a caller cancelled or timed out half-way leaves nothing open, and a
+second ``close()`` waits for the same work.  If the writer task is cancelled
+from outside while the log is open (a shutdown cancelling every task), the
+appends it held or had queued fail with ConnectionError, and so does every
+later one, until the log is closed and opened again.
+
+Messages name the log by its URL with the passwords masked (``redact_dsn``:
+the userinfo's, found from the last ``@`` so that unescaped ``@ / ? #`` in
+it do not matter, and the ``password`` and ``sslpassword`` parameters').
+An error asyncpg raises for a URL it cannot parse may quote a piece of the
+password, so its text is not shown when the URL holds one.
 
 Following.  The appending transaction also calls ``pg_notify``; the log
 LISTENs on its read connection, and ``wait_for_appends`` returns as soon as a
@@ -73,7 +86,9 @@ durable a commit is is PostgreSQL's business: with ``synchronous_commit = on``
 synchronous standby if one is configured.  EventStore's ``durability``
 argument does not apply to this log.  If the connection is lost during
 COMMIT the outcome is unknown: the append raises StorageError, yet its events
-may be in the log.
+may be in the log.  EventStore does not stop after a failed append on this
+log, as it does after a local log's failed write: it applies only what it
+reads back from the log, so its projections are never ahead of it.
 """
 
 from __future__ import annotations
@@ -83,11 +98,12 @@ import contextlib
 import hashlib
 import importlib
 import logging
+import re
 import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any, TypeGuard
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 import msgspec
 
@@ -265,32 +281,99 @@ _TAGS: dict[type, int] = {cls: event_tag(cls) for cls in EVENT_TYPES}
 _ARRAY32 = struct.Struct(">BI")
 
 
-def is_dsn(target: object) -> bool:
-    """Does ``target`` name a PostgreSQL store (a ``postgresql://`` or ``postgres://`` URL)?"""
-    return isinstance(target, str) and target.startswith(DSN_SCHEMES)
+def is_dsn(target: object) -> TypeGuard[str]:
+    """Does ``target`` name a PostgreSQL store (a ``postgresql://`` or ``postgres://`` URL)?
+
+    The scheme is matched in any case, as URL schemes are (and as asyncpg
+    reads them): ``PostgreSQL://...`` is a store in PostgreSQL, not a
+    directory of that name.
+    """
+    return isinstance(target, str) and target.lower().startswith(DSN_SCHEMES)
+
+
+#: Query parameters that hold a secret (asyncpg's ``password``, and
+#: ``sslpassword`` for the client key).
+_SECRET_PARAMS = ("password", "sslpassword")
+
+
+def _split_dsn(dsn: str) -> tuple[str, str, str, str]:
+    """(scheme and ``://``, userinfo, ``@`` or ``""``, the rest: hosts, path, query).
+
+    The userinfo ends at the last ``@``, not where a URL parser says: a
+    password written without percent-escapes may hold ``:``, ``@``, ``/``,
+    ``?`` or ``#``, and urlsplit would then take part of it for the host, the
+    path, the query or a fragment.  An ``@`` in the query is taken for the
+    userinfo's end too, which hides more than needed but shows nothing secret.
+    """
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        return "", "", "", dsn
+    userinfo, at, hosts = rest.rpartition("@")
+    return scheme + sep, userinfo, at, hosts
+
+
+def _is_secret_param(pair: str) -> bool:
+    key, eq, _ = pair.partition("=")
+    return bool(eq) and unquote_plus(key).strip().lower() in _SECRET_PARAMS
+
+
+def _redact_query(text: str) -> str:
+    """``text`` with the values of its ``password`` and ``sslpassword`` parameters masked."""
+    head, mark, query = text.partition("?")
+    if not mark:
+        return text
+    pairs = query.split("&")
+    for i, pair in enumerate(pairs):
+        if _is_secret_param(pair):
+            pairs[i] = f"{pair.partition('=')[0]}=***"
+    return f"{head}?{'&'.join(pairs)}"
 
 
 def redact_dsn(dsn: str) -> str:
-    """``dsn`` with its password (in the authority or the query) replaced by ``***``."""
-    try:
-        parts = urlsplit(dsn)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, hosts = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
-        query = parts.query
-        if "password=" in query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
-        shown = urlunsplit(parts._replace(netloc=netloc, query=query))
-        if not netloc and dsn.startswith(f"{parts.scheme}://"):
-            # urlunsplit drops an empty authority ("postgresql:///bot", a
-            # local socket); keep the URL as it was written.
-            shown = f"{parts.scheme}://{shown[len(parts.scheme) + 1 :]}"
-        return shown
-    except ValueError:
-        return "<unparsable DSN>"
+    """``dsn`` with its passwords (in the userinfo or the query) replaced by ``***``.
+
+    However the URL is spelled: see _split_dsn for a password with unescaped
+    ``@``, ``/``, ``?`` or ``#``.
+    """
+    scheme, userinfo, at, rest = _split_dsn(dsn)
+    if at:
+        user = re.split(r"[:/?#]", userinfo, maxsplit=1)[0]
+        if user != userinfo:
+            # The last parameter before the "@" was a password holding an
+            # "@" (password=x@y): its tail, up to the next parameter, goes too.
+            if _is_secret_param(userinfo.partition("?")[2].rpartition("&")[2]):
+                rest = "***" + rest[len(rest.partition("&")[0]) :]
+            userinfo = f"{user}:***"
+    return f"{scheme}{userinfo}{at}{_redact_query(rest)}"
+
+
+def _secrets(dsn: str) -> list[str]:
+    """The passwords ``dsn`` may hold, as written and decoded, longest first.
+
+    Both as _split_dsn reads the URL and as a URL parser (asyncpg's) does,
+    which differ when a password is not percent-escaped.
+    """
+    found: set[str] = set()
+    _, userinfo, at, _ = _split_dsn(dsn)
+    if at and ":" in userinfo:
+        found.add(userinfo.partition(":")[2])
+    with contextlib.suppress(ValueError):
+        parsed = urlsplit(dsn)
+        if "@" in parsed.netloc:
+            found.add(parsed.netloc.partition("@")[0].partition(":")[2])
+    for pair in re.split(r"[?&]", dsn):
+        if _is_secret_param(pair):
+            value = pair.partition("=")[2]
+            found |= {value, value.partition("#")[0]}
+    found |= {unquote_plus(value) for value in found} | {unquote(value) for value in found}
+    return sorted((value for value in found if value), key=len, reverse=True)
+
+
+def _without_secrets(text: str, dsn: str) -> str:
+    """``text`` (an error's) with any password of ``dsn`` in it replaced by ``***``."""
+    for secret in _secrets(dsn):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _import_asyncpg() -> Any:
@@ -407,6 +490,7 @@ class PostgresLog(EventLog):
         self._round: list[_Batch] = []  # being committed
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     @property
@@ -416,6 +500,8 @@ class PostgresLog(EventLog):
     async def open(self) -> None:
         if self._open:
             return
+        if self._closing is not None:
+            await self.close()  # a close() still in progress finishes first
         conn = await self._connect()
         try:
             await self._prepare(conn)
@@ -449,10 +535,25 @@ class PostgresLog(EventLog):
     async def _connect(self) -> Any:
         try:
             return await self._pg.connect(self.dsn, timeout=self.connect_timeout)
-        except (OSError, asyncio.TimeoutError, ValueError) as err:
+        except ValueError as err:
+            # asyncpg could not read the URL (ClientConfigurationError is a
+            # ValueError too), and its message may quote a piece of a password
+            # it cut in the wrong place ("invalid literal for int(): 'se:cr'"),
+            # which no search for the whole password finds.  Show it only if
+            # the URL holds no password; and keep it out of the traceback.
+            if _secrets(self.dsn):
+                raise ConnectionError(
+                    f"{self.where}: cannot connect: the URL is not valid ({type(err).__name__}; "
+                    "its message is not shown, as it may quote the password: a password "
+                    "must have any ':', '@', '/', '?', '#', '&' or '%' percent-encoded)"
+                ) from None
             raise ConnectionError(f"{self.where}: cannot connect: {err}") from err
+        except (OSError, asyncio.TimeoutError) as err:
+            why = _without_secrets(str(err), self.dsn)
+            raise ConnectionError(f"{self.where}: cannot connect: {why}") from err
         except (self._pg.PostgresError, self._pg.InterfaceError) as err:
-            raise ConnectionError(f"{self.where}: cannot connect: {err}") from err
+            why = _without_secrets(str(err), self.dsn)
+            raise ConnectionError(f"{self.where}: cannot connect: {why}") from err
 
     async def _prepare(self, conn: Any) -> None:
         """Create the tables if missing, or check that this code can read them."""
@@ -518,15 +619,36 @@ class PostgresLog(EventLog):
         return head
 
     async def close(self) -> None:
-        if not self._open:
-            return
-        self._open = False
-        if self._writer is not None:
+        """Let the writer commit what was queued, then close both connections.
+
+        The work runs in a task of its own: a caller cancelled half-way (a
+        timeout around close(), a shutdown cancelling every task) does not
+        leave the connections open with the log already marked closed; a
+        second close() waits for the same work.
+        """
+        if self._closing is None:
+            if not self._open:
+                return
+            self._open = False
+            self._closing = asyncio.ensure_future(self._close())
+        closing = self._closing
+        try:
+            await asyncio.shield(closing)
+        finally:
+            if closing.done() and self._closing is closing:
+                self._closing = None
+
+    async def _close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
             # The writer commits what was queued before close(), then stops.
+            # asyncio.wait, not await: a writer cancelled from outside would
+            # raise its CancelledError here, as if close() were cancelled.
             self._wake.set()
-            with contextlib.suppress(Exception):
-                await self._writer
-            self._writer = None
+            await asyncio.wait({writer})
+            if not writer.cancelled():
+                # Whatever stopped it failed its callers (_run_writer).
+                writer.exception()
         self._fail_queue(ConnectionError(f"{self.where}: the log was closed before this write"))
         async with self._rlock:
             rconn, wconn, self._rconn, self._wconn = self._rconn, self._wconn, None, None
@@ -586,6 +708,14 @@ class PostgresLog(EventLog):
             tags.append(tag)
             payloads.append(_encoder.encode(event))
             usernames.append(username_column(event))
+        writer = self._writer
+        if writer is None or writer.done():
+            # Queued, the batch would wait for ever: no one would take it.
+            raise ConnectionError(
+                f"{self.where}: the log's writer task is gone (cancelled from outside?); "
+                "nothing is appended until the log is closed and opened again "
+                "(EventStore: close() and connect())"
+            )
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append(_Batch(tags, payloads, usernames, future))
         self._wake.set()
@@ -627,12 +757,17 @@ class PostgresLog(EventLog):
                         position += len(batch.tags)
                 if not self._open:
                     return
-        except asyncio.CancelledError:
+        except BaseException as err:
+            # Cancelled from outside (a shutdown cancelling every task) with
+            # the log still open, or a bug: no one commits what is queued now,
+            # so fail it; append() refuses from here on (the writer is done).
+            why = "cancelled" if isinstance(err, asyncio.CancelledError) else f"stopped: {err!r}"
             stopped = ConnectionError(
-                f"{self.where}: the log's writer was stopped (a write in progress may or "
-                "may not have committed)"
+                f"{self.where}: the log's writer task was {why} (a write in progress may "
+                "or may not have committed)"
             )
             self._queue[:0] = self._round
+            self._round = []
             self._fail_queue(stopped)
             raise
 

@@ -14,6 +14,11 @@ callers resume in any order.  A read in this process may therefore see a
 write whose ``await`` has not returned yet; it never misses one that has.  If
 the log then fails to write, the projections are ahead of the log, so the
 store closes itself: the next ``connect()`` rebuilds them from what is on disk.
+
+A log shared by many processes (PostgreSQL) is the exception: positions are
+known only at commit, so the store applies nothing of its own and reads the
+log forward after each append instead (``_append_shared``).  A failed append
+leaves the projections as they were, and the store goes on.
 """
 
 from __future__ import annotations
@@ -141,7 +146,9 @@ class EventStore(StorageAdapter):
         if path == MEMORY:
             self.path = None
             return MemoryLog()
-        if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+        from .pglog import is_dsn
+
+        if is_dsn(path):  # postgresql:// or postgres://, in any case
             from .pglog import PostgresLog  # asyncpg is imported only here
 
             self.path = None
@@ -196,6 +203,9 @@ class EventStore(StorageAdapter):
 
     async def close(self) -> None:
         if not self._connected and self._failed is None:
+            # Closed, or a close() cancelled after it marked the store closed:
+            # the log's close is idempotent and waits for one still running.
+            await self._log.close()
             return
         self._closing = True
         self._snap_due = None  # no periodic snapshot starts from here on (see run())
@@ -316,13 +326,33 @@ class EventStore(StorageAdapter):
         events are in.  Decisions taken before the append (is this a new
         peak?) may be stale by then; the folds re-check them (see
         projections/channel_stats.py).
+
+        A failed append does not stop the store, unlike a local log's failed
+        write: nothing was applied before the commit, so the projections are
+        never ahead of the log, and reads (and later writes, on a connection
+        opened again) go on.  Whether an append lost with its connection
+        during COMMIT is in the log, the follower finds out.
+
+        Once the append has committed, the write has succeeded whatever
+        follows: if catching up through it fails (the read connection lost
+        just then), this logs a warning and returns normally.  An error here
+        would read as "not written" and a retrying caller would append the
+        events a second time; instead the follower (or the next write that
+        decides, or refresh()) catches up when the log answers again.  Until
+        then a read in this process may not show the write yet.
         """
+        first = await self._log.append(events)
+        last = first + len(events) - 1
         try:
-            first = await self._log.append(events)
+            await self._catch_up(last)
         except StorageError as err:
-            self._fail(err)
-            raise
-        await self._catch_up(first + len(events) - 1)
+            self.logger.warning(
+                "positions %d..%d were committed, but reading them back failed (%s); "
+                "reads show them once the store catches up",
+                first,
+                last,
+                err,
+            )
         return first
 
     @contextlib.asynccontextmanager
@@ -593,15 +623,19 @@ class EventStore(StorageAdapter):
         the user's data or the name as a username any more (a name other users
         typed in their own messages is theirs and stays).  Returns False, and
         appends nothing, if no read returns anything of that user.  On
-        PostgreSQL it compacts too, which deletes the user's rows
-        (``eventstore/pgcompaction.py``).
+        PostgreSQL it decides after reading the log to its end (a user another
+        process has just written is forgotten too) and compacts, which deletes
+        the user's rows (``eventstore/pgcompaction.py``).
         """
         self._check_write()
         check_name("username", username)
         ts = self._now(timestamp)
-        if not self.knows_user(username):
-            return False
-        await self._write(UserForgotten(username, ts))
+        # On a shared log, decide on the log as it is now, not on what this
+        # process last read: another process may just have written the user.
+        async with self._deciding():
+            if not self.knows_user(username):
+                return False
+            await self._write(UserForgotten(username, ts))
         if self._snapshots_enabled():
             await self.compact()
             # Older snapshots still hold the user: keep only a fresh one.

@@ -1,0 +1,309 @@
+"""The PostgreSQL log when things go wrong: cancellations, lost connections,
+stale views, odd URLs.  Each test is a reproduction of a bug found in review;
+the server comes from pgserver.py, as for test_pglog.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from eventstore import ConnectionError, EventStore
+from eventstore.events import MessageSaved
+from eventstore.pglog import PostgresLog, is_dsn, redact_dsn
+
+# (Import from pgserver inside functions: see test_pglog.py.)
+pytest_plugins = ["pgserver"]
+
+
+async def _backends(dsn: str, app: str, *, expect: int | None = None) -> int:
+    """How many server connections ``app`` has (waiting up to 5 s for ``expect``)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for _ in range(100):
+            n = int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app
+                )
+            )
+            if expect is None or n == expect:
+                break
+            await asyncio.sleep(0.05)  # a closed connection's backend exits soon after
+        return n
+    finally:
+        await conn.close()
+
+
+async def _hold_append_lock(dsn: str) -> asyncpg.Connection:
+    """A connection in a transaction holding the head row: every append waits for it."""
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("BEGIN")
+    await conn.execute("UPDATE eventstore_head SET position = position")
+    return conn
+
+
+async def _wait_for_lock_wait(dsn: str, app: str) -> None:
+    """Until a statement of ``app`` waits for a lock (the blocked append)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for _ in range(200):
+            if await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                app,
+            ):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no statement of {app} waits for a lock")
+    finally:
+        await conn.close()
+
+
+def _writer_task() -> asyncio.Task[object]:
+    [task] = [t for t in asyncio.all_tasks() if t.get_name() == "eventstore-pg-writer"]
+    return task
+
+
+# -- closing and cancelling ----------------------------------------------------------------
+async def test_a_cancelled_close_still_closes_both_connections(pg_database: str) -> None:
+    """Regression: close() cancelled while the writer committed left the read
+    and the writer connections open, and a second close() returned at once."""
+    from pgserver import with_params
+
+    dsn = with_params(pg_database, application_name="eventstore_closing")
+    log = PostgresLog(dsn)
+    await log.open()
+    assert await log.append([MessageSaved(1, "alice", "hi")]) == 1
+    blocker = await _hold_append_lock(pg_database)
+    try:
+        blocked = asyncio.create_task(log.append([MessageSaved(2, "bob", "blocked")]))
+        await _wait_for_lock_wait(pg_database, "eventstore_closing")
+        # close() waits for the writer, which waits for the lock: time out.
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(log.close(), 0.3)
+    finally:
+        await blocker.execute("ROLLBACK")
+        await blocker.close()
+    await log.close()  # waits for the same work to finish
+    assert blocked.done() and blocked.result() == 2  # queued before close(): committed
+    assert await _backends(pg_database, "eventstore_closing", expect=0) == 0
+    await log.close()  # and once more: harmless
+    # The log opens again after all that.
+    await log.open()
+    try:
+        assert [e async for _, e in log.read()] == [
+            MessageSaved(1, "alice", "hi"),
+            MessageSaved(2, "bob", "blocked"),
+        ]
+    finally:
+        await log.close()
+
+
+async def test_a_second_store_close_waits_for_a_cancelled_one(pg_database: str) -> None:
+    """The store's close() after a cancelled one returns once the log is closed."""
+    from pgserver import with_params
+
+    dsn = with_params(pg_database, application_name="eventstore_closing_store")
+    store = EventStore(dsn)
+    await store.connect()
+    await store.save_message("alice", "hi")
+    blocker = await _hold_append_lock(pg_database)
+    try:
+        blocked = asyncio.create_task(store.save_message("bob", "blocked"))
+        await _wait_for_lock_wait(pg_database, "eventstore_closing_store")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(store.close(), 0.3)
+        assert not store.is_connected
+        second = asyncio.create_task(store.close())
+        await asyncio.sleep(0.2)
+        assert not second.done()  # waits for the same work, which waits for the writer
+    finally:
+        await blocker.execute("ROLLBACK")
+        await blocker.close()
+    await second
+    assert blocked.done()  # the log's close() let the writer commit it first
+    assert await _backends(pg_database, "eventstore_closing_store", expect=0) == 0
+    await store.close()
+
+
+async def test_a_writer_cancelled_from_outside_fails_appends_and_close_still_closes(
+    pg_database: str,
+) -> None:
+    """Regression: with the writer task cancelled (a shutdown cancelling every
+    task) and the log still open, appends queued for ever, and close() raised
+    CancelledError and left the connections open."""
+    from pgserver import with_params
+
+    dsn = with_params(pg_database, application_name="eventstore_orphan")
+    store = EventStore(dsn)
+    await store.connect()
+    await store.save_message("alice", "one")
+    writer = _writer_task()
+    # An append the writer has in hand when it is cancelled fails, not hangs.
+    in_hand = asyncio.create_task(store.log.append([MessageSaved(2, "alice", "in hand")]))
+    await asyncio.sleep(0)  # queued, and the writer woken
+    writer.cancel()
+    with pytest.raises(ConnectionError, match="writer"):
+        await asyncio.wait_for(in_hand, 5)
+    # From now on appends fail at once, saying why.
+    with pytest.raises(ConnectionError, match="writer task is gone"):
+        await asyncio.wait_for(store.save_message("alice", "two"), 5)
+    # Reads go on.
+    assert [r["message"] for r in await store.get_recent_messages()][-1] == "one"
+    await store.close()  # does not raise the writer's CancelledError
+    assert await _backends(pg_database, "eventstore_orphan", expect=0) == 0
+    async with EventStore(pg_database) as again:  # connect() again: writes work
+        await again.save_message("alice", "three")
+        assert (await again.get_recent_messages())[0]["message"] == "three"
+
+
+# -- failed appends and catch-ups -----------------------------------------------------------
+async def test_a_lost_connection_during_an_append_does_not_stop_the_store(
+    pg_database: str,
+) -> None:
+    """A failed append applied nothing (on this log nothing is applied before
+    the commit), so reads and later writes go on instead of the store stopping."""
+    from pgserver import with_params
+
+    dsn = with_params(pg_database, application_name="eventstore_lost")
+    async with EventStore(dsn) as store:
+        await store.save_message("alice", "one")
+        blocker = await _hold_append_lock(pg_database)
+        try:
+            lost = asyncio.create_task(store.save_message("alice", "two"))
+            await _wait_for_lock_wait(pg_database, "eventstore_lost")
+            await blocker.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'eventstore_lost' AND wait_event_type = 'Lock'"
+            )
+            with pytest.raises(ConnectionError, match="connection lost while appending"):
+                await lost
+        finally:
+            await blocker.execute("ROLLBACK")
+            await blocker.close()
+        assert store.is_connected
+        assert [r["message"] for r in await store.get_recent_messages()] == ["one"]
+        await store.save_message("alice", "three")  # on a new writer connection
+        assert [r["message"] for r in await store.get_recent_messages()] == ["three", "one"]
+
+
+async def test_a_write_whose_catch_up_fails_returns_and_is_not_duplicated(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the append committed, then reading it back failed, and the
+    caller got the error of a failed write; a retrying bot wrote it twice."""
+    async with EventStore(pg_database) as store:
+        assert store._follower is not None
+        store._follower.cancel()  # nothing but this test reads the log
+        log = store.log
+        real = log.read_runs
+        failures = 1
+
+        async def flaky(
+            from_position: int = 0, to_position: int | None = None
+        ) -> AsyncIterator[tuple[int, list[object]]]:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise ConnectionError("connection lost (the test's)")
+            async for run in real(from_position, to_position):
+                yield run  # type: ignore[misc]
+
+        monkeypatch.setattr(log, "read_runs", flaky)
+        with caplog.at_level(logging.WARNING, logger="eventstore"):
+            await store.save_message("alice", "hello")  # committed: returns
+        assert "positions 1..1 were committed" in caplog.text
+        assert store.is_connected
+        assert await store.refresh() == 1
+        assert [r["message"] for r in await store.get_recent_messages()] == ["hello"]
+        assert len([e async for _, e in log.read()]) == 1  # written once
+
+
+# -- deciding on a shared log -----------------------------------------------------------------
+async def test_forget_user_decides_on_the_log_not_on_a_stale_view(pg_database: str) -> None:
+    """Regression: forget_user asked knows_user() of what this process had
+    read, and returned False for a user another process had just written."""
+    p, q = EventStore(pg_database), EventStore(pg_database)
+    async with p, q:
+        assert p._follower is not None
+        p._follower.cancel()  # P is busy elsewhere: it has not looked since connect()
+        await q.save_message("alice", "written by Q")
+        await q.save_message("bob", "stays")
+        assert not p.knows_user("alice")  # P's view is stale
+        assert await p.forget_user("alice") is True
+        assert not p.knows_user("alice")
+        assert [r["username"] for r in await p.get_recent_messages()] == ["bob"]
+        await q.refresh()
+        assert [r["username"] for r in await q.get_recent_messages()] == ["bob"]
+
+
+# -- URLs ------------------------------------------------------------------------------------
+def test_the_url_scheme_is_matched_in_any_case() -> None:
+    for url in ("PostgreSQL://bot@db/chat", "POSTGRES://bot@db/chat", "Postgresql://x"):
+        assert is_dsn(url)
+        store = EventStore(url)
+        assert isinstance(store.log, PostgresLog) and store.path is None
+    assert not is_dsn("postgresql:/bot") and not is_dsn("data/postgresql://")
+
+
+async def test_a_store_opens_with_an_upper_case_scheme(
+    pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where a directory named after the URL would go
+    scheme, rest = pg_database.split("://", 1)
+    async with EventStore(f"{scheme.upper()}://{rest}") as store:
+        await store.save_message("alice", "hi")
+    assert not list(tmp_path.iterdir())
+    conn = await asyncpg.connect(pg_database)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM eventstore_events") == 1
+    finally:
+        await conn.close()
+
+
+def test_redact_dsn_hides_passwords_however_the_url_is_spelled() -> None:
+    cases = {
+        # Unescaped '#', '?', '/', '@' and ':' in the password.
+        "postgresql://bot:p#ss/w?rd@db/chat": "postgresql://bot:***@db/chat",
+        "postgresql://bot:se:cr/et@db:5432/chat?sslmode=require": (
+            "postgresql://bot:***@db:5432/chat?sslmode=require"
+        ),
+        "postgresql://bot:a@b@db/chat": "postgresql://bot:***@db/chat",
+        "postgres://bot:abc?def@db/chat#x": "postgres://bot:***@db/chat#x",
+        # The client key's password, and parameters in any case or escaped.
+        "postgresql://bot@db/chat?sslpassword=topsecret&sslmode=require": (
+            "postgresql://bot@db/chat?sslpassword=***&sslmode=require"
+        ),
+        "postgresql://bot@db/chat?PASSWORD=topsecret": "postgresql://bot@db/chat?PASSWORD=***",
+        "postgresql://bot@db/chat?pass%77ord=topsecret": (
+            "postgresql://bot@db/chat?pass%77ord=***"
+        ),
+        # Others are kept as written.
+        "postgresql://bot@db/chat?application_name=a%20b": (
+            "postgresql://bot@db/chat?application_name=a%20b"
+        ),
+    }
+    for dsn, shown in cases.items():
+        assert redact_dsn(dsn) == shown, dsn
+    # An '@' in a query password: more is hidden than needed, nothing shown.
+    shown = redact_dsn("postgresql://bot@db/chat?password=top@secret&sslmode=require")
+    assert "top" not in shown and "secret" not in shown and shown.endswith("&sslmode=require")
+
+
+async def test_a_url_asyncpg_cannot_read_shows_no_piece_of_the_password(pg_dsn: str) -> None:
+    """Regression: asyncpg's ValueError, copied into the message, quoted the
+    piece of an unescaped password it had taken for the port."""
+    dsn = pg_dsn.replace("postgres@", "postgres:se:cr/et@", 1)
+    assert dsn != pg_dsn
+    with pytest.raises(ConnectionError, match="cannot connect") as info:
+        await EventStore(dsn).connect()
+    shown = "".join(traceback.format_exception(info.value))  # the causes too
+    for piece in ("se:cr", "cr/et"):
+        assert piece not in shown, piece
+    assert "postgres:***@" in str(info.value) and "URL is not valid (ValueError" in str(info.value)
