@@ -834,6 +834,7 @@ class EventStore(StorageAdapter):
             return self._log.head + 1
         for event in events:
             check_event(event)
+        self._proj.user_stats.check_batch(events)
         if self._log.shared:
             return await self._append_shared(events)
         first, done = self._log.submit(events)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from eventstore.errors import ValidationError
 from eventstore.events import (
+    Event,
     SessionEnded,
     UserForgotten,
     UserStatsSaved,
@@ -14,6 +16,23 @@ from eventstore.events import (
 from eventstore.validation import MAX_INT
 
 __all__ = ["UserStats", "UserStatsProjection"]
+
+_TOTALS_EVENTS = (UserStatsSaved, SessionEnded, UserStatsSet, UserForgotten)
+
+
+def _check_totals(user: str, lines: int, add_lines: int, time: int, add_time: int) -> None:
+    """Refuse a positive increment that takes a total past MAX_INT.
+
+    Only a positive one: a total already past it (recorded before this
+    check existed) must not block the user's other updates.
+    """
+    for which, total, add in (("chat_lines", lines, add_lines), ("time_connected", time, add_time)):
+        if add > 0 and total + add > MAX_INT:
+            raise ValidationError(
+                f"{which}: {user!r} has {total}, and adding {add} would pass the largest "
+                f"total stored ({MAX_INT})"
+            )
+
 
 # A user's record is a list, indexed by these constants: the fold runs once per
 # chat line, and a list is the cheapest mutable record Python has.
@@ -89,7 +108,7 @@ class UserStatsProjection:
         if rec is None:
             return True
         if rec[LINES] + ev.chat_lines > MAX_INT or rec[TIME] + ev.time_connected > MAX_INT:
-            self._too_large(ev.username, rec[LINES], ev.chat_lines, rec[TIME], ev.time_connected)
+            _check_totals(ev.username, rec[LINES], ev.chat_lines, rec[TIME], ev.time_connected)
         return (
             (ev.first_seen is not None and ev.first_seen < rec[FIRST])
             or (ev.last_seen is not None and ev.last_seen > rec[LAST])
@@ -101,17 +120,40 @@ class UserStatsProjection:
     def check_session_end(self, username: str, seconds: int) -> None:
         """Raise ValidationError if ending a session would take the time past MAX_INT."""
         rec = self.users.get(username)
-        if rec is not None and rec[TIME] + seconds > MAX_INT:
-            self._too_large(username, rec[LINES], 0, rec[TIME], seconds)
+        if rec is not None:
+            _check_totals(username, rec[LINES], 0, rec[TIME], seconds)
 
-    @staticmethod
-    def _too_large(user: str, lines: int, add_lines: int, time: int, add_time: int) -> None:
-        which = "chat_lines" if lines + add_lines > MAX_INT else "time_connected"
-        total, add = (lines, add_lines) if which == "chat_lines" else (time, add_time)
-        raise ValidationError(
-            f"{which}: {user!r} has {total}, and adding {add} would pass the largest "
-            f"total stored ({MAX_INT})"
-        )
+    def check_batch(self, events: Iterable[Event]) -> None:
+        """Raise ValidationError if applying ``events`` in order would take a total past MAX_INT.
+
+        For ``append()``, whose events are facts that no write rule checked.
+        """
+        totals: dict[str, list[int]] = {}
+        for ev in events:
+            cls = type(ev)
+            if cls not in _TOTALS_EVENTS:
+                continue
+            name = ev.username  # type: ignore[union-attr]
+            cur = totals.get(name)
+            if cur is None:
+                rec = self.users.get(name)
+                cur = totals[name] = [0, 0] if rec is None else [rec[LINES], rec[TIME]]
+            if cls is UserStatsSaved:
+                assert isinstance(ev, UserStatsSaved)
+                _check_totals(name, cur[0], ev.chat_lines, cur[1], ev.time_connected)
+                cur[0] += ev.chat_lines
+                cur[1] += ev.time_connected
+            elif cls is SessionEnded:
+                # Counted even if the session is not open then: at worst a
+                # batch this close to the limit is refused that would fit.
+                assert isinstance(ev, SessionEnded)
+                _check_totals(name, cur[0], 0, cur[1], ev.seconds)
+                cur[1] += ev.seconds
+            elif cls is UserStatsSet:
+                assert isinstance(ev, UserStatsSet)
+                cur[:] = [ev.total_chat_lines, ev.total_time_connected]
+            else:
+                cur[:] = [0, 0]  # forgotten
 
     # -- reads ------------------------------------------------------------
     @staticmethod
