@@ -269,14 +269,28 @@ def write_snapshot(
     # The new name is made durable before older snapshots go: removed first,
     # a crash could leave the directory with neither (a full replay).
     fsync_dir(directory)
-    others = [info for info in list_snapshots(directory) if info.path != path]
+    listed = list_snapshots(directory)
+    others = [info for info in listed if info.path != path]
     # One of a later position than the state just saved cannot be of this
     # log (it was cut since: a repair, or a tail lost in "flush" mode); it
     # must not count among the ``keep`` newest and push this one out.
     drop = [info.path for info in others if info.position > position]
-    drop += [info.path for info in others if info.position < position][keep - 1 :]
+    # Nor may one this code cannot load (other projection or event versions,
+    # a header it cannot read): kept, it would also hold on to whatever a
+    # forget_user since has erased from the current state.
+    drop += [p for p, _ in unreadable_snapshots(directory, listed) if p != path]
+    older = [info for info in others if info.position < position]
+    drop += [info.path for info in older if not _loadable_version(info)]
+    drop += [info.path for info in older if _loadable_version(info)][keep - 1 :]
     _remove(directory, drop, leftovers_of=path)
     return path
+
+
+def _loadable_version(info: SnapshotInfo) -> bool:
+    return (
+        info.projection_version == PROJECTION_VERSION
+        and info.fingerprint == SCHEMA_FINGERPRINT.hex()
+    )
 
 
 def remove_snapshots(directory: str, *, before: int) -> int:
@@ -289,7 +303,13 @@ def remove_snapshots(directory: str, *, before: int) -> int:
     loaded with the new log's tail would be wrong, and its frame checksum
     does not always tell (a frame re-encoded with the same bytes).
     """
-    drop = [info.path for info in list_snapshots(directory) if info.position < before]
+    # By name, not by header: a snapshot whose header this code cannot read
+    # may still hold what the rewritten range drops (a forgotten user).
+    drop = [
+        os.path.join(directory, name)
+        for name in os.listdir(directory)
+        if (m := SNAPSHOT_RE.match(name)) and int(m.group(1)) < before
+    ]
     _remove(directory, drop)
     return len(drop)
 

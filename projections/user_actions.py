@@ -181,6 +181,15 @@ class UserActionsProjection:
             by_user[ucode] = last
         self.slot_ts, self.slot_pos, self.slot_type = ts, pos, types
         self.slot_details, self.slot_prev = details, prev
+        # Details and action types that only the forgotten user's actions
+        # had are theirs too: blank them, so no snapshot keeps them.
+        used_types = set(types)
+        for interner, used in ((self.details, set(details)), (self.types, used_types)):
+            for code, name in enumerate(interner.names):
+                if name and code not in used:
+                    interner.forget(name)
+        for code in [c for c in self.by_type if c not in used_types]:
+            del self.by_type[code]
 
     # -- reads ------------------------------------------------------------
     def _chain(self, slot: int) -> list[int]:

@@ -247,6 +247,10 @@ async def test_forget_user_leaves_no_byte_of_the_name(tmp_path: Path) -> None:
         await store.save_user_stats(name, chat_lines=3, session_start=5)
         await store.save_message(name, "my secret words", timestamp=20_000)
         await store.log_user_action(name, "pm", details="!stats", timestamp=20_001)
+        # Short details and an action type are interned; only this user's are theirs.
+        await store.log_user_action(name, "pm", details="my-address-7", timestamp=20_003)
+        await store.log_user_action(name, "secret-kind", timestamp=20_004)
+        await store.log_user_action("other", "pm", details="!stats", timestamp=20_005)
         await store.save_message("other", "nothing about anyone", timestamp=20_002)
         await store.write_snapshot()
         assert await store.forget_user(name)
@@ -260,10 +264,17 @@ async def test_forget_user_leaves_no_byte_of_the_name(tmp_path: Path) -> None:
             data = (Path(root) / f).read_bytes()
             assert needle not in data, f"{f} still holds the name"
             assert b"my secret words" not in data
+            assert b"my-address-7" not in data, f"{f} still holds the user's details"
+            assert b"secret-kind" not in data, f"{f} still holds the user's action type"
     assert find_damage(str(d)) is None
     assert await check_snapshots(str(d)) == []
     async with EventStore(d, segment_size=4096) as store:
         assert await store.get_user_stats(name) is None
+        assert [a["details"] for a in await store.get_user_actions(username="other")] == ["!stats"]
+        assert await store.get_user_actions(action_type="secret-kind") == []
+        # A type forgotten with its only user can be used again.
+        await store.log_user_action("other", "secret-kind", timestamp=20_010)
+        assert len(await store.get_user_actions(action_type="secret-kind")) == 1
 
 
 async def test_a_crash_after_the_switch_never_brings_a_forgotten_user_back(

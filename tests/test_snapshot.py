@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 from storeutil import fill
 
 from eventstore import EventStore, StorageError
-from eventstore.snapshot import check_snapshots, list_snapshots, read_snapshot
+from eventstore.snapshot import check_snapshots, list_snapshots, read_snapshot, remove_snapshots
 from projections import Projections
 
 
@@ -335,3 +336,41 @@ async def test_snapshot_survives_short_writes(
         monkeypatch.undo()
     _info, loaded = read_snapshot(list_snapshots(str(d))[0].path)
     assert loaded.state() == state
+
+
+def _as_other_snapshot(path: Path, position: int, *, version: int | None, flags: int = 0) -> Path:
+    """A copy of the snapshot at ``path`` under another position, version or flags."""
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<H", data, 10, flags)
+    if version is not None:
+        struct.pack_into("<I", data, 12, version)
+    struct.pack_into("<Q", data, 16, position)
+    other = path.with_name(f"snapshot-{position:020d}.snap")
+    other.write_bytes(bytes(data))
+    return other
+
+
+async def test_a_new_snapshot_drops_those_this_code_cannot_load(tmp_path: Path) -> None:
+    """Other projection versions and unreadable headers do not count among the
+    kept ones, and go: they may hold what a forget_user erased since."""
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=None) as store:
+        await _busy(store, 30)
+        first = Path(await store.write_snapshot())
+        old_version = _as_other_snapshot(first, 5, version=1)
+        flagged = _as_other_snapshot(first, 6, version=None, flags=1)
+        await _busy(store, 30, text="more")
+        second = Path(await store.write_snapshot())
+    assert not old_version.exists() and not flagged.exists()
+    assert first.exists() and second.exists()  # the two newest this code loads
+
+
+async def test_compaction_removes_snapshots_it_cannot_read_too(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=None) as store:
+        await _busy(store, 30)
+        snap = Path(await store.write_snapshot())
+    flagged = _as_other_snapshot(snap, 7, version=None, flags=1)
+    assert [i.position for i in list_snapshots(str(d))] == [int(snap.stem[9:])]  # unlisted
+    assert remove_snapshots(str(d), before=10) == 1
+    assert not flagged.exists() and snap.exists()

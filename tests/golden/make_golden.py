@@ -77,6 +77,8 @@ async def write(directory: Path, copy_to: Path) -> dict[str, Any]:
             await store.log_user_action(user, "leave", timestamp=t)
         await store.clear_old_messages(40)
         if day == 1:
+            # Since v7: details only eve used go with her (projection version 6).
+            await store.log_user_action("eve", "pm", details="eve's own words", timestamp=t)
             await store.forget_user("eve", timestamp=t)
             await store.compact()
     await store.save_message("zero", "a message at time 0", timestamp=0)
