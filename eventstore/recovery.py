@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .codec import decode_batch
 from .compaction import pending_commit, recover_compaction
-from .errors import IntegrityError, MigrationError
+from .errors import IntegrityError
 from .framing import FrameWalker
 from .fsutil import fsync_dir
 from .lockfile import WriterLock
@@ -75,6 +75,9 @@ def find_damage(directory: str) -> Damage | None:
     a torn tail as damage too, so it also reports what a crash left behind.
     A compaction interrupted after it committed is reported as such: until it
     is finished the segments are a mix, and their overlap is not damage.
+    A segment written by newer code (a format version, flag or event tag
+    this code does not know) is not damage either: MigrationError is raised,
+    so that ``repair`` never cuts what it cannot read.
     """
     commit = pending_commit(directory)
     if commit is not None:
@@ -89,7 +92,7 @@ def find_damage(directory: str) -> Damage | None:
             try:
                 header = unpack_header(f.read(HEADER_SIZE), path)
                 check_fingerprint(header, path)
-            except (IntegrityError, MigrationError) as err:
+            except IntegrityError as err:
                 return Damage(path, 0, str(err).removeprefix(f"{path}: "), next_position - 1)
             if store_id is None:
                 store_id = header.store_id

@@ -16,6 +16,7 @@ import pytest
 from storeutil import fill, segment_files
 
 from eventstore import EventStore, MigrationError
+from eventstore.recovery import find_damage, repair
 from eventstore.verify import verify
 
 
@@ -57,3 +58,20 @@ async def test_a_snapshot_with_flags_is_not_loaded(
     assert "ignoring snapshot" in caplog.text and "snapshot flags 0x0001" in caplog.text
     report = await asyncio.to_thread(verify, str(tmp_path))
     assert any("snapshot flags 0x0001" in p.message for p in report.problems), report.problems
+
+
+async def test_repair_refuses_a_segment_of_newer_code_instead_of_cutting(tmp_path: Path) -> None:
+    """Not damage: cutting it (and every later segment) would throw events away."""
+    async with EventStore(tmp_path, segment_size=2048, snapshot_every=None) as store:
+        await fill(store, 200)
+    segments = segment_files(tmp_path)
+    assert len(segments) >= 3
+    set_segment_flags(segments[1], 0x0002)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(MigrationError, match="include bits this code does not know"):
+        repair(str(tmp_path))
+    with pytest.raises(MigrationError):
+        find_damage(str(tmp_path))
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after.keys() - {"LOCK"} == before.keys() - {"LOCK"}
+    assert all(after[name] == data for name, data in before.items() if name != "LOCK")
