@@ -419,7 +419,13 @@ class LegacyReader:
                 ) from err
             # Legacy id order, which is rowid order where id is the INTEGER
             # PRIMARY KEY (the bot's schema), and the rows' own ids otherwise.
-            order = "id, rowid" if "id" in present else "rowid"
+            # Rows without an integer id (NULL, text) follow, in insertion
+            # (rowid) order: SQLite would sort NULLs first and text last.
+            order = (
+                "typeof(id) <> 'integer', CASE WHEN typeof(id) = 'integer' THEN id END, rowid"
+                if "id" in present
+                else "rowid"
+            )
             self._selects[table] = f"SELECT {', '.join(exprs)} FROM {_q(real)} ORDER BY {order}"
         if len(missing) == len(LEGACY_TABLES):
             # An empty SQLite file, or another program's: importing it would

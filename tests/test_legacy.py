@@ -214,11 +214,18 @@ def test_rows_are_read_in_legacy_id_order_where_id_is_not_the_rowid(tmp_path: Pa
         "CREATE TABLE IF NOT EXISTS recent_chat (\n    id INTEGER,",
     )
     assert schema != LEGACY_SCHEMA
-    # Inserted as id 2 then id 1 (rowids 1 and 2), at the same second.
-    messages = [(2, T0, "a", "second"), (1, T0, "a", "first")]
+    # Inserted as id 2 then id 1 (rowids 1 and 2), at the same second; then
+    # rows without an integer id, which keep their insertion order, last.
+    messages = [
+        (2, T0, "a", "second"),
+        (None, T0, "a", "no id"),
+        (1, T0, "a", "first"),
+        ("x", T0, "a", "text id"),
+        (None, T0, "a", "no id again"),
+    ]
     path = build(tmp_path / "ids.db", schema=schema, actions=[], counts=[], messages=messages)
     history = [e for e in read_legacy(path).events if isinstance(e, MessageSaved)]
-    assert [e.message for e in history] == ["first", "second"]
+    assert [e.message for e in history] == ["first", "second", "no id", "text id", "no id again"]
 
 
 @pytest.mark.parametrize(
