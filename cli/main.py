@@ -42,8 +42,10 @@ def _reader_gone(command: F) -> F:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except BrokenPipeError:
-            out.reader_gone()
+        except BrokenPipeError as err:
+            if out.stdout_gone():
+                out.reader_gone()
+            out.fail(out.describe(err))
 
     return cast(F, run)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from datetime import datetime, timezone
@@ -59,8 +60,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one library call; its errors become ``Error: ...`` and exit code 1."""
     try:
         return asyncio.run(coro)
-    except BrokenPipeError:
-        raise  # the reader of stdout stopped: exit 0 (cli.main._reader_gone)
+    except BrokenPipeError as err:
+        if stdout_gone():
+            raise  # the reader of stdout stopped: exit 0 (cli.main._reader_gone)
+        fail(describe(err))
     except (StorageError, OSError) as err:
         fail(describe(err))
     except ImportError as err:
@@ -71,12 +74,30 @@ def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call a blocking library function; its errors become ``Error: ...`` and exit 1."""
     try:
         return func(*args, **kwargs)
-    except BrokenPipeError:
-        raise  # as in run()
+    except BrokenPipeError as err:
+        if stdout_gone():
+            raise  # as in run()
+        fail(describe(err))
     except (StorageError, OSError) as err:
         fail(describe(err))
     except ImportError as err:
         _missing_driver(err)
+
+
+def stdout_gone() -> bool:
+    """Is stdout a pipe whose reader has closed it?
+
+    A broken pipe elsewhere (a socket to the database) is an error to
+    report, not a reader that has had enough.
+    """
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR is reported whatever is asked for
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        # No real stdout (a test runner's capture): judge by the error alone.
+        return True
 
 
 def _missing_driver(err: ImportError) -> NoReturn:

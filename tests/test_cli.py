@@ -796,6 +796,25 @@ def test_a_url_without_asyncpg_is_one_error_line(
     )
 
 
+def test_a_broken_pipe_that_is_not_stdout_is_an_error() -> None:
+    """A socket to the database breaking is a failure, even if it is EPIPE."""
+    script = (
+        "import typer\n"
+        "from cli import output as out\n"
+        "async def boom():\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "try:\n"
+        "    out.run(boom())\n"
+        "except typer.Exit as done:\n"
+        "    raise SystemExit(done.exit_code)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1, proc
+    assert proc.stderr.strip() == "Error: [Errno 32] Broken pipe"
+
+
 @pytest.mark.parametrize(
     ("command", "more"),
     [
