@@ -66,16 +66,27 @@ def test_an_event_larger_than_a_frame_is_refused() -> None:
         encode_frames(3, [MessageSaved(1, "u", "x" * (MAX_FRAME_PAYLOAD + 1))])
 
 
+@pytest.mark.parametrize("segment_size", [None, 3 * 1024 * 1024])
 @pytest.mark.parametrize("durability", ["fsync", "flush", "none"])
-async def test_a_round_of_big_messages_reopens(tmp_path: Path, durability: str) -> None:
-    """40 concurrent 1 MiB messages: one round, written as frames under the cap."""
+async def test_a_round_of_big_messages_reopens(
+    tmp_path: Path, durability: str, segment_size: int | None
+) -> None:
+    """40 concurrent 1 MiB messages: one round, written as frames under the cap
+    (and, with 3 MiB segments, split frames across rolls)."""
     texts = [chr(65 + i % 26) * BIG for i in range(40)]
-    async with EventStore(tmp_path, durability=durability, snapshot_every=None) as store:  # type: ignore[arg-type]
+    async with EventStore(
+        tmp_path,
+        durability=durability,  # type: ignore[arg-type]
+        snapshot_every=None,
+        segment_size=segment_size,
+    ) as store:
         await asyncio.gather(
             *(store.save_message(f"u{i}", t, timestamp=i) for i, t in enumerate(texts))
         )
     lengths = frame_lengths(tmp_path)
     assert lengths and max(lengths) <= MAX_FRAME_PAYLOAD
+    if segment_size is not None:
+        assert len(segment_files(tmp_path)) >= 10  # the round rolled many times
     for read_only in (True, False):
         async with EventStore(tmp_path, read_only=read_only) as again:
             got = await again.get_recent_messages(limit=100)
