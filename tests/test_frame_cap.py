@@ -86,7 +86,7 @@ async def test_a_round_of_big_messages_reopens(
     lengths = frame_lengths(tmp_path)
     assert lengths and max(lengths) <= MAX_FRAME_PAYLOAD
     if segment_size is not None:
-        assert len(segment_files(tmp_path)) >= 10  # the round rolled many times
+        assert len(segment_files(tmp_path)) >= 4  # frames of ~10 MiB, one a segment
     for read_only in (True, False):
         async with EventStore(tmp_path, read_only=read_only) as again:
             got = await again.get_recent_messages(limit=100)
