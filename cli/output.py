@@ -93,8 +93,10 @@ def stdout_gone() -> bool:
     try:
         fd = sys.stdout.fileno()
         poller = select.poll()
-        poller.register(fd, 0)  # POLLERR is reported whatever is asked for
-        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+        poller.register(fd, 0)  # POLLERR and POLLHUP are reported whatever is asked for
+        # A pipe without its reader reports POLLERR, a socket whose peer has
+        # gone POLLHUP (stdout of a systemd socket unit, socat).
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
     except (OSError, ValueError, AttributeError):
         # No real stdout (a test runner's capture): judge by the error alone.
         return True

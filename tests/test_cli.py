@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import sqlite3
 import struct
 import subprocess
@@ -842,3 +843,20 @@ def test_a_reader_that_stops_reading_is_not_a_failure(
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 0
     assert stderr == b""
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "tail"])
+def test_a_socket_reader_that_goes_away_is_not_a_failure(tmp_path: Path, command: str) -> None:
+    """stdout a socket (a systemd socket unit, socat) whose peer has closed."""
+    d = busy_store(tmp_path)
+    ours, theirs = socket.socketpair()
+    ours.close()  # the reader is gone before the first line
+    with theirs:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cli", command, str(d)],
+            cwd=REPO,
+            stdout=theirs.fileno(),
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    assert (proc.returncode, proc.stderr) == (0, b"")
