@@ -834,9 +834,13 @@ class EventStore(StorageAdapter):
             return self._log.head + 1
         for event in events:
             check_event(event)
-        self._proj.user_stats.check_batch(events)
         if self._log.shared:
-            return await self._append_shared(events)
+            # Checked on the log as it is now, not on what this process last
+            # read (another process may have raised a total since).
+            async with self._deciding():
+                self._proj.user_stats.check_batch(events)
+                return await self._append_shared(events)
+        self._proj.user_stats.check_batch(events)
         first, done = self._log.submit(events)
         self._proj.apply_run(first, events)
         await self._wait(done)

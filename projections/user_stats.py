@@ -128,32 +128,43 @@ class UserStatsProjection:
 
         For ``append()``, whose events are facts that no write rule checked.
         """
-        totals: dict[str, list[int]] = {}
+        # Per user: [chat lines, seconds connected, session open?], as the
+        # folds would leave them.
+        tally: dict[str, list[Any]] = {}
         for ev in events:
             cls = type(ev)
             if cls not in _TOTALS_EVENTS:
                 continue
             name = ev.username  # type: ignore[union-attr]
-            cur = totals.get(name)
+            cur = tally.get(name)
             if cur is None:
                 rec = self.users.get(name)
-                cur = totals[name] = [0, 0] if rec is None else [rec[LINES], rec[TIME]]
+                if rec is None:
+                    cur = tally[name] = [0, 0, False]
+                else:
+                    cur = tally[name] = [rec[LINES], rec[TIME], rec[SESSION] is not None]
             if cls is UserStatsSaved:
                 assert isinstance(ev, UserStatsSaved)
                 _check_totals(name, cur[0], ev.chat_lines, cur[1], ev.time_connected)
                 cur[0] += ev.chat_lines
                 cur[1] += ev.time_connected
+                if ev.session_start is not None:
+                    cur[2] = True
             elif cls is SessionEnded:
-                # Counted even if the session is not open then: at worst a
-                # batch this close to the limit is refused that would fit.
                 assert isinstance(ev, SessionEnded)
-                _check_totals(name, cur[0], 0, cur[1], ev.seconds)
-                cur[1] += ev.seconds
+                if cur[2]:  # without an open session the fold ignores it
+                    _check_totals(name, cur[0], 0, cur[1], ev.seconds)
+                    cur[1] += ev.seconds
+                    cur[2] = False
             elif cls is UserStatsSet:
                 assert isinstance(ev, UserStatsSet)
-                cur[:] = [ev.total_chat_lines, ev.total_time_connected]
+                cur[:] = [
+                    ev.total_chat_lines,
+                    ev.total_time_connected,
+                    ev.current_session_start is not None,
+                ]
             else:
-                cur[:] = [0, 0]  # forgotten
+                cur[:] = [0, 0, False]  # forgotten
 
     # -- reads ------------------------------------------------------------
     @staticmethod

@@ -30,9 +30,17 @@ from typing import Any
 import asyncpg
 import pytest
 
-from eventstore import ConnectionError, EventStore, IntegrityError, MigrationError, QueryError
-from eventstore.events import MessageSaved, UserActionLogged, event_tag
+from eventstore import (
+    ConnectionError,
+    EventStore,
+    IntegrityError,
+    MigrationError,
+    QueryError,
+    ValidationError,
+)
+from eventstore.events import MessageSaved, UserActionLogged, UserStatsSaved, event_tag
 from eventstore.pglog import PostgresLog, redact_dsn
+from eventstore.validation import MAX_INT
 
 # (Import from pgserver inside functions: a module imported before pytest
 # registers it as a plugin cannot have its asserts rewritten, and says so.)
@@ -736,3 +744,16 @@ def test_without_server_binaries_the_fixture_fails_rather_than_skips(tmp_path: P
     assert out.returncode == 1, out.stdout + out.stderr
     assert "1 error" in out.stdout and "skipped" not in out.stdout, out.stdout
     assert "PostgreSQL server binaries" in out.stdout and "apt-get install postgresql" in out.stdout
+
+
+async def test_append_checks_totals_on_the_log_as_it_is_now(pg_database: str) -> None:
+    """Another process's increments count: append() catches up before it checks."""
+    a, b = EventStore(pg_database), EventStore(pg_database)
+    async with a, b:
+        await b.save_user_stats("ann", chat_lines=1)  # b knows ann, with 1 line
+        await a.append([UserStatsSaved("ann", 1, chat_lines=MAX_INT - 10)])
+        with pytest.raises(ValidationError, match="chat_lines: 'ann' has"):
+            await b.append([UserStatsSaved("ann", 2, chat_lines=100)])
+        await b.refresh()
+        stats = await b.get_user_stats("ann")
+        assert stats is not None and stats["total_chat_lines"] == MAX_INT - 9

@@ -89,3 +89,17 @@ async def test_a_total_already_past_the_limit_does_not_block_other_updates(where
             await store.save_user_stats("ann", chat_lines=1)
         with pytest.raises(ValidationError, match="chat_lines"):
             await store.append([UserStatsSaved("ann", 3, chat_lines=1)])
+
+
+async def test_a_session_end_the_fold_ignores_does_not_count(where: str) -> None:
+    """No session open: the fold adds nothing, so neither does the check."""
+    async with EventStore(where, clock=lambda: 100) as store:
+        await store.append([UserStatsSet("ann", 1, 2, 0, MAX_INT - 5, None)])
+        await store.append([SessionEnded("ann", 10, 9)])  # no session: ignored
+        # Opened and ended in one batch: counted.
+        opened = UserStatsSaved("ann", 11, session_start=11)
+        with pytest.raises(ValidationError, match="time_connected"):
+            await store.append([opened, SessionEnded("ann", 20, 9)])
+        await store.append([opened, SessionEnded("ann", 12, 1)])
+        stats = await store.get_user_stats("ann")
+        assert stats is not None and stats["total_time_connected"] == MAX_INT - 4
