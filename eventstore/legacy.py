@@ -388,9 +388,8 @@ class LegacyReader:
                 missing.append(table)
                 continue
             real = tables[table]
-            present = {
-                str(row[1]).lower() for row in self._conn.execute(f"PRAGMA table_info({_q(real)})")
-            }
+            info = list(self._conn.execute(f"PRAGMA table_info({_q(real)})"))
+            present = {str(row[1]).lower() for row in info}
             exprs = ["rowid"]
             for col in columns:
                 if col.name in present:
@@ -417,16 +416,9 @@ class LegacyReader:
                     f"{self.path}: table {table} has no row ids (a WITHOUT ROWID table?): "
                     f"{err}; the bot's tables always have them"
                 ) from err
-            # Legacy id order, which is rowid order where id is the INTEGER
-            # PRIMARY KEY (the bot's schema), and the rows' own ids otherwise.
-            # Rows without an integer id (NULL, text) follow, in insertion
-            # (rowid) order: SQLite would sort NULLs first and text last.
-            order = (
-                "typeof(id) <> 'integer', CASE WHEN typeof(id) = 'integer' THEN id END, rowid"
-                if "id" in present
-                else "rowid"
+            self._selects[table] = (
+                f"SELECT {', '.join(exprs)} FROM {_q(real)} ORDER BY {_id_order(info)}"
             )
-            self._selects[table] = f"SELECT {', '.join(exprs)} FROM {_q(real)} ORDER BY {order}"
         if len(missing) == len(LEGACY_TABLES):
             # An empty SQLite file, or another program's: importing it would
             # only make an empty store.
@@ -549,6 +541,27 @@ class LegacyReader:
             event = convert((path, table, row[0], None), row)
             rows[table] = n
             yield event.timestamp, row[0], rank, event
+
+
+def _id_order(info: list[tuple[Any, ...]]) -> str:
+    """ORDER BY for legacy id order, from a table's ``PRAGMA table_info`` rows.
+
+    Where ``id`` is the INTEGER PRIMARY KEY (the bot's schema) it is the
+    rowid, and rowid order costs no sort.  Otherwise rows go by the integer
+    value of their id (stored as an integer, or as text or a real that holds
+    one); rows without one (NULL, other text) follow in insertion (rowid)
+    order, where SQLite itself would sort NULLs first and text after numbers.
+    """
+    ids = [row for row in info if str(row[1]).lower() == "id"]
+    keys = [row for row in info if row[5]]
+    if not ids or (keys == ids and str(ids[0][2]).upper() == "INTEGER"):
+        return "rowid"
+    key = (
+        "CASE WHEN typeof(id) = 'integer' THEN id "
+        "WHEN typeof(id) IN ('real', 'text') AND CAST(id AS INTEGER) = id "
+        "THEN CAST(id AS INTEGER) END"
+    )
+    return f"{key} IS NULL, {key}, rowid"
 
 
 def _action(loc: _Loc, row: tuple[Any, ...]) -> UserActionLogged:

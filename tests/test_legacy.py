@@ -25,6 +25,7 @@ from eventstore.legacy import (
     LEGACY_SCHEMA,
     LegacyReader,
     StoreNotEmptyError,
+    _id_order,
     export_jsonl,
     export_sqlite,
     import_sqlite,
@@ -208,24 +209,44 @@ def test_a_table_whose_timestamps_go_backwards_keeps_its_id_order(tmp_path: Path
     assert [e.action_type for e in history if isinstance(e, UserActionLogged)] == ["join", "pm"]
 
 
-def test_rows_are_read_in_legacy_id_order_where_id_is_not_the_rowid(tmp_path: Path) -> None:
+@pytest.mark.parametrize("declared", ["INTEGER", "TEXT", "REAL", ""])
+def test_rows_are_read_in_legacy_id_order_where_id_is_not_the_rowid(
+    tmp_path: Path, declared: str
+) -> None:
     schema = LEGACY_SCHEMA.replace(
         "CREATE TABLE IF NOT EXISTS recent_chat (\n    id INTEGER PRIMARY KEY AUTOINCREMENT,",
-        "CREATE TABLE IF NOT EXISTS recent_chat (\n    id INTEGER,",
+        f"CREATE TABLE IF NOT EXISTS recent_chat (\n    id {declared},",
     )
     assert schema != LEGACY_SCHEMA
-    # Inserted as id 2 then id 1 (rowids 1 and 2), at the same second; then
-    # rows without an integer id, which keep their insertion order, last.
+    # Inserted as ids 2, 10, 1 (rowids 1, 2, 3), at the same second, and
+    # ordered by their value whatever the column's type; then rows without
+    # an integer id, which keep their insertion order, last.
     messages = [
         (2, T0, "a", "second"),
         (None, T0, "a", "no id"),
+        ("10", T0, "a", "tenth"),
         (1, T0, "a", "first"),
         ("x", T0, "a", "text id"),
         (None, T0, "a", "no id again"),
     ]
     path = build(tmp_path / "ids.db", schema=schema, actions=[], counts=[], messages=messages)
     history = [e for e in read_legacy(path).events if isinstance(e, MessageSaved)]
-    assert [e.message for e in history] == ["first", "second", "no id", "text id", "no id again"]
+    assert [e.message for e in history] == [
+        "first",
+        "second",
+        "tenth",
+        "no id",
+        "text id",
+        "no id again",
+    ]
+
+
+def test_the_bots_own_tables_are_read_in_rowid_order_without_a_sort(legacy_db: Path) -> None:
+    conn = sqlite3.connect(legacy_db)
+    for table in ("user_actions", "user_count_history", "recent_chat"):
+        info = list(conn.execute(f"PRAGMA table_info({table})"))
+        assert _id_order(info) == "rowid"
+    conn.close()
 
 
 @pytest.mark.parametrize(
