@@ -64,16 +64,26 @@ that fails, or whose query is cancelled, is dropped and opened again on next
 use; the statement that failed raises ConnectionError.  ``close()`` lets the
 writer commit what was queued, then closes both; it runs in a task of its
 own, so a caller cancelled or timed out half-way leaves nothing open, and a
-second ``close()`` waits for the same work.  If the writer task is cancelled
-from outside while the log is open (a shutdown cancelling every task), the
-appends it held or had queued fail with ConnectionError, and so does every
-later one, until the log is closed and opened again.
+second ``close()`` waits for the same work.  If that task is cancelled too
+(a shutdown cancelling every task, ``asyncio.run`` ending), the connections
+are terminated at once, and ``close()`` raises CancelledError only in a
+caller that is itself cancelled.  A log left open, or its close cancelled,
+by an event loop that has ended is closed or opened again in a new loop:
+what the old loop left is dropped, not waited for.  If the writer task is
+cancelled from outside while the log is open, the appends it held or had
+queued fail with ConnectionError, and so does every later one, until the log
+is closed and opened again.
 
-Messages name the log by its URL with the passwords masked (``redact_dsn``:
-the userinfo's, found from the last ``@`` so that unescaped ``@ / ? #`` in
-it do not matter, and the ``password`` and ``sslpassword`` parameters').
-An error asyncpg raises for a URL it cannot parse may quote a piece of the
-password, so its text is not shown when the URL holds one.
+Messages name the log by its URL with the passwords masked (``redact_dsn``):
+every ``password`` and ``sslpassword`` parameter's value, up to the next
+``&``, and the userinfo's password, found by the last ``@`` before the first
+``=`` so that unescaped ``@ / ? #`` in it do not matter (see _split_dsn).
+A URL parser such as asyncpg's may read another password there (in
+``bot:se:cr/et@db/chat`` it finds host ``bot``, port ``se:cr`` and no
+password), or cut a ``#`` off as a fragment: such a URL is *ambiguous*, and
+an error asyncpg raises about it, or about the host it found in it, is not
+shown, as it may quote a piece of the password.  Otherwise the driver's and
+the server's messages are shown as they are.
 
 Following.  The appending transaction also calls ``pg_notify``; the log
 LISTENs on its read connection, and ``wait_for_appends`` returns as soon as a
@@ -103,7 +113,7 @@ import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
-from urllib.parse import unquote, unquote_plus, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import msgspec
 
@@ -294,86 +304,88 @@ def is_dsn(target: object) -> TypeGuard[str]:
 #: Query parameters that hold a secret (asyncpg's ``password``, and
 #: ``sslpassword`` for the client key).
 _SECRET_PARAMS = ("password", "sslpassword")
+#: A parameter: its key (after a ``?`` or ``&``) and its value, up to the next ``&``.
+_PARAM = re.compile(r"(?<=[?&])([^?&=]*)=([^&]*)")
+#: An authority that is hosts alone (``host``, ``host:5432``, ``[::1]:5432``,
+#: comma-separated): a ``:`` in it is a port's, not a password's.
+_HOSTS = re.compile(r"(?:\[[^\]]*\]|[^:,\[\]]*)(?::\d*)?(?:,(?:\[[^\]]*\]|[^:,\[\]]*)(?::\d*)?)*")
+
+
+def _mask_params(dsn: str) -> str:
+    """``dsn`` with the values of its ``password`` and ``sslpassword`` parameters masked.
+
+    Wherever they are: a value runs to the next ``&`` or the end, so an
+    ``@`` in it goes with it (and is not taken for the userinfo's end).
+    """
+
+    def mask(param: re.Match[str]) -> str:
+        key = param[1]
+        return f"{key}=***" if unquote_plus(key).strip().lower() in _SECRET_PARAMS else param[0]
+
+    return _PARAM.sub(mask, dsn)
 
 
 def _split_dsn(dsn: str) -> tuple[str, str, str, str]:
     """(scheme and ``://``, userinfo, ``@`` or ``""``, the rest: hosts, path, query).
 
-    The userinfo ends at the last ``@``, not where a URL parser says: a
-    password written without percent-escapes may hold ``:``, ``@``, ``/``,
-    ``?`` or ``#``, and urlsplit would then take part of it for the host, the
-    path, the query or a fragment.  An ``@`` in the query is taken for the
-    userinfo's end too, which hides more than needed but shows nothing secret.
+    For a URL whose secret parameters are masked already (_mask_params).
+    The userinfo is not where a URL parser says: a password written without
+    percent-escapes may hold ``:``, ``@``, ``/``, ``?`` or ``#``, and urlsplit
+    would then take part of it for the host, the path, the query or a
+    fragment.  It ends at the last ``@`` before the first ``=``: an ``@``
+    after it is a query value's (``?user=bot@host``).  With no ``@`` there,
+    the password may hold the ``=``: the text up to the last ``@`` is the
+    userinfo if it has a ``:`` before any ``/``, ``?`` or ``#``, unless that
+    ``:`` is a port's and a ``?`` comes before the first ``=`` (then it is a
+    query's ``@``).  Where a URL reads both ways, this hides more, not less.
     """
     scheme, sep, rest = dsn.partition("://")
     if not sep:
         return "", "", "", dsn
-    userinfo, at, hosts = rest.rpartition("@")
-    return scheme + sep, userinfo, at, hosts
-
-
-def _is_secret_param(pair: str) -> bool:
-    key, eq, _ = pair.partition("=")
-    return bool(eq) and unquote_plus(key).strip().lower() in _SECRET_PARAMS
-
-
-def _redact_query(text: str) -> str:
-    """``text`` with the values of its ``password`` and ``sslpassword`` parameters masked."""
-    head, mark, query = text.partition("?")
-    if not mark:
-        return text
-    pairs = query.split("&")
-    for i, pair in enumerate(pairs):
-        if _is_secret_param(pair):
-            pairs[i] = f"{pair.partition('=')[0]}=***"
-    return f"{head}?{'&'.join(pairs)}"
+    userinfo, at, _ = rest.partition("=")[0].rpartition("@")
+    if not at:
+        userinfo, at, _ = rest.rpartition("@")
+        authority = re.split(r"[/?#]", userinfo, maxsplit=1)[0]
+        port_or_query = _HOSTS.fullmatch(authority) and "?" in userinfo.partition("=")[0]
+        if not at or ":" not in authority or port_or_query:
+            return scheme + sep, "", "", rest
+    return scheme + sep, userinfo, at, rest[len(userinfo) + 1 :]
 
 
 def redact_dsn(dsn: str) -> str:
     """``dsn`` with its passwords (in the userinfo or the query) replaced by ``***``.
 
-    However the URL is spelled: see _split_dsn for a password with unescaped
-    ``@``, ``/``, ``?`` or ``#``.
+    However the URL is spelled: see _mask_params and _split_dsn.
     """
-    scheme, userinfo, at, rest = _split_dsn(dsn)
-    if at:
-        user = re.split(r"[:/?#]", userinfo, maxsplit=1)[0]
-        if user != userinfo:
-            # The last parameter before the "@" was a password holding an
-            # "@" (password=x@y): its tail, up to the next parameter, goes too.
-            if _is_secret_param(userinfo.partition("?")[2].rpartition("&")[2]):
-                rest = "***" + rest[len(rest.partition("&")[0]) :]
-            userinfo = f"{user}:***"
-    return f"{scheme}{userinfo}{at}{_redact_query(rest)}"
+    scheme, userinfo, at, rest = _split_dsn(_mask_params(dsn))
+    user = re.split(r"[:/?#]", userinfo, maxsplit=1)[0]
+    if user != userinfo:
+        userinfo = f"{user}:***"
+    return f"{scheme}{userinfo}{at}{rest}"
 
 
-def _secrets(dsn: str) -> list[str]:
-    """The passwords ``dsn`` may hold, as written and decoded, longest first.
+def _is_ambiguous(dsn: str) -> bool:
+    """May a URL parser (asyncpg's) find another password in ``dsn`` than redact_dsn?
 
-    Both as _split_dsn reads the URL and as a URL parser (asyncpg's) does,
-    which differ when a password is not percent-escaped.
+    Then an error about the URL may quote a piece of the password that
+    redact_dsn did not hide (a port "se:cr" cut from "se:cr/et"), and no
+    search for the password would find the piece.  A ``#`` anywhere is
+    ambiguous too: a parser takes what follows it for a fragment; and so are
+    two ``@`` in urlsplit's netloc, which it cuts at the last but asyncpg at
+    the first.
     """
-    found: set[str] = set()
-    _, userinfo, at, _ = _split_dsn(dsn)
-    if at and ":" in userinfo:
-        found.add(userinfo.partition(":")[2])
-    with contextlib.suppress(ValueError):
+    if "#" in dsn:
+        return True
+    try:
         parsed = urlsplit(dsn)
-        if "@" in parsed.netloc:
-            found.add(parsed.netloc.partition("@")[0].partition(":")[2])
-    for pair in re.split(r"[?&]", dsn):
-        if _is_secret_param(pair):
-            value = pair.partition("=")[2]
-            found |= {value, value.partition("#")[0]}
-    found |= {unquote_plus(value) for value in found} | {unquote(value) for value in found}
-    return sorted((value for value in found if value), key=len, reverse=True)
-
-
-def _without_secrets(text: str, dsn: str) -> str:
-    """``text`` (an error's) with any password of ``dsn`` in it replaced by ``***``."""
-    for secret in _secrets(dsn):
-        text = text.replace(secret, "***")
-    return text
+        theirs = parsed.password
+    except ValueError:
+        return True
+    if parsed.netloc.count("@") > 1:
+        return True
+    _, userinfo, _, _ = _split_dsn(_mask_params(dsn))
+    ours = userinfo.partition(":")[2] if ":" in userinfo else None
+    return ours != theirs
 
 
 def _import_asyncpg() -> Any:
@@ -465,6 +477,7 @@ class PostgresLog(EventLog):
         self.dsn = dsn
         #: The DSN without its password, for messages.
         self.where = redact_dsn(dsn)
+        self._ambiguous = _is_ambiguous(dsn)
         self.read_only = read_only
         self.logger = logger or logging.getLogger("eventstore")
         self.page_rows = page_rows
@@ -491,6 +504,9 @@ class PostgresLog(EventLog):
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
+        # The event loop that opened the log: its tasks, futures and
+        # connections are no use in another one.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     @property
@@ -498,10 +514,15 @@ class PostgresLog(EventLog):
         return self._head
 
     async def open(self) -> None:
-        if self._open:
+        if self._open and self._loop is asyncio.get_running_loop():
             return
-        if self._closing is not None:
-            await self.close()  # a close() still in progress finishes first
+        if self._open or self._closing is not None:
+            # A close() in progress finishes first (one that cannot, being
+            # cancelled or of another event loop, is dropped), and a log left
+            # open by an event loop that has ended (asyncio.run returned
+            # without close()) is closed: its writer and connections are no
+            # use here.
+            await self.close()
         conn = await self._connect()
         try:
             await self._prepare(conn)
@@ -526,6 +547,7 @@ class PostgresLog(EventLog):
         self._rlock = asyncio.Lock()
         self._appended = False
         self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self._open = True
         if not self.read_only:
             self._writer = asyncio.get_running_loop().create_task(
@@ -535,25 +557,24 @@ class PostgresLog(EventLog):
     async def _connect(self) -> Any:
         try:
             return await self._pg.connect(self.dsn, timeout=self.connect_timeout)
-        except ValueError as err:
-            # asyncpg could not read the URL (ClientConfigurationError is a
-            # ValueError too), and its message may quote a piece of a password
-            # it cut in the wrong place ("invalid literal for int(): 'se:cr'"),
-            # which no search for the whole password finds.  Show it only if
-            # the URL holds no password; and keep it out of the traceback.
-            if _secrets(self.dsn):
+        except (ValueError, OSError, asyncio.TimeoutError) as err:
+            # ValueError: asyncpg could not read the URL (ClientConfigurationError
+            # is one too); OSError, TimeoutError: no server where it looked.
+            # The message may quote a piece of the URL as asyncpg cut it up:
+            # for an ambiguous URL (_is_ambiguous), perhaps a piece of the
+            # password that redact_dsn hid whole ("invalid literal for int():
+            # 'se:cr'").  Not shown then, nor kept in the traceback.
+            if self._ambiguous:
                 raise ConnectionError(
-                    f"{self.where}: cannot connect: the URL is not valid ({type(err).__name__}; "
-                    "its message is not shown, as it may quote the password: a password "
-                    "must have any ':', '@', '/', '?', '#', '&' or '%' percent-encoded)"
+                    f"{self.where}: cannot connect ({type(err).__name__}; its message is "
+                    "hidden because the URL is ambiguous and it may quote a piece of the "
+                    "password: percent-encode any ':', '@', '/', '?', '#', '&' or '%' in "
+                    "the password)"
                 ) from None
             raise ConnectionError(f"{self.where}: cannot connect: {err}") from err
-        except (OSError, asyncio.TimeoutError) as err:
-            why = _without_secrets(str(err), self.dsn)
-            raise ConnectionError(f"{self.where}: cannot connect: {why}") from err
         except (self._pg.PostgresError, self._pg.InterfaceError) as err:
-            why = _without_secrets(str(err), self.dsn)
-            raise ConnectionError(f"{self.where}: cannot connect: {why}") from err
+            # The server's word: it never echoes the client's password.
+            raise ConnectionError(f"{self.where}: cannot connect: {err}") from err
 
     async def _prepare(self, conn: Any) -> None:
         """Create the tables if missing, or check that this code can read them."""
@@ -624,22 +645,63 @@ class PostgresLog(EventLog):
         The work runs in a task of its own: a caller cancelled half-way (a
         timeout around close(), a shutdown cancelling every task) does not
         leave the connections open with the log already marked closed; a
-        second close() waits for the same work.
+        second close() waits for the same work.  If that task is cancelled
+        itself, the connections are terminated and close() returns: it
+        raises CancelledError only in a caller that is cancelled.
         """
+        self._drop_stale_closing()
         if self._closing is None:
             if not self._open:
                 return
             self._open = False
             self._closing = asyncio.ensure_future(self._close())
+            # A callback, not a finally in _close: a task cancelled before it
+            # starts never runs its coroutine.
+            self._closing.add_done_callback(self._closed)
         closing = self._closing
         try:
-            await asyncio.shield(closing)
+            # asyncio.wait, not await: cancelling this caller does not cancel
+            # the work, and the work's cancellation is not raised here as if
+            # it were this caller's.  (So this needs no Task.cancelling(),
+            # which is 3.11+: wait() raises CancelledError only if this
+            # caller is cancelled.)
+            await asyncio.wait({closing})
         finally:
             if closing.done() and self._closing is closing:
                 self._closing = None
+        if not closing.cancelled():
+            closing.result()  # _close failed: its error
+
+    def _drop_stale_closing(self) -> None:
+        """Forget a close() that cannot be waited for.
+
+        One that ended without a caller to reset ``_closing`` (its caller
+        cancelled first, then asyncio.run cancelling it as it ended), or one
+        of another event loop: awaiting it would raise its CancelledError, or
+        fail outright.  Whatever it left open is terminated.
+        """
+        closing = self._closing
+        if closing is None or not (
+            closing.done() or closing.get_loop() is not asyncio.get_running_loop()
+        ):
+            return
+        self._closing = None
+        if closing.done() and not closing.cancelled():
+            closing.exception()  # retrieved: _closed terminated what it left
+        self._writer = None
+        self._terminate_conns()
 
     async def _close(self) -> None:
-        writer, self._writer = self._writer, None
+        writer = self._writer
+        if self._loop is not asyncio.get_running_loop():
+            # Opened in an event loop that has ended (asyncio.run returned
+            # without close()): nothing of it runs any more, its writer cannot
+            # be waited for nor its callers' futures resolved here.  _closed
+            # terminates its connections.
+            self._writer, self._queue, self._round, self._waiters = None, [], [], set()
+            if writer is not None and writer.done() and not writer.cancelled():
+                writer.exception()  # retrieved: no "never retrieved" warning
+            return
         if writer is not None:
             # The writer commits what was queued before close(), then stops.
             # asyncio.wait, not await: a writer cancelled from outside would
@@ -651,10 +713,30 @@ class PostgresLog(EventLog):
                 writer.exception()
         self._fail_queue(ConnectionError(f"{self.where}: the log was closed before this write"))
         async with self._rlock:
-            rconn, wconn, self._rconn, self._wconn = self._rconn, self._wconn, None, None
-            for conn in (rconn, wconn):
+            for conn in (self._rconn, self._wconn):
                 await self._close_conn(conn)
+            self._rconn = self._wconn = None
+
+    def _closed(self, closing: asyncio.Future[None]) -> None:
+        """After _close, however it ended.
+
+        Cancelled (a shutdown cancelling every task, asyncio.run ending;
+        perhaps before it started) or failed half-way, it leaves nothing
+        open and no one waiting: the connections are terminated at once, and
+        a writer still at work (connecting, or committing on the connection
+        terminated here) is stopped, failing its callers (_run_writer).
+        """
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.done() and writer.get_loop() is closing.get_loop():
+            writer.cancel()
+        self._terminate_conns()
+        self._fail_queue(ConnectionError(f"{self.where}: the log was closed before this write"))
         self._signal_appended()  # release anyone still waiting for appends
+
+    def _terminate_conns(self) -> None:
+        conns, self._rconn, self._wconn = (self._rconn, self._wconn), None, None
+        for conn in conns:
+            _terminate(conn)
 
     async def _close_conn(self, conn: Any) -> None:
         if conn is None or conn.is_closed():
@@ -1014,6 +1096,15 @@ class PostgresLog(EventLog):
         # Clearing here loses nothing: whatever was notified is committed,
         # and the caller's refresh() comes after this.
         self._appended = False
+
+
+def _terminate(conn: Any) -> None:
+    """Close ``conn`` at once, without a word to the server (synchronous)."""
+    if conn is not None and not conn.is_closed():
+        # Fails (RuntimeError) if its event loop is closed: the socket then
+        # goes with the connection object.
+        with contextlib.suppress(Exception):
+            conn.terminate()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -334,18 +334,20 @@ class EventStore(StorageAdapter):
         during COMMIT is in the log, the follower finds out.
 
         Once the append has committed, the write has succeeded whatever
-        follows: if catching up through it fails (the read connection lost
+        follows: if catching up through it fails with the connection (lost
         just then), this logs a warning and returns normally.  An error here
         would read as "not written" and a retrying caller would append the
         events a second time; instead the follower (or the next write that
         decides, or refresh()) catches up when the log answers again.  Until
-        then a read in this process may not show the write yet.
+        then a read in this process may not show the write yet.  Any other
+        failure to read back (a row this code cannot decode) will not pass:
+        the store stops, and the error says the write was committed.
         """
         first = await self._log.append(events)
         last = first + len(events) - 1
         try:
             await self._catch_up(last)
-        except StorageError as err:
+        except ConnectionError as err:
             self.logger.warning(
                 "positions %d..%d were committed, but reading them back failed (%s); "
                 "reads show them once the store catches up",
@@ -353,6 +355,17 @@ class EventStore(StorageAdapter):
                 last,
                 err,
             )
+        except StorageError as err:
+            # Not a passing loss: the log cannot be read on from here (a row
+            # this code cannot decode), and the follower has stopped at the
+            # same place.  Returning would pass for a write the store shows;
+            # the plain error would pass for a write that failed.
+            self._fail(err)
+            raise StorageError(
+                f"the events were committed at positions {first}..{last}, but reading the "
+                f"log back failed ({err}); the store has stopped (close() and connect() "
+                "again); do not retry the write: it is in the log"
+            ) from err
         return first
 
     @contextlib.asynccontextmanager

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from eventstore import ConnectionError, EventStore
+from eventstore import ConnectionError, EventStore, StorageError
 from eventstore.events import MessageSaved
 from eventstore.pglog import PostgresLog, is_dsn, redact_dsn
 
@@ -163,6 +163,128 @@ async def test_a_writer_cancelled_from_outside_fails_appends_and_close_still_clo
         assert (await again.get_recent_messages())[0]["message"] == "three"
 
 
+async def test_a_shutdown_cancelling_every_task_during_close_leaves_nothing_open(
+    pg_database: str,
+) -> None:
+    """Regression: with the close task cancelled too (here before it even
+    started), the connections stayed open and a later close() closed nothing."""
+    from pgserver import with_params
+
+    dsn = with_params(pg_database, application_name="eventstore_shutdown")
+    store = EventStore(dsn)
+    await store.connect()
+    await store.save_message("alice", "hi")
+    closer = asyncio.create_task(store.close())
+    while store.log._closing is None:  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert closer in others  # with the close task and the writer
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+    assert await _backends(pg_database, "eventstore_shutdown", expect=0) == 0
+    await store.close()  # returns
+    async with EventStore(dsn) as again:
+        assert [r["message"] for r in await again.get_recent_messages()] == ["hi"]
+
+
+async def test_close_returns_in_a_caller_not_cancelled_when_the_close_task_is(
+    pg_database: str,
+) -> None:
+    """Regression: the close task cancelled (with the writer) and its caller
+    not, close() raised a bare CancelledError into the caller, and the
+    connections stayed open."""
+    from pgserver import with_params
+
+    dsn = with_params(pg_database, application_name="eventstore_inner")
+    log = PostgresLog(dsn)
+    await log.open()
+    await log.append([MessageSaved(1, "alice", "hi")])
+    closer = asyncio.create_task(log.close())
+    while log._closing is None:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the close task waits for the writer now
+    log._closing.cancel()
+    _writer_task().cancel()
+    await closer  # returns
+    assert await _backends(pg_database, "eventstore_inner", expect=0) == 0
+    await log.close()
+
+
+def test_a_store_connects_in_a_new_loop_after_asyncio_run_cancelled_its_close(
+    pg_database: str,
+) -> None:
+    """Regression: asyncio.run ending cancelled the close task (its caller
+    cancelled first, as by Ctrl-C), leaving the connections open; connect()
+    in the next loop awaited that task and raised CancelledError."""
+    from pgserver import with_params
+
+    dsn = with_params(pg_database, application_name="eventstore_rerun")
+    store = EventStore(dsn)
+
+    async def first() -> None:
+        await store.connect()
+        await store.save_message("alice", "one")
+        main = asyncio.current_task()
+        assert main is not None
+
+        async def interrupt() -> None:
+            while store.log._closing is None:  # type: ignore[attr-defined]
+                await asyncio.sleep(0)
+            main.cancel()
+
+        asyncio.get_running_loop().create_task(interrupt())
+        await store.close()
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(first())
+    assert asyncio.run(_backends(pg_database, "eventstore_rerun", expect=0)) == 0
+
+    async def second() -> list[str]:
+        await store.connect()
+        try:
+            await store.save_message("alice", "two")
+            return [r["message"] for r in await store.get_recent_messages()]
+        finally:
+            await store.close()
+
+    assert asyncio.run(second()) == ["two", "one"]
+    assert asyncio.run(_backends(pg_database, "eventstore_rerun", expect=0)) == 0
+
+
+def test_a_log_left_open_by_an_ended_loop_closes_and_opens_in_a_new_one(
+    pg_database: str,
+) -> None:
+    """Regression: close() in a new loop raised "Event loop is closed" and kept
+    the old loop's writer connection, and after open() the first append
+    failed on it and stopped the writer."""
+    from pgserver import with_params
+
+    dsn = with_params(pg_database, application_name="eventstore_ended")
+    log = PostgresLog(dsn)
+
+    async def first() -> None:
+        await log.open()
+        await log.append([MessageSaved(1, "alice", "one")])  # the writer's connection too
+
+    asyncio.run(first())  # ends with the log open
+    asyncio.run(asyncio.wait_for(log.close(), 10))
+    assert log._rconn is None and log._wconn is None
+
+    async def again() -> list[object]:
+        await log.open()
+        try:
+            await log.append([MessageSaved(2, "alice", "two")])
+            return [e async for _, e in log.read()]
+        finally:
+            await log.close()
+
+    assert asyncio.run(asyncio.wait_for(again(), 10)) == [
+        MessageSaved(1, "alice", "one"),
+        MessageSaved(2, "alice", "two"),
+    ]
+
+
 # -- failed appends and catch-ups -----------------------------------------------------------
 async def test_a_lost_connection_during_an_append_does_not_stop_the_store(
     pg_database: str,
@@ -223,6 +345,41 @@ async def test_a_write_whose_catch_up_fails_returns_and_is_not_duplicated(
         assert await store.refresh() == 1
         assert [r["message"] for r in await store.get_recent_messages()] == ["hello"]
         assert len([e async for _, e in log.read()]) == 1  # written once
+
+
+async def test_a_write_whose_read_back_hits_an_undecodable_row_raises_and_stops(
+    pg_database: str,
+) -> None:
+    """Regression: a row this code cannot decode (damage, or newer code)
+    failed the read back, and the write returned normally as if from a
+    passing loss while the store could never catch up again."""
+    async with EventStore(pg_database) as store:
+        assert store._follower is not None
+        store._follower.cancel()  # the write, not the follower, meets the row
+        await store.save_message("alice", "one")
+        conn = await asyncpg.connect(pg_database)
+        try:
+            await conn.execute(
+                "WITH h AS (UPDATE eventstore_head SET position = position + 1 RETURNING position) "
+                "INSERT INTO eventstore_events (position, tag, payload) "
+                "SELECT position, 1, '\\xdeadbeef'::bytea FROM h"
+            )
+        finally:
+            await conn.close()
+        with pytest.raises(StorageError) as info:
+            await store.save_message("alice", "two")
+        assert not isinstance(info.value, ConnectionError)
+        message = str(info.value)
+        assert "committed at positions 3..3" in message and "position 2" in message
+        assert "do not retry" in message
+        assert not store.is_connected  # stopped, saying why
+        with pytest.raises(ConnectionError, match="stopped"):
+            await store.save_message("alice", "three")
+    conn = await asyncpg.connect(pg_database)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM eventstore_events") == 3  # written once
+    finally:
+        await conn.close()
 
 
 # -- deciding on a shared log -----------------------------------------------------------------
@@ -291,9 +448,36 @@ def test_redact_dsn_hides_passwords_however_the_url_is_spelled() -> None:
     }
     for dsn, shown in cases.items():
         assert redact_dsn(dsn) == shown, dsn
-    # An '@' in a query password: more is hidden than needed, nothing shown.
+    # An '@' in a query password goes with the value.
     shown = redact_dsn("postgresql://bot@db/chat?password=top@secret&sslmode=require")
-    assert "top" not in shown and "secret" not in shown and shown.endswith("&sslmode=require")
+    assert shown == "postgresql://bot@db/chat?password=***&sslmode=require"
+
+
+def test_redact_dsn_tells_the_userinfo_from_an_at_sign_in_the_query() -> None:
+    """Regression: the userinfo ended at the last '@' wherever it was, so a
+    password parameter before an '@' in the query was shown, and
+    ``?user=a@b`` was taken for a password."""
+    cases = {
+        "postgresql://bot:s3cr#et@db.example/bot": "postgresql://bot:***@db.example/bot",
+        "postgresql://127.0.0.1:1/bot?user=bot@srv&password=s3cret&sslmode=disable": (
+            "postgresql://127.0.0.1:1/bot?user=bot@srv&password=***&sslmode=disable"
+        ),
+        "postgresql://h/db?password=p@ss&sslpassword=k3y": (
+            "postgresql://h/db?password=***&sslpassword=***"
+        ),
+        "postgresql://bot@h/db?application_name=bot@web1&sslpassword=k3y": (
+            "postgresql://bot@h/db?application_name=bot@web1&sslpassword=***"
+        ),
+        "postgresql:///db?host=/tmp": "postgresql:///db?host=/tmp",
+        "postgresql://host/db?user=a@b": "postgresql://host/db?user=a@b",
+        "postgresql://[::1]:5432,h2:5433/db?user=a@b": "postgresql://[::1]:5432,h2:5433/db?user=a@b",
+        # A '=' in the password, so no '@' before the first '=': hide more, not less.
+        "postgresql://bot:a=b@host/db": "postgresql://bot:***@host/db",
+        "postgresql://bot:a?b=c@host/db": "postgresql://bot:***@host/db",
+        "postgresql://bot:12/b=c@host/db": "postgresql://bot:***@host/db",
+    }
+    for dsn, shown in cases.items():
+        assert redact_dsn(dsn) == shown, dsn
 
 
 async def test_a_url_asyncpg_cannot_read_shows_no_piece_of_the_password(pg_dsn: str) -> None:
@@ -306,4 +490,31 @@ async def test_a_url_asyncpg_cannot_read_shows_no_piece_of_the_password(pg_dsn: 
     shown = "".join(traceback.format_exception(info.value))  # the causes too
     for piece in ("se:cr", "cr/et"):
         assert piece not in shown, piece
-    assert "postgres:***@" in str(info.value) and "URL is not valid (ValueError" in str(info.value)
+    assert "postgres:***@" in str(info.value)
+    assert "(ValueError; its message is hidden because the URL is ambiguous" in str(info.value)
+
+
+async def test_the_drivers_message_is_shown_as_it_is_for_a_url_read_one_way(
+    pg_dsn: str,
+) -> None:
+    """Regression: every candidate password was replaced by '***' in the
+    driver's message (a password 'bot' made 'role "***"' of 'role "bot"',
+    which showed it; '1' starred every digit), and any ValueError was hidden
+    when the URL held a password, with advice that did not apply."""
+    from pgserver import with_params
+
+    async def error(dsn: str) -> str:
+        with pytest.raises(ConnectionError, match="cannot connect") as info:
+            await EventStore(dsn).connect()
+        return str(info.value)
+
+    # The server's message (the password is not the problem: the role is).
+    shown = await error(pg_dsn.replace("postgres@", "bot:bot@", 1))
+    assert 'role "bot" does not exist' in shown and "bot:***@" in shown
+    # The socket's.
+    shown = await error("postgresql://bot:1@127.0.0.1:1/bot")
+    assert "127.0.0.1', 1)" in shown and "bot:***@127.0.0.1:1/" in shown
+    # asyncpg's own about the URL, which a password does not hide any more.
+    with_password = pg_dsn.replace("postgres@", "postgres:s3cret@", 1)
+    shown = await error(with_params(with_password, sslmode="verify-fulll"))
+    assert "`sslmode` parameter must be one of" in shown and "s3cret" not in shown
