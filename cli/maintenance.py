@@ -80,10 +80,10 @@ def compact(
     if isinstance(report, PostgresCompactReport):
         _print_pg_report(report)
         return
-    if not report.dry_run and not report.segments_rewritten:
+    if not report.segments_rewritten:
         typer.echo(
-            f"nothing to compact: the sealed segments ({out.size(report.bytes_before)}) "
-            "hold nothing to drop; nothing was changed"
+            f"{'dry run: ' if report.dry_run else ''}nothing to compact: the sealed segments "
+            f"({out.size(report.bytes_before)}) hold nothing to drop; nothing was changed"
         )
         return
     verb = "would rewrite" if report.dry_run else "rewrote"

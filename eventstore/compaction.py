@@ -406,8 +406,11 @@ async def compact_log(
     await log.flush()
     head = log.head
     if dry_run:
-        # Report as if the active segment were sealed too, as compact() does.
+        # Report as if the active segment were sealed too, as compact() does
+        # (it rolls first, unless the active segment holds no frame yet).
         sealed = log.segments
+        if sealed and sealed[-1].end <= HEADER_SIZE:
+            sealed = sealed[:-1]
         last_sealed = head
     else:
         sealed = log.segments[:-1]
@@ -466,13 +469,15 @@ async def compact_log(
         report.bytes_after = writer.bytes
         report.segments_rewritten = len(sealed)
         report.segments_written = len(writer.names)
-        if dry_run:
-            return report
         if not dropped and writer.bytes == report.bytes_before:
             # Already compact (a second run in a row): the rewrite would only
             # copy the same events.  The old segments are as good; keep them.
+            # A dry run says the same as the real run would.
             report.segments_rewritten = report.segments_written = 0
-            shutil.rmtree(work, ignore_errors=True)
+            if not dry_run:
+                shutil.rmtree(work, ignore_errors=True)
+            return report
+        if dry_run:
             return report
 
         # Prove it: the new log must give exactly the old projections.

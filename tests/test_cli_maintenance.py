@@ -198,6 +198,10 @@ def test_compact_twice_in_a_row_changes_nothing_the_second_time(tmp_path: Path) 
     d = churned(tmp_path)
     assert invoke("compact", d).exit_code == 0
     files = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    # The dry run says what the real run then does.
+    result = invoke("compact", d, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("dry run: nothing to compact: the sealed segments (")
     result = invoke("compact", d)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("nothing to compact: the sealed segments (")
