@@ -51,7 +51,7 @@ def info(directory: Directory = "data", json: Json = False) -> None:
     URL: rows by type, positions and times, table size, schema version and
     fingerprint, compactions, all read from the tables in one snapshot.
 
-    Example: eventstore info postgresql://bot@db.example/bot
+    Example: eventstore info data/demo
     """
     result: StoreInfo | PostgresInfo
     if is_dsn(directory):
@@ -179,7 +179,7 @@ def verify(directory: Directory = "data", json: Json = False) -> None:
     from 1 to the head with gaps only where compaction recorded deleting
     rows.  Each problem names the row's position.
 
-    Example: eventstore verify postgresql://bot@db.example/bot
+    Example: eventstore verify data/demo
     """
     report: VerifyReport | PostgresVerifyReport
     if is_dsn(directory):
@@ -277,7 +277,7 @@ def dump(
     message_saved or user_action_logged), and a username.  Read-only; works
     on a directory or a PostgreSQL URL.
 
-    Example: eventstore dump data/ --type message_saved --user alice --from 1000
+    Example: eventstore dump data/demo --type message_saved --user ada --from 1000
     """
     if stop is not None and stop < start:
         out.usage_error(f"--to {stop} is before --from {start}: the range is empty")
@@ -324,7 +324,7 @@ def tail(
     Stop it with Ctrl-C.  Text lines are position, time, type and fields;
     --json prints the lines of dump.
 
-    Example: eventstore tail postgresql://bot@db.example/bot -n 20 -f
+    Example: eventstore tail data/demo -n 20 -f
     """
     out.need_store(directory)
     lines = out.JsonLines()

@@ -22,7 +22,7 @@ app = typer.Typer(
     "commands (info, verify, dump, tail, replay, export) work while the bot runs; "
     "commands that write need the bot stopped, except on PostgreSQL, where many "
     "processes write one log.\n\n"
-    "Example: eventstore info data/",
+    "Example: eventstore info data/demo",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

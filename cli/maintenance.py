@@ -53,7 +53,7 @@ def compact(
     append lock, after proving under that lock that no read changes.  The
     bots may keep running: their appends wait for the commit.
 
-    Example: eventstore compact postgresql://bot@db.example/bot --dry-run
+    Example: eventstore compact data/demo --dry-run
     """
     out.need_store(directory)
 
@@ -140,7 +140,7 @@ def snapshot(
     A PostgreSQL store keeps no snapshots (every process replays the log on
     connect); on a URL this refuses with exit code 1.
 
-    Example: eventstore snapshot data/
+    Example: eventstore snapshot data/demo
     """
     if is_dsn(directory):
         out.fail(
@@ -169,7 +169,7 @@ def forget_user(
     PostgreSQL URL compaction deletes every row of the user, the
     UserForgotten row too, and the bots may keep running.
 
-    Example: eventstore forget-user postgresql://bot@db.example/bot alice
+    Example: eventstore forget-user data/demo ada
     """
     out.need_store(directory)
 

@@ -124,7 +124,14 @@ def need_store(target: str) -> None:
         not_a_directory(target)
         fail(f"{target}: no such store directory")
     if not list_segments(target)[0]:
-        fail(f"{target}: no event store here (no segment files)")
+        below = sorted(
+            os.path.join(target, name)
+            for name in os.listdir(target)
+            if os.path.isdir(os.path.join(target, name))
+            and list_segments(os.path.join(target, name))[0]
+        )
+        hint = f"; stores below it: {', '.join(below[:3])}" if below else ""
+        fail(f"{target}: no event store here (no segment files){hint}")
 
 
 def not_a_directory(target: str) -> None:

@@ -70,7 +70,7 @@ def replay(
     it, so imported, back-dated history answers too.  Without either, the
     state now.  Read-only: works beside a running bot.
 
-    Example: eventstore replay data/ --at 2025-11-02T18:00:00Z --limit 5
+    Example: eventstore replay data/demo --until 800 --limit 5
     """
     if until is not None and at is not None:
         out.usage_error("--until and --at cannot be used together; give a position or a time")

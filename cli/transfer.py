@@ -42,7 +42,7 @@ def import_sqlite(
     A store that already holds events is refused unless --force.  A
     PostgreSQL URL gets the store's tables if it has none yet.
 
-    Example: eventstore import-sqlite bot.db postgresql://bot@db.example/bot
+    Example: eventstore import-sqlite bot.db data/bot
     """
     if not os.path.isfile(db):
         out.fail(f"{db}: is a directory" if os.path.isdir(db) else f"{db}: no such file")
@@ -109,7 +109,7 @@ def export(
     the log as it was when the export began; what the bots append meanwhile
     is left out.
 
-    Example: eventstore export data/ --format sqlite backup.db
+    Example: eventstore export data/demo --format sqlite backup.db
     """
     out.need_store(directory)
     to_stdout = target == "-"

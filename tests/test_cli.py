@@ -142,6 +142,13 @@ def test_default_directory_is_data(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     result = invoke("info")
     assert result.exit_code == 1
     assert result.stderr == "Error: data: no event store here (no segment files)\n"
+    # After the quick start the demo's store is below it: say so.
+    busy_store(tmp_path, "data/demo")
+    result = invoke("info")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: data: no event store here (no segment files); stores below it: data/demo\n"
+    )
     busy_store(tmp_path, "data")
     assert invoke("info").exit_code == 0
 
