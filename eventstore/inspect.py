@@ -189,7 +189,7 @@ def _store_info(directory: str, progress: Progress | None) -> StoreInfo:
     for i, ((position, name), path) in enumerate(zip(names, paths, strict=True)):
 
         def on_frame(frame: FrameInfo, events: list[Event], path: str = path) -> None:
-            nonlocal first, last, lo, hi
+            nonlocal first, last, lo, hi, head
             counts.update(event_name(ev) for ev in events)
             times = [event_time(ev) for ev in events]
             t_lo, t_hi = min(times), max(times)
@@ -199,6 +199,7 @@ def _store_info(directory: str, progress: Progress | None) -> StoreInfo:
                 first = _mark(frame.first_position, events[0])
             end = frame.first_position + frame.count
             last = _mark(end - 1, events[-1])
+            head = end - 1  # so far: a scan stopped by damage ends here
             for pos in wanted:
                 if frame.first_position <= pos:
                     frame_at[pos] = (path, frame.offset)
@@ -219,8 +220,9 @@ def _store_info(directory: str, progress: Progress | None) -> StoreInfo:
         info.problems.extend(scan.problems)
         info.in_progress += scan.in_progress
         store_id = store_id or scan.store_id
-        # As the log counts it: a compacted tail may have dropped the last events.
-        head = (scan.next_position or position) - 1
+        # As the log counts it (a compacted tail may have dropped the last
+        # events); a scan stopped by damage ends at its last good frame.
+        head = scan.next_position - 1 if scan.next_position else max(head, position - 1)
     info.total_size = directory_size(directory)
     info.counts_by_type = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     info.first, info.last = first, last

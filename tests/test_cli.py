@@ -321,6 +321,16 @@ def test_verify_lists_damage_in_two_segments(tmp_path: Path) -> None:
     assert f"  {first}: frame checksum mismatch at offset {bad1}" in info.stdout.splitlines()
 
 
+def test_info_names_the_end_of_a_damaged_log_by_its_last_good_frame(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    last = segment_files(d)[-1]
+    flip(last, frame_offsets(last)[1] + FRAME_HEADER_SIZE + 1)  # the 2nd frame's payload
+    first = int(last.name[:20])  # one event a frame: the first frame is the last good one
+    info = invoke("info", d)
+    assert info.exit_code == 1
+    assert f"past the log's end {first}" in info.stdout, info.stdout
+
+
 def test_verify_reports_a_missing_segment(tmp_path: Path) -> None:
     d = busy_store(tmp_path)
     segments = segment_files(d)
