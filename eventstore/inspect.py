@@ -464,8 +464,14 @@ async def open_log(target: str | os.PathLike[str]) -> EventLog:
         log = PostgresLog(str(target), read_only=True, create=False)
     else:
         d = os.fspath(target)
+        # As the CLI says it (cli/output.need_store): a read-only open of
+        # anything else would report an empty store, a likely wrong path.
+        if os.path.isfile(d):
+            raise ConnectionError(f"{d}: is a file, not a store directory")
         if not os.path.isdir(d):
             raise ConnectionError(f"{d}: no such store directory")
+        if not list_segments(d)[0]:
+            raise ConnectionError(f"{d}: no event store here (no segment files)")
         log = SegmentLog(d, read_only=True)
     await log.open()
     return log

@@ -196,7 +196,7 @@ async def replay(
 
     Example::
 
-        async with await replay("data", at=1_762_000_000) as past:
+        async with await replay("data/demo", at=1_762_000_000) as past:
             print(past.top_chatters(5), await past.recent_messages(5))
     """
     if until is not None and at is not None:

@@ -436,3 +436,22 @@ async def test_compacted_stretch_is_reported(tmp_path: Path) -> None:
             assert after.compacted_through >= 40
             # The end state is what it was: compaction keeps every read.
             assert after.top_chatters() == before.top_chatters()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "file"])
+async def test_replay_of_a_path_that_holds_no_store_says_so(tmp_path: Path, kind: str) -> None:
+    """As the CLI does: an empty answer would pass for an empty store."""
+    target = tmp_path / "data"
+    if kind == "empty":
+        target.mkdir()
+    elif kind == "file":
+        target.write_text("not a store")
+    message = {
+        "missing": "no such store directory",
+        "empty": r"no event store here \(no segment files\)",
+        "file": "is a file, not a store directory",
+    }[kind]
+    with pytest.raises(ConnectionError, match=message):
+        await replay(target)
+    if kind == "empty":
+        assert list(target.iterdir()) == []  # nothing was created
