@@ -394,7 +394,7 @@ def _import_asyncpg() -> Any:
     except ImportError as err:
         raise ImportError(
             "the PostgreSQL log needs asyncpg, which is not installed: "
-            "pip install 'eventstore[postgres]'",
+            "pip install 'eventstore[postgres]' (in a checkout: pip install -e '.[postgres]')",
             name="asyncpg",
         ) from err
 

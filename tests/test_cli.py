@@ -810,7 +810,7 @@ def test_a_url_without_asyncpg_is_one_error_line(
     assert result.exit_code == 1
     assert result.stderr.strip() == (
         "Error: the PostgreSQL log needs asyncpg, which is not installed: "
-        "pip install 'eventstore[postgres]'"
+        "pip install 'eventstore[postgres]' (in a checkout: pip install -e '.[postgres]')"
     )
 
 

@@ -1,6 +1,7 @@
 """The test kit: a fake clock, the storage contract suite and event-stream assertions.
 
-``pip install eventstore[test]`` brings what it needs (pytest, pytest-asyncio).
+The ``test`` extra (``pip install 'eventstore[test]'``, or ``pip install -e
+'.[test]'`` in a checkout) brings what it needs (pytest, pytest-asyncio).
 The clock and the stream assertions need neither: the contract suite, which
 does, is imported only when asked for.
 The pytest plugin in :mod:`eventstore.testing.plugin` is registered as an
