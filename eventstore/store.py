@@ -36,7 +36,13 @@ from projections.user_actions import DETAILS_IN_LOG, DETAILS_NONE
 from .adapter import StorageAdapter
 from .clock import Clock, system_clock
 from .compaction import CompactReport, compact_log
-from .errors import ConnectionError, IntegrityError, StorageError, ValidationError
+from .errors import (
+    ConnectionError,
+    IntegrityError,
+    MigrationError,
+    StorageError,
+    ValidationError,
+)
 from .events import (
     ChannelPeakRaised,
     Event,
@@ -334,28 +340,21 @@ class EventStore(StorageAdapter):
         during COMMIT is in the log, the follower finds out.
 
         Once the append has committed, the write has succeeded whatever
-        follows: if catching up through it fails with the connection (lost
-        just then), this logs a warning and returns normally.  An error here
+        follows: if catching up through it fails for a while (the connection
+        lost just then, a lock timeout), this logs a warning and returns
+        normally.  An error here
         would read as "not written" and a retrying caller would append the
         events a second time; instead the follower (or the next write that
         decides, or refresh()) catches up when the log answers again.  Until
-        then a read in this process may not show the write yet.  Any other
-        failure to read back (a row this code cannot decode) will not pass:
-        the store stops, and the error says the write was committed.
+        then a read in this process may not show the write yet.  A row this
+        code cannot decode will not pass: the store stops (as the follower
+        does), and the error says the write was committed.
         """
         first = await self._log.append(events)
         last = first + len(events) - 1
         try:
             await self._catch_up(last)
-        except ConnectionError as err:
-            self.logger.warning(
-                "positions %d..%d were committed, but reading them back failed (%s); "
-                "reads show them once the store catches up",
-                first,
-                last,
-                err,
-            )
-        except StorageError as err:
+        except (IntegrityError, MigrationError) as err:
             # Not a passing loss: the log cannot be read on from here (a row
             # this code cannot decode), and the follower has stopped at the
             # same place.  Returning would pass for a write the store shows;
@@ -366,6 +365,16 @@ class EventStore(StorageAdapter):
                 f"log back failed ({err}); the store has stopped (close() and connect() "
                 "again); do not retry the write: it is in the log"
             ) from err
+        except StorageError as err:
+            # A lost connection, or a query that failed for a while (a lock
+            # timeout): the follower retries these too.
+            self.logger.warning(
+                "positions %d..%d were committed, but reading them back failed (%s); "
+                "reads show them once the store catches up",
+                first,
+                last,
+                err,
+            )
         return first
 
     @contextlib.asynccontextmanager

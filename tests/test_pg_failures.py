@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from eventstore import ConnectionError, EventStore, StorageError
+from eventstore import ConnectionError, EventStore, QueryError, StorageError
 from eventstore.events import MessageSaved
 from eventstore.pglog import PostgresLog, is_dsn, redact_dsn
 
@@ -315,11 +315,22 @@ async def test_a_lost_connection_during_an_append_does_not_stop_the_store(
         assert [r["message"] for r in await store.get_recent_messages()] == ["three", "one"]
 
 
+@pytest.mark.parametrize("failure", ["connection", "query"])
 async def test_a_write_whose_catch_up_fails_returns_and_is_not_duplicated(
-    pg_database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    pg_database: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
 ) -> None:
     """Regression: the append committed, then reading it back failed, and the
-    caller got the error of a failed write; a retrying bot wrote it twice."""
+    caller got the error of a failed write; a retrying bot wrote it twice.
+    A query failing for a while (a lock timeout) passes too, as it does for
+    the follower: it does not stop the store."""
+    error = (
+        ConnectionError("connection lost (the test's)")
+        if failure == "connection"
+        else QueryError("query failed: canceling statement due to lock timeout (the test's)")
+    )
     async with EventStore(pg_database) as store:
         assert store._follower is not None
         store._follower.cancel()  # nothing but this test reads the log
@@ -333,7 +344,7 @@ async def test_a_write_whose_catch_up_fails_returns_and_is_not_duplicated(
             nonlocal failures
             if failures:
                 failures -= 1
-                raise ConnectionError("connection lost (the test's)")
+                raise error
             async for run in real(from_position, to_position):
                 yield run  # type: ignore[misc]
 
