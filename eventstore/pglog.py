@@ -688,6 +688,11 @@ class PostgresLog(EventLog):
         self._closing = None
         if closing.done() and not closing.cancelled():
             closing.exception()  # retrieved: _closed terminated what it left
+        if closing.get_loop() is not asyncio.get_running_loop():
+            # Appends queued in a loop that has ended: their callers are gone
+            # (never acknowledged), and a writer of this loop must not commit
+            # them nor resolve futures of a closed loop.
+            self._queue, self._round, self._waiters = [], [], set()
         self._writer = None
         self._terminate_conns()
 
@@ -894,8 +899,14 @@ class PostgresLog(EventLog):
 
     def _fail_queue(self, err: StorageError) -> None:
         queue, self._queue = self._queue, []
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         for batch in queue:
-            if not batch.future.done():
+            # A future of a loop that has ended cannot be resolved (and its
+            # caller is gone).
+            if not batch.future.done() and batch.future.get_loop() is loop:
                 batch.future.set_exception(err)
 
     async def delete_positions(self, positions: Sequence[int]) -> int:

@@ -529,3 +529,53 @@ async def test_the_drivers_message_is_shown_as_it_is_for_a_url_read_one_way(
     with_password = pg_dsn.replace("postgres@", "postgres:s3cret@", 1)
     shown = await error(with_params(with_password, sslmode="verify-fulll"))
     assert "`sslmode` parameter must be one of" in shown and "s3cret" not in shown
+
+
+def test_appends_queued_in_a_loop_that_ended_are_not_committed_by_the_next(
+    pg_database: str,
+) -> None:
+    """Regression: a loop stopped (not asyncio.run) with appends queued and a
+    close() pending; the next loop's writer committed those appends for
+    callers that were gone, then failed on their closed loop's futures, and
+    its own append never returned."""
+    import asyncpg
+
+    log = PostgresLog(pg_database)
+    first = asyncio.new_event_loop()
+    left: list[asyncio.Future[object]] = []  # tasks the first loop never finishes
+
+    async def stop_mid_write() -> None:
+        await log.open()
+        blocker = await asyncpg.connect(pg_database)
+        await blocker.execute("BEGIN")
+        await blocker.execute("UPDATE eventstore_head SET position = position")
+        # The writer's round blocks on the head row; two more queue behind it.
+        old, queued = [MessageSaved(1, "a", "old")], [MessageSaved(1, "a", "queued")]
+        left.extend(asyncio.ensure_future(log.append(old)) for _ in "ab")
+        await asyncio.sleep(0.3)
+        left.extend(asyncio.ensure_future(log.append(queued)) for _ in "ab")
+        await asyncio.sleep(0.05)
+        left.append(asyncio.ensure_future(log.close()))
+        await asyncio.sleep(0.05)
+
+    first.run_until_complete(stop_mid_write())
+    first.close()  # its tasks never finish
+
+    async def next_loop() -> list[str]:
+        admin = await asyncpg.connect(pg_database)
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        await admin.close()
+        await log.open()
+        try:
+            await asyncio.wait_for(log.append([MessageSaved(2, "b", "new")]), 10)
+            return [ev.message async for _, ev in log.read()]  # type: ignore[union-attr]
+        finally:
+            await log.close()
+
+    messages = asyncio.run(next_loop())
+    # The round the server had (old) may commit: its statement was sent.
+    # What was only queued in the ended loop is not sent by the next one.
+    assert "new" in messages and "queued" not in messages, messages
