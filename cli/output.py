@@ -124,14 +124,31 @@ def need_store(target: str) -> None:
         not_a_directory(target)
         fail(f"{target}: no such store directory")
     if not list_segments(target)[0]:
-        below = sorted(
-            os.path.join(target, name)
-            for name in os.listdir(target)
-            if os.path.isdir(os.path.join(target, name))
-            and list_segments(os.path.join(target, name))[0]
-        )
-        hint = f"; stores below it: {', '.join(below[:3])}" if below else ""
+        below = _stores_below(target)
+        hint = f"; stores below it: {', '.join(below)}" if below else ""
         fail(f"{target}: no event store here (no segment files){hint}")
+
+
+def _stores_below(target: str, most: int = 3) -> list[str]:
+    """Up to ``most`` store directories right below ``target`` (data/ holds data/demo).
+
+    Only a hint for an error message: a subdirectory that cannot be read
+    (lost+found) is passed over, and the search stops once it has enough.
+    """
+    found: list[str] = []
+    try:
+        entries = sorted(os.scandir(target), key=lambda e: e.name)
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            if entry.is_dir() and list_segments(entry.path)[0]:
+                found.append(entry.path)
+        except OSError:
+            continue
+        if len(found) == most:
+            break
+    return found
 
 
 def not_a_directory(target: str) -> None:

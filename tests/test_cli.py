@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
+import cli.output
 from cli.main import app
 from eventstore import EventStore
 from eventstore.demo import MAX_MINUTES
@@ -151,6 +152,28 @@ def test_default_directory_is_data(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     )
     busy_store(tmp_path, "data")
     assert invoke("info").exit_code == 0
+
+
+def test_the_hint_passes_over_a_subdirectory_it_cannot_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The root of a volume holds lost+found (0700): no traceback for a hint."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "lost+found").mkdir(parents=True)
+    busy_store(tmp_path, "data/demo")
+    real = cli.output.list_segments
+
+    def guarded(directory: str) -> Any:
+        if directory.endswith("lost+found"):
+            raise PermissionError(13, "Permission denied", directory)
+        return real(directory)
+
+    monkeypatch.setattr(cli.output, "list_segments", guarded)
+    result = invoke("info")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: data: no event store here (no segment files); stores below it: data/demo\n"
+    )
 
 
 def test_store_locked_by_a_writer(tmp_path: Path) -> None:
