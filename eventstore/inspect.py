@@ -457,8 +457,12 @@ def check_types(types: Collection[str]) -> frozenset[type]:
     return frozenset(TYPES_BY_NAME[t] for t in types)
 
 
-async def open_log(target: str | os.PathLike[str]) -> EventLog:
-    """Open the log of a store directory or a ``postgresql://`` URL read-only."""
+async def open_log(target: str | os.PathLike[str], *, empty_ok: bool = False) -> EventLog:
+    """Open the log of a store directory or a ``postgresql://`` URL read-only.
+
+    A directory without segment files is refused, unless ``empty_ok`` (a
+    follower waiting for the bot to create its store there).
+    """
     log: EventLog
     if is_dsn(target):
         log = PostgresLog(str(target), read_only=True, create=False)
@@ -470,7 +474,7 @@ async def open_log(target: str | os.PathLike[str]) -> EventLog:
             raise ConnectionError(f"{d}: is a file, not a store directory")
         if not os.path.isdir(d):
             raise ConnectionError(f"{d}: no such store directory")
-        if not list_segments(d)[0]:
+        if not empty_ok and not list_segments(d)[0]:
             raise ConnectionError(f"{d}: no event store here (no segment files)")
         log = SegmentLog(d, read_only=True)
     await log.open()
@@ -497,7 +501,7 @@ async def read_events(
 
     Example::
 
-        async for position, event in read_events("data", types=["message_saved"]):
+        async for position, event in read_events("data/demo", types=["message_saved"]):
             print(position, event)
     """
     wanted = check_types(types) if types is not None else None
@@ -532,14 +536,17 @@ async def tail_events(
     then show as soon as their writer's notification arrives.  Stop it by
     leaving the loop or cancelling the task.
 
+    With ``follow`` the directory may still be empty: the bot creates its
+    store there later (a volume mounted before the bot starts).
+
     Example::
 
-        async for position, event in tail_events("data", 5, follow=True):
+        async for position, event in tail_events("data/demo", 5, follow=True):
             print(position, event)
     """
     if count < 0:
         raise ValidationError(f"count must be >= 0, got {count}")
-    log = await open_log(directory)
+    log = await open_log(directory, empty_ok=follow)
     try:
         last = log.head
         for item in await _last(log, count):

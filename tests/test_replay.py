@@ -14,6 +14,7 @@ Two oracles that do not share replay's code path:
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from eventstore.events import (
     UserStatsSet,
     event_time,
 )
+from eventstore.inspect import tail_events
 from eventstore.replay import replay
 from eventstore.testing import FakeClock
 from projections import Projections
@@ -455,3 +457,24 @@ async def test_replay_of_a_path_that_holds_no_store_says_so(tmp_path: Path, kind
         await replay(target)
     if kind == "empty":
         assert list(target.iterdir()) == []  # nothing was created
+
+
+async def test_tail_follow_waits_for_a_store_not_created_yet(tmp_path: Path) -> None:
+    """A follower started before the bot (a mounted volume): it waits, then reads."""
+    target = tmp_path / "data"
+    target.mkdir()
+
+    async def first_three() -> list[int]:
+        got = []
+        async for position, _ in tail_events(target, 5, follow=True, interval=0.02):
+            got.append(position)
+            if len(got) == 3:
+                return got
+        return got
+
+    follower = asyncio.create_task(first_three())
+    await asyncio.sleep(0.1)
+    async with EventStore(target) as store:
+        for i in range(3):
+            await store.save_message("a", f"m{i}", timestamp=i)
+    assert await asyncio.wait_for(follower, 10) == [1, 2, 3]
