@@ -112,6 +112,7 @@ import re
 import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, TypeGuard
 from urllib.parse import unquote_plus, urlsplit
 
@@ -369,13 +370,23 @@ def _is_ambiguous(dsn: str) -> bool:
 
     Then an error about the URL may quote a piece of the password that
     redact_dsn did not hide (a port "se:cr" cut from "se:cr/et"), and no
-    search for the password would find the piece.  A ``#`` anywhere is
-    ambiguous too: a parser takes what follows it for a fragment; and so are
-    two ``@`` in urlsplit's netloc, which it cuts at the last but asyncpg at
-    the first.
+    search for the password would find the piece.  Ambiguous: two ``@`` in
+    urlsplit's netloc, which it cuts at the last but asyncpg at the first;
+    a password parameter whose value holds an ``&`` (the piece after it has
+    no ``=``); and a ``#`` in a URL with a password, as a parser takes what
+    follows it for a fragment.
     """
+    params = [m[1] for m in _PARAM.finditer(dsn)]
+    pieces = re.split(r"[?&]", dsn.partition("?")[2]) if "?" in dsn else []
+    secret_params = any(unquote_plus(k).strip().lower() in _SECRET_PARAMS for k in params)
+    for piece, after in pairwise(pieces):
+        key = piece.partition("=")[0]
+        if unquote_plus(key).strip().lower() in _SECRET_PARAMS and "=" not in after:
+            return True
+    _, userinfo, _, _ = _split_dsn(_mask_params(dsn))
+    ours = userinfo.partition(":")[2] if ":" in userinfo else None
     if "#" in dsn:
-        return True
+        return ours is not None or secret_params
     try:
         parsed = urlsplit(dsn)
         theirs = parsed.password
@@ -383,8 +394,6 @@ def _is_ambiguous(dsn: str) -> bool:
         return True
     if parsed.netloc.count("@") > 1:
         return True
-    _, userinfo, _, _ = _split_dsn(_mask_params(dsn))
-    ours = userinfo.partition(":")[2] if ":" in userinfo else None
     return ours != theirs
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from eventstore import ConnectionError, EventStore, QueryError, StorageError
 from eventstore.events import MessageSaved
-from eventstore.pglog import PostgresLog, is_dsn, redact_dsn
+from eventstore.pglog import PostgresLog, _is_ambiguous, is_dsn, redact_dsn
 
 # (Import from pgserver inside functions: see test_pglog.py.)
 pytest_plugins = ["pgserver"]
@@ -579,3 +579,19 @@ def test_appends_queued_in_a_loop_that_ended_are_not_committed_by_the_next(
     # The round the server had (old) may commit: its statement was sent.
     # What was only queued in the ended loop is not sent by the next one.
     assert "new" in messages and "queued" not in messages, messages
+
+
+@pytest.mark.parametrize(
+    ("url", "ambiguous"),
+    [
+        ("postgresql://bot@h/db?sslrootcert=/x#y", False),  # a '#' but no password
+        ("postgresql:///db?host=/tmp", False),
+        ("postgresql://bot:p%40ss@h/db", False),
+        ("postgresql://h/db?password=se&x=1", False),
+        ("postgresql://bot:pw@h/db#x", True),
+        ("postgresql://h/db?password=se&cr3t", True),  # '&' inside the password
+        ("postgresql://bot:se:cr/et@db/bot", True),
+    ],
+)
+def test_only_urls_read_two_ways_hide_the_drivers_message(url: str, ambiguous: bool) -> None:
+    assert _is_ambiguous(url) is ambiguous
