@@ -74,6 +74,11 @@ cancelled from outside while the log is open, the appends it held or had
 queued fail with ConnectionError, and so does every later one, until the log
 is closed and opened again.
 
+A log belongs to the event loop that opened it.  Opened again in a new
+loop after the old one ended, it starts afresh (what the old loop left
+queued is dropped, its callers being gone); driven from two live loops in
+turns, it is not supported.
+
 Messages name the log by its URL with the passwords masked (``redact_dsn``):
 every ``password`` and ``sslpassword`` parameter's value, up to the next
 ``&``, and the userinfo's password, found by the last ``@`` before the first
