@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from eventstore.errors import ValidationError
@@ -16,8 +16,6 @@ from eventstore.events import (
 from eventstore.validation import MAX_INT
 
 __all__ = ["UserStats", "UserStatsProjection"]
-
-_TOTALS_EVENTS = (UserStatsSaved, SessionEnded, UserStatsSet, UserForgotten)
 
 
 def _check_totals(user: str, lines: int, add_lines: int, time: int, add_time: int) -> None:
@@ -127,44 +125,30 @@ class UserStatsProjection:
         """Raise ValidationError if applying ``events`` in order would take a total past MAX_INT.
 
         For ``append()``, whose events are facts that no write rule checked.
+        The batch is folded onto a copy of the records it touches, by the
+        folds themselves, so the check counts exactly what they would.
         """
-        # Per user: [chat lines, seconds connected, session open?], as the
-        # folds would leave them.
-        tally: dict[str, list[Any]] = {}
+        events = list(events)
+        scratch = UserStatsProjection()
+        fold: dict[type, Callable[[int, Any], None]] = {
+            UserStatsSaved: scratch.on_saved,
+            UserStatsSet: scratch.on_set,
+            SessionEnded: scratch.on_session_ended,
+            UserForgotten: scratch.on_forgotten,
+        }
+        names = {ev.username for ev in events if type(ev) in fold}  # type: ignore[union-attr]
+        scratch.users = {n: list(self.users[n]) for n in names if n in self.users}
         for ev in events:
-            cls = type(ev)
-            if cls not in _TOTALS_EVENTS:
+            apply = fold.get(type(ev))
+            if apply is None:
                 continue
             name = ev.username  # type: ignore[union-attr]
-            cur = tally.get(name)
-            if cur is None:
-                rec = self.users.get(name)
-                if rec is None:
-                    cur = tally[name] = [0, 0, False]
-                else:
-                    cur = tally[name] = [rec[LINES], rec[TIME], rec[SESSION] is not None]
-            if cls is UserStatsSaved:
-                assert isinstance(ev, UserStatsSaved)
-                _check_totals(name, cur[0], ev.chat_lines, cur[1], ev.time_connected)
-                cur[0] += ev.chat_lines
-                cur[1] += ev.time_connected
-                if ev.session_start is not None:
-                    cur[2] = True
-            elif cls is SessionEnded:
-                assert isinstance(ev, SessionEnded)
-                if cur[2]:  # without an open session the fold ignores it
-                    _check_totals(name, cur[0], 0, cur[1], ev.seconds)
-                    cur[1] += ev.seconds
-                    cur[2] = False
-            elif cls is UserStatsSet:
-                assert isinstance(ev, UserStatsSet)
-                cur[:] = [
-                    ev.total_chat_lines,
-                    ev.total_time_connected,
-                    ev.current_session_start is not None,
-                ]
-            else:
-                cur[:] = [0, 0, False]  # forgotten
+            rec = scratch.users.get(name)
+            lines, time = (0, 0) if rec is None else (rec[LINES], rec[TIME])
+            apply(0, ev)
+            rec = scratch.users.get(name)
+            if rec is not None:
+                _check_totals(name, lines, rec[LINES] - lines, time, rec[TIME] - time)
 
     # -- reads ------------------------------------------------------------
     @staticmethod
