@@ -58,16 +58,7 @@ def describe(err: BaseException) -> str:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one library call; its errors become ``Error: ...`` and exit code 1."""
-    try:
-        return asyncio.run(coro)
-    except BrokenPipeError as err:
-        if stdout_gone():
-            raise  # the reader of stdout stopped: exit 0 (cli.main._reader_gone)
-        fail(describe(err))
-    except (StorageError, OSError) as err:
-        fail(describe(err))
-    except ImportError as err:
-        _missing_driver(err)
+    return call(asyncio.run, coro)
 
 
 def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -76,7 +67,7 @@ def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return func(*args, **kwargs)
     except BrokenPipeError as err:
         if stdout_gone():
-            raise  # as in run()
+            raise  # the reader of stdout stopped: exit 0 (cli.main._reader_gone)
         fail(describe(err))
     except (StorageError, OSError) as err:
         fail(describe(err))
