@@ -191,6 +191,9 @@ CREATE TABLE IF NOT EXISTS eventstore_events (
 );
 """
 
+#: The tables a store may have besides eventstore_schema.
+_TABLES = ("eventstore_head", "eventstore_events", "eventstore_compactions", "eventstore_deleted")
+
 #: Compaction's books.  ``eventstore_compactions.id`` counts compactions (1, 2,
 #: ...): a compaction plans without a lock and commits only if no other one
 #: committed meanwhile.  ``through`` is the head when it committed: every
@@ -571,9 +574,10 @@ class PostgresLog(EventLog):
     async def _connect(self) -> Any:
         try:
             return await self._pg.connect(self.dsn, timeout=self.connect_timeout)
-        except (ValueError, OSError, asyncio.TimeoutError) as err:
+        except (ValueError, OverflowError, OSError, asyncio.TimeoutError) as err:
             # ValueError: asyncpg could not read the URL (ClientConfigurationError
-            # is one too); OSError, TimeoutError: no server where it looked.
+            # is one too); OverflowError: a port past 65535; OSError, TimeoutError:
+            # no server where it looked.
             # The message may quote a piece of the URL as asyncpg cut it up:
             # for an ambiguous URL (_is_ambiguous), perhaps a piece of the
             # password that redact_dsn hid whole ("invalid literal for int():
@@ -606,6 +610,21 @@ class PostgresLog(EventLog):
                     raise ConnectionError(
                         f"{self.where}: no event store here (no table eventstore_schema "
                         f"on the search_path){'; ' + hint if hint else ''}"
+                    )
+                strays = [
+                    row[0]
+                    for row in await conn.fetch(
+                        "SELECT t FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NOT NULL",
+                        list(_TABLES),
+                    )
+                ]
+                if strays:
+                    # CREATE TABLE IF NOT EXISTS would keep them, whatever
+                    # their columns, and the store would fail on its first query.
+                    raise IntegrityError(
+                        f"{self.where}: no eventstore_schema table, but {', '.join(strays)} "
+                        "exists: not a store this code made (another program's table?); "
+                        "nothing created"
                     )
                 await conn.execute(_DDL)
                 await conn.execute(

@@ -647,6 +647,30 @@ async def test_an_unreachable_database_is_a_connection_error_without_the_passwor
     assert "s3cret" not in str(info.value)
 
 
+async def test_a_port_out_of_range_is_a_connection_error() -> None:
+    # asyncpg raises OverflowError for it, which is neither ValueError nor OSError.
+    with pytest.raises(ConnectionError, match="cannot connect") as info:
+        await EventStore("postgresql://postgres:s3cret@127.0.0.1:99999/db").connect()
+    assert "s3cret" not in str(info.value)
+
+
+async def test_another_programs_table_of_the_same_name_is_refused_and_nothing_created(
+    pg_schema: str,
+) -> None:
+    conn = await asyncpg.connect(pg_schema)
+    try:
+        await conn.execute("CREATE TABLE eventstore_events (x integer)")
+        with pytest.raises(IntegrityError, match="but eventstore_events exists: not a store"):
+            await EventStore(pg_schema).connect()
+        made = await conn.fetch(
+            "SELECT t FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NOT NULL",
+            ["eventstore_schema", "eventstore_head", "eventstore_events"],
+        )
+        assert [r[0] for r in made] == ["eventstore_events"]
+    finally:
+        await conn.close()
+
+
 async def test_stores_in_two_schemas_of_one_database_are_apart(pg_dsn: str, pg_admin: Any) -> None:
     from pgserver import with_params
 
