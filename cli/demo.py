@@ -55,10 +55,12 @@ def demo(
     makes, with simulated timestamps, so it takes a second or two.  Then it
     prints what the store answers: top chatters, peaks, recent chat and user
     counts.  The store persists: running the demo again appends a later
-    stretch to it.  For speed the demo writes with durability flush (safe if
-    the process dies, not if the machine loses power); the bot's default is
-    fsync.  Given a PostgreSQL URL it plays into that database instead
-    (creating the store's tables if needed; durability is then the server's).
+    stretch to it.  A store that knows users the demo does not play (the
+    bot's own store, named by a slip) is refused, with nothing written.  For
+    speed the demo writes with durability flush (safe if the process dies,
+    not if the machine loses power); the bot's default is fsync.  Given a
+    PostgreSQL URL it plays into that database instead (creating the store's
+    tables if needed; durability is then the server's).
 
     Example: eventstore demo data/demo --minutes 180
     """
@@ -120,7 +122,7 @@ def demo(
     )
     echo("")
     echo(f"what the store answers now ({state['position']} events, {state['users']} users):")
-    out.print_state(state)
+    out.print_state(state, limit)
     echo("")
     if postgres:
         echo(f"store: {where} ({out.size(total)})")

@@ -7,6 +7,7 @@ the bot) or a library call refused; 2 bad usage.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -31,21 +32,32 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _reader_gone(command: F) -> F:
-    """``eventstore info | head``: a reader that stops reading is not a failure.
+def _stdout_checked(command: F) -> F:
+    """Every command prints; a stdout that cannot take it is reported.
 
-    Click would exit 1 on the broken pipe, which here means "a problem was
-    found"; exit 0 instead, as dump and tail do (see output.write_stdout).
+    ``eventstore info | head``: a reader that stops reading is not a
+    failure.  Click would exit 1 on the broken pipe, which here means "a
+    problem was found"; exit 0 instead, as dump and tail do (see
+    output.write_stdout).  Any other error writing stdout (a full disk,
+    ``>/dev/full``) is one line and exit 1, not a traceback; and a closed
+    stdout (``>&-``) is refused before the command does anything, rather
+    than letting it work unseen.
     """
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
+        if sys.stdout is None:
+            out.fail("stdout is closed, so nothing could be printed; nothing was done")
         try:
             return command(*args, **kwargs)
         except BrokenPipeError as err:
             if out.stdout_gone():
                 out.reader_gone()
             out.fail(out.describe(err))
+        except OSError as err:
+            # Library calls turn their OSErrors into Error: lines (out.call),
+            # so one that gets here came from printing.
+            out.fail(f"cannot write to stdout: {err.strerror or err}")
 
     return cast(F, run)
 
@@ -63,7 +75,7 @@ for name, command in [
     ("export", transfer.export),
     ("demo", demo.demo),
 ]:
-    app.command(name)(_reader_gone(command))
+    app.command(name)(_stdout_checked(command))
 
 
 def main() -> None:

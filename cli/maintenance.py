@@ -18,6 +18,7 @@ import typer
 from eventstore.compaction import pending_commit
 from eventstore.pgcompaction import PostgresCompactReport
 from eventstore.pglog import is_dsn
+from eventstore.validation import MAX_INT
 
 from . import output as out
 from .inspect import Directory, Json
@@ -33,6 +34,7 @@ def compact(
         typer.Option(
             "--keep-history",
             min=0,
+            max=MAX_INT,
             help="Also drop user counts older than DAYS days.",
             metavar="DAYS",
         ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import select
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
@@ -374,16 +375,31 @@ def heading(text: str) -> None:
 
 # -- the read models, as replay and demo print them -----------------------------------
 
+# Control characters, line and paragraph separators, and bidirectional
+# overrides: chat text is written by the channel's viewers, and these would
+# reach the operator's terminal as escape sequences or as lines of their own.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
-def print_state(state: dict[str, Any]) -> None:
-    """Top chatters, channel peaks, recent chat and user counts (see ReplayResult.summary)."""
+
+def printable(text: str) -> str:
+    """``text`` with what a terminal would act on shown as ``\\u001b`` escapes."""
+    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def print_state(state: dict[str, Any], limit: int) -> None:
+    """Top chatters, channel peaks, recent chat and user counts (see ReplayResult.summary).
+
+    ``limit`` is the one the lists were cut to: with 0 an empty list says
+    nothing about the store.
+    """
+    none = "  (not listed: --limit 0)" if limit == 0 else None
     heading("top chatters")
     chatters = state["top_chatters"]
     if chatters:
         table(
             [
                 (
-                    u["username"],
+                    printable(u["username"]),
                     u["total_chat_lines"],
                     duration(u["total_time_connected"]),
                     when(u["first_seen"]),
@@ -394,7 +410,7 @@ def print_state(state: dict[str, Any]) -> None:
             ("user", "lines", "connected", "first seen", "last seen"),
         )
     else:
-        typer.echo("  (no users)")
+        typer.echo(none or "  (no users)")
 
     heading("channel peaks")
     ch = state["channel_peaks"]
@@ -410,19 +426,21 @@ def print_state(state: dict[str, Any]) -> None:
     chat = state["recent_chat"]
     if chat:
         for m in chat:
-            typer.echo(f"  {when(m['timestamp'])}  {m['username']}: {m['message']}")
+            user, text = printable(m["username"]), printable(m["message"])
+            typer.echo(f"  {when(m['timestamp'])}  {user}: {text}")
     else:
-        typer.echo("  (no messages)")
+        typer.echo(none or "  (no messages)")
 
     if "recent_actions" in state:
         heading("recent actions")
         actions = state["recent_actions"]
         if actions:
             for a in actions:
-                details = f" {a['details']}" if a["details"] is not None else ""
-                typer.echo(f"  {when(a['timestamp'])}  {a['username']} {a['action_type']}{details}")
+                details = f" {printable(a['details'])}" if a["details"] is not None else ""
+                user, kind = printable(a["username"]), printable(a["action_type"])
+                typer.echo(f"  {when(a['timestamp'])}  {user} {kind}{details}")
         else:
-            typer.echo("  (no actions)")
+            typer.echo(none or "  (no actions)")
 
     heading("user counts")
     counts = state["user_counts"]

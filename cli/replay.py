@@ -106,4 +106,4 @@ def replay(
             "show what compaction kept (latest statistics, surviving rows), not the past "
             "as it was"
         )
-    out.print_state(state)
+    out.print_state(state, limit)

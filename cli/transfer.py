@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import shutil
 import sys
 from typing import Annotated, Any
 
 import typer
 
+from eventstore import EventStore
 from eventstore.legacy import (
     ImportReport,
     LegacyReader,
@@ -40,7 +42,9 @@ def import_sqlite(
     whole file is checked before anything is written.  Tables the store does
     not keep (current_status, outbound_messages, api_tokens) are reported.
     A store that already holds events is refused unless --force.  A
-    PostgreSQL URL gets the store's tables if it has none yet.
+    PostgreSQL URL gets the store's tables if it has none yet.  An import
+    that stops half-way (Ctrl-C, a full disk) into a directory it created or
+    found empty removes what it wrote; elsewhere it says what the store holds.
 
     Example: eventstore import-sqlite bot.db data/bot
     """
@@ -56,10 +60,23 @@ def import_sqlite(
     # checks it again, an extra read of about two seconds a million rows.
     out.call(check_file)
 
+    # A directory this run creates (or finds empty) is removed again if the
+    # import stops half-way: the file is then imported anew, with no
+    # half-import in the way.
+    fresh = not is_dsn(directory) and (
+        not os.path.exists(directory) or (os.path.isdir(directory) and not os.listdir(directory))
+    )
+    made = not os.path.exists(directory)
+    opened: list[EventStore] = []
+    before = 0
+
     async def main() -> ImportReport:
+        nonlocal before
         async with out.open_writer(
             directory, f"await import_sqlite(store, {db!r})", create=True
         ) as store:
+            opened.append(store)
+            before = store.position
             with out.progress_bar("importing") as progress:
                 try:
                     return await import_legacy(store, db, force=force, progress=progress)
@@ -72,7 +89,30 @@ def import_sqlite(
                     )
 
     where = out.shown(directory)
-    report = out.run(main())
+    try:
+        report = out.run(main())
+    except (KeyboardInterrupt, typer.Exit) as err:
+        # main() never exits 0.  For an error, its Error: line is printed
+        # already; this one says what the store holds now.
+        stopped = "was interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        after = opened[0].position if opened else before
+        if after == before:
+            if isinstance(err, KeyboardInterrupt):
+                out.fail(f"the import was interrupted; nothing was written to {where}")
+            raise
+        if fresh:
+            _remove_partial(directory, made)
+            out.fail(
+                f"the import {stopped} after {after - before} events; the store it had begun "
+                f"in {where} was removed, so nothing of the file is kept"
+            )
+        # On PostgreSQL other processes may have written in between.
+        held = "" if is_dsn(directory) else f" (positions {before + 1}..{after})"
+        new = "an empty database or schema" if is_dsn(directory) else "a new directory"
+        out.fail(
+            f"the import {stopped}: {where} now holds the part of the file written before "
+            f"that{held}, not the rest; to have the file whole, import it into {new}"
+        )
     if json:
         out.print_json(report)
         return
@@ -84,6 +124,24 @@ def import_sqlite(
     typer.echo(f"imported {report.path} into {where}: {report.events} events{span}")
     for line in report.describe():
         typer.echo(f"  {line}")
+
+
+def _remove_partial(directory: str, made: bool) -> None:
+    """Remove a store an import began: the directory it made, or what it put in an empty one."""
+    try:
+        if made:
+            shutil.rmtree(directory)
+            return
+        for entry in os.scandir(directory):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+    except OSError as err:
+        out.fail(
+            f"the import stopped, and its partial store {directory} could not be removed: "
+            f"{out.describe(err)}; delete it before importing again"
+        )
 
 
 class Format(str, enum.Enum):

@@ -11,7 +11,10 @@ every open session.
 It is seeded, so a given seed always plays the same channel; it is fast
 because every write carries its simulated timestamp and nothing sleeps.
 Playing into a store that already holds events continues after its latest
-moment, so a second run appends a later stretch of the same channel.
+moment, so a second run appends a later stretch of the same channel.  Only
+a store the demo filled is continued: one that knows users the demo does
+not play is refused, so that a slip of the directory cannot write made-up
+chat into the bot's own store.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 
 from projections.user_stats import LAST
 
+from .errors import ValidationError
 from .store import EventStore
 
 __all__ = ["MAX_MINUTES", "DemoSummary", "play"]
@@ -90,6 +94,10 @@ async def play(
     default the last ``minutes`` before now, or just after the latest moment
     already in the store if that is later, so that runs append in time order.
 
+    Raises :class:`~eventstore.errors.ValidationError`, writing nothing, if
+    the store knows users who are not the demo's viewers: it is not a demo
+    store.
+
     Example::
 
         async with EventStore("data/demo", durability="flush") as store:
@@ -98,6 +106,14 @@ async def play(
     """
     if type(minutes) is not int or not 1 <= minutes <= MAX_MINUTES:
         raise ValueError(f"minutes must be an int from 1 to {MAX_MINUTES}, got {minutes!r}")
+    strangers = _strangers(store)
+    if strangers:
+        shown = ", ".join(repr(name) for name in strangers[:3])
+        raise ValidationError(
+            f"the store is not a demo store: it knows users the demo does not play "
+            f"({shown}{', ...' if len(strangers) > 3 else ''}); the demo writes only into an "
+            "empty store or one it filled; nothing written"
+        )
     if start is None:
         start = max(int(time.time()) - minutes * 60, _latest(store) + 60)
     if seed is None:
@@ -169,6 +185,15 @@ async def play(
         await leave(name, end)
     summary.last_position = store.position
     return summary
+
+
+def _strangers(store: EventStore) -> list[str]:
+    """Users the store knows of who are not among the demo's viewers, sorted."""
+    proj = store.projections
+    known = set(proj.user_stats.users)
+    known.update(proj.messages.users.codes)
+    known.update(proj.actions.users.codes)
+    return sorted(known.difference(VIEWERS))
 
 
 def _latest(store: EventStore) -> int:

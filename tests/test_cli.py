@@ -579,6 +579,37 @@ def test_replay_text(tmp_path: Path) -> None:
     ]
 
 
+def test_replay_shows_control_characters_in_chat_as_escapes(tmp_path: Path) -> None:
+    """Viewers write the chat; a terminal must not act on what they wrote."""
+
+    async def write() -> None:
+        async with EventStore(tmp_path / "s", clock=FakeClock(T0)) as store:
+            await store.save_user_stats("e\x1bve", chat_lines=1)
+            await store.save_message("e\x1bve", "hi\x1b[31mRED\n  2026-11-26 admin: fake\r\u202e")
+            await store.log_user_action("e\x1bve", "pm\x07", details="!x\x1b]0;title\x07")
+
+    asyncio.run(write())
+    result = invoke("replay", tmp_path / "s", "--limit", 1)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert (
+        "  2023-11-14 22:13:20Z  e\\u001bve: hi\\u001b[31mRED\\u000a  2026-11-26 admin: "
+        "fake\\u000d\\u202e" in lines
+    )
+    assert "  2023-11-14 22:13:20Z  e\\u001bve pm\\u0007 !x\\u001b]0;title\\u0007" in lines
+    assert any(line.startswith("  e\\u001bve ") for line in lines)  # top chatters
+    assert not any(c in result.stdout for c in "\x1b\x07\r\u202e")
+
+
+def test_replay_limit_0_does_not_claim_empty_lists(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    result = invoke("replay", d, "--limit", 0)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "(no users)" not in out and "(no messages)" not in out and "(no actions)" not in out
+    assert out.count("  (not listed: --limit 0)") == 3
+
+
 def test_replay_json_at_a_moment(tmp_path: Path) -> None:
     d = busy_store(tmp_path)
     # T0 + 100: lines 0..10 said, the join (T0 + 5) made, no count or peak yet.
@@ -667,6 +698,25 @@ def test_demo_then_inspect_it(tmp_path: Path) -> None:
     assert again["answers"]["position"] == again["played"]["last_position"]
 
 
+def test_demo_refuses_a_store_it_did_not_fill(tmp_path: Path) -> None:
+    d = tmp_path / "bot"
+
+    async def write() -> None:
+        async with EventStore(d) as store:
+            await store.save_message("ada", "a demo name")
+            await store.save_message("bob", "the bot's own viewer")
+
+    asyncio.run(write())
+    before = invoke("dump", d).stdout
+    result = invoke("demo", d, "--minutes", 5)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        "Error: the store is not a demo store: it knows users the demo does not play "
+        "('bob'); the demo writes only into an empty store or one it filled; nothing written\n"
+    )
+    assert invoke("dump", d).stdout == before
+
+
 # -- import and export ----------------------------------------------------------------------
 
 
@@ -714,6 +764,92 @@ def test_import_sqlite(tmp_path: Path) -> None:
     forced = json.loads(invoke("import-sqlite", db, d, "--force", "--json").stdout)
     assert forced["events"] == 5 and forced["first_position"] == 6
     assert forced["ignored_tables"] == ["api_tokens"]
+
+
+def _chat_db(path: Path, rows: int) -> Path:
+    legacy_db(path)
+    conn = sqlite3.connect(path)
+    conn.executemany(
+        "INSERT INTO recent_chat (timestamp, username, message) VALUES (?, 'bob', ?)",
+        [(T0 + 2 + i, f"line {i}") for i in range(rows)],
+    )
+    conn.commit()
+    conn.close()
+    return path
+
+
+def _stop_after_first_batch(monkeypatch: pytest.MonkeyPatch, stop: BaseException) -> None:
+    """Make the CLI's import raise ``stop`` once its first batch (2 events) is appended."""
+    import cli.transfer
+    from eventstore.legacy import import_sqlite
+
+    async def stopping(store: EventStore, db: str, **kwargs: Any) -> Any:
+        def progress(done: int) -> None:
+            raise stop
+
+        kwargs.update(batch_size=2, progress=progress)
+        return await import_sqlite(store, db, **kwargs)
+
+    monkeypatch.setattr(cli.transfer, "import_legacy", stopping)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new directory", "empty directory"])
+def test_an_import_interrupted_half_way_removes_the_store_it_began(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    db = legacy_db(tmp_path / "bot.db")
+    d = tmp_path / "store"
+    if existing:
+        d.mkdir()
+    _stop_after_first_batch(monkeypatch, KeyboardInterrupt())
+    result = invoke("import-sqlite", db, d)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"Error: the import was interrupted after 2 events; the store it had begun in {d} "
+        "was removed, so nothing of the file is kept\n"
+    )
+    assert d.exists() == existing and not (existing and any(d.iterdir()))
+
+
+def test_an_import_that_fails_half_way_into_a_store_says_what_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = legacy_db(tmp_path / "bot.db")
+    d = tmp_path / "store"
+    assert invoke("import-sqlite", db, d).exit_code == 0
+    _stop_after_first_batch(monkeypatch, OSError(28, "No space left on device"))
+    result = invoke("import-sqlite", db, d, "--force")
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        "Error: [Errno 28] No space left on device\n"
+        f"Error: the import failed: {d} now holds the part of the file written before that "
+        "(positions 6..7), not the rest; to have the file whole, import it into a new directory\n"
+    )
+    dumped = [json.loads(line) for line in invoke("dump", d).stdout.splitlines()]
+    assert [e["position"] for e in dumped] == list(range(1, 8))
+
+
+def test_ctrl_c_during_an_import_leaves_no_store(tmp_path: Path) -> None:
+    db = _chat_db(tmp_path / "bot.db", 300_000)
+    d = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "import-sqlite", str(db), str(d)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Interrupt once the import has appended something (the file is checked first).
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size > HEADER_SIZE for p in d.glob("*.seg")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, (out, err)
+    assert err.startswith("Error: the import was interrupted after "), err
+    assert "Traceback" not in err
+    assert not d.exists()
 
 
 def test_import_sqlite_missing_file(tmp_path: Path) -> None:
@@ -883,6 +1019,44 @@ def test_a_reader_that_stops_reading_is_not_a_failure(
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 0
     assert stderr == b""
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "replay", "dump", "tail"])
+def test_a_stdout_that_cannot_be_written_is_one_error_line(tmp_path: Path, command: str) -> None:
+    d = busy_store(tmp_path)
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cli", command, str(d)],
+            cwd=REPO,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("Error: ") and "No space left on device" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["info", "dump", "compact"])
+def test_a_closed_stdout_is_refused_before_anything_is_done(tmp_path: Path, command: str) -> None:
+    d = busy_store(tmp_path)
+    before = sorted(p.name for p in d.iterdir())
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", command, str(d)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        # Close fd 1 in the child: Python then has no sys.stdout.
+        preexec_fn=lambda: os.close(1),
+    )
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        "Error: stdout is closed, so nothing could be printed; nothing was done\n",
+    )
+    assert sorted(p.name for p in d.iterdir()) == before
 
 
 @pytest.mark.parametrize("command", ["info", "verify", "tail"])

@@ -216,6 +216,15 @@ def test_compact_keep_history_trims_old_user_counts(tmp_path: Path) -> None:
     assert reads(d)["counts"] == []
 
 
+def test_compact_keep_history_past_the_largest_int_is_bad_usage(tmp_path: Path) -> None:
+    d = churned(tmp_path)
+    files = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    result = invoke("compact", d, "--keep-history", 2**63)
+    assert result.exit_code == 2, result.output
+    assert "--keep-history" in result.stderr
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == files
+
+
 def test_compact_refuses_when_reads_would_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
