@@ -446,6 +446,14 @@ async def compact_log(
     # Pass 2: write what is still visible, in position order.
     work = os.path.join(directory, COMPACT_DIR)
     if not dry_run:
+        if pending_commit(directory) is not None:
+            # An earlier compaction of this open committed but did not finish
+            # its switch.  Its work directory decides the log now: removing
+            # it would leave old and new segments side by side.
+            raise IntegrityError(
+                f"{directory}: an earlier compaction committed but did not finish moving its "
+                "segments; close() and connect() again to finish it; nothing was changed"
+            )
         if os.path.exists(work):
             shutil.rmtree(work)
         os.mkdir(work, 0o700)
@@ -502,11 +510,24 @@ async def compact_log(
         remove_snapshots(directory, before=last_sealed)
         # The moment of decision, then the switch.
         old_names = [os.path.basename(s.path) for s in sealed]
+        # From COMMIT on, the log's list of segments is not to be trusted
+        # until replace_sealed has followed the files; the store stops
+        # writing (see EventStore.compact) if this does not get that far.
+        log.switch_unfinished = True
         _write_commit(work, old_names, writer.names)
-        await asyncio.get_running_loop().run_in_executor(
+        switch = asyncio.get_running_loop().run_in_executor(
             None, _switch, directory, work, old_names, writer.names
         )
-        log.replace_sealed(len(sealed))
+        try:
+            await asyncio.shield(switch)
+        finally:
+            if not switch.done():
+                # Cancelled: the thread moves files on regardless.  Let it
+                # end, so that what follows sees the files as they will stay.
+                await asyncio.wait({switch})
+            if not switch.cancelled() and switch.exception() is None:
+                log.replace_sealed(len(sealed))
+                log.switch_unfinished = False
     except BaseException:
         # Not committed: leave the store as it was.
         if not dry_run and not os.path.exists(os.path.join(work, COMMIT)):

@@ -366,6 +366,9 @@ class SegmentLog(EventLog):
         self._filled = 0
         self._prefill = durability == "fsync"
         self._failed: StorageError | None = None
+        #: Set by compaction between its COMMIT and taking up the new
+        #: segments: while set, the segment list may name files that moved.
+        self.switch_unfinished = False
         self._last_flush = 0.0
         self._resolved: asyncio.Future[None] | None = None
         # Windows of frames read by fetch(), least recently used first, with
@@ -418,6 +421,7 @@ class SegmentLog(EventLog):
             raise
         self._open = True
         self._failed = None
+        self.switch_unfinished = False
         self._resolved = loop.create_future()
         self._resolved.set_result(None)
         if not self.read_only:

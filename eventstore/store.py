@@ -723,7 +723,19 @@ class EventStore(StorageAdapter):
             else:
                 if not dry_run:
                     await log.roll()
-                report = await compact_log(log, **options)
+                try:
+                    report = await compact_log(log, **options)
+                finally:
+                    if log.switch_unfinished:
+                        # Committed, but the files moved under this open's
+                        # list of segments (an error, or a cancel, in the
+                        # switch): stop until connect() finishes the switch.
+                        self._fail(
+                            StorageError(
+                                f"{log.directory}: compaction committed but did not finish "
+                                "moving its segments"
+                            )
+                        )
                 if not dry_run and report.segments_rewritten:
                     # Frames moved: older snapshots name frames that are gone,
                     # and connect() and verify would only ignore or report them.

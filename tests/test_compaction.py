@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -379,6 +380,75 @@ async def test_readers_that_open_during_a_commit_are_asked_to_retry(tmp_path: Pa
 
 
 # -- crash safety --------------------------------------------------------------------
+
+
+async def test_a_switch_that_fails_in_the_process_stops_the_store_until_reconnect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError half-way through the switch (COMMIT written, some files
+    moved) must not let the open store go on with its old list of segments:
+    a second compaction used to delete the first one's COMMIT and files."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        real_unlink = os.unlink
+
+        def unlink(path: Any) -> None:
+            if str(path).endswith(".seg"):
+                raise OSError(5, "Input/output error", str(path))
+            real_unlink(path)
+
+        monkeypatch.setattr(compaction_mod.os, "unlink", unlink)
+        with pytest.raises(OSError, match="Input/output error"):
+            await store.compact()
+        monkeypatch.undo()
+        assert compaction_mod.pending_commit(str(d)) is not None
+        with pytest.raises(ConnectionError, match="did not finish moving its segments"):
+            await store.compact()
+        with pytest.raises(ConnectionError, match="close\\(\\) and connect\\(\\) again"):
+            await store.save_message("late", "refused")
+        assert compaction_mod.pending_commit(str(d)) is not None  # left for connect()
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as again:
+        assert await reads(again) == before
+        await again.compact()
+        assert await reads(again) == before
+    assert verify(d).ok
+    assert not (d / compaction_mod.COMPACT_DIR).exists()
+
+
+async def test_a_compaction_cancelled_in_its_switch_leaves_the_store_consistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        real_switch = compaction_mod._switch
+        started = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow_switch(*args: Any) -> None:
+            loop.call_soon_threadsafe(started.set)
+            time.sleep(0.3)  # cancelled meanwhile: the files move all the same
+            real_switch(*args)
+
+        monkeypatch.setattr(compaction_mod, "_switch", slow_switch)
+        task = asyncio.ensure_future(store.compact())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.undo()
+        assert compaction_mod.pending_commit(str(d)) is None
+        # The store took up the new segments: it reads, writes and compacts on.
+        assert await reads(store) == before
+        await store.save_message("late", "after", timestamp=99_999)
+        await store.compact()
+        after = await reads(store)
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as again:
+        assert await reads(again) == after
+    assert verify(d).ok
 
 
 @pytest.mark.parametrize("then", ["open", "repair"])
