@@ -139,6 +139,8 @@ class EventStore(StorageAdapter):
         self._snap_task: asyncio.Task[None] | None = None
         self._closing = False  # from the start of close() to the next connect()
         self._follower: asyncio.Task[None] | None = None
+        # The connect() in progress, shared by every caller (see connect()).
+        self._opening: asyncio.Future[None] | None = None
         self._catch_up_lock = asyncio.Lock()
         self._decide_lock = asyncio.Lock()
         self._snap_lock = asyncio.Lock()
@@ -173,6 +175,35 @@ class EventStore(StorageAdapter):
 
     # -- lifecycle -----------------------------------------------------------
     async def connect(self) -> None:
+        """Open the log and rebuild the read models; on a connected store, nothing.
+
+        Concurrent calls share one opening.  It runs in a task of its own,
+        so a caller cancelled half-way (a timeout around connect()) does not
+        cut it short: opening the log takes the writer lock, starts threads
+        and recovers files, and none of that may be left half-done.  The
+        store then ends up connected (or the opening failed) as for any
+        other caller; close() undoes it, waiting for it first.
+        """
+        if self._connected:
+            return
+        opening = self._opening
+        if (
+            opening is None
+            or opening.done()
+            or opening.get_loop() is not asyncio.get_running_loop()
+        ):
+            opening = asyncio.ensure_future(self._connect())
+            self._opening = opening
+            opening.add_done_callback(self._opened)
+        await asyncio.shield(opening)
+
+    def _opened(self, opening: asyncio.Future[None]) -> None:
+        if self._opening is opening:
+            self._opening = None
+        if not opening.cancelled():
+            opening.exception()  # retrieved: every caller may have been cancelled
+
+    async def _connect(self) -> None:
         if self._connected:
             return
         self._set_state(False, None)
@@ -208,6 +239,14 @@ class EventStore(StorageAdapter):
             )
 
     async def close(self) -> None:
+        opening = self._opening
+        if (
+            opening is not None
+            and not opening.done()
+            and opening.get_loop() is asyncio.get_running_loop()
+        ):
+            # Closing what a connect() is still opening: let it finish first.
+            await asyncio.wait({opening})
         if not self._connected and self._failed is None:
             # Closed, or a close() cancelled after it marked the store closed:
             # the log's close is idempotent and waits for one still running.

@@ -915,6 +915,8 @@ async def test_a_read_paused_across_close_and_open_does_not_go_on(tmp_path: Path
         async for _ in reading:
             pass
     log = store.log
+    if log._indexer is not None:  # type: ignore[attr-defined]
+        await log._indexer  # type: ignore[attr-defined]  # its walks count as reads
     assert log._readers == 0  # type: ignore[attr-defined]
     assert [pos async for pos, _ in store.read(11_990)] == list(range(11_990, 12_001))
     await store.close()
@@ -1094,6 +1096,98 @@ def test_a_writer_is_not_refused_by_a_reader_probing_the_lock(tmp_path: Path) ->
             WriterLock(d).acquire()
     finally:
         held.release()
+
+
+# -- connect() called twice at once, cancelled, or raced by close() ---------------------------
+
+
+@pytest.mark.parametrize("durability", ["fsync", "flush"])
+async def test_a_bug_in_the_writer_fails_the_round_it_was_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
+) -> None:
+    """Not only StorageError: any error of the writer task reaches the callers
+    whose events it had taken, instead of leaving them waiting for ever."""
+    from eventstore.segmentlog import SegmentLog
+
+    def broken(self: SegmentLog, batches: object) -> None:
+        raise RuntimeError("a bug")
+
+    async with EventStore(tmp_path / "s", durability=durability) as store:  # type: ignore[arg-type]
+        await store.save_message("ada", "before")
+        monkeypatch.setattr(SegmentLog, "_encode", broken)
+        with pytest.raises(StorageError, match="the writer stopped: RuntimeError"):
+            await asyncio.wait_for(store.save_message("ada", "lost"), 10)
+        with pytest.raises(ConnectionError, match="stopped after a failed write"):
+            await store.save_message("ada", "refused")
+
+
+def _lock_is_held(d: Path) -> bool:
+    from eventstore.lockfile import WriterLock
+
+    lock = WriterLock(str(d))
+    try:
+        lock.acquire()
+    except ConnectionError:
+        return True
+    lock.release()
+    return False
+
+
+@pytest.mark.parametrize("durability", ["fsync", "flush", "none"])
+async def test_two_connects_at_once_share_one_opening(tmp_path: Path, durability: str) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as first:
+        await first.save_message("ada", "before")
+    store = EventStore(d, durability=durability)  # type: ignore[arg-type]
+    await asyncio.gather(store.connect(), store.connect())
+    try:
+        assert store.is_connected and _lock_is_held(d)
+        await asyncio.wait_for(store.save_message("ada", "after"), 10)
+    finally:
+        await store.close()
+    assert not _lock_is_held(d)
+    async with EventStore(d) as again:
+        got = [m["message"] for m in await again.get_recent_messages()]
+    assert got == ["after", "before"]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 8])
+async def test_a_cancelled_connect_finishes_opening_and_a_second_one_waits_for_it(
+    tmp_path: Path, steps: int
+) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as first:
+        for i in range(500):
+            await first.save_message("ada", f"line {i}")
+    store = EventStore(d, snapshot_every=None)
+    task = asyncio.ensure_future(store.connect())
+    for _ in range(steps):  # started, not finished: cancelled at several points
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.connect()
+    try:
+        assert store.is_connected and store.position == 500 and _lock_is_held(d)
+        await asyncio.wait_for(store.save_message("ada", "after"), 10)
+    finally:
+        await store.close()
+    assert not _lock_is_held(d)
+    async with EventStore(d) as again:
+        assert again.position == 501
+
+
+async def test_close_during_connect_leaves_the_store_closed_and_unlocked(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as first:
+        await first.save_message("ada", "hi")
+    store = EventStore(d)
+    opening = asyncio.ensure_future(store.connect())
+    await asyncio.sleep(0)
+    await store.close()  # waits for the opening, then closes what it opened
+    assert opening.done()
+    await opening
+    assert not store.is_connected and not _lock_is_held(d)
 
 
 # -- bad construction arguments and paths -----------------------------------------------------
