@@ -861,10 +861,17 @@ class SegmentLog(EventLog):
                             self._busy = False
                     else:
                         result = self._write(frames, sync=False)
+                    self._finish_round(result)
                 except StorageError as err:
                     self._fail(err, waiters)
                     break
-                self._finish_round(result)
+                except BaseException as err:
+                    # A bug, or the task cancelled: the round's callers are
+                    # known only here, and must not wait for ever.
+                    self._fail(
+                        StorageError(f"{self.directory}: the writer stopped: {err!r}"), waiters
+                    )
+                    raise
                 self._last_flush = time.monotonic()
                 self._roll_pending = False
                 _resolve(waiters)
