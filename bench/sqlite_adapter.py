@@ -24,9 +24,9 @@ import aiosqlite
 
 from eventstore.adapter import StorageAdapter
 from eventstore.clock import Clock, system_clock
-from eventstore.errors import ConnectionError
+from eventstore.errors import ConnectionError, ValidationError
 from eventstore.legacy import LEGACY_SCHEMA
-from eventstore.validation import check_int, check_name, check_opt_int, check_text
+from eventstore.validation import MAX_INT, check_int, check_name, check_opt_int, check_text
 
 __all__ = ["INDEXES", "SqliteAdapter", "Synchronous"]
 
@@ -48,8 +48,13 @@ INSERT OR IGNORE INTO channel_stats (id) VALUES (1);
 
 # A user is inserted with the defaults, or updated only where something
 # changes; the WHERE of DO UPDATE makes a write that changes nothing write
-# nothing, in the same single statement.
-_SAVE_USER = """
+# nothing, in the same single statement.  It also refuses an increment that
+# would take a total past MAX_INT: SQLite would turn that sum into a REAL
+# (9.223372036854776e+18), where the event store raises ValidationError.
+# "add <= MAX_INT - total" cannot overflow (total and add are both in
+# 0..MAX_INT), and a zero increment always fits, as in the store.  A refused
+# update changes no row, like a no-op one; save_user_stats tells them apart.
+_SAVE_USER = f"""
 INSERT INTO user_stats (username, first_seen, last_seen, total_chat_lines,
                         total_time_connected, current_session_start)
 VALUES (:username, coalesce(:first, :now), coalesce(:last, :now), :lines, :seconds, :session)
@@ -59,11 +64,20 @@ ON CONFLICT (username) DO UPDATE SET
     total_chat_lines = total_chat_lines + :lines,
     total_time_connected = total_time_connected + :seconds,
     current_session_start = coalesce(:session, current_session_start)
-WHERE :first < first_seen
-   OR :last > last_seen
-   OR :lines != 0
-   OR :seconds != 0
-   OR (:session IS NOT NULL AND :session IS NOT current_session_start)
+WHERE (:first < first_seen
+       OR :last > last_seen
+       OR :lines != 0
+       OR :seconds != 0
+       OR (:session IS NOT NULL AND :session IS NOT current_session_start))
+  AND :lines <= {MAX_INT} - total_chat_lines
+  AND :seconds <= {MAX_INT} - total_time_connected
+"""
+
+# end_session's update, refused in the same way when the seconds do not fit.
+_END_SESSION = f"""
+UPDATE user_stats SET total_time_connected = total_time_connected + ?,
+                      last_seen = max(last_seen, ?), current_session_start = NULL
+WHERE username = ? AND ? <= {MAX_INT} - total_time_connected
 """
 
 # SET expressions all see the row as it was, so each CASE compares against the
@@ -176,16 +190,24 @@ class SqliteAdapter(StorageAdapter):
         session_start: int | None = None,
     ) -> None:
         self._conn()
+        lines = check_opt_int("chat_lines", chat_lines) or 0
+        seconds = check_opt_int("time_connected", time_connected) or 0
         params = {
             "username": check_name("username", username),
             "first": check_opt_int("first_seen", first_seen),
             "last": check_opt_int("last_seen", last_seen),
-            "lines": check_opt_int("chat_lines", chat_lines) or 0,
-            "seconds": check_opt_int("time_connected", time_connected) or 0,
+            "lines": lines,
+            "seconds": seconds,
             "session": check_opt_int("session_start", session_start),
             "now": self.clock(),
         }
-        await self._write(_SAVE_USER, params)
+        # With a positive increment the update's WHERE holds for any existing
+        # row unless a total would not fit; so no row changed means refused.
+        # The check costs the hot path two comparisons in SQL and this test.
+        while not await self._write(_SAVE_USER, params) and (lines or seconds):
+            # Nothing was written; read the row only now, to say why.  If it
+            # has room after all (forgotten meanwhile), the write is retried.
+            await self._refuse_overflow(username, lines, seconds)
 
     async def end_session(self, username: str, timestamp: int | None = None) -> int:
         """Close ``username``'s open session at ``timestamp`` (default now).
@@ -205,13 +227,34 @@ class SqliteAdapter(StorageAdapter):
             if not rows or rows[0][0] is None:
                 return 0
             seconds = max(0, ts - int(rows[0][0]))
-            await self._write(
-                "UPDATE user_stats SET total_time_connected = total_time_connected + ?, "
-                "last_seen = max(last_seen, ?), current_session_start = NULL "
-                "WHERE username = ?",
-                (seconds, ts, username),
-            )
+            if not await self._write(_END_SESSION, (seconds, ts, username, seconds)):
+                await self._refuse_overflow(username, 0, seconds)
+                # Room after all: the user was forgotten since the read, and
+                # there is no session left to end.
+                return 0
             return seconds
+
+    async def _refuse_overflow(self, username: str, lines: int, seconds: int) -> None:
+        """Raise ValidationError if adding to ``username``'s totals would pass MAX_INT.
+
+        Only called after a guarded write changed nothing, so only on a refusal
+        (or a race with forget_user, where it returns).
+        """
+        rows = await self._rows(
+            "SELECT total_chat_lines, total_time_connected FROM user_stats WHERE username = ?",
+            (username,),
+        )
+        if not rows:
+            return
+        for field, total, add in (
+            ("chat_lines", rows[0][0], lines),
+            ("time_connected", rows[0][1], seconds),
+        ):
+            if add > 0 and total + add > MAX_INT:
+                raise ValidationError(
+                    f"{field}: {username!r} has {total}, and adding {add} would pass the "
+                    f"largest total stored ({MAX_INT})"
+                )
 
     async def forget_user(self, username: str, timestamp: int | None = None) -> bool:
         """Delete every row of ``username``; False (and nothing written) if there was none.

@@ -14,6 +14,9 @@ Common rules:
   nothing: empty or non-str usernames and action types, negative or non-int
   (bool included) counts, timestamps, limits, offsets or ``keep_count``, text
   that cannot be encoded as UTF-8, and messages or details over 1 MiB.
+* Counts and totals are at most ``2**63 - 1``: a ``save_user_stats`` or
+  ``end_session`` that would take a user's total past it raises
+  ValidationError naming the field, and writes nothing.
 * Before ``connect()`` and after ``close()`` every data method raises
   :class:`~eventstore.errors.ConnectionError`.
 * A write that changes nothing writes nothing.

@@ -40,6 +40,9 @@ __all__ = ["MIB", "StorageContract", "read_state"]
 MIB = 1_048_576
 #: A limit that means "every row" for methods whose limit must be an int.
 ALL = 1_000_000
+#: The largest total_chat_lines or total_time_connected (inclusive): a signed
+#: 64-bit int, what the stores, their snapshots and exports can hold.
+MAX_TOTAL = 2**63 - 1
 
 DEFAULT_CHANNEL: dict[str, Any] = {
     "max_users": 0,
@@ -705,6 +708,95 @@ class StorageContract:
         alice = await store.get_user_stats("alice")
         assert alice is not None
         assert alice["total_time_connected"] == 70
+
+    # -- totals stay within 64 bits ----------------------------------------------------
+    @pytest.mark.parametrize(
+        ("field", "other"),
+        [("chat_lines", "time_connected"), ("time_connected", "chat_lines")],
+    )
+    async def test_an_increment_past_the_largest_total_is_refused_whole(
+        self, store: StorageAdapter, clock: FakeClock, field: str, other: str
+    ) -> None:
+        await _seed(store, clock)
+        await store.save_user_stats("carol", first_seen=1, last_seen=2, **{field: MAX_TOTAL - 1})
+        await store.save_user_stats("carol", **{field: 1})  # exactly the largest: kept
+        before = await read_state(store)
+        refused = [
+            {field: 1},
+            {field: MAX_TOTAL},
+            # The whole call is refused, not just the total that would pass.
+            {field: 1, other: 1, "last_seen": clock.now + 50, "session_start": clock.now},
+        ]
+        for kwargs in refused:
+            with pytest.raises(ValidationError, match=field) as info:
+                await store.save_user_stats("carol", **kwargs)
+            # The field that would pass, not the one that fits.
+            assert other not in str(info.value), kwargs
+        assert await read_state(store) == before
+        store = await self.reopen(store)
+        assert await read_state(store) == before
+        # Only a positive increment is checked: other changes of the user still work.
+        await store.save_user_stats("carol", last_seen=clock.now, **{field: 0, other: 1})
+        carol = await store.get_user_stats("carol")
+        assert carol is not None
+        assert (carol[f"total_{field}"], carol[f"total_{other}"]) == (MAX_TOTAL, 1)
+        assert carol["last_seen"] == clock.now
+
+    async def test_an_end_session_past_the_largest_total_is_refused(
+        self, store: StorageAdapter, clock: FakeClock
+    ) -> None:
+        end_session = _method(store, "end_session")
+        await _seed(store, clock)
+        await store.save_user_stats(
+            "carol", first_seen=1, last_seen=100, time_connected=MAX_TOTAL - 5, session_start=100
+        )
+        before = await read_state(store)
+        # Would add 6 seconds, raise last_seen and close the session: none of it happens.
+        with pytest.raises(ValidationError, match="time_connected"):
+            await end_session("carol", timestamp=106)
+        assert await read_state(store) == before
+        store = await self.reopen(store)
+        assert await read_state(store) == before
+        carol = await store.get_user_stats("carol")
+        assert carol is not None and carol["current_session_start"] == 100
+        # The session is still open and can end within the limit.
+        end_session = _method(store, "end_session")
+        assert await end_session("carol", timestamp=105) == 5
+        carol = await store.get_user_stats("carol")
+        assert carol is not None
+        assert (carol["total_time_connected"], carol["current_session_start"]) == (MAX_TOTAL, None)
+        # At the limit, a session that adds nothing still ends.
+        await store.save_user_stats("carol", session_start=200)
+        assert await end_session("carol", timestamp=150) == 0
+        carol = await store.get_user_stats("carol")
+        assert carol is not None
+        assert (carol["total_time_connected"], carol["current_session_start"]) == (MAX_TOTAL, None)
+
+    async def test_totals_that_land_exactly_on_the_largest_are_kept(
+        self, store: StorageAdapter
+    ) -> None:
+        end_session = getattr(store, "end_session", None)
+        await store.save_user_stats("carol", first_seen=1, last_seen=1, chat_lines=MAX_TOTAL)
+        await store.save_user_stats("dave", first_seen=1, last_seen=1, chat_lines=MAX_TOTAL - 2)
+        await store.save_user_stats("dave", chat_lines=2, time_connected=MAX_TOTAL - 3)
+        if end_session is None:
+            await store.save_user_stats("dave", time_connected=3)
+        else:
+            await store.save_user_stats("dave", session_start=10)
+            assert await end_session("dave", timestamp=13) == 3
+        for _ in range(2):
+            carol = await store.get_user_stats("carol")
+            dave = await store.get_user_stats("dave")
+            assert carol is not None and dave is not None
+            totals = [
+                carol["total_chat_lines"],
+                dave["total_chat_lines"],
+                dave["total_time_connected"],
+            ]
+            # An int, exactly: not a float that rounds to 2**63.
+            assert all(type(t) is int for t in totals), totals
+            assert totals == [MAX_TOTAL] * 3
+            store = await self.reopen(store)
 
     # -- get_all_user_stats ------------------------------------------------------------
     async def test_all_user_stats_by_last_seen_desc_then_username(
