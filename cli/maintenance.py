@@ -167,7 +167,8 @@ def forget_user(
     Appends a UserForgotten event (reads stop returning the user at once) and
     compaction then removes the user's events from the files.  Needs the bot
     stopped, or call await store.forget_user(name) from the bot.  A user the
-    store knows nothing of is reported and nothing is written.  On a
+    store knows nothing of is reported and nothing is written; run again, it
+    finishes a forget whose compaction was interrupted.  On a
     PostgreSQL URL compaction deletes every row of the user, the
     UserForgotten row too, and the bots may keep running.
 
@@ -182,7 +183,7 @@ def forget_user(
             # (Not while a compaction's switch is unfinished: a reader cannot
             # open the store then, and the writer's open finishes it.)
             async with out.open_reader(directory) as reader:
-                if not reader.knows_user(name):
+                if not reader.knows_user(name) and not await reader.erasure_unfinished(name):
                     return False
         async with out.open_writer(directory, f"await store.forget_user({name!r})") as store:
             return await store.forget_user(name)

@@ -229,10 +229,7 @@ async def replay(
         if isinstance(log, PostgresLog):
             compacted = await log.compacted_through()
         elif isinstance(log, SegmentLog):
-            segments = log.segments
-            for i, seg in enumerate(segments):
-                if seg.gaps_allowed:
-                    compacted = segments[i + 1].first - 1 if i + 1 < len(segments) else head
+            compacted = log.compacted_through()
         if at is None:
             # The state as of ``stop``, even if compaction dropped the events
             # just before it (they changed no read).

@@ -399,6 +399,15 @@ class SegmentLog(EventLog):
     def segments(self) -> list[Segment]:
         return list(self._segments)
 
+    def compacted_through(self) -> int | None:
+        """The last position of the range compaction rewrote, None if none was."""
+        segments = self._segments
+        end = None
+        for i, seg in enumerate(segments):
+            if seg.gaps_allowed:
+                end = segments[i + 1].first - 1 if i + 1 < len(segments) else self._head
+        return end
+
     async def open(self) -> None:
         if self._open:
             return

@@ -682,11 +682,17 @@ class EventStore(StorageAdapter):
         anything of that user.  On a store in a directory it then seals the
         active segment and compacts, so that no segment and no snapshot holds
         the user's data or the name as a username any more (a name other users
-        typed in their own messages is theirs and stays).  Returns False, and
-        appends nothing, if no read returns anything of that user.  On
-        PostgreSQL it decides after reading the log to its end (a user another
-        process has just written is forgotten too) and compacts, which deletes
-        the user's rows (``eventstore/pgcompaction.py``).
+        typed in their own messages is theirs and stays).  On PostgreSQL it
+        decides after reading the log to its end (a user another process has
+        just written is forgotten too) and compacts, which deletes the user's
+        rows (``eventstore/pgcompaction.py``).
+
+        Returns False, and writes nothing, if no read returns anything of that
+        user and no earlier forget of them is unfinished.  One is unfinished
+        if its compaction never ran (the process died, or close() came
+        first): the user is gone from every read, but their events are still
+        on disk.  Calling forget_user again then compacts and returns True.
+        Telling this takes a read of the log after the last compaction.
         """
         self._check_write()
         check_name("username", username)
@@ -694,9 +700,10 @@ class EventStore(StorageAdapter):
         # On a shared log, decide on the log as it is now, not on what this
         # process last read: another process may just have written the user.
         async with self._deciding():
-            if not self.knows_user(username):
+            if self.knows_user(username):
+                await self._write(UserForgotten(username, ts))
+            elif not await self.erasure_unfinished(username):
                 return False
-            await self._write(UserForgotten(username, ts))
         if self._snapshots_enabled():
             await self.compact()
             # Older snapshots still hold the user: keep only a fresh one.
@@ -704,6 +711,31 @@ class EventStore(StorageAdapter):
         elif self._log.shared:  # PostgreSQL: delete the user's rows
             await self.compact()
         return True
+
+    async def erasure_unfinished(self, username: str) -> bool:
+        """True if an earlier ``forget_user(username)`` has not erased the files yet.
+
+        That is, a ``UserForgotten`` of the user is in the log after the range
+        compaction rewrote: forget_user compacts right after appending one,
+        and that compaction drops it along with the user's events, so one
+        found there was never compacted.  Reads the log after that range.
+        """
+        self._check()
+        from .pglog import PostgresLog
+        from .segmentlog import SegmentLog
+
+        log = self._log
+        if isinstance(log, PostgresLog):
+            through = await log.compacted_through()
+        elif isinstance(log, SegmentLog):
+            through = log.compacted_through()
+        else:
+            return False  # in memory: nothing on disk to erase
+        async for _, events in log.read_runs((through or 0) + 1):
+            for event in events:
+                if type(event) is UserForgotten and event.username == username:
+                    return True
+        return False
 
     async def compact(
         self,

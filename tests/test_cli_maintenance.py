@@ -289,6 +289,26 @@ def test_forget_user(tmp_path: Path) -> None:
     assert again.stdout == f"nothing to forget: {d} holds nothing of 'bob'; nothing written\n"
 
 
+def test_forget_user_finishes_a_forget_cut_short_before_its_compaction(tmp_path: Path) -> None:
+    from eventstore.events import UserForgotten
+
+    d = busy_store(tmp_path)
+
+    async def cut_short() -> None:
+        # What a forget killed between its event and its compaction leaves.
+        async with EventStore(d) as store:
+            await store.append([UserForgotten("bob", T0 + 9_000)])
+            assert not store.knows_user("bob")
+
+    asyncio.run(cut_short())
+    assert any(b"bob" in p.read_bytes() for p in d.iterdir() if p.is_file())
+    result = invoke("forget-user", d, "bob")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"forgot 'bob': no read of {d} returns anything of them any more\n"
+    assert not any(b"bob" in p.read_bytes() for p in d.iterdir() if p.is_file())
+    assert invoke("verify", d).exit_code == 0
+
+
 def test_forget_user_rejects_a_bad_name(tmp_path: Path) -> None:
     d = busy_store(tmp_path)
     result = invoke("forget-user", d, "")

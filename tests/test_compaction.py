@@ -240,6 +240,57 @@ async def test_keep_history_records_the_decision_then_compacts(tmp_path: Path) -
         assert trims == [UserCountsTrimmed(before=7 * 86_400, timestamp=now)]
 
 
+def _bytes_hold(directory: Path, needle: bytes) -> list[str]:
+    return [
+        f
+        for root, _dirs, files in os.walk(directory)
+        for f in files
+        if needle in (Path(root) / f).read_bytes()
+    ]
+
+
+@pytest.mark.parametrize("reopen", [False, True], ids=["same store", "after a crash"])
+async def test_forget_user_again_finishes_an_erasure_whose_compaction_never_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reopen: bool
+) -> None:
+    """The UserForgotten is durable, the compaction after it did not happen
+    (the process died, or close() came first): the user is gone from every
+    read but not from the files, and asking again must finish the job."""
+    d = tmp_path / "s"
+
+    class Crash(BaseException):
+        pass
+
+    async def crash(self: EventStore, **kwargs: Any) -> Any:
+        raise Crash
+
+    store = EventStore(d, segment_size=4096)
+    await store.connect()
+    await busy_history(store, 2)
+    await store.save_message("alice", "alice-private-chat-line", timestamp=20_000)
+    monkeypatch.setattr(EventStore, "compact", crash)
+    with pytest.raises(Crash):
+        await store.forget_user("alice")
+    monkeypatch.undo()
+    if reopen:
+        store._log._lock.release()  # type: ignore[attr-defined]  # the process "dies"
+        store._connected = False
+        store = EventStore(d, segment_size=4096)
+        await store.connect()
+    try:
+        assert not store.knows_user("alice")
+        assert _bytes_hold(d, b"alice-private-chat-line")
+        before = await reads(store)
+        assert await store.forget_user("alice")  # finishes the erasure
+        assert await reads(store) == before
+        assert not await store.forget_user("alice")  # now nothing is left
+        assert not await store.forget_user("nobody")
+    finally:
+        await store.close()
+    assert _bytes_hold(d, b"alice-private-chat-line") == []
+    assert find_damage(str(d)) is None
+
+
 async def test_forget_user_leaves_no_byte_of_the_name(tmp_path: Path) -> None:
     d = tmp_path / "s"
     name = "zebra_unicorn_42"

@@ -171,6 +171,37 @@ async def test_keep_history_trims_and_deletes_old_user_counts(pg_schema: str) ->
     assert sorted(await rows(pg_schema)) == [8, 9, 10, 11]  # three counts, the trim
 
 
+async def test_forget_user_again_finishes_an_erasure_whose_compaction_never_ran(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Crash(BaseException):
+        pass
+
+    async def crash(self: EventStore, **kwargs: Any) -> Any:
+        raise Crash
+
+    async with EventStore(pg_schema) as store:
+        await busy_history(store, 1)
+        await store.save_message("alice", "alice-private-chat-line", timestamp=20_000)
+        monkeypatch.setattr(EventStore, "compact", crash)
+        with pytest.raises(Crash):
+            await store.forget_user("alice")
+        monkeypatch.undo()
+    async with EventStore(pg_schema) as store:
+        assert not store.knows_user("alice")
+        assert await store.forget_user("alice")
+        assert not await store.forget_user("alice")
+    conn = await asyncpg.connect(pg_schema)
+    try:
+        hits = await conn.fetchval(
+            "SELECT count(*) FROM eventstore_events WHERE username = 'alice' "
+            "OR position(convert_to('alice-private', 'UTF8') IN payload) > 0"
+        )
+    finally:
+        await conn.close()
+    assert hits == 0
+
+
 async def test_forget_user_leaves_no_row_with_the_name(pg_schema: str) -> None:
     name = "zebra_unicorn_42"
     async with EventStore(pg_schema) as store:
