@@ -124,6 +124,34 @@ async def test_disk_store_keeps_its_log_under_tmp_path(
     await assert_events(disk_store, [(1, MessageSaved(DEFAULT_START, "alice", "on disk"))])
 
 
+async def test_forget_user_rewrites_the_stream_on_disk_and_not_in_memory(
+    memory_store: EventStore, disk_store: EventStore
+) -> None:
+    """The one difference between the two fixtures the README names."""
+    from eventstore.events import UserForgotten
+
+    for store in (memory_store, disk_store):
+        await store.save_user_stats("bob", chat_lines=1)
+        await store.save_message("alice", "hi")
+        await store.save_message("bob", "bye")
+        assert await store.forget_user("alice")
+    await assert_events(
+        memory_store,
+        [
+            Match(UserStatsSaved, username="bob"),
+            Match(MessageSaved, username="alice"),
+            Match(MessageSaved, username="bob"),
+            Match(UserForgotten, username="alice"),
+        ],
+    )
+    await assert_events(
+        disk_store,
+        [(1, Match(UserStatsSet, username="bob")), (3, Match(MessageSaved, username="bob"))],
+    )
+    for store in (memory_store, disk_store):
+        assert [m["username"] for m in await store.get_recent_messages()] == ["bob"]
+
+
 # -- assert_events -------------------------------------------------------------------------
 async def test_assert_events_accepts_events_pairs_and_matches(
     memory_store: EventStore, fake_clock: FakeClock
