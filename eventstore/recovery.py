@@ -57,7 +57,7 @@ class Damage:
 @dataclass
 class RepairReport:
     damage: Damage | None
-    #: Files copied or moved aside, as ``*.broken``.
+    #: Files copied or moved aside, as ``*.broken`` (``*.broken.1``, ... if taken).
     set_aside: list[str] = field(default_factory=list)
     bytes_cut: int = 0
     #: What was done first about a compaction a crash interrupted, if anything.
@@ -142,12 +142,48 @@ def find_damage(directory: str) -> Damage | None:
     return None
 
 
+def _free_name(path: str) -> str:
+    """``path + ".broken"``, or the first of ``.broken.1``, ``.broken.2``, ... not taken."""
+    aside = path + ".broken"
+    n = 0
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{path}.broken.{n}"
+    return aside
+
+
+def _copy_aside(path: str) -> str:
+    """Copy ``path`` to a free ``.broken`` name and fsync the copy; return that name.
+
+    Created with O_EXCL, so an existing copy is never written over even if a
+    name is taken between the look and the create.  A crash during the copy
+    leaves the original whole (nothing is cut yet); the next repair copies it
+    again, under the next name.
+    """
+    while True:
+        aside = _free_name(path)
+        try:
+            # Owner only, as every file of a store: it holds chat lines.
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as dst, open(path, "rb") as src:
+            shutil.copyfileobj(src, dst, _CHUNK)
+            dst.flush()
+            shutil.copystat(path, aside)  # the times, as copy2 kept them
+            os.fsync(dst.fileno())
+        return aside
+
+
 def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport:
     """Cut the log at its first damage, keeping copies of what is removed.
 
     The damaged segment is copied to ``<name>.broken`` and truncated at the
     last good frame; later segments (whose positions would follow a gap) are
-    renamed to ``<name>.broken``.  Never run implicitly; takes the writer lock,
+    renamed to ``<name>.broken``.  Where an earlier repair left that name, the
+    first free one of ``<name>.broken.1``, ``.2``, ... is taken: a segment
+    repaired twice (or a name the log reused after a cut) must not lose the
+    first copy.  Never run implicitly; takes the writer lock,
     so it refuses while a writer is open.  A compaction a crash interrupted is
     first finished (or undone, if it had not committed), as opening the store
     would: cutting a directory in the middle of a switch would set aside the
@@ -165,15 +201,9 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
         names, _ = list_segments(directory)
         paths = [os.path.join(directory, name) for _, name in names]
         at = paths.index(damage.path)
-        broken = damage.path + ".broken"
-        shutil.copy2(damage.path, broken)
+        broken = _copy_aside(damage.path)
         # The copy is durable before the original is cut: after a power cut
         # the bytes repair removes must still be somewhere.
-        fd = os.open(broken, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         fsync_dir(directory)
         report.set_aside.append(broken)
         size = os.path.getsize(damage.path)
@@ -189,8 +219,11 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
             report.bytes_cut += size - damage.offset
         for path in paths[at + 1 :]:
             report.bytes_cut += os.path.getsize(path)
-            os.rename(path, path + ".broken")
-            report.set_aside.append(path + ".broken")
+            aside = _free_name(path)
+            # Free when looked at, and still free at the rename: we hold the
+            # writer lock, and only repair makes these names.
+            os.rename(path, aside)
+            report.set_aside.append(aside)
         fsync_dir(directory)
         log.warning(
             "repaired %s: cut %d bytes at %s; copies in %s",
