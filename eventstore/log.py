@@ -103,5 +103,6 @@ class EventLog(ABC):
     async def fetch(self, positions: Sequence[int]) -> list[Event]:
         """Return the events at ``positions`` (any order), in the order asked.
 
-        Raises QueryError if a position holds no event.
+        Raises QueryError if a position holds no event, and IntegrityError
+        if the log is known to have lost the events there.
         """

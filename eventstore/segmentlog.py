@@ -31,7 +31,10 @@ Recovery.  ``open()`` checks every segment header, then walks the frames of
 the last segment.  A frame cut short at the end of that segment (a crash
 during a write) is cut off and logged; any other damage raises
 IntegrityError with the file and offset.  Sealed segments are checked as
-replay reads them.  ``recovery.repair`` is the explicit way past damage.
+replay reads them; after a start from a snapshot, which reads none of the
+older ones, by a walk in the background (see index_in_background), whose
+findings are logged and raised to the reads they concern.
+``recovery.repair`` is the explicit way past damage.
 
 Readers.  With ``read_only=True`` no lock is taken and nothing is written;
 ``refresh()`` picks up frames and segments the writer has added since.
@@ -50,7 +53,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 
 import msgspec
 
@@ -139,7 +142,9 @@ class Segment:
     flags: int
     #: End of the last complete frame known (file offset).
     end: int = HEADER_SIZE
-    #: Position after the segment's last event.
+    #: Position after the segment's last event.  For a sealed segment not
+    #: walked yet, the next segment's first position: what the log expects
+    #: until a walk (which sets ``indexed``) says where its frames end.
     next_position: int = 0
     #: First position and offset of frames, about one per INDEX_STRIDE bytes.
     frame_pos: array[int] = field(default_factory=lambda: array("q"))
@@ -150,6 +155,9 @@ class Segment:
     #: (see SegmentLog._check_unchanged).
     last_frame: int = 0
     last_header: bytes = b""
+    #: Set by the walk of a sealed segment whose last frame runs past the end
+    #: of the file: what is wrong, and where (see _damage_after).
+    cut: str | None = None
 
     @property
     def gaps_allowed(self) -> bool:
@@ -234,25 +242,71 @@ def _scratch(seg: Segment) -> Segment:
     replay on the loop indexes ``seg`` as it reads.  Replay builds the index
     as a side effect; after a snapshot, old segments are indexed later.
     """
-    return Segment(seg.first, seg.path, seg.fd, seg.flags, end=seg.end)
+    return Segment(
+        seg.first, seg.path, seg.fd, seg.flags, end=seg.end, next_position=seg.next_position
+    )
 
 
 def _check_walk(
     seg: Segment, scratch: Segment, walker: FrameWalker, err: FrameError | None
 ) -> None:
-    """What the walk of a whole sealed segment found: damage raises."""
-    if err is not None and not err.short:  # an incomplete end is replay's to report
+    """What the walk of a whole sealed segment found: damage raises, but a cut end.
+
+    A sealed segment ends with its last frame (the writer cuts its zeros
+    before it rolls), so one whose last frame runs past the end of the file
+    was cut short.  Its whole frames stay readable: the index stops before
+    the cut frame, and the positions after them are reported by the reads
+    that want them and logged when the index is taken (see _damage_after).
+    """
+    if err is not None and not err.short:
         raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")
-    if err is None:
-        scratch.end = walker.offset  # before any zeros
+    if err is not None:
+        scratch.cut = f"{err.reason} at offset {err.offset}"
+    scratch.end = walker.offset  # before any zeros, or the cut frame
+    scratch.next_position = walker.next_position
 
 
-def _publish_index(seg: Segment, built: Segment | None) -> None:
-    """Give ``seg`` the index ``_build_index`` made (on the loop, unless it has one)."""
+def _publish_index(seg: Segment, built: Segment | None) -> bool:
+    """Give ``seg`` the index ``_build_index`` made (on the loop, unless it has one).
+
+    Returns whether it did.
+    """
     if built is None or seg.indexed:
-        return
+        return False
     seg.frame_pos, seg.frame_off, seg.end = built.frame_pos, built.frame_off, built.end
+    seg.next_position, seg.cut = built.next_position, built.cut
     seg.indexed = True
+    return True
+
+
+def _damage_after(seg: Segment, after: Segment) -> str | None:
+    """What the walk of sealed ``seg`` found wrong at its end, if anything.
+
+    ``after`` is the segment that follows it.  Known only once ``seg`` is
+    indexed.  Replay sees this when it reads across the two segments, but
+    a start from a snapshot reads neither: the walk is then what finds it.
+    Positions after a compacted segment, or before one, may have been
+    dropped by compaction (docs/format.md): no damage there, unless the
+    segment was cut short.
+    """
+    if not seg.indexed:
+        return None
+    if seg.cut is not None:
+        why = f"{seg.path}: cut short: {seg.cut}"
+    elif seg.next_position < after.first and not (seg.gaps_allowed or after.gaps_allowed):
+        why = (
+            f"{seg.path}: its frames end at position {seg.next_position - 1}, but the next "
+            f"segment, {os.path.basename(after.path)}, starts at {after.first} "
+            "(a segment cut short or deleted)"
+        )
+    else:
+        return None
+    lo, hi = seg.next_position, after.first - 1
+    if lo == hi:
+        why += f": the event at position {lo} is missing"
+    elif lo < hi:
+        why += f": events {lo}..{hi} are missing"
+    return why
 
 
 class _FrameGroup:
@@ -518,7 +572,8 @@ class SegmentLog(EventLog):
         if not self.read_only:
             self._drop_orphan_segment()
         for before, after in zip(self._segments, self._segments[1:], strict=False):
-            before.next_position = after.first
+            if not before.indexed:  # one walked (above) knows where its frames end
+                before.next_position = after.first
         self._scan_tail(self._segments[-1])
         self._head = self._segments[-1].next_position - 1
         if not self.read_only:
@@ -547,7 +602,7 @@ class SegmentLog(EventLog):
         walker, err = _index_frames(walked, HEADER_SIZE, prev.first, prev.end, prev.gaps_allowed)
         if err is not None:
             return  # damage in the previous segment: replay and verify report it
-        walked.end = walker.offset
+        walked.end, walked.next_position = walker.offset, walker.next_position
         _publish_index(prev, walked)
         if walker.next_position >= last.first or prev.gaps_allowed:
             return
@@ -1124,22 +1179,36 @@ class SegmentLog(EventLog):
         written = unwritten[0][0] - 1 if unwritten else self._head
         disk_stop = min(stop, written)
         prev: Segment | None = None  # the previous segment, if read to its end
-        for seg in list(self._segments):
-            if seg.next_position <= from_position or seg.first > disk_stop:
+        segs = list(self._segments)
+        for i, seg in enumerate(segs):
+            if seg.first > disk_stop:
                 prev = None
                 continue
-            if (
-                prev is not None
-                and seg.first != prev.next_position
-                and not (prev.gaps_allowed or seg.gaps_allowed)
-            ):
-                raise IntegrityError(
-                    f"{seg.path}: segment starts at position {seg.first}, but the previous "
-                    f"segment ends at {prev.next_position - 1} (events missing)"
-                )
-            async for first, events in self._read_segment(seg, from_position, disk_stop, thread):
-                yield first, events
-            prev = seg if disk_stop >= seg.next_position - 1 else None
+            if seg.next_position <= from_position:
+                prev = None
+            else:
+                if (
+                    prev is not None
+                    and seg.first != prev.next_position
+                    and not (prev.gaps_allowed or seg.gaps_allowed)
+                ):
+                    raise IntegrityError(
+                        f"{seg.path}: segment starts at position {seg.first}, but the previous "
+                        f"segment ends at {prev.next_position - 1} (events missing)"
+                    )
+                async for first, events in self._read_segment(
+                    seg, from_position, disk_stop, thread
+                ):
+                    yield first, events
+                prev = seg if disk_stop >= seg.next_position - 1 else None
+            # The read wants positions past this segment's last event and
+            # before the next segment: what its walk found missing there (a
+            # walk after a start from a snapshot, which read neither) is
+            # damage, not positions without events.
+            if seg.next_position <= disk_stop and i + 1 < len(segs):
+                after = segs[i + 1]
+                if from_position < after.first and (why := _damage_after(seg, after)):
+                    raise IntegrityError(f"{why}; see eventstore verify")
         if stop > written:
             for first, batch in unwritten:
                 lo = max(from_position, first)
@@ -1226,6 +1295,21 @@ class SegmentLog(EventLog):
                 return events[pos - first]
         raise QueryError(f"{self.directory}: no event at position {pos}")
 
+    def _no_event(self, pos: int) -> StorageError:
+        """The error for a read of ``pos`` on disk that no frame holds.
+
+        A QueryError, unless ``pos`` lies where a walk found events missing
+        (see _damage_after): then the log is damaged, and saying only that
+        there is no event there would send the operator looking elsewhere.
+        """
+        segs = self._segments
+        i = bisect_right(segs, pos, key=attrgetter("first")) - 1
+        if 0 <= i < len(segs) - 1 and pos >= segs[i].next_position:
+            why = _damage_after(segs[i], segs[i + 1])
+            if why is not None:
+                return IntegrityError(f"no event at position {pos}: {why}; see eventstore verify")
+        return QueryError(f"{self.directory}: no event at position {pos}")
+
     def _locate(self, pos: int) -> tuple[Segment, int] | None:
         """The segment and frame index whose frame may hold ``pos``."""
         segs = self._segments
@@ -1246,7 +1330,26 @@ class SegmentLog(EventLog):
 
     def _index_segment(self, seg: Segment) -> None:
         """Build a sealed segment's frame index, here and now (see _build_index)."""
-        _publish_index(seg, _build_index(seg))
+        self._take_index(seg, _build_index(seg))
+
+    def _take_index(self, seg: Segment, built: Segment | None) -> None:
+        """Publish an index a walk built, and log what the walk found at its end.
+
+        Logged once, by whichever walk is first (the background one after
+        connect, or a read's): positions the walk found missing are damage
+        that neither connect() nor a replay from a snapshot reads, and the
+        reads that want them fail (see _no_event).
+        """
+        if not _publish_index(seg, built):
+            return
+        segs = self._segments
+        i = bisect_right(segs, seg.first, key=attrgetter("first")) - 1
+        if 0 <= i < len(segs) - 1 and segs[i] is seg:
+            why = _damage_after(seg, segs[i + 1])
+            if why is not None:
+                self.logger.warning(
+                    "%s (reads of those positions will fail; see eventstore verify)", why
+                )
 
     def _unindexed(self, positions: Sequence[int]) -> list[Segment]:
         """The segments not indexed yet that hold some of ``positions`` on disk."""
@@ -1290,7 +1393,7 @@ class SegmentLog(EventLog):
                     f"{self.directory}: the log was closed during a read"
                 ) from None
             raise
-        _publish_index(seg, built)
+        self._take_index(seg, built)
 
     def index_in_background(self) -> None:
         """Index the sealed segments not indexed yet, newest first, in the log's thread.
@@ -1298,8 +1401,11 @@ class SegmentLog(EventLog):
         After a start from a snapshot only the segments the replay read are
         indexed; the first read of an older one would wait for its walk.
         Damage found on the way is logged here and raised to the reads of
-        that segment.  Writers only: a read-only open is most often a tool
-        that reads once (the CLI) and indexes what it reads as it goes.
+        that segment; a segment cut short, or whose frames end before the
+        next one starts, is logged when its index is taken (_take_index),
+        and reads of the positions it lacks raise IntegrityError.  Writers
+        only: a read-only open is most often a tool that reads once (the
+        CLI) and indexes what it reads as it goes.
         """
         if (
             self._indexer is None
@@ -1422,7 +1528,7 @@ class SegmentLog(EventLog):
     def _from_disk(self, pos: int) -> Event:
         found = self._locate(pos)
         if found is None:
-            raise QueryError(f"{self.directory}: no event at position {pos}")
+            raise self._no_event(pos)
         seg, i = found
         key = (seg.first, seg.frame_off[i])
         for attempt in (1, 2):
@@ -1443,7 +1549,7 @@ class SegmentLog(EventLog):
                 # The last window of the active segment grows as rounds are
                 # written: a cached copy may predate ``pos``.
                 self._cached_bytes -= self._cache.pop(key)[1]
-        raise QueryError(f"{self.directory}: no event at position {pos}")
+        raise self._no_event(pos)
 
     def _read_window(self, seg: Segment, i: int) -> tuple[list[tuple[int, list[msgspec.Raw]]], int]:
         """Read and check the frames between index entries ``i`` and ``i + 1``.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import os
 import re
@@ -15,10 +16,11 @@ from pathlib import Path
 import pytest
 from storeutil import all_events, copy_store, fill, segment_files
 
-from eventstore import ConnectionError, EventStore, IntegrityError, StorageError
+from eventstore import ConnectionError, EventStore, IntegrityError, QueryError, StorageError
 from eventstore.events import SCHEMA_FINGERPRINT, MessageSaved
 from eventstore.recovery import find_damage, repair
 from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE, MAGIC, MAX_FRAME_PAYLOAD
+from eventstore.segmentlog import Segment, SegmentLog
 
 
 async def test_creates_directory_owner_only(tmp_path: Path) -> None:
@@ -242,6 +244,51 @@ async def test_repair_makes_its_copy_durable_before_it_cuts(
         ("<dir>", whole),  # and its name
         (target.name, offset),  # only then the cut original
     ]
+
+
+async def test_a_second_repair_keeps_the_copies_of_the_first(tmp_path: Path) -> None:
+    """Repairing the same segment again must not write over the first repair's
+    copies: the events that repair cut are in no other file.  Neither must the
+    later segments' renames, whose names the log uses again after the cut."""
+    from eventstore.inspect import store_info
+    from eventstore.verify import verify
+
+    d, _events = await _small_store(tmp_path)
+    target = segment_files(d)[0]
+
+    def damage_second_frame() -> dict[str, bytes]:
+        data = bytearray(target.read_bytes())
+        data[_frame_offsets(bytes(data))[1] + FRAME_HEADER_SIZE] ^= 0x40
+        target.write_bytes(bytes(data))
+        return {p.name: p.read_bytes() for p in segment_files(d)}
+
+    before_first = damage_second_frame()
+    first = repair(str(d))
+    assert first.repaired
+    assert [Path(p).name for p in first.set_aside] == [f"{n}.broken" for n in before_first]
+    # The log goes on from the cut, through the same segment names.
+    async with EventStore(d, segment_size=1024) as store:
+        await fill(store, 40, prefix="n")
+    before_second = damage_second_frame()
+    assert len(set(before_first) & set(before_second)) >= 2
+    second = repair(str(d))
+    assert second.repaired
+    assert [Path(p).name for p in second.set_aside] == [
+        f"{n}.broken.1" if n in before_first else f"{n}.broken" for n in before_second
+    ]
+    for name, data in before_first.items():
+        assert (d / f"{name}.broken").read_bytes() == data
+    for path in second.set_aside:
+        copy = Path(path)
+        assert copy.read_bytes() == before_second[copy.name.split(".broken")[0]]
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    # Still files beside the log, not part of it.
+    aside = sorted(Path(p).name for p in first.set_aside + second.set_aside)
+    assert store_info(d).other_files == aside
+    report = verify(d)
+    assert report.ok
+    assert any(all(name in note for name in aside) for note in report.notes)
+    assert await all_events(d) == [MessageSaved(1000, "user0", "m0")]
 
 
 async def test_repair_on_a_healthy_store_changes_nothing(tmp_path: Path) -> None:
@@ -1010,6 +1057,122 @@ async def test_a_store_indexes_old_segments_in_the_background_after_connect(
                     await store.log.fetch([second_first + 1])
             assert (await store.log.fetch([1]))[0].message == "m0 " + "x" * 9000  # type: ignore[union-attr]
     assert f"{second.name}: frame checksum mismatch at offset {HEADER_SIZE}" in caplog.text
+
+
+async def _walked(store: EventStore) -> list[Segment]:
+    """The log's segments, once the background walk after connect has indexed them all."""
+    log = store.log
+    assert isinstance(log, SegmentLog)
+    for _ in range(500):
+        if all(seg.indexed for seg in log.segments):
+            break
+        await asyncio.sleep(0.01)
+    assert all(seg.indexed for seg in log.segments)
+    return log.segments
+
+
+async def test_a_sealed_segment_cut_short_under_a_snapshot_is_logged_and_read_as_damage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """connect() from a snapshot reads no old segment; the background walk
+    finds the cut, logs it, and a read of what it lost is an IntegrityError
+    naming the file, not "no event"."""
+    d = await _store_of_sealed_segments(tmp_path, 12_000)
+    victim, after = segment_files(d)[1:3]
+    first, first_after = (int(p.name.removesuffix(".seg")) for p in (victim, after))
+    data = victim.read_bytes()
+    assert not data.endswith(bytes(16))  # sealed: ends with its last frame
+    victim.write_bytes(data[:-16])  # into the last frame
+    cut_at = _frame_offsets(data)[-1]
+    cut_from = struct.unpack_from("<Q", data, cut_at + 8)[0]  # the first event the cut took
+    with caplog.at_level(logging.WARNING, logger="eventstore"):
+        async with EventStore(d, snapshot_every=None) as store:
+            await _walked(store)
+            warned = [r.getMessage() for r in caplog.records if victim.name in r.getMessage()]
+            assert len(warned) == 1
+            assert "cut short" in warned[0] and f"offset {cut_at}" in warned[0]
+            assert f"events {cut_from}..{first_after - 1} are missing" in warned[0]
+            assert "eventstore verify" in warned[0]
+            for pos in (cut_from, first_after - 1):
+                with pytest.raises(
+                    IntegrityError, match=rf"{victim.name}: cut short.*eventstore verify"
+                ):
+                    await store.log.fetch([pos])
+            # What the cut left is read as before, and so is the next segment.
+            got = await store.log.fetch([first, cut_from - 1, first_after])
+            assert [ev.message.split()[0] for ev in got] == [  # type: ignore[attr-defined]
+                f"m{first - 1}",
+                f"m{cut_from - 2}",
+                f"m{first_after - 1}",
+            ]
+            # A read across the cut stops there, as a replay from the start does.
+            with pytest.raises(IntegrityError, match=rf"{victim.name}: cut short"):
+                async for _ in store.read(first):
+                    pass
+    with pytest.raises(IntegrityError, match=victim.name):
+        await all_events(d, snapshot_every=None)
+
+
+async def test_a_sealed_segment_deleted_under_a_snapshot_is_logged_and_read_as_damage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole sealed segment gone from the middle of a log that was never
+    compacted: the walk of the one before finds that its frames end short of
+    the next segment's first position."""
+    d = await _store_of_sealed_segments(tmp_path, 12_000)
+    before, gone, after = segment_files(d)[1:4]
+    lost = int(gone.name.removesuffix(".seg")), int(after.name.removesuffix(".seg")) - 1
+    gone.unlink()
+    with caplog.at_level(logging.WARNING, logger="eventstore"):
+        async with EventStore(d, snapshot_every=None) as store:
+            await _walked(store)
+            warned = [r.getMessage() for r in caplog.records if "missing" in r.getMessage()]
+            assert len(warned) == 1
+            assert f"{before.name}: its frames end at position {lost[0] - 1}" in warned[0]
+            assert f"next segment, {after.name}, starts at {lost[1] + 1}" in warned[0]
+            assert f"events {lost[0]}..{lost[1]} are missing" in warned[0]
+            for pos in lost:
+                with pytest.raises(
+                    IntegrityError, match=rf"position {pos}: .*{before.name}.*eventstore verify"
+                ):
+                    await store.log.fetch([pos])
+            got = await store.log.fetch([lost[0] - 1, lost[1] + 1])
+            assert [ev.message.split()[0] for ev in got] == [  # type: ignore[attr-defined]
+                f"m{lost[0] - 2}",
+                f"m{lost[1]}",
+            ]
+            # A read of the hole alone, which reads no frame, is refused too.
+            with pytest.raises(IntegrityError, match=rf"events {lost[0]}..{lost[1]} are missing"):
+                async for _ in store.read(lost[0] + 1, lost[0] + 2):
+                    pass
+    with pytest.raises(IntegrityError, match=rf"{before.name}: .* are missing"):
+        await all_events(d, snapshot_every=None)
+
+
+async def test_gaps_compaction_left_between_segments_are_not_damage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a compacted segment the next one may start later than its last
+    event (flag bit 0): the background walk must not call that missing, and
+    a read of a position compaction dropped is no IntegrityError."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=2048) as store:
+        for i in range(400):  # kept actions between messages compaction drops
+            await store.log_user_action(f"user{i % 3}", "join", timestamp=1000 + i)
+            await store.save_message(f"user{i % 3}", f"m{i} " + "x" * 40, timestamp=1000 + i)
+        await store.clear_old_messages(1)
+        await store.compact()
+        await fill(store, 300, prefix="after")
+    with caplog.at_level(logging.WARNING, logger="eventstore"):
+        async with EventStore(d, segment_size=2048, snapshot_every=None) as store:
+            segs = await _walked(store)
+            gaps = [(s, a) for s, a in itertools.pairwise(segs) if s.next_position < a.first]
+            assert gaps  # the test shows what it claims
+            assert all(s.gaps_allowed for s, _ in gaps)
+            assert len(await store.get_user_actions(limit=10**6)) == 400
+            with pytest.raises(QueryError, match="no event at position"):
+                await store.log.fetch([gaps[0][0].next_position])
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.mark.parametrize("durability", ["none", "flush", "fsync"])
