@@ -1,5 +1,5 @@
 """``python -m cli``: the same as the ``eventstore`` console script."""
 
-from .main import app
+from .main import main
 
-app(prog_name="eventstore")
+main()

@@ -7,6 +7,7 @@ the bot) or a library call refused; 2 bad usage.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -78,7 +79,21 @@ for name, command in [
     app.command(name)(_stdout_checked(command))
 
 
+class _Prefixed(logging.Formatter):
+    """``warning: ignoring snapshot ...``, as the command's own lines read."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 def main() -> None:
+    # The library warns through logging (a cut torn tail, an ignored
+    # snapshot); without a handler Python would print the bare message.
+    library = logging.getLogger("eventstore")
+    if not library.handlers:
+        handler = logging.StreamHandler()  # stderr
+        handler.setFormatter(_Prefixed())
+        library.addHandler(handler)
     app(prog_name="eventstore")
 
 

@@ -13,7 +13,7 @@ from eventstore.replay import replay as replay_store
 from . import output as out
 from .inspect import Directory, Json
 
-_DIGITS = re.compile(r"^\d+$")
+_DIGITS = re.compile(r"^[0-9]+$")
 
 
 def parse_time(text: str) -> int:

@@ -49,7 +49,9 @@ def import_sqlite(
     Example: eventstore import-sqlite bot.db data/bot
     """
     if not os.path.isfile(db):
-        out.fail(f"{db}: is a directory" if os.path.isdir(db) else f"{db}: no such file")
+        if os.path.isdir(db):
+            out.fail(f"{db}: is a directory")
+        out.fail(f"{db}: not a regular file" if os.path.exists(db) else f"{db}: no such file")
 
     def check_file() -> None:
         with LegacyReader(db) as legacy:
@@ -171,6 +173,8 @@ def export(
     """
     out.need_store(directory)
     to_stdout = target == "-"
+    if not target:
+        out.usage_error("OUT is empty; give a file name, or '-' for stdout")
     if to_stdout and format is Format.sqlite:
         out.usage_error("--format sqlite needs a file name, not '-'")
     if not to_stdout and os.path.lexists(target):

@@ -103,6 +103,11 @@ class EventStore(StorageAdapter):
         snapshot_every: int | None = 100_000,
     ) -> None:
         super().__init__(logger)
+        if not isinstance(path, (str, os.PathLike, EventLog)) or isinstance(path, bytes):
+            raise ValidationError(
+                "path must be a directory (str or os.PathLike), ':memory:', a postgresql:// "
+                f"URL or an EventLog; got {type(path).__name__} {path!r:.60}"
+            )
         if durability not in DURABILITY_MODES:
             raise ValidationError(
                 f"durability must be one of {', '.join(DURABILITY_MODES)}; got {durability!r}"

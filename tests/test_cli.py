@@ -852,6 +852,37 @@ def test_ctrl_c_during_an_import_leaves_no_store(tmp_path: Path) -> None:
     assert not d.exists()
 
 
+def test_library_warnings_are_prefixed_lines(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    assert invoke("snapshot", d).exit_code == 0
+    newest = sorted(d.glob("snapshot-*"))[-1]
+    newest.write_bytes(b"garbage")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "snapshot", str(d)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith(f"warning: ignoring snapshot {newest}: "), proc.stderr
+
+
+def test_bad_file_names_are_named(tmp_path: Path) -> None:
+    result = invoke("import-sqlite", "/dev/null", tmp_path / "store")
+    assert (result.exit_code, result.stderr) == (1, "Error: /dev/null: not a regular file\n")
+    assert not (tmp_path / "store").exists()
+    d = busy_store(tmp_path)
+    result = invoke("export", d, "--format", "jsonl", "")
+    assert (result.exit_code, result.stderr) == (
+        2,
+        "Error: OUT is empty; give a file name, or '-' for stdout\n",
+    )
+    # Digits of other scripts are not Unix seconds.
+    result = invoke("replay", d, "--at", "\uff11\uff12\uff13")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: --at: expected Unix seconds")
+
+
 def test_import_sqlite_missing_file(tmp_path: Path) -> None:
     result = invoke("import-sqlite", tmp_path / "nope.db", tmp_path / "store")
     assert result.exit_code == 1

@@ -1354,6 +1354,14 @@ async def test_close_during_connect_leaves_the_store_closed_and_unlocked(tmp_pat
 
 
 # -- bad construction arguments and paths -----------------------------------------------------
+@pytest.mark.parametrize("path", [None, b"data", 5])
+def test_a_path_of_the_wrong_type_is_refused_by_name(path: object) -> None:
+    from eventstore import ValidationError
+
+    with pytest.raises(ValidationError, match=r"path must be a directory \(str or os.PathLike\)"):
+        EventStore(path)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
