@@ -1180,6 +1180,7 @@ class SegmentLog(EventLog):
         disk_stop = min(stop, written)
         prev: Segment | None = None  # the previous segment, if read to its end
         segs = list(self._segments)
+        last = 0  # the last position yielded
         for i, seg in enumerate(segs):
             if seg.first > disk_stop:
                 prev = None
@@ -1199,6 +1200,14 @@ class SegmentLog(EventLog):
                 async for first, events in self._read_segment(
                     seg, from_position, disk_stop, thread
                 ):
+                    if first <= last:
+                        # Compaction allows gaps, never overlaps: a position
+                        # read twice, the second time going back.
+                        raise IntegrityError(
+                            f"{seg.path}: holds position {first}, but an earlier segment "
+                            f"held positions up to {last} (segments overlap)"
+                        )
+                    last = first + len(events) - 1
                     yield first, events
                 prev = seg if disk_stop >= seg.next_position - 1 else None
             # The read wants positions past this segment's last event and

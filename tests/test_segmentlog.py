@@ -1113,6 +1113,33 @@ async def test_a_sealed_segment_cut_short_under_a_snapshot_is_logged_and_read_as
         await all_events(d, snapshot_every=None)
 
 
+async def test_segments_that_overlap_are_damage_even_after_a_compacted_one(
+    tmp_path: Path,
+) -> None:
+    """Compaction allows gaps after a compacted segment, never overlaps: a
+    segment starting inside the range a compacted one holds (what a second
+    compaction over an unfinished switch could leave) must not be replayed
+    as positions going back."""
+    from eventstore.segment import encode_frames, pack_header, segment_name, unpack_header
+
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        for i in range(60):
+            await store.save_message("u", f"m{i} " + "x" * 40, timestamp=1000 + i)
+        await store.compact()
+    compacted = segment_files(d)[0]
+    header = unpack_header(compacted.read_bytes()[:HEADER_SIZE], str(compacted))
+    assert header.flags == 1
+    frames = encode_frames(20, [MessageSaved(2000 + i, "dup", f"dup{i}") for i in range(5)])
+    stray = d / segment_name(20)
+    stray.write_bytes(pack_header(20, header.store_id) + b"".join(f[2] for f in frames))
+    # The snapshot at 60 no longer matches the log (position 60 now reads
+    # from the stray segment), so every open replays, and refuses.
+    for read_only in (True, False):
+        with pytest.raises(IntegrityError, match=rf"{stray.name}: holds position 20, but an"):
+            await EventStore(d, read_only=read_only).connect()
+
+
 async def test_a_sealed_segment_deleted_under_a_snapshot_is_logged_and_read_as_damage(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
