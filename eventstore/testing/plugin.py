@@ -68,7 +68,7 @@ def fake_clock() -> FakeClock:
 
 @store_fixture
 async def memory_store(fake_clock: FakeClock) -> AsyncIterator[EventStore]:
-    """A connected store with its log in memory."""
+    """A connected store with its log in memory (on the function-scoped event loop)."""
     store = EventStore(":memory:", clock=fake_clock)
     await store.connect()
     try:
@@ -79,7 +79,11 @@ async def memory_store(fake_clock: FakeClock) -> AsyncIterator[EventStore]:
 
 @store_fixture
 async def disk_store(fake_clock: FakeClock, tmp_path: Path) -> AsyncIterator[EventStore]:
-    """A connected store with its log in the directory ``tmp_path / "store"``."""
+    """A connected store with its log in ``tmp_path / "store"``.
+
+    Opened on the function-scoped event loop: the log's writer belongs to
+    it, so a test on a wider ``loop_scope`` opens its own store instead.
+    """
     store = EventStore(tmp_path / "store", clock=fake_clock)
     await store.connect()
     try:
