@@ -56,8 +56,10 @@ def _stdout_checked(command: F) -> F:
                 out.reader_gone()
             out.fail(out.describe(err))
         except OSError as err:
-            # Library calls turn their OSErrors into Error: lines (out.call),
-            # so one that gets here came from printing.
+            # Library calls turn their OSErrors into Error: lines (out.call);
+            # one without a file name that gets here came from printing.
+            if err.filename is not None:
+                out.fail(out.describe(err))
             out.fail(f"cannot write to stdout: {err.strerror or err}")
 
     return cast(F, run)
