@@ -419,6 +419,15 @@ async def compact_log(
         return report
     assert log.store_id is not None
     directory = log.directory
+    if not dry_run and pending_commit(directory) is not None:
+        # An earlier compaction of this open committed but did not finish
+        # its switch (EventStore.compact() stops the store then; this is for
+        # other callers).  Its work directory decides the log now: removing
+        # it would leave old and new segments side by side.
+        raise IntegrityError(
+            f"{directory}: an earlier compaction committed but did not finish moving its "
+            "segments; close() and connect() again to finish it; nothing was changed"
+        )
     # Segment.end, not the file size: the active segment may end in zeros.
     report.bytes_before = sum(s.end for s in sealed)
     total = last_sealed * 3 + head * 2  # rough steps, for the progress bar
@@ -446,14 +455,6 @@ async def compact_log(
     # Pass 2: write what is still visible, in position order.
     work = os.path.join(directory, COMPACT_DIR)
     if not dry_run:
-        if pending_commit(directory) is not None:
-            # An earlier compaction of this open committed but did not finish
-            # its switch.  Its work directory decides the log now: removing
-            # it would leave old and new segments side by side.
-            raise IntegrityError(
-                f"{directory}: an earlier compaction committed but did not finish moving its "
-                "segments; close() and connect() again to finish it; nothing was changed"
-            )
         if os.path.exists(work):
             shutil.rmtree(work)
         os.mkdir(work, 0o700)

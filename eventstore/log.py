@@ -84,6 +84,16 @@ class EventLog(ABC):
             for i, event in enumerate(events):
                 yield first + i, event
 
+    async def holds_forget_of(self, username: str) -> bool:
+        """Does the log still hold a ``UserForgotten`` of ``username``?
+
+        Compaction removes a forgotten user's events and then the
+        ``UserForgotten`` itself, so one still held is a forget whose
+        compaction has not run: the user's events are still stored.  Logs
+        that keep nothing on disk, and so have nothing to erase, say False.
+        """
+        return False
+
     def index_in_background(self) -> None:
         """Start whatever makes the first reads after connect() faster (optional).
 

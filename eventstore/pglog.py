@@ -132,7 +132,14 @@ from .errors import (
     StorageError,
     ValidationError,
 )
-from .events import EVENT_TYPES, READABLE_FINGERPRINTS, SCHEMA_FINGERPRINT, Event, event_tag
+from .events import (
+    EVENT_TYPES,
+    READABLE_FINGERPRINTS,
+    SCHEMA_FINGERPRINT,
+    Event,
+    UserForgotten,
+    event_tag,
+)
 from .log import EventLog
 
 __all__ = [
@@ -1049,6 +1056,21 @@ class PostgresLog(EventLog):
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise QueryError(f"{self.where}: no event at position {missing[0]}{more}")
         return self._decode([found[pos] for pos in positions], positions)
+
+    async def holds_forget_of(self, username: str) -> bool:
+        # Any such row: a compaction deletes it once the user's rows before
+        # it are gone, and a row appended while a compaction ran may sit
+        # below the head that compaction recorded without being compacted.
+        # (A name holding NUL has no username column: those rows are read too.)
+        rows = await self._query(
+            "fetch",
+            "SELECT position, payload FROM eventstore_events "
+            "WHERE tag = $1 AND (username = $2 OR username IS NULL) ORDER BY position",
+            event_tag(UserForgotten),
+            username,
+        )
+        events = self._decode([row[1] for row in rows], [row[0] for row in rows])
+        return any(type(ev) is UserForgotten and ev.username == username for ev in events)
 
     async def compacted_through(self) -> int | None:
         """The head when the last compaction committed (None: never compacted).

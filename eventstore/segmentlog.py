@@ -66,7 +66,7 @@ from .errors import (
     StorageError,
     ValidationError,
 )
-from .events import Event
+from .events import Event, UserForgotten
 from .framing import FrameWalker, is_torn_tail
 from .fsutil import fsync_dir, write_all
 from .lockfile import WriterLock, lock_holder
@@ -462,6 +462,15 @@ class SegmentLog(EventLog):
                 end = segments[i + 1].first - 1 if i + 1 < len(segments) else self._head
         return end
 
+    async def holds_forget_of(self, username: str) -> bool:
+        # Compacted segments never hold one (compaction drops it with the
+        # user's events), so only the log after them is read.
+        async for _, events in self.read_runs((self.compacted_through() or 0) + 1):
+            for event in events:
+                if type(event) is UserForgotten and event.username == username:
+                    return True
+        return False
+
     async def open(self) -> None:
         if self._open:
             return
@@ -725,8 +734,11 @@ class SegmentLog(EventLog):
             self._wake.set()
             # Whatever stopped the writer was logged and failed its callers
             # (_run_writer); close() still has files and a lock to release.
-            with contextlib.suppress(Exception):
-                await self._writer
+            # asyncio.wait, not await: a writer cancelled from outside must
+            # not make close() raise CancelledError as if it were cancelled.
+            await asyncio.wait({self._writer})
+            if not self._writer.cancelled():
+                self._writer.exception()  # retrieved: _run_writer logged it
             self._writer = None
         failure: StorageError | None = None
         if self._failed is not None and self.durability == "none" and self._unwritten:

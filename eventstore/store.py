@@ -146,6 +146,7 @@ class EventStore(StorageAdapter):
         self._follower: asyncio.Task[None] | None = None
         # The connect() in progress, shared by every caller (see connect()).
         self._opening: asyncio.Future[None] | None = None
+        self._connect_waiters = 0
         self._catch_up_lock = asyncio.Lock()
         self._decide_lock = asyncio.Lock()
         self._snap_lock = asyncio.Lock()
@@ -185,9 +186,10 @@ class EventStore(StorageAdapter):
         Concurrent calls share one opening.  It runs in a task of its own,
         so a caller cancelled half-way (a timeout around connect()) does not
         cut it short: opening the log takes the writer lock, starts threads
-        and recovers files, and none of that may be left half-done.  The
-        store then ends up connected (or the opening failed) as for any
-        other caller; close() undoes it, waiting for it first.
+        and recovers files, and none of that may be left half-done.  If
+        every caller waiting for it is cancelled, the last one lets it
+        finish and closes the store again before it raises CancelledError:
+        nobody is left to close it, and a retry must find the lock free.
         """
         if self._connected:
             return
@@ -200,7 +202,17 @@ class EventStore(StorageAdapter):
             opening = asyncio.ensure_future(self._connect())
             self._opening = opening
             opening.add_done_callback(self._opened)
-        await asyncio.shield(opening)
+        self._connect_waiters += 1
+        try:
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            if self._connect_waiters == 1:
+                await asyncio.wait({opening})
+                if not opening.cancelled() and opening.exception() is None:
+                    await self.close()
+            raise
+        finally:
+            self._connect_waiters -= 1
 
     def _opened(self, opening: asyncio.Future[None]) -> None:
         if self._opening is opening:
@@ -718,29 +730,16 @@ class EventStore(StorageAdapter):
         return True
 
     async def erasure_unfinished(self, username: str) -> bool:
-        """True if an earlier ``forget_user(username)`` has not erased the files yet.
+        """True if an earlier ``forget_user(username)`` has not erased the stored events yet.
 
-        That is, a ``UserForgotten`` of the user is in the log after the range
-        compaction rewrote: forget_user compacts right after appending one,
-        and that compaction drops it along with the user's events, so one
-        found there was never compacted.  Reads the log after that range.
+        That is, the log still holds its ``UserForgotten``: compaction drops
+        it with the user's events, so one still held was never compacted.
+        The segment log reads what it holds after its compacted segments to
+        tell; PostgreSQL looks for the row.  A store in memory says False.
         """
         self._check()
-        from .pglog import PostgresLog
-        from .segmentlog import SegmentLog
-
-        log = self._log
-        if isinstance(log, PostgresLog):
-            through = await log.compacted_through()
-        elif isinstance(log, SegmentLog):
-            through = log.compacted_through()
-        else:
-            return False  # in memory: nothing on disk to erase
-        async for _, events in log.read_runs((through or 0) + 1):
-            for event in events:
-                if type(event) is UserForgotten and event.username == username:
-                    return True
-        return False
+        check_name("username", username)
+        return await self._log.holds_forget_of(username)
 
     async def compact(
         self,

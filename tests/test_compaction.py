@@ -460,6 +460,10 @@ async def test_a_switch_that_fails_in_the_process_stops_the_store_until_reconnec
         with pytest.raises(ConnectionError, match="close\\(\\) and connect\\(\\) again"):
             await store.save_message("late", "refused")
         assert compaction_mod.pending_commit(str(d)) is not None  # left for connect()
+        # Nor does the log's own compaction, for callers other than the store.
+        with pytest.raises(IntegrityError, match="an earlier compaction committed"):
+            await compaction_mod.compact_log(store.log)  # type: ignore[arg-type]
+        assert compaction_mod.pending_commit(str(d)) is not None
     async with EventStore(d, segment_size=4096, snapshot_every=None) as again:
         assert await reads(again) == before
         await again.compact()

@@ -202,6 +202,44 @@ async def test_forget_user_again_finishes_an_erasure_whose_compaction_never_ran(
     assert hits == 0
 
 
+async def test_forget_user_finishes_a_forget_appended_while_a_compaction_ran(
+    pg_schema: str,
+) -> None:
+    """A compaction records the head when it commits; a UserForgotten another
+    process appended between its plan and its commit sits below that head,
+    uncompacted.  Asking again must still find it."""
+    from eventstore.events import UserForgotten
+    from eventstore.pglog import BOOKKEEPING_DDL
+
+    async with EventStore(pg_schema) as store:
+        await store.save_message("alice", "alice-private-chat-line", timestamp=20_000)
+        await store.append([UserForgotten("alice", 20_001)])  # its process died here
+        head = store.position
+    conn = await asyncpg.connect(pg_schema)
+    try:
+        # The books of a compaction that planned before that row and
+        # committed after it.
+        await conn.execute(BOOKKEEPING_DDL)
+        await conn.execute(
+            "INSERT INTO eventstore_compactions (id, through, deleted, rewritten) "
+            "VALUES (1, $1, 0, 0)",
+            head,
+        )
+        async with EventStore(pg_schema) as store:
+            assert not store.knows_user("alice")
+            assert await store.erasure_unfinished("alice")
+            assert await store.forget_user("alice")
+            assert not await store.erasure_unfinished("alice")
+            assert not await store.forget_user("alice")
+        hits = await conn.fetchval(
+            "SELECT count(*) FROM eventstore_events WHERE username = 'alice' "
+            "OR position(convert_to('alice-private', 'UTF8') IN payload) > 0"
+        )
+    finally:
+        await conn.close()
+    assert hits == 0
+
+
 async def test_forget_user_leaves_no_row_with_the_name(pg_schema: str) -> None:
     name = "zebra_unicorn_42"
     async with EventStore(pg_schema) as store:

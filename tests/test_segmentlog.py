@@ -1309,6 +1309,22 @@ async def test_a_bug_in_the_writer_fails_the_round_it_was_writing(
             await store.save_message("ada", "refused")
 
 
+async def test_close_after_the_writer_was_cancelled_still_releases_the_store(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "s"
+    store = EventStore(d)
+    await store.connect()
+    await store.save_message("ada", "kept")
+    writer = store.log._writer  # type: ignore[attr-defined]
+    writer.cancel()  # as a shutdown cancelling every task would
+    await asyncio.wait({writer})
+    await store.close()  # no CancelledError, and the files and lock released
+    assert not store.is_connected and not _lock_is_held(d)
+    async with EventStore(d) as again:
+        assert [m["message"] for m in await again.get_recent_messages()] == ["kept"]
+
+
 def _lock_is_held(d: Path) -> bool:
     from eventstore.lockfile import WriterLock
 
@@ -1340,9 +1356,11 @@ async def test_two_connects_at_once_share_one_opening(tmp_path: Path, durability
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 8])
-async def test_a_cancelled_connect_finishes_opening_and_a_second_one_waits_for_it(
+async def test_a_cancelled_connect_leaves_the_store_closed_and_unlocked(
     tmp_path: Path, steps: int
 ) -> None:
+    """A timeout around connect(): the opening runs to its end, then the last
+    caller closes it again, so a retry (this store or a new one) can open."""
     d = tmp_path / "s"
     async with EventStore(d) as first:
         for i in range(500):
@@ -1354,6 +1372,9 @@ async def test_a_cancelled_connect_finishes_opening_and_a_second_one_waits_for_i
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert not store.is_connected and not _lock_is_held(d)
+    async with EventStore(d) as retry:
+        assert retry.position == 500
     await store.connect()
     try:
         assert store.is_connected and store.position == 500 and _lock_is_held(d)
@@ -1363,6 +1384,27 @@ async def test_a_cancelled_connect_finishes_opening_and_a_second_one_waits_for_i
     assert not _lock_is_held(d)
     async with EventStore(d) as again:
         assert again.position == 501
+
+
+async def test_a_connect_cancelled_beside_another_leaves_the_other_connected(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as first:
+        await first.save_message("ada", "hi")
+    store = EventStore(d)
+    gives_up = asyncio.ensure_future(store.connect())
+    waits = asyncio.ensure_future(store.connect())
+    await asyncio.sleep(0)
+    gives_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gives_up
+    await waits
+    try:
+        assert store.is_connected and _lock_is_held(d)
+        await store.save_message("ada", "after")
+    finally:
+        await store.close()
 
 
 async def test_close_during_connect_leaves_the_store_closed_and_unlocked(tmp_path: Path) -> None:
