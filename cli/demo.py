@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Annotated, Any
 
 import typer
 
-from eventstore.demo import MAX_MINUTES, DemoSummary, play
+from eventstore.demo import MAX_MINUTES, DemoSummary, check_demo_store, play
 from eventstore.inspect import directory_size, postgres_info
 from eventstore.pglog import is_dsn
 from eventstore.replay import replay as replay_store
+from eventstore.segment import list_segments
 
 from . import output as out
 from .inspect import Json
@@ -68,6 +70,11 @@ def demo(
     where = out.shown(directory)
 
     async def main() -> tuple[DemoSummary, dict[str, Any], int]:
+        if not postgres and os.path.isdir(directory) and list_segments(directory)[0]:
+            # Asked read-only first: a writer's open and close (recovery, a
+            # snapshot) would change the files of a store the demo refuses.
+            async with out.open_reader(directory) as reader:
+                check_demo_store(reader)
         async with out.open_writer(
             directory, "await eventstore.demo.play(store)", create=True, durability="flush"
         ) as store:

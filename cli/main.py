@@ -91,10 +91,13 @@ class _Prefixed(logging.Formatter):
 def main() -> None:
     # The library warns through logging (a cut torn tail, an ignored
     # snapshot); without a handler Python would print the bare message.
+    # Warnings only: what it logs as an error it also raises, and the
+    # command prints that as its Error: line.
     library = logging.getLogger("eventstore")
     if not library.handlers:
         handler = logging.StreamHandler()  # stderr
         handler.setFormatter(_Prefixed())
+        handler.addFilter(lambda record: record.levelno == logging.WARNING)
         library.addHandler(handler)
     app(prog_name="eventstore")
 

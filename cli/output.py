@@ -299,6 +299,8 @@ def write_stdout(data: bytes) -> None:
             sys.stdout.flush()
     except BrokenPipeError:
         reader_gone()
+    except OSError as err:  # a full disk behind stdout, as cli.main says for other writes
+        fail(f"cannot write to stdout: {err.strerror or err}")
 
 
 def reader_gone() -> NoReturn:

@@ -70,19 +70,28 @@ def import_sqlite(
     )
     made = not os.path.exists(directory)
     opened: list[EventStore] = []
-    before = 0
+    before = acked = 0  # the store's position first; the file's events acknowledged
+    refused = False
 
     async def main() -> ImportReport:
-        nonlocal before
+        nonlocal before, refused
         async with out.open_writer(
             directory, f"await import_sqlite(store, {db!r})", create=True
         ) as store:
             opened.append(store)
             before = store.position
-            with out.progress_bar("importing") as progress:
+            with out.progress_bar("importing") as bar:
+
+                def progress(done: int) -> None:
+                    nonlocal acked
+                    acked = done
+                    if bar is not None:
+                        bar(done)
+
                 try:
                     return await import_legacy(store, db, force=force, progress=progress)
                 except StoreNotEmptyError:
+                    refused = True
                     new = "an empty database or schema" if is_dsn(directory) else "a new directory"
                     out.fail(
                         f"{where} is not empty (its last event is at position "
@@ -96,7 +105,21 @@ def import_sqlite(
     except (KeyboardInterrupt, typer.Exit) as err:
         # main() never exits 0.  For an error, its Error: line is printed
         # already; this one says what the store holds now.
+        if refused:
+            raise
         stopped = "was interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        if is_dsn(directory):
+            # Other processes write the same log: its position says nothing
+            # of this import.  What the store acknowledged does, but for the
+            # batch in flight, which its transaction may have committed.
+            if not opened:
+                raise
+            out.fail(
+                f"the import {stopped} after {acked} of the file's events were committed "
+                f"(and perhaps the batch then in flight); {where} holds that part of the "
+                "file, not the rest; to have the file whole, import it into an empty "
+                "database or schema"
+            )
         after = opened[0].position if opened else before
         if after == before:
             if isinstance(err, KeyboardInterrupt):
@@ -108,12 +131,10 @@ def import_sqlite(
                 f"the import {stopped} after {after - before} events; the store it had begun "
                 f"in {where} was removed, so nothing of the file is kept"
             )
-        # On PostgreSQL other processes may have written in between.
-        held = "" if is_dsn(directory) else f" (positions {before + 1}..{after})"
-        new = "an empty database or schema" if is_dsn(directory) else "a new directory"
         out.fail(
             f"the import {stopped}: {where} now holds the part of the file written before "
-            f"that{held}, not the rest; to have the file whole, import it into {new}"
+            f"that (positions {before + 1}..{after}), not the rest; to have the file whole, "
+            "import it into a new directory"
         )
     if json:
         out.print_json(report)

@@ -28,7 +28,7 @@ from projections.user_stats import LAST
 from .errors import ValidationError
 from .store import EventStore
 
-__all__ = ["MAX_MINUTES", "DemoSummary", "play"]
+__all__ = ["MAX_MINUTES", "DemoSummary", "check_demo_store", "play"]
 
 #: The longest demo: a year of simulated minutes (about seven million events,
 #: some minutes to write), which also keeps its timestamps after 1970.
@@ -106,14 +106,7 @@ async def play(
     """
     if type(minutes) is not int or not 1 <= minutes <= MAX_MINUTES:
         raise ValueError(f"minutes must be an int from 1 to {MAX_MINUTES}, got {minutes!r}")
-    strangers = _strangers(store)
-    if strangers:
-        shown = ", ".join(repr(name) for name in strangers[:3])
-        raise ValidationError(
-            f"the store is not a demo store: it knows users the demo does not play "
-            f"({shown}{', ...' if len(strangers) > 3 else ''}); the demo writes only into an "
-            "empty store or one it filled; nothing written"
-        )
+    check_demo_store(store)
     if start is None:
         start = max(int(time.time()) - minutes * 60, _latest(store) + 60)
     if seed is None:
@@ -187,13 +180,20 @@ async def play(
     return summary
 
 
-def _strangers(store: EventStore) -> list[str]:
-    """Users the store knows of who are not among the demo's viewers, sorted."""
+def check_demo_store(store: EventStore) -> None:
+    """Raise ValidationError if ``store`` knows users who are not the demo's viewers."""
     proj = store.projections
     known = set(proj.user_stats.users)
     known.update(proj.messages.users.codes)
     known.update(proj.actions.users.codes)
-    return sorted(known.difference(VIEWERS))
+    strangers = sorted(known.difference(VIEWERS))
+    if strangers:
+        shown = ", ".join(repr(name) for name in strangers[:3])
+        raise ValidationError(
+            f"the store is not a demo store: it knows users the demo does not play "
+            f"({shown}{', ...' if len(strangers) > 3 else ''}); the demo writes only into an "
+            "empty store or one it filled; nothing written"
+        )
 
 
 def _latest(store: EventStore) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from test_cli import NAMES, T0, dumped, invoke, legacy_db
+from test_cli import NAMES, T0, _stop_after_first_batch, dumped, invoke, legacy_db
 
 from eventstore import EventStore
 from eventstore.pglog import redact_dsn
@@ -463,3 +463,25 @@ def test_demo_plays_into_a_url(pg_schema: str) -> None:
     info = json.loads(invoke("info", pg_schema, "--json").stdout)
     assert info["rows"] > 50
     assert invoke("verify", pg_schema).exit_code == 0
+
+
+def test_an_import_that_stops_half_way_into_postgres_counts_its_own_events(
+    tmp_path: Path, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the log's position: other bots write to it meanwhile."""
+    db = legacy_db(tmp_path / "bot.db")
+    _stop_after_first_batch(monkeypatch, OSError(28, "No space left on device"))
+
+    async def another_bot() -> None:
+        async with EventStore(pg_schema) as bot:
+            for i in range(5):
+                await bot.save_message("bot", f"line {i}")
+
+    asyncio.run(another_bot())
+    result = invoke("import-sqlite", db, pg_schema, "--force")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "Error: the import failed after 2 of the file's events were committed (and perhaps "
+        f"the batch then in flight); {redact_dsn(pg_schema)} holds that part of the file, not "
+        "the rest; to have the file whole, import it into an empty database or schema"
+    )
