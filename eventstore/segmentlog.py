@@ -37,7 +37,10 @@ findings are logged and raised to the reads they concern.
 ``recovery.repair`` is the explicit way past damage.
 
 Readers.  With ``read_only=True`` no lock is taken and nothing is written;
-``refresh()`` picks up frames and segments the writer has added since.
+``refresh()`` picks up frames and segments the writer has added since, and
+the segments a compaction wrote in place of ones it holds (it notices a
+file removed or replaced under its name, waits out a switch in progress,
+and reads on from its head in the new files: positions never change).
 """
 
 from __future__ import annotations
@@ -52,13 +55,13 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, pairwise
 from operator import attrgetter, itemgetter
 
 import msgspec
 
 from .codec import decode_batch, decode_event, decode_frames, split_batch
-from .compaction import recover_compaction
+from .compaction import pending_commit, recover_compaction
 from .errors import (
     ConnectionError,
     IntegrityError,
@@ -175,6 +178,16 @@ class Segment:
         if not offs or offset - offs[-1] >= INDEX_STRIDE:
             self.frame_pos.append(first)
             offs.append(offset)
+
+
+def _same_file(path: str, fd: int) -> bool:
+    """Is ``path`` still the file ``fd`` holds open (not removed, nor replaced)?"""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _close_quietly(fds: list[int]) -> None:
@@ -1634,11 +1647,92 @@ class SegmentLog(EventLog):
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
         assert self._thread is not None
+        fresh = await self._thread.call(self._rewritten_segments)
+        if fresh is not None:
+            self._take_segments(fresh)
         await self._thread.call(self._refresh_files)
         return self._head
 
+    def _rewritten_segments(self) -> list[Segment] | None:
+        """The directory's segments, opened anew, if compaction replaced some we hold.
+
+        A compaction the writer ran since the last look replaced sealed
+        segment files (some under the names of old ones) and removed
+        others.  Going on with the old files would read their events
+        again, after the positions that followed them.  Positions never
+        change, so a reader takes up the new files and reads on from its
+        head.  None if nothing was replaced, or while the switch is still
+        moving files (the next look takes them).
+        """
+        names, _ = list_segments(self.directory)
+        if not self._segments or not self._replaced(names):
+            return None
+        if pending_commit(self.directory) is not None:
+            return None
+        fresh: list[Segment] = []
+        try:
+            for first, name in names:
+                path = os.path.join(self.directory, name)
+                fd = os.open(path, os.O_RDONLY)
+                fresh.append(Segment(first, path, fd, 0, next_position=first))
+                header = unpack_header(os.pread(fd, HEADER_SIZE, 0), path)
+                check_fingerprint(header, path)
+                if self.store_id is not None and header.store_id != self.store_id:
+                    raise IntegrityError(f"{path}: segment of another store")
+                fresh[-1].flags = header.flags
+        except FileNotFoundError:
+            # Removed between the listing and the open: a switch began.
+            _close_quietly([seg.fd for seg in fresh])
+            return None
+        except BaseException:
+            _close_quietly([seg.fd for seg in fresh])
+            raise
+        if not fresh:
+            return None
+        # A switch may have begun while the files were opened: take them
+        # only if they are still, all of them, the directory's segments.
+        if pending_commit(self.directory) is not None or list_segments(self.directory)[0] != names:
+            _close_quietly([seg.fd for seg in fresh])
+            return None
+        if not all(_same_file(seg.path, seg.fd) for seg in fresh):
+            _close_quietly([seg.fd for seg in fresh])
+            return None
+        for before, after in pairwise(fresh):
+            # Sealed: walked when first read, as after open().
+            before.next_position = after.first
+            before.end = os.fstat(before.fd).st_size
+        fresh[-1].indexed = True  # scanned as it grows (_refresh_files)
+        return fresh
+
+    def _replaced(self, names: list[tuple[int, str]]) -> bool:
+        """Has a file this reader holds been removed or replaced, or one put before its last?"""
+        on_disk = dict(names)
+        for seg in self._segments:
+            name = on_disk.get(seg.first)
+            if name is None or not _same_file(os.path.join(self.directory, name), seg.fd):
+                return True
+        last = self._segments[-1].first
+        known = {seg.first for seg in self._segments}
+        return any(first < last and first not in known for first in on_disk)
+
+    def _take_segments(self, fresh: list[Segment]) -> None:
+        """Hold ``fresh`` (from _rewritten_segments) in place of the old segments; on the loop."""
+        old, self._segments = self._segments, fresh
+        # The cache is keyed by segment and offset, which now name other frames.
+        self._cache.clear()
+        self._cached_bytes = 0
+        fds = [seg.fd for seg in old]
+        if self._readers:
+            self._retired_fds += fds
+        else:
+            self._close_fds(fds)
+
     def _refresh_files(self) -> None:
         names, _ = list_segments(self.directory)
+        if self._segments and (pending_commit(self.directory) is not None or self._replaced(names)):
+            # A compaction is moving files, or moved them since the look in
+            # _rewritten_segments: the next refresh takes them up whole.
+            return
         known = {seg.first for seg in self._segments}
         for first, name in names:
             if first in known:

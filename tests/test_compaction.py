@@ -430,6 +430,43 @@ async def test_readers_that_open_during_a_commit_are_asked_to_retry(tmp_path: Pa
         await EventStore(d, read_only=True).connect()
 
 
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+async def test_followers_keep_reading_across_compactions(tmp_path: Path, rounds: int) -> None:
+    """A read-only store and ``tail -f`` take up the segments compaction
+    wrote: they used to go on with the replaced files, and read events again
+    after the positions that followed them."""
+    from eventstore.inspect import tail_events
+
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 2)
+        seen: list[int] = []
+
+        async def tail() -> None:
+            async for position, _ in tail_events(str(d), 5, follow=True, interval=0.05):
+                seen.append(position)
+
+        tailing = asyncio.ensure_future(tail())
+        async with EventStore(d, read_only=True) as follower:
+            assert await reads(follower) == await reads(store)
+            for _ in range(rounds):
+                await asyncio.sleep(0.1)
+                await store.compact()
+                await busy_history(store, 1)  # more history, and another clear
+            await store.log.flush()
+            await follower.refresh()
+            assert await reads(follower) == await reads(store)
+            assert follower.projections.state() == store.projections.state()
+            await asyncio.sleep(0.3)
+        tailing.cancel()
+        await asyncio.gather(tailing, return_exceptions=True)
+        assert tailing.cancelled()  # not ended by an error
+        now = [position async for position, _ in store.read()]
+    assert seen == sorted(set(seen))  # never a position twice, never one going back
+    assert seen[-1] == now[-1]
+    assert {position for position in now if position >= seen[0]} <= set(seen)
+
+
 # -- crash safety --------------------------------------------------------------------
 
 
