@@ -225,14 +225,17 @@ def event_time(event: BaseEvent) -> int:
 
     Most events carry a ``timestamp``.  A stats update describes ``last_seen``
     when the caller gave one (the bot passes the time of the chat line), else
-    the moment it was accepted; absolute records describe their latest moment.
+    the moment it was accepted; absolute records describe their latest moment
+    (a user's open session may have started after they were last seen: a
+    rejoin without a chat line).
     """
     if isinstance(event, UserStatsSaved):
         return event.last_seen if event.last_seen is not None else event.now
     if isinstance(event, UserStatsSet):
-        return event.last_seen
+        return max(event.last_seen, event.current_session_start or 0)
     if isinstance(event, ChannelStatsSet):
-        return event.last_updated or 0
+        moments = (event.last_updated, event.max_users_timestamp, event.max_connected_timestamp)
+        return max((t for t in moments if t is not None), default=0)
     ts = getattr(event, "timestamp", None)
     assert isinstance(ts, int), f"{type(event).__name__} has no time"
     return ts

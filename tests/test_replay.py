@@ -478,3 +478,26 @@ async def test_tail_follow_waits_for_a_store_not_created_yet(tmp_path: Path) -> 
         for i in range(3):
             await store.save_message("a", f"m{i}", timestamp=i)
     assert await asyncio.wait_for(follower, 10) == [1, 2, 3]
+
+
+def test_an_absolute_record_describes_its_latest_moment() -> None:
+    from eventstore.events import ChannelStatsSet, UserStatsSet
+
+    # A user who left at 1100 and came back at 5000 without a chat line.
+    assert event_time(UserStatsSet("ada", 1000, 1100, 3, 100, 5000)) == 5000
+    assert event_time(UserStatsSet("ada", 1000, 1100, 3, 100, None)) == 1100
+    assert event_time(ChannelStatsSet(9, 700, 12, 900, None)) == 900
+    assert event_time(ChannelStatsSet(0, None, 0, None, None)) == 0
+
+
+async def test_at_a_moment_no_session_starts_later_even_after_compaction(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        await store.save_user_stats("ada", first_seen=1000, last_seen=1000, session_start=1000)
+        await store.end_session("ada", 1100)
+        await store.save_user_stats("ada", session_start=5000)  # rejoins, says nothing
+        await store.save_message("bob", "keeps the log going", 6000)
+        await store.compact()
+    async with await replay(d, at=2000) as past:
+        sessions = [u["current_session_start"] for u in past.top_chatters(None)]
+    assert all(start is None or start <= 2000 for start in sessions), sessions
