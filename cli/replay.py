@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, timezone
 from typing import Annotated, Any
@@ -31,7 +32,8 @@ def parse_time(text: str) -> int:
         )
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    seconds = int(moment.timestamp())
+    # Whole seconds at or before the moment: int() would round -0.5 up to 0.
+    seconds = math.floor(moment.timestamp())
     if seconds < 0:
         out.usage_error(f"--at: {text!r} is before 1970")
     return seconds
@@ -103,7 +105,7 @@ def replay(
     if compacted is not None and (until is not None or moment is not None):
         typer.echo(
             f"note: positions up to {compacted} were compacted; points in that stretch "
-            "show what compaction kept (latest statistics, surviving rows), not the past "
-            "as it was"
+            "show only what compaction kept up to them (rows still stored; a user's "
+            "final statistics, from their last update on), not the past as it was"
         )
     out.print_state(state, limit)

@@ -888,6 +888,8 @@ def test_bad_file_names_are_named(tmp_path: Path) -> None:
         2,
         "Error: OUT is empty; give a file name, or '-' for stdout\n",
     )
+    result = invoke("replay", d, "--at", "1969-12-31T23:59:59.5Z")
+    assert result.exit_code == 2 and "is before 1970" in result.stderr
     # Digits of other scripts are not Unix seconds.
     result = invoke("replay", d, "--at", "\uff11\uff12\uff13")
     assert result.exit_code == 2 and result.stderr.startswith("Error: --at: expected Unix seconds")
