@@ -553,8 +553,10 @@ async def tail_events(
             yield item
         while follow:
             # PostgreSQL wakes this early when something is appended
-            # (LISTEN/NOTIFY); a directory is looked at every ``interval``.
-            await log.wait_for_appends(interval)
+            # (LISTEN/NOTIFY); a directory is looked at every ``interval``,
+            # and again at once when its last look stopped short.
+            if not log.refresh_pending:
+                await log.wait_for_appends(interval)
             head = await log.refresh()
             if head <= last:
                 continue

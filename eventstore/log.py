@@ -105,9 +105,16 @@ class EventLog(ABC):
     async def refresh(self) -> int:
         """Pick up events other processes appended since; return the new head.
 
-        Logs written only by this process have nothing to pick up.
+        Logs written only by this process have nothing to pick up.  A log
+        may stop short of the writer's head (``refresh_pending``): read up
+        to the head it returned, then refresh again.
         """
         return self.head
+
+    @property
+    def refresh_pending(self) -> bool:
+        """True if the last refresh() stopped short; see refresh()."""
+        return False
 
     @abstractmethod
     async def fetch(self, positions: Sequence[int]) -> list[Event]:

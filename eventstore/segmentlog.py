@@ -115,6 +115,10 @@ INDEX_STRIDE = 4096
 #: indexed after connect (see SegmentLog._walk): a write queued behind such
 #: a call waits for it, about 4 ms, instead of the ~55 ms of a whole segment.
 INDEX_CHUNK = 4 * 1024 * 1024
+#: A follower that sees a segment without the one before it looks this many
+#: times (a refresh each) before it takes the gap for damage: a listing taken
+#: while the writer rolls can miss a file just created.
+GAP_LOOKS = 20
 #: Bytes of frames kept (split, not decoded) for fetch(): recent chat and a
 #: user's recent actions are read again and again.
 CACHE_BYTES = 8 * 1024 * 1024
@@ -420,6 +424,10 @@ class SegmentLog(EventLog):
         # reused, another file.
         self._readers = 0
         self._retired_fds: list[int] = []
+        # A follower's look for a compaction's new files (see _look_for_rewrite).
+        self._rewrite_seen = False
+        self._fresh: list[Segment] | None = None
+        self._gap_looks = 0
         # Segments being indexed in the thread (see _index_in_thread), by id(),
         # and the task indexing all of them after connect (index_in_background).
         self._indexing: dict[int, asyncio.Future[Segment | None]] = {}
@@ -551,7 +559,15 @@ class SegmentLog(EventLog):
         previous = 0
         for first, name in names:
             path = os.path.join(d, name)
-            fd = os.open(path, os.O_RDONLY)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                if not self.read_only:
+                    raise
+                # Listed, then gone: a compaction's switch began meanwhile.
+                raise ConnectionError(
+                    f"{d}: a compaction is being committed; try again in a moment"
+                ) from None
             seg = Segment(first, path, fd, 0, next_position=first)
             if first == names[-1][0] and os.fstat(fd).st_size < HEADER_SIZE:
                 # Only a damaged disk leaves this (segments appear by rename,
@@ -813,9 +829,12 @@ class SegmentLog(EventLog):
         if self._wfd is not None:
             os.close(self._wfd)
             self._wfd = None
-        _close_quietly([seg.fd for seg in self._segments] + self._retired_fds)
+        fresh = [seg.fd for seg in self._fresh or []]
+        _close_quietly([seg.fd for seg in self._segments] + self._retired_fds + fresh)
         self._segments = []
         self._retired_fds = []
+        self._fresh = None
+        self._rewrite_seen = False
         self._lock.release()
 
     # -- writing -------------------------------------------------------------------
@@ -1647,28 +1666,53 @@ class SegmentLog(EventLog):
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
         assert self._thread is not None
-        fresh = await self._thread.call(self._rewritten_segments)
+        await self._thread.call(self._look_for_rewrite)
+        # Taken from the log, not from the call's result: a refresh()
+        # cancelled meanwhile leaves them for the next one, or for close().
+        fresh, self._fresh = self._fresh, None
         if fresh is not None:
             self._take_segments(fresh)
         await self._thread.call(self._refresh_files)
         return self._head
 
-    def _rewritten_segments(self) -> list[Segment] | None:
-        """The directory's segments, opened anew, if compaction replaced some we hold.
+    @property
+    def refresh_pending(self) -> bool:
+        return self._rewrite_seen
 
-        A compaction the writer ran since the last look replaced sealed
-        segment files (some under the names of old ones) and removed
-        others.  Going on with the old files would read their events
-        again, after the positions that followed them.  Positions never
-        change, so a reader takes up the new files and reads on from its
-        head.  None if nothing was replaced, or while the switch is still
-        moving files (the next look takes them).
+    def _look_for_rewrite(self) -> None:
+        """Notice a compaction that replaced segments this reader holds, in two looks.
+
+        The compaction replaced sealed segment files (some under the names
+        of old ones) and removed others; going on with the old files would
+        read their events again after the positions that followed them.
+        The first look reads the held files to their end (their last
+        events: a clear, a forget, which compaction may have dropped from
+        the new files) and stops there: the head is the end of the old
+        files, and ``refresh_pending`` asks the caller to read up to it and
+        refresh again.  The next look opens the new files (``_fresh``);
+        positions never change, so the reader goes on from its head.
         """
+        if self._fresh is not None:  # left by a refresh() cancelled meanwhile
+            _close_quietly([seg.fd for seg in self._fresh])
+            self._fresh = None
         names, _ = list_segments(self.directory)
         if not self._segments or not self._replaced(names):
-            return None
+            self._rewrite_seen = False
+            return
+        if not self._rewrite_seen:
+            last = self._segments[-1]
+            self._continue_scan(last)
+            self._head = last.next_position - 1
+            self._rewrite_seen = True
+            return
         if pending_commit(self.directory) is not None:
-            return None
+            return  # still moving files: the next look takes them
+        self._fresh = self._rewritten_segments(names)
+        if self._fresh is not None:
+            self._rewrite_seen = False
+
+    def _rewritten_segments(self, names: list[tuple[int, str]]) -> list[Segment] | None:
+        """The directory's segments ``names``, opened anew; None if they moved meanwhile."""
         fresh: list[Segment] = []
         try:
             for first, name in names:
@@ -1722,7 +1766,9 @@ class SegmentLog(EventLog):
         self._cache.clear()
         self._cached_bytes = 0
         fds = [seg.fd for seg in old]
-        if self._readers:
+        # A walk a read started may not have begun yet (it counts itself
+        # as a reader when it does): its segment's descriptor must stay.
+        if self._readers or self._indexing:
             self._retired_fds += fds
         else:
             self._close_fds(fds)
@@ -1743,7 +1789,7 @@ class SegmentLog(EventLog):
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                continue
+                break  # removed since the listing: the next look sees why
             header = unpack_header(os.pread(fd, HEADER_SIZE, 0), path)
             check_fingerprint(header, path)
             if self.store_id is None:
@@ -1752,7 +1798,23 @@ class SegmentLog(EventLog):
                 os.close(fd)
                 raise IntegrityError(f"{path}: segment of another store")
             if self._segments:
-                self._continue_scan(self._segments[-1])
+                last = self._segments[-1]
+                self._continue_scan(last)
+                if last.next_position < first and not (
+                    last.gaps_allowed or header.flags & FLAG_COMPACTED
+                ):
+                    # A listing taken while the writer rolls can show a new
+                    # segment without the one before it: look again later.
+                    # One missing look after look is gone for good.
+                    os.close(fd)
+                    self._gap_looks += 1
+                    if self._gap_looks >= GAP_LOOKS:
+                        raise IntegrityError(
+                            f"{path}: segment starts at position {first}, but the previous "
+                            f"segment ends at {last.next_position - 1} (events missing)"
+                        )
+                    break
+            self._gap_looks = 0
             self._segments.append(Segment(first, path, fd, header.flags, next_position=first))
             self._segments[-1].indexed = True
         if not self._segments:

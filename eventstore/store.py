@@ -208,7 +208,12 @@ class EventStore(StorageAdapter):
         except asyncio.CancelledError:
             if self._connect_waiters == 1:
                 await asyncio.wait({opening})
-                if not opening.cancelled() and opening.exception() is None:
+                # Again: another caller may have joined the opening meanwhile.
+                if (
+                    self._connect_waiters == 1
+                    and not opening.cancelled()
+                    and opening.exception() is None
+                ):
                     await self.close()
             raise
         finally:
@@ -907,9 +912,14 @@ class EventStore(StorageAdapter):
         ``tail -f``).  A writer sees all its own events already.
         """
         self._check()
-        await self._log.refresh()
         before = self._proj.position
+        await self._log.refresh()
         await self._catch_up()
+        while self._log.refresh_pending:
+            # The log stopped at the end of files a compaction replaced:
+            # what they held last is read, now the new files.
+            await self._log.refresh()
+            await self._catch_up()
         return self._proj.position - before
 
     async def _follow(self, interval: float) -> None:

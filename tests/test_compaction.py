@@ -467,6 +467,79 @@ async def test_followers_keep_reading_across_compactions(tmp_path: Path, rounds:
     assert {position for position in now if position >= seen[0]} <= set(seen)
 
 
+async def test_a_follower_reads_what_the_replaced_files_held_last(tmp_path: Path) -> None:
+    """A forget and a clear right before a compaction are dropped from the
+    new files with what they erased; a follower reads them from the files it
+    holds before it takes up the new ones, so it forgets and clears too (its
+    reads used to fail on positions the new files no longer have)."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        for i in range(30):
+            await store.save_user_stats(f"u{i % 3}", chat_lines=1, last_seen=1000 + i)
+            await store.save_message(f"u{i % 3}", f"line {i}", timestamp=1000 + i)
+        async with EventStore(d, read_only=True) as follower:
+            assert await reads(follower) == await reads(store)
+            assert await store.forget_user("u1")  # compacts at once
+            await store.clear_old_messages(3)
+            await store.compact()
+            await store.save_user_stats("u1", chat_lines=1, last_seen=2000)  # a new u1
+            await follower.refresh()
+            assert await reads(follower) == await reads(store)
+            assert follower.projections.state() == store.projections.state()
+
+
+async def test_a_read_that_walks_an_old_segment_beside_a_refresh_keeps_its_file(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "s"
+
+    async def write_and_compact() -> None:
+        async with EventStore(d, segment_size=1024, durability="flush") as store:
+            for i in range(100):
+                await store.save_message(f"u{i % 3}", f"msg {i} " + "x" * 60, timestamp=1000 + i)
+            await store.compact()
+
+    await write_and_compact()
+    async with EventStore(d, read_only=True) as follower:
+        await write_and_compact()
+        await follower.refresh()  # new files, the sealed ones not walked yet
+        await write_and_compact()
+        refreshing = asyncio.ensure_future(follower.log.refresh())
+        await asyncio.sleep(0)
+        time.sleep(0.3)  # the look in the log's thread is done; its result waits
+        reading = asyncio.ensure_future(follower.get_recent_messages(limit=1000))
+        await asyncio.gather(refreshing, reading)
+        await follower.refresh()
+        assert len(await follower.get_recent_messages(limit=1000)) == 300
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_cancelled_refresh_leaks_no_file(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        await busy_history(store, 1)
+        follower = EventStore(d, read_only=True)
+        await follower.connect()
+        held = _open_fds()
+        for _ in range(5):
+            await busy_history(store, 1)
+            await store.compact()
+            for _ in range(3):  # each look cancelled as it runs in the log's thread
+                task = asyncio.ensure_future(follower.refresh())
+                await asyncio.sleep(0)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await follower.refresh()
+        assert await reads(follower) == await reads(store)
+        assert _open_fds() <= held + len(follower.log.segments) + 2  # type: ignore[attr-defined]
+        await follower.close()
+        after_close = _open_fds()
+    assert after_close <= held - 1  # its segments, its lock-free directory: all closed
+
+
 # -- crash safety --------------------------------------------------------------------
 
 

@@ -1407,6 +1407,29 @@ async def test_a_connect_cancelled_beside_another_leaves_the_other_connected(
         await store.close()
 
 
+async def test_a_connect_that_joins_while_the_last_cancelled_one_waits_is_kept(
+    tmp_path: Path,
+) -> None:
+    """The one caller cancelled waits for the opening before closing it; a
+    caller that joined meanwhile must get a connected store, not a closed one."""
+    d = tmp_path / "s"
+    async with EventStore(d) as first:
+        await first.save_message("ada", "hi")
+    store = EventStore(d)
+    gives_up = asyncio.ensure_future(store.connect())
+    await asyncio.sleep(0)
+    gives_up.cancel()
+    await asyncio.sleep(0)  # it now waits for the opening to end
+    joins = asyncio.ensure_future(store.connect())
+    results = await asyncio.gather(gives_up, joins, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError) and results[1] is None
+    try:
+        assert store.is_connected
+        assert [m["message"] for m in await store.get_recent_messages()] == ["hi"]
+    finally:
+        await store.close()
+
+
 async def test_close_during_connect_leaves_the_store_closed_and_unlocked(tmp_path: Path) -> None:
     d = tmp_path / "s"
     async with EventStore(d) as first:
@@ -1418,6 +1441,63 @@ async def test_close_during_connect_leaves_the_store_closed_and_unlocked(tmp_pat
     assert opening.done()
     await opening
     assert not store.is_connected and not _lock_is_held(d)
+
+
+async def test_a_follower_waits_for_a_segment_a_listing_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing taken while the writer rolls can show a new segment without
+    the one before it; the follower looks again instead of calling it damage."""
+    from eventstore import segmentlog
+
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        await store.save_message("ada", "first", timestamp=1)
+        async with EventStore(d, read_only=True) as follower:
+            for i in range(60):
+                await store.save_message("ada", f"line {i} " + "x" * 40, timestamp=2 + i)
+            await store.log.flush()
+            real = segmentlog.list_segments
+            missed = {"n": 0}
+
+            def listing(directory: str) -> tuple[list[tuple[int, str]], list[str]]:
+                names, stray = real(directory)
+                if missed["n"] < 3 and len(names) > 2:
+                    missed["n"] += 1
+                    names = names[:-2] + names[-1:]  # the next-to-last not shown yet
+                return names, stray
+
+            monkeypatch.setattr(segmentlog, "list_segments", listing)
+            await follower.refresh()  # no IntegrityError: it waits
+            monkeypatch.undo()
+            await follower.refresh()
+            assert await follower.get_recent_messages(limit=100) == (
+                await store.get_recent_messages(limit=100)
+            )
+
+
+def test_a_reader_opening_during_a_switch_is_told_to_try_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eventstore import segmentlog
+
+    d = tmp_path / "s"
+
+    async def write() -> None:
+        async with EventStore(d) as store:
+            await store.save_message("ada", "hi")
+
+    asyncio.run(write())
+    real = segmentlog.list_segments
+
+    def listing(directory: str) -> tuple[list[tuple[int, str]], list[str]]:
+        names, stray = real(directory)
+        # Listed, then removed by a switch before it is opened.
+        return [(0, "00000000000000000000.seg"), *names], stray
+
+    monkeypatch.setattr(segmentlog, "list_segments", listing)
+    with pytest.raises(ConnectionError, match="try again in a moment"):
+        asyncio.run(EventStore(d, read_only=True).connect())
 
 
 # -- bad construction arguments and paths -----------------------------------------------------
