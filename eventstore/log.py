@@ -116,6 +116,14 @@ class EventLog(ABC):
         """True if the last refresh() stopped short; see refresh()."""
         return False
 
+    def lost_history(self) -> bool:
+        """True, once, if refresh() found that events this reader never read were dropped.
+
+        A reader's state built from what it read is then not to be trusted:
+        build it again.  Logs that drop nothing under a reader say False.
+        """
+        return False
+
     @abstractmethod
     async def fetch(self, positions: Sequence[int]) -> list[Event]:
         """Return the events at ``positions`` (any order), in the order asked.

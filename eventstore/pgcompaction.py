@@ -74,12 +74,15 @@ and a clear keeps the newest rows, among which the deleted ones never were
 position).  A forgotten user's rows are different: a follower that read
 some of them but not yet the ``UserForgotten`` row keeps the user until it
 reconnects, and one that read older chat lines may keep a line that a later
-clear dropped while the user's lines still counted.  The segment log's
-read-only followers share this window; compaction right after
-``forget_user`` keeps it to the time a follower takes to read one
-notification.  Rejected: making followers detect a compaction behind them
-and rebuild (the store would have to replay from scratch while serving
-reads, for a window of milliseconds).
+clear dropped while the user's lines still counted.  Compaction right
+after ``forget_user`` keeps this window to the time a follower takes to
+read one notification.  Rejected here: making followers detect a compaction
+behind them and rebuild (the store would have to replay from scratch while
+serving reads, for a window of milliseconds).  The segment log's followers
+do detect it, and rebuild: they see compaction only at their next look at
+the directory, which may be a second later, and they first read the files
+they hold to their end, so they rebuild only when a compaction reached past
+what they had read (``SegmentLog.lost_history``).
 
 The books (pglog.BOOKKEEPING_DDL), written in the same transaction:
 ``eventstore_compactions`` gets one row per compaction (which also makes

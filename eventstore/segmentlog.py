@@ -428,6 +428,8 @@ class SegmentLog(EventLog):
         self._rewrite_seen = False
         self._fresh: list[Segment] | None = None
         self._gap_looks = 0
+        self._looking: asyncio.Future[None] | None = None
+        self._lost = False
         # Segments being indexed in the thread (see _index_in_thread), by id(),
         # and the task indexing all of them after connect (index_in_background).
         self._indexing: dict[int, asyncio.Future[Segment | None]] = {}
@@ -751,13 +753,17 @@ class SegmentLog(EventLog):
     async def _close(self) -> None:
         self._open = False
         self._accepting = False
-        # Walks of old segments stop first: their next call would find the
-        # thread stopped, with nobody left to hear of it.
-        walks = [job for job in (self._indexer, *self._indexing.values()) if job is not None]
+        # Walks of old segments (and a follower's look) stop first: their
+        # next call would find the thread stopped, with nobody left to hear.
+        walks = [
+            job
+            for job in (self._indexer, self._looking, *self._indexing.values())
+            if job is not None
+        ]
         for job in walks:
             job.cancel()
         await asyncio.gather(*walks, return_exceptions=True)
-        self._indexer = None
+        self._indexer = self._looking = None
         if self._writer is not None:
             assert self._wake is not None
             self._wake.set()
@@ -1328,8 +1334,12 @@ class SegmentLog(EventLog):
             seg.end = walker.offset  # before any zeros
 
     async def fetch(self, positions: Sequence[int]) -> list[Event]:
-        for seg in self._unindexed(positions):
-            await self._index_in_thread(seg)
+        # Looked up again after each walk: a follower's refresh may have
+        # taken up new files meanwhile, and closed those of the old list.
+        while pending := self._unindexed(positions):
+            await self._index_in_thread(pending[0])
+            if not pending[0].indexed:
+                break  # not walked after all: _locate indexes what is left
         # No await from here on: what is in memory and what on disk cannot
         # change under the loop.  (A segment compaction put in place during
         # the indexing above is indexed on the loop, by _locate.)
@@ -1662,18 +1672,42 @@ class SegmentLog(EventLog):
 
     # -- followers -------------------------------------------------------------------
     async def refresh(self) -> int:
-        """Pick up what a writer appended since (read-only logs); return the new head."""
+        """Pick up what a writer appended since (read-only logs); return the new head.
+
+        Concurrent calls share one look, run in a task of its own: two
+        looks at once would each take up (and close) the other's files, and
+        a caller cancelled half-way must not leave files opened and not held.
+        """
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
+        looking = self._looking
+        if looking is None or looking.done():
+            looking = self._looking = asyncio.ensure_future(self._look())
+        await asyncio.shield(looking)
+        return self._head
+
+    async def _look(self) -> None:
         assert self._thread is not None
         await self._thread.call(self._look_for_rewrite)
-        # Taken from the log, not from the call's result: a refresh()
-        # cancelled meanwhile leaves them for the next one, or for close().
+        # Taken from the log, not from the call's result: a look cancelled
+        # meanwhile (its loop ending) leaves them for close().
         fresh, self._fresh = self._fresh, None
         if fresh is not None:
             self._take_segments(fresh)
         await self._thread.call(self._refresh_files)
-        return self._head
+
+    def lost_history(self) -> bool:
+        """True, once, if the last refresh() found events dropped that this reader never read.
+
+        A compaction drops events (a clear, a forget, superseded statistics)
+        whose effect the new files hold only folded into what they keep.  A
+        reader that had read up to where the compaction's range ends saw
+        them; one that had not (it looked too seldom, across a roll or a
+        second compaction) built its state from a history with a hole, and
+        should build it again from a snapshot or the start.
+        """
+        lost, self._lost = self._lost, False
+        return lost
 
     @property
     def refresh_pending(self) -> bool:
@@ -1761,7 +1795,11 @@ class SegmentLog(EventLog):
 
     def _take_segments(self, fresh: list[Segment]) -> None:
         """Hold ``fresh`` (from _rewritten_segments) in place of the old segments; on the loop."""
+        read_to = self._head  # the end of the old files, read by now
         old, self._segments = self._segments, fresh
+        through = self.compacted_through()
+        if through is not None and through > read_to:
+            self._lost = True
         # The cache is keyed by segment and offset, which now name other frames.
         self._cache.clear()
         self._cached_bytes = 0

@@ -920,7 +920,23 @@ class EventStore(StorageAdapter):
             # what they held last is read, now the new files.
             await self._log.refresh()
             await self._catch_up()
+        if self._log.lost_history():
+            await self._rebuild()
         return self._proj.position - before
+
+    async def _rebuild(self) -> None:
+        """Build the read models again, as connect() does (a follower that missed history)."""
+        async with self._catch_up_lock:
+            proj = self._load_snapshot() or Projections()
+            async for first, events in self._log.read_runs(proj.position + 1):
+                proj.apply_run(first, events)
+            self._proj = proj
+        self.logger.warning(
+            "%s: a compaction dropped events this follower had not read; its read "
+            "models were built again (up to position %d)",
+            self.path,
+            proj.position,
+        )
 
     async def _follow(self, interval: float) -> None:
         while True:

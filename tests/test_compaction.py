@@ -513,6 +513,42 @@ async def test_a_read_that_walks_an_old_segment_beside_a_refresh_keeps_its_file(
         assert len(await follower.get_recent_messages(limit=1000)) == 300
 
 
+async def test_a_follower_that_missed_what_a_compaction_dropped_builds_its_state_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It looked too seldom: two compactions (a clear and a forget between
+    them) went by.  Its state from what it read has a hole, so it is built
+    again, from the writer's snapshot and the log."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        for i in range(30):
+            await store.save_message(f"u{i % 3}", f"line {i}", timestamp=1000 + i)
+        async with EventStore(d, read_only=True) as follower:
+            await store.compact()
+            await store.clear_old_messages(4)
+            await store.forget_user("u2")
+            for i in range(10):
+                await store.save_message("u0", f"late {i}", timestamp=2000 + i)
+            await store.compact()
+            with caplog.at_level(logging.WARNING, logger="eventstore"):
+                await follower.refresh()
+            assert "its read models were built again" in caplog.text
+            assert await reads(follower) == await reads(store)
+            assert follower.projections.state() == store.projections.state()
+
+
+async def test_refreshes_at_once_share_one_look(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        await busy_history(store, 1)
+        async with EventStore(d, read_only=True) as follower:
+            for _ in range(5):
+                await busy_history(store, 1)
+                await store.compact()
+                await asyncio.gather(*(follower.refresh() for _ in range(4)))
+                assert await reads(follower) == await reads(store)
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
