@@ -1726,7 +1726,7 @@ class SegmentLog(EventLog):
         refresh again.  The next look opens the new files (``_fresh``);
         positions never change, so the reader goes on from its head.
         """
-        if self._fresh is not None:  # left by a refresh() cancelled meanwhile
+        if self._fresh is not None:  # left by a look cancelled before it took them
             _close_quietly([seg.fd for seg in self._fresh])
             self._fresh = None
         names, _ = list_segments(self.directory)
