@@ -116,13 +116,19 @@ class EventLog(ABC):
         """True if the last refresh() stopped short; see refresh()."""
         return False
 
-    def lost_history(self) -> bool:
-        """True, once, if refresh() found that events this reader never read were dropped.
+    @property
+    def history_lost(self) -> bool:
+        """True if refresh() found that events this reader never read were dropped.
 
         A reader's state built from what it read is then not to be trusted:
-        build it again.  Logs that drop nothing under a reader say False.
+        build it again, then call history_rebuilt().  Logs that drop
+        nothing under a reader say False.
         """
         return False
+
+    def history_rebuilt(self) -> None:
+        """The reader built its state again (see history_lost)."""
+        return None
 
     @abstractmethod
     async def fetch(self, positions: Sequence[int]) -> list[Event]:

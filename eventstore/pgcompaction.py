@@ -82,7 +82,7 @@ serving reads, for a window of milliseconds).  The segment log's followers
 do detect it, and rebuild: they see compaction only at their next look at
 the directory, which may be a second later, and they first read the files
 they hold to their end, so they rebuild only when a compaction reached past
-what they had read (``SegmentLog.lost_history``).
+what they had read (``SegmentLog.history_lost``).
 
 The books (pglog.BOOKKEEPING_DDL), written in the same transaction:
 ``eventstore_compactions`` gets one row per compaction (which also makes

@@ -425,7 +425,7 @@ class SegmentLog(EventLog):
         self._readers = 0
         self._retired_fds: list[int] = []
         # A follower's look for a compaction's new files (see _look_for_rewrite).
-        self._rewrite_seen = False
+        self._rewrite_seen = self._stopped_short = False
         self._fresh: list[Segment] | None = None
         self._gap_looks = 0
         self._looking: asyncio.Future[None] | None = None
@@ -840,7 +840,7 @@ class SegmentLog(EventLog):
         self._segments = []
         self._retired_fds = []
         self._fresh = None
-        self._rewrite_seen = False
+        self._rewrite_seen = self._stopped_short = False
         self._lock.release()
 
     # -- writing -------------------------------------------------------------------
@@ -1680,6 +1680,10 @@ class SegmentLog(EventLog):
         """
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
+        if not self.read_only:
+            # The writer knows its log; the disk may not yet hold what it
+            # accepted, and a head read from it would hand positions out again.
+            return self._head
         looking = self._looking
         if looking is None or looking.done():
             looking = self._looking = asyncio.ensure_future(self._look())
@@ -1696,22 +1700,26 @@ class SegmentLog(EventLog):
             self._take_segments(fresh)
         await self._thread.call(self._refresh_files)
 
-    def lost_history(self) -> bool:
-        """True, once, if the last refresh() found events dropped that this reader never read.
+    @property
+    def history_lost(self) -> bool:
+        """True if a refresh() found events dropped that this reader never read.
 
         A compaction drops events (a clear, a forget, superseded statistics)
         whose effect the new files hold only folded into what they keep.  A
         reader that had read up to where the compaction's range ends saw
         them; one that had not (it looked too seldom, across a roll or a
         second compaction) built its state from a history with a hole, and
-        should build it again from a snapshot or the start.
+        should build it again from a snapshot or the start, then say so
+        with history_rebuilt().
         """
-        lost, self._lost = self._lost, False
-        return lost
+        return self._lost
+
+    def history_rebuilt(self) -> None:
+        self._lost = False
 
     @property
     def refresh_pending(self) -> bool:
-        return self._rewrite_seen
+        return self._stopped_short
 
     def _look_for_rewrite(self) -> None:
         """Notice a compaction that replaced segments this reader holds, in two looks.
@@ -1729,6 +1737,9 @@ class SegmentLog(EventLog):
         if self._fresh is not None:  # left by a look cancelled before it took them
             _close_quietly([seg.fd for seg in self._fresh])
             self._fresh = None
+        # Only the first look asks to be called again at once: while a
+        # switch is still moving files, the next look waits its turn.
+        self._stopped_short = False
         names, _ = list_segments(self.directory)
         if not self._segments or not self._replaced(names):
             self._rewrite_seen = False
@@ -1737,7 +1748,7 @@ class SegmentLog(EventLog):
             last = self._segments[-1]
             self._continue_scan(last)
             self._head = last.next_position - 1
-            self._rewrite_seen = True
+            self._rewrite_seen = self._stopped_short = True
             return
         if pending_commit(self.directory) is not None:
             return  # still moving files: the next look takes them

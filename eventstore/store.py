@@ -920,8 +920,9 @@ class EventStore(StorageAdapter):
             # what they held last is read, now the new files.
             await self._log.refresh()
             await self._catch_up()
-        if self._log.lost_history():
-            await self._rebuild()
+        if self._log.history_lost:
+            await self._rebuild()  # if it fails, the next refresh() tries again
+            self._log.history_rebuilt()
         return self._proj.position - before
 
     async def _rebuild(self) -> None:

@@ -549,6 +549,49 @@ async def test_refreshes_at_once_share_one_look(tmp_path: Path) -> None:
                 assert await reads(follower) == await reads(store)
 
 
+async def test_refresh_on_a_writer_hands_no_position_out_twice(tmp_path: Path) -> None:
+    """A writer's refresh() used to read its head from the disk, which does
+    not hold yet what "none" mode accepted: the next write reused positions."""
+    from eventstore.events import MessageSaved
+
+    async with EventStore(tmp_path / "s", segment_size=1024, durability="none") as store:
+        await store.append([MessageSaved(1, "a", "first")])
+        await store.log.flush()
+        second = await store.append([MessageSaved(2, "a", f"second {i}") for i in range(3)])
+        await store.refresh()  # "none": the three are not on disk yet
+        third = await store.append([MessageSaved(3, "a", f"third {i}") for i in range(3)])
+        assert (second, third) == (2, 5)
+        got = [ev.message for ev in await store.log.fetch(list(range(1, 8)))]  # type: ignore[attr-defined]
+    assert got == ["first", *(f"second {i}" for i in range(3)), *(f"third {i}" for i in range(3))]
+
+
+async def test_a_follower_does_not_spin_while_a_switch_stays_unfinished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction that committed and failed leaves its COMMIT until a
+    writer opens the store again; a follower's refresh() must return."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
+        await busy_history(store, 2)
+        async with EventStore(d, read_only=True) as follower:
+            real_unlink = os.unlink
+
+            def unlink(path: Any) -> None:
+                if str(path).endswith(".seg"):
+                    raise OSError(5, "Input/output error", str(path))
+                real_unlink(path)
+
+            monkeypatch.setattr(compaction_mod.os, "unlink", unlink)
+            with pytest.raises(OSError):
+                await store.compact()
+            monkeypatch.undo()
+            assert compaction_mod.pending_commit(str(d)) is not None
+            before = await reads(follower)
+            await asyncio.wait_for(follower.refresh(), 5)  # used to loop for ever
+            await asyncio.wait_for(follower.refresh(), 5)
+            assert await reads(follower) == before
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
