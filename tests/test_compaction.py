@@ -565,6 +565,24 @@ async def test_refresh_on_a_writer_hands_no_position_out_twice(tmp_path: Path) -
     assert got == ["first", *(f"second {i}" for i in range(3)), *(f"third {i}" for i in range(3))]
 
 
+async def _compact_failing_in_its_switch(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compact with every removal of an old segment failing (EIO): COMMIT is
+    written, some files have moved, and the switch stops half-way."""
+    real_unlink = os.unlink
+
+    def unlink(path: Any) -> None:
+        if str(path).endswith(".seg"):
+            raise OSError(5, "Input/output error", str(path))
+        real_unlink(path)
+
+    monkeypatch.setattr(compaction_mod.os, "unlink", unlink)
+    with pytest.raises(OSError, match="Input/output error"):
+        await store.compact()
+    monkeypatch.undo()
+
+
 async def test_a_follower_does_not_spin_while_a_switch_stays_unfinished(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -574,17 +592,7 @@ async def test_a_follower_does_not_spin_while_a_switch_stays_unfinished(
     async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
         await busy_history(store, 2)
         async with EventStore(d, read_only=True) as follower:
-            real_unlink = os.unlink
-
-            def unlink(path: Any) -> None:
-                if str(path).endswith(".seg"):
-                    raise OSError(5, "Input/output error", str(path))
-                real_unlink(path)
-
-            monkeypatch.setattr(compaction_mod.os, "unlink", unlink)
-            with pytest.raises(OSError):
-                await store.compact()
-            monkeypatch.undo()
+            await _compact_failing_in_its_switch(store, monkeypatch)
             assert compaction_mod.pending_commit(str(d)) is not None
             before = await reads(follower)
             await asyncio.wait_for(follower.refresh(), 5)  # used to loop for ever
@@ -632,17 +640,7 @@ async def test_a_switch_that_fails_in_the_process_stops_the_store_until_reconnec
     async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
         await busy_history(store, 3)
         before = await reads(store)
-        real_unlink = os.unlink
-
-        def unlink(path: Any) -> None:
-            if str(path).endswith(".seg"):
-                raise OSError(5, "Input/output error", str(path))
-            real_unlink(path)
-
-        monkeypatch.setattr(compaction_mod.os, "unlink", unlink)
-        with pytest.raises(OSError, match="Input/output error"):
-            await store.compact()
-        monkeypatch.undo()
+        await _compact_failing_in_its_switch(store, monkeypatch)
         assert compaction_mod.pending_commit(str(d)) is not None
         with pytest.raises(ConnectionError, match="did not finish moving its segments"):
             await store.compact()
