@@ -83,6 +83,7 @@ from .segment import (
     STORE_ID_SIZE,
     FrameError,
     FrameInfo,
+    SegmentHeader,
     check_fingerprint,
     encode_frames,
     list_segments,
@@ -192,6 +193,19 @@ def _same_file(path: str, fd: int) -> bool:
         return False
     held = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _open_sealed(path: str, first: int) -> tuple[Segment, SegmentHeader]:
+    """Open a segment whose frames are all written, to be walked when first read."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header = unpack_header(os.pread(fd, HEADER_SIZE, 0), path)
+    except BaseException:
+        os.close(fd)
+        raise
+    seg = Segment(first, path, fd, header.flags, next_position=first)
+    seg.end = os.fstat(fd).st_size
+    return seg, header
 
 
 def _close_quietly(fds: list[int]) -> None:
@@ -1650,12 +1664,7 @@ class SegmentLog(EventLog):
         for first, name in list_segments(self.directory)[0]:
             if first >= limit:
                 break
-            path = os.path.join(self.directory, name)
-            fd = os.open(path, os.O_RDONLY)
-            header = unpack_header(os.pread(fd, HEADER_SIZE, 0), path)
-            seg = Segment(first, path, fd, header.flags, next_position=first)
-            seg.end = os.fstat(fd).st_size
-            fresh.append(seg)
+            fresh.append(_open_sealed(os.path.join(self.directory, name), first)[0])
         following = [*fresh[1:], self._segments[count]]
         for before, after in zip(fresh, following, strict=False):
             before.next_position = after.first
@@ -1762,13 +1771,11 @@ class SegmentLog(EventLog):
         try:
             for first, name in names:
                 path = os.path.join(self.directory, name)
-                fd = os.open(path, os.O_RDONLY)
-                fresh.append(Segment(first, path, fd, 0, next_position=first))
-                header = unpack_header(os.pread(fd, HEADER_SIZE, 0), path)
+                seg, header = _open_sealed(path, first)
+                fresh.append(seg)
                 check_fingerprint(header, path)
                 if self.store_id is not None and header.store_id != self.store_id:
                     raise IntegrityError(f"{path}: segment of another store")
-                fresh[-1].flags = header.flags
         except FileNotFoundError:
             # Removed between the listing and the open: a switch began.
             _close_quietly([seg.fd for seg in fresh])
@@ -1787,10 +1794,10 @@ class SegmentLog(EventLog):
             _close_quietly([seg.fd for seg in fresh])
             return None
         for before, after in pairwise(fresh):
-            # Sealed: walked when first read, as after open().
-            before.next_position = after.first
-            before.end = os.fstat(before.fd).st_size
-        fresh[-1].indexed = True  # scanned as it grows (_refresh_files)
+            before.next_position = after.first  # walked when first read, as after open()
+        # The last one is scanned as it grows (_refresh_files), from its header.
+        fresh[-1].end = HEADER_SIZE
+        fresh[-1].indexed = True
         return fresh
 
     def _replaced(self, names: list[tuple[int, str]]) -> bool:
