@@ -42,7 +42,7 @@ import msgspec
 
 from projections import PROJECTION_VERSION, Projections
 
-from .errors import IntegrityError
+from .errors import IntegrityError, StorageError
 from .events import SCHEMA_FINGERPRINT
 from .fsutil import fsync_dir, write_all
 
@@ -258,14 +258,25 @@ def write_snapshot(
     )
     path = os.path.join(directory, snapshot_name(position))
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        write_all(fd, head)
-        write_all(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, head)
+            write_all(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as err:
+        # Left behind, the partial file would keep the space it took (on a
+        # full disk, the room the log's next writes need) until the next
+        # snapshot that succeeds.  The older snapshots are untouched.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StorageError(
+            f"{path}: cannot write the snapshot: {err.strerror or err}; "
+            "the older snapshots are kept"
+        ) from err
     # The new name is made durable before older snapshots go: removed first,
     # a crash could leave the directory with neither (a full replay).
     fsync_dir(directory)

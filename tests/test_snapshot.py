@@ -193,6 +193,51 @@ async def test_a_new_snapshot_removes_what_a_crashed_one_left(tmp_path: Path) ->
         assert [info.position for info in list_snapshots(str(d))] == [10]
 
 
+async def test_a_snapshot_that_runs_out_of_space_leaves_no_file_and_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot whose write fails (a full disk) removes its temporary file:
+    left behind, it would hold the space it took, which on a full disk is the
+    room the log's next writes need.  The error is a StorageError naming the
+    file, and the previous snapshot stays usable."""
+    import errno
+    import os
+
+    import eventstore.fsutil as fsutil
+
+    d = tmp_path / "s"
+    store = EventStore(d, snapshot_every=None)
+    await store.connect()
+    await _busy(store, 40)
+    old = await store.write_snapshot()
+    await _busy(store, 40, text="more")
+    real_write = os.write
+    budget = [300]
+
+    def write(fd: int, data: bytes | memoryview) -> int:  # part of the payload, then ENOSPC
+        if budget[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, bytes(data[: budget[0]]))
+        budget[0] -= n
+        return n
+
+    monkeypatch.setattr(fsutil.os, "write", write)
+    with pytest.raises(StorageError, match=r"\.snap: cannot write the snapshot: No space"):
+        await store.write_snapshot()
+    monkeypatch.undo()
+    assert sorted(p.name for p in d.iterdir() if "snap" in p.name) == [Path(old).name]
+    # The store goes on, and the old snapshot still loads.
+    await store.save_message("x", "after", timestamp=9000)
+    position = store.position
+    expected = store.projections.state()
+    await store.log.close()  # as a crash would: no snapshot on close
+    store2 = EventStore(d, snapshot_every=None)
+    await store2.connect()
+    assert store2.position == position
+    assert store2.projections.state() == expected
+    await store2.close()
+
+
 async def test_verify_notes_a_stale_snapshot_and_reports_a_damaged_one(tmp_path: Path) -> None:
     """A snapshot connect() ignores without harm (past the end of a cut log)
     is a note, not a problem: verify stays ok.  A damaged snapshot file is a
