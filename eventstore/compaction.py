@@ -274,9 +274,23 @@ class _SegmentWriter:
 
     def _close_segment(self) -> None:
         if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def abandon(self) -> None:
+        """Close the segment being written, if any, without syncing it.
+
+        For a compaction that fails: its files are removed, and an unlinked
+        file held open keeps its space (up to a whole segment) for as long
+        as the process lives, on a disk that may just have run full.
+        """
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def finish(self, first_position: int) -> None:
         if self._run:
@@ -530,6 +544,7 @@ async def compact_log(
                 log.replace_sealed(len(sealed))
                 log.switch_unfinished = False
     except BaseException:
+        writer.abandon()
         # Not committed: leave the store as it was.
         if not dry_run and not os.path.exists(os.path.join(work, COMMIT)):
             shutil.rmtree(work, ignore_errors=True)

@@ -627,6 +627,65 @@ async def test_a_cancelled_refresh_leaks_no_file(tmp_path: Path) -> None:
     assert after_close <= held - 1  # its segments, its lock-free directory: all closed
 
 
+def _held_deleted_files(directory: Path) -> list[str]:
+    """Files under ``directory`` this process holds open although they are removed."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)) and target.endswith(" (deleted)"):
+                held.append(target)
+    return held
+
+
+@pytest.mark.parametrize("fail_in", ["write", "fsync"])
+async def test_a_compaction_that_runs_out_of_space_releases_what_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_in: str
+) -> None:
+    """A compaction whose new segment cannot be written (ENOSPC) or synced
+    (EIO) removes compacting/ and closes the segment it was writing: an
+    unlinked file held open keeps its space, up to a whole segment, for as
+    long as the process lives, on a disk that has just run full."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1 << 20, snapshot_every=None) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        if fail_in == "write":
+            real_write = os.write
+            budget = [2000]
+
+            def write(fd: int, data: Any) -> int:
+                if budget[0] <= 0:
+                    raise OSError(28, "No space left on device")
+                n = real_write(fd, bytes(data[: budget[0]]))
+                budget[0] -= n
+                return n
+
+            monkeypatch.setattr(compaction_mod.os, "write", write)
+        else:
+            real_fsync = os.fsync
+
+            def fsync(fd: int) -> None:  # the new segments' only (os is shared)
+                if f"/{compaction_mod.COMPACT_DIR}/" in os.readlink(f"/proc/self/fd/{fd}"):
+                    raise OSError(5, "Input/output error")
+                real_fsync(fd)
+
+            monkeypatch.setattr(compaction_mod.os, "fsync", fsync)
+        with pytest.raises(OSError):
+            await store.compact()
+        monkeypatch.undo()
+        assert not (d / compaction_mod.COMPACT_DIR).exists()
+        assert _held_deleted_files(d) == []
+        # Nothing changed: the store reads, writes and compacts on.
+        assert await reads(store) == before
+        await store.save_message("late", "after", timestamp=99_999)
+        assert (await store.compact()).segments_rewritten
+        after = await reads(store)
+    async with EventStore(d, segment_size=1 << 20, snapshot_every=None) as again:
+        assert await reads(again) == after
+    assert verify(d).ok
+
+
 # -- crash safety --------------------------------------------------------------------
 
 
