@@ -44,7 +44,7 @@ from projections.channel_stats import ChannelStatsProjection
 from projections.sorted_index import SortedIndex
 from projections.user_stats import UserStatsProjection
 
-from .errors import ConnectionError, IntegrityError
+from .errors import ConnectionError, IntegrityError, StorageError
 from .events import (
     ChannelPeakRaised,
     ChannelStatsSet,
@@ -543,11 +543,19 @@ async def compact_log(
             if not switch.cancelled() and switch.exception() is None:
                 log.replace_sealed(len(sealed))
                 log.switch_unfinished = False
-    except BaseException:
+    except BaseException as err:
         writer.abandon()
-        # Not committed: leave the store as it was.
-        if not dry_run and not os.path.exists(os.path.join(work, COMMIT)):
-            shutil.rmtree(work, ignore_errors=True)
+        if dry_run or os.path.exists(os.path.join(work, COMMIT)):
+            raise
+        # Not committed (COMMIT.tmp, or its rename, may have failed): leave
+        # the store as it was, and going on, as it can: its segments did not
+        # move.
+        log.switch_unfinished = False
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, StorageError):
+            raise StorageError(
+                f"{directory}: compaction failed, nothing was changed: {err.strerror or err}"
+            ) from err
         raise
     logger.info(
         "%s: compacted %d segments, %d -> %d bytes, %d events dropped",

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from storeutil import frames_only, segment_files
 
-from eventstore import ConnectionError, EventStore, IntegrityError
+from eventstore import ConnectionError, EventStore, IntegrityError, StorageError
 from eventstore import compaction as compaction_mod
 from eventstore.events import UserCountsTrimmed
 from eventstore.lockfile import WriterLock
@@ -671,7 +671,7 @@ async def test_a_compaction_that_runs_out_of_space_releases_what_it_wrote(
                 real_fsync(fd)
 
             monkeypatch.setattr(compaction_mod.os, "fsync", fsync)
-        with pytest.raises(OSError):
+        with pytest.raises(StorageError, match="compaction failed, nothing was changed"):
             await store.compact()
         monkeypatch.undo()
         assert not (d / compaction_mod.COMPACT_DIR).exists()
@@ -682,6 +682,50 @@ async def test_a_compaction_that_runs_out_of_space_releases_what_it_wrote(
         assert (await store.compact()).segments_rewritten
         after = await reads(store)
     async with EventStore(d, segment_size=1 << 20, snapshot_every=None) as again:
+        assert await reads(again) == after
+    assert verify(d).ok
+
+
+@pytest.mark.parametrize("fail_at", ["write", "rename"])
+async def test_a_commit_that_cannot_be_written_changes_nothing_and_the_store_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str
+) -> None:
+    """No room for COMMIT (its write or its rename fails): the compaction did
+    not commit and is rolled back.  The store must not then stop saying it
+    committed: its segments did not move, so it reads and writes on, and
+    the compaction can be run again."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        if fail_at == "write":
+            real_fsync = os.fsync
+
+            def fsync(fd: int) -> None:  # COMMIT.tmp's data cannot be written out
+                if os.readlink(f"/proc/self/fd/{fd}").endswith("COMMIT.tmp"):
+                    raise OSError(28, "No space left on device")
+                real_fsync(fd)
+
+            monkeypatch.setattr(compaction_mod.os, "fsync", fsync)
+        else:
+            real_rename = os.rename
+
+            def rename(src: Any, dst: Any) -> None:
+                if str(dst).endswith(compaction_mod.COMMIT):
+                    raise OSError(28, "No space left on device")
+                real_rename(src, dst)
+
+            monkeypatch.setattr(compaction_mod.os, "rename", rename)
+        with pytest.raises(StorageError, match="nothing was changed: No space left"):
+            await store.compact()
+        monkeypatch.undo()
+        assert not (d / compaction_mod.COMPACT_DIR).exists()
+        assert store.is_connected
+        assert await reads(store) == before
+        await store.save_message("late", "after", timestamp=99_999)
+        assert (await store.compact()).segments_rewritten
+        after = await reads(store)
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as again:
         assert await reads(again) == after
     assert verify(d).ok
 
