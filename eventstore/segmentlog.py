@@ -457,6 +457,12 @@ class SegmentLog(EventLog):
         self._filled = 0
         self._prefill = durability == "fsync"
         self._failed: StorageError | None = None
+        # An fdatasync of the active segment that failed: after one, the
+        # kernel may have dropped the dirty pages it could not write (marked
+        # clean, never written), so a later fdatasync that succeeds says
+        # nothing about them.  Never retried: the writes it covered stay in
+        # doubt until the store is opened again (see _datasync).
+        self._sync_error: OSError | None = None
         #: Set by compaction between its COMMIT and taking up the new
         #: segments: while set, the segment list may name files that moved.
         self.switch_unfinished = False
@@ -530,6 +536,7 @@ class SegmentLog(EventLog):
             raise
         self._open = True
         self._failed = None
+        self._sync_error = None
         self.switch_unfinished = False
         self._resolved = loop.create_future()
         self._resolved.set_result(None)
@@ -790,7 +797,16 @@ class SegmentLog(EventLog):
                 self._writer.exception()  # retrieved: _run_writer logged it
             self._writer = None
         failure: StorageError | None = None
-        if self._failed is not None and self.durability == "none" and self._unwritten:
+        if self._sync_error is not None and self.durability != "fsync":
+            # In "flush" and "none" mode a failed fdatasync covered
+            # acknowledged writes; one that succeeds now would not show that
+            # they reached the disk, so it is not tried again.
+            why = self._sync_error.strerror or self._sync_error
+            failure = StorageError(
+                f"{self.directory}: cannot make the last writes durable: an fdatasync "
+                f"failed ({why}); writes acknowledged before it may be lost"
+            )
+        elif self._failed is not None and self.durability == "none" and self._unwritten:
             # Accepted without waiting, as "none" does, and never written:
             # nobody has heard of it yet.  (Callers of the other modes got
             # the error from their write.)
@@ -802,7 +818,7 @@ class SegmentLog(EventLog):
             thread, self._thread = self._thread, None
             closed = False
             try:
-                if self._wfd is not None and self._failed is None:
+                if self._wfd is not None and self._failed is None and self._sync_error is None:
                     # Whatever the mode, close() leaves everything accepted
                     # durable (and no zeros after the last frame).  In
                     # "flush" and "none" mode this is the only fsync: its
@@ -1043,6 +1059,19 @@ class SegmentLog(EventLog):
             if self._wend > HEADER_SIZE:  # an empty segment is sealed enough
                 await self._thread.call(self._seal_and_roll, first)
         except OSError as err:
+            if self._sync_error is err and self.durability != "fsync":
+                # The seal's fdatasync is the first to cover what "flush" and
+                # "none" acknowledged since the store opened (or since the
+                # last roll): those writes may be lost, and no later
+                # fdatasync can tell (see _sync_error).  Accept no more.
+                self._fail(
+                    StorageError(
+                        f"{self.directory}: cannot make the log durable: fdatasync failed "
+                        f"({err.strerror or err}); writes acknowledged before it may be lost"
+                    ),
+                    waiters,
+                )
+                return
             failure = StorageError(f"{self.directory}: cannot start a new segment: {err}")
             for fut in waiters:
                 if not fut.done():
@@ -1067,7 +1096,16 @@ class SegmentLog(EventLog):
         if self._filled > end:
             os.ftruncate(self._wfd, end)
             self._filled = end
-        os.fdatasync(self._wfd)
+        self._datasync()
+
+    def _datasync(self) -> None:
+        """fdatasync the active segment; a failure is remembered (see _sync_error)."""
+        assert self._wfd is not None
+        try:
+            os.fdatasync(self._wfd)
+        except OSError as err:
+            self._sync_error = err
+            raise
 
     def _encode(self, batches: list[tuple[int, Sequence[Event]]]) -> list[tuple[int, int, bytes]]:
         """Encode a round as frames of consecutive events: (first, count, bytes).
@@ -1112,7 +1150,7 @@ class SegmentLog(EventLog):
                 if self._prefill:
                     self._fill_ahead(offset)
             if sync:
-                os.fdatasync(self._wfd)
+                self._datasync()
         except OSError as err:
             failure = StorageError(
                 f"{seg.path}: write at offset {offset} failed: {err.strerror or err}"

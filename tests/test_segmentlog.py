@@ -593,6 +593,45 @@ async def test_close_raises_when_it_cannot_make_the_last_writes_durable(
         assert again.position == 10
 
 
+@pytest.mark.parametrize("durability", ["flush", "none"])
+async def test_a_failed_fsync_is_not_retried_into_a_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
+) -> None:
+    """fsyncgate: in "flush" and "none" mode the fdatasync that seals the
+    active segment before a roll (compact, forget_user) is the first to cover
+    the writes acknowledged so far.  After it fails (EIO) the kernel may have
+    dropped those pages, and a later fdatasync that succeeds proves nothing.
+    The log must stop, and close() must not report the writes durable."""
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability=durability, snapshot_every=None)  # type: ignore[arg-type]
+    await store.connect()
+    await fill(store, 10)
+    await store.log.flush()
+    real = os.fdatasync
+    calls: list[int] = []
+
+    def eio_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(segmentlog.os, "fdatasync", eio_once)
+    with pytest.raises(StorageError, match="fdatasync failed"):
+        await store.compact()  # rolls first: seals, and its fdatasync fails
+    with pytest.raises(StorageError, match="fdatasync failed"):
+        await store.save_message("a", "after", timestamp=5000)
+        await store.log.flush()
+    with pytest.raises(StorageError, match="cannot make the last writes durable: an fdatasync"):
+        await store.close()
+    assert len(calls) == 1  # never tried again
+    monkeypatch.undo()
+    async with EventStore(d, snapshot_every=None) as again:  # the lock was released
+        assert again.position == 10
+
+
 async def test_close_raises_when_none_mode_lost_accepted_events(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
