@@ -818,12 +818,14 @@ class SegmentLog(EventLog):
             thread, self._thread = self._thread, None
             closed = False
             try:
-                if self._wfd is not None and self._failed is None and self._sync_error is None:
+                if self._wfd is not None and self._sync_error is None:
                     # Whatever the mode, close() leaves everything accepted
                     # durable (and no zeros after the last frame).  In
                     # "flush" and "none" mode this is the only fsync: its
                     # failure is the caller's to hear, as file.close() raises
-                    # when its last flush fails.
+                    # when its last flush fails.  Also after a failed write:
+                    # the writes acknowledged before it (a failed round left
+                    # none of its own bytes) are owed this fsync all the same.
                     try:
                         await thread.call(self._seal, self._wend)
                     except OSError as err:
@@ -1194,7 +1196,8 @@ class SegmentLog(EventLog):
             if len(self._segments) > n_segments:
                 del self._segments[n_segments:]
                 assert self._wfd is not None
-                os.close(self._wfd)
+                fd, self._wfd = self._wfd, None  # not left naming a closed descriptor
+                os.close(fd)
                 self._wfd = os.open(self._segments[-1].path, os.O_WRONLY)
                 fsync_dir(self.directory)
             assert self._wfd is not None

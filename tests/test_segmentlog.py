@@ -632,6 +632,43 @@ async def test_a_failed_fsync_is_not_retried_into_a_success(
         assert again.position == 10
 
 
+@pytest.mark.parametrize("durability", ["flush", "none"])
+async def test_close_after_a_failed_write_still_syncs_what_was_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
+) -> None:
+    """A write that fails (a full disk) stops the store; its close() still
+    owes the writes acknowledged before it the fsync that "flush" and "none"
+    leave to close() (README: close() always fsyncs)."""
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability=durability, snapshot_every=None)  # type: ignore[arg-type]
+    await store.connect()
+    await fill(store, 10)
+    await store.log.flush()
+    monkeypatch.setattr(segmentlog.os, "pwrite", _DiskFull(after_bytes=0))
+    with pytest.raises(StorageError, match="No space left"):
+        await store.save_message("a", "fails", timestamp=5000)
+        await store.log.flush()
+    monkeypatch.undo()
+    real = os.fdatasync
+    synced: list[str] = []
+
+    def fdatasync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(segmentlog.os, "fdatasync", fdatasync)
+    if durability == "none":
+        with pytest.raises(StorageError, match="1 accepted events were not written"):
+            await store.close()
+    else:
+        await store.close()
+    assert synced == [str(segment_files(d)[-1])]
+    monkeypatch.undo()
+    assert [e.message for e in await all_events(d)] == [f"m{i}" for i in range(10)]  # type: ignore[attr-defined]
+
+
 async def test_close_raises_when_none_mode_lost_accepted_events(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
