@@ -929,6 +929,12 @@ class SegmentLog(EventLog):
             wake.set()
         return first, fut
 
+    def _stopped(self) -> ConnectionError:
+        return ConnectionError(
+            f"{self.directory}: the log stopped after a failed write ({self._failed}); "
+            "close() and connect() again to recover"
+        )
+
     def _refuse(self, events: Sequence[Event]) -> tuple[int, asyncio.Future[None]]:
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
@@ -1046,6 +1052,8 @@ class SegmentLog(EventLog):
         """
         if not self._open or self.read_only:
             raise ConnectionError(f"{self.directory}: the log is not open for writing")
+        if self._failed is not None:
+            raise self._stopped()
         assert self._wake is not None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._roll_waiters.append(fut)
@@ -1635,6 +1643,10 @@ class SegmentLog(EventLog):
 
     async def flush(self) -> None:
         """Return once everything submitted so far has been written (any mode)."""
+        if self._failed is not None and self._unwritten:
+            # Never written, and never will be: returning would pass them for
+            # written ("none" mode's callers have not heard of the failure).
+            raise self._stopped()
         if not self._unwritten or self._failed is not None:
             return
         assert self._wake is not None

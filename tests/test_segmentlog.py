@@ -669,6 +669,43 @@ async def test_close_after_a_failed_write_still_syncs_what_was_acknowledged(
     assert [e.message for e in await all_events(d)] == [f"m{i}" for i in range(10)]  # type: ignore[attr-defined]
 
 
+async def test_after_none_mode_failed_to_write_compact_and_snapshot_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "none" acknowledges at once, so the store hears of a failed write only
+    at its next write.  compact() and write_snapshot() before that must not
+    treat the stopped log as sound: flush() used to return with the accepted
+    events unwritten, and compact() rolled and rewrote the segments of a
+    log that had stopped, then failed on its snapshot with "position N is
+    not in the log"."""
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability="none", snapshot_every=None)
+    await store.connect()
+    for i in range(20):
+        await store.save_user_stats("a", chat_lines=1, last_seen=1000 + i)
+    await store.log.flush()
+    before = {p.name: p.read_bytes() for p in segment_files(d)}
+    monkeypatch.setattr(segmentlog.os, "pwrite", _DiskFull(after_bytes=0))
+    for i in range(5):
+        await store.save_message("a", f"late {i}", timestamp=2000 + i)
+    with pytest.raises(StorageError, match="No space left"):
+        await store.log.flush()  # waits for the writer's round, which fails
+    monkeypatch.undo()
+    with pytest.raises(ConnectionError, match="the log stopped after a failed write"):
+        await store.log.flush()  # the five will never be written
+    with pytest.raises(ConnectionError, match="the log stopped after a failed write"):
+        await store.compact()
+    with pytest.raises(ConnectionError, match="the log stopped after a failed write"):
+        await store.write_snapshot()
+    assert {p.name: p.read_bytes() for p in segment_files(d)} == before
+    with pytest.raises(StorageError, match="5 accepted events were not written"):
+        await store.close()
+    async with EventStore(d, snapshot_every=None) as again:
+        assert again.position == 20
+
+
 async def test_close_raises_when_none_mode_lost_accepted_events(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
