@@ -47,7 +47,7 @@ from typing import Any, NoReturn, Protocol, cast
 
 import msgspec
 
-from .errors import ConnectionError, QueryError, ValidationError
+from .errors import ConnectionError, QueryError, StorageError, ValidationError
 from .events import (
     ChannelStatsSet,
     Event,
@@ -743,9 +743,15 @@ async def export_sqlite(
         unchanged()
         _fsync_file(tmp)
         _publish(tmp, out)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, sqlite3.Error):
+            # SQLite's own errors ("database or disk is full") are neither
+            # StorageError nor OSError: callers (the CLI) would not catch them.
+            raise StorageError(
+                f"{out}: cannot write the export: {err}; {out} was not written"
+            ) from err
         raise
     return counts
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from eventstore import EventStore, QueryError, ValidationError
+from eventstore import EventStore, QueryError, StorageError, ValidationError
 from eventstore.events import (
     ChannelStatsSet,
     MessageSaved,
@@ -727,6 +727,31 @@ async def test_export_writes_an_owner_only_file_with_the_legacy_schema(tmp_path:
         "recent_chat",
     }
     assert legacy_rows(out, "SELECT * FROM recent_chat") == [(1, T0, "amy", "hi")]
+
+
+async def test_export_to_a_full_disk_raises_storage_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite reports a full disk as its own error ("database or disk is
+    full"), which is neither a StorageError nor an OSError: the CLI printed
+    a traceback instead of its Error: line.  The file stays unwritten."""
+    import eventstore.legacy as legacy_mod
+
+    real_connect = sqlite3.connect
+
+    def small_disk(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(*args, **kwargs)
+        conn.execute("PRAGMA max_page_count = 4")  # SQLITE_FULL, as a full disk gives
+        return conn
+
+    out = tmp_path / "full.db"
+    async with EventStore(":memory:") as store:
+        for i in range(200):
+            await store.save_message("amy", f"line {i} " + "x" * 100, timestamp=T0 + i)
+        monkeypatch.setattr(legacy_mod.sqlite3, "connect", small_disk)
+        with pytest.raises(StorageError, match=r"full\.db: cannot write the export: database or"):
+            await export_sqlite(store, out)
+    assert list(tmp_path.iterdir()) == []
 
 
 async def test_export_fails_if_the_store_changes_meanwhile(
