@@ -727,9 +727,22 @@ class EventStore(StorageAdapter):
             elif not await self.erasure_unfinished(username):
                 return False
         if self._snapshots_enabled():
-            await self.compact()
-            # Older snapshots still hold the user: keep only a fresh one.
-            await self.write_snapshot(keep=1)
+            try:
+                await self.compact()
+                # Older snapshots still hold the user: keep only a fresh one.
+                await self.write_snapshot(keep=1)
+            except (StorageError, OSError) as err:
+                # The UserForgotten is in the log: the error of the compaction
+                # alone ("nothing was changed") would read as a forget that
+                # did not happen, and one that did as nothing left to do.
+                why = (
+                    f"{username!r} is forgotten in every read, but erasing them from the "
+                    f"files may be unfinished: {err}; call forget_user({username!r}) again "
+                    "(once there is room on the disk, or after connect() if the store "
+                    "stopped) to finish"
+                )
+                cls = type(err) if isinstance(err, StorageError) else StorageError
+                raise cls(why) from err
         elif self._log.shared:  # PostgreSQL: delete the user's rows
             await self.compact()
         return True

@@ -291,6 +291,40 @@ async def test_forget_user_again_finishes_an_erasure_whose_compaction_never_ran(
     assert find_damage(str(d)) is None
 
 
+async def test_a_forget_whose_compaction_runs_out_of_space_says_so_and_can_be_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The UserForgotten is written, the compaction after it runs out of
+    space: the error must not read as a forget that did not happen (the
+    compaction's own 'nothing was changed'), and calling again finishes."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 2)
+        await store.save_message("alice", "alice-private-chat-line", timestamp=20_000)
+
+        real_write = os.write
+
+        def full(fd: int, data: Any) -> int:  # the new segments' only (os is shared)
+            if f"/{compaction_mod.COMPACT_DIR}/" in os.readlink(f"/proc/self/fd/{fd}"):
+                raise OSError(28, "No space left on device")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(compaction_mod.os, "write", full)
+        with pytest.raises(StorageError) as failed:
+            await store.forget_user("alice")
+        monkeypatch.undo()
+        assert "'alice' is forgotten in every read, but erasing them from the files" in str(
+            failed.value
+        )
+        assert "compaction failed, nothing was changed: No space left" in str(failed.value)
+        assert not store.knows_user("alice")
+        assert await store.erasure_unfinished("alice")
+        assert _bytes_hold(d, b"alice-private-chat-line")
+        assert await store.forget_user("alice")  # finishes the erasure
+    assert _bytes_hold(d, b"alice-private-chat-line") == []
+    assert find_damage(str(d)) is None
+
+
 async def test_forget_user_leaves_no_byte_of_the_name(tmp_path: Path) -> None:
     d = tmp_path / "s"
     name = "zebra_unicorn_42"
