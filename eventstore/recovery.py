@@ -9,6 +9,7 @@ damaged frame and everything after it, keeping a copy of what it removes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .codec import decode_batch
 from .compaction import pending_commit, recover_compaction
-from .errors import IntegrityError
+from .errors import IntegrityError, StorageError
 from .framing import FrameWalker
 from .fsutil import fsync_dir
 from .lockfile import WriterLock
@@ -167,11 +168,22 @@ def _copy_aside(path: str) -> str:
             fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             continue
-        with os.fdopen(fd, "wb") as dst, open(path, "rb") as src:
-            shutil.copyfileobj(src, dst, _CHUNK)
-            dst.flush()
-            shutil.copystat(path, aside)  # the times, as copy2 kept them
-            os.fsync(dst.fileno())
+        try:
+            with os.fdopen(fd, "wb") as dst, open(path, "rb") as src:
+                shutil.copyfileobj(src, dst, _CHUNK)
+                dst.flush()
+                shutil.copystat(path, aside)  # the times, as copy2 kept them
+                os.fsync(dst.fileno())
+        except OSError as err:
+            # A partial copy left under a .broken name would pass for the
+            # bytes repair keeps, and hold the space it took (the disk is
+            # likely full); the next repair would copy to .broken.1.
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+            raise StorageError(
+                f"{path}: cannot copy it aside to {os.path.basename(aside)} before cutting "
+                f"it: {err.strerror or err}; nothing was cut"
+            ) from err
         return aside
 
 

@@ -246,6 +246,41 @@ async def test_repair_makes_its_copy_durable_before_it_cuts(
     ]
 
 
+async def test_a_repair_that_cannot_copy_aside_leaves_no_partial_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No room for the copy of the damaged segment (ENOSPC half-way): repair
+    cuts nothing, says so, and removes its partial copy.  Left behind, it
+    would pass for the bytes repair keeps, hold the space it took, and push
+    the next repair's copy to .broken.1."""
+    import shutil
+
+    from eventstore import recovery
+
+    d, _events = await _small_store(tmp_path)
+    target = segment_files(d)[0]
+    data = bytearray(target.read_bytes())
+    data[_frame_offsets(bytes(data))[1] + FRAME_HEADER_SIZE] ^= 0x40
+    target.write_bytes(bytes(data))
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    real_copy = shutil.copyfileobj
+
+    def copy_then_full(src: object, dst: object, length: int = 0) -> None:
+        dst.write(src.read(100))  # type: ignore[attr-defined]
+        dst.flush()  # type: ignore[attr-defined]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(recovery.shutil, "copyfileobj", copy_then_full)
+    with pytest.raises(StorageError, match=r"cannot copy it aside to .*\.broken .*No sp.*nothing"):
+        recovery.repair(str(d))
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    monkeypatch.setattr(recovery.shutil, "copyfileobj", real_copy)
+    report = recovery.repair(str(d))  # with room again
+    segments = sorted(n for n in before if n.endswith(".seg"))
+    assert [Path(p).name for p in report.set_aside] == [f"{n}.broken" for n in segments]
+    assert (d / (target.name + ".broken")).read_bytes() == bytes(data)
+
+
 async def test_a_second_repair_keeps_the_copies_of_the_first(tmp_path: Path) -> None:
     """Repairing the same segment again must not write over the first repair's
     copies: the events that repair cut are in no other file.  Neither must the
