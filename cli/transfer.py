@@ -125,15 +125,23 @@ def import_sqlite(
             if isinstance(err, KeyboardInterrupt):
                 out.fail(f"the import was interrupted; nothing was written to {where}")
             raise
+        # Interrupted, the store closes as usual and writes the batch in
+        # flight: its position is what the log holds.  A failed write stops
+        # the store with its batch applied to the read models (so counted
+        # in its position) but taken back from the log: the log holds what
+        # was acknowledged.
+        held = after if isinstance(err, KeyboardInterrupt) else before + acked
         if fresh:
             _remove_partial(directory, made)
             out.fail(
-                f"the import {stopped} after {after - before} events; the store it had begun "
+                f"the import {stopped} after {held - before} events; the store it had begun "
                 f"in {where} was removed, so nothing of the file is kept"
             )
+        if held == before:
+            out.fail(f"the import {stopped}; nothing of the file was written to {where}")
         out.fail(
             f"the import {stopped}: {where} now holds the part of the file written before "
-            f"that (positions {before + 1}..{after}), not the rest; to have the file whole, "
+            f"that (positions {before + 1}..{held}), not the rest; to have the file whole, "
             "import it into a new directory"
         )
     if json:

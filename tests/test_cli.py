@@ -839,6 +839,63 @@ def test_an_import_that_fails_half_way_into_a_store_says_what_it_holds(
     assert [e["position"] for e in dumped] == list(range(1, 8))
 
 
+def _disk_full_after_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the log's writes fail (ENOSPC) once the import's first batch (2 events) is in."""
+    import cli.transfer
+    import eventstore.segmentlog as segmentlog
+    from eventstore.legacy import import_sqlite
+
+    def full(*args: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    async def filling(store: EventStore, db: str, **kwargs: Any) -> Any:
+        given = kwargs.get("progress")
+
+        def progress(done: int) -> None:
+            if given is not None:
+                given(done)
+            monkeypatch.setattr(segmentlog.os, "pwrite", full)
+
+        kwargs.update(batch_size=2, progress=progress)
+        return await import_sqlite(store, db, **kwargs)
+
+    monkeypatch.setattr(cli.transfer, "import_legacy", filling)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new directory", "store"])
+def test_an_import_that_fills_the_disk_says_what_the_store_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    """The write of the second batch fails: the store stops with that batch
+    applied to its read models but not in the log, so its position counts
+    two events the log does not hold.  The report must count only what the
+    log acknowledged."""
+    db = legacy_db(tmp_path / "bot.db")
+    d = tmp_path / "store"
+    if existing:
+        assert invoke("import-sqlite", db, d).exit_code == 0
+    _disk_full_after_first_batch(monkeypatch)
+    result = invoke("import-sqlite", db, d, *(["--force"] if existing else []))
+    monkeypatch.undo()
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Error: ") and lines[0].endswith("No space left on device")
+    if existing:
+        assert lines[1:] == [
+            f"Error: the import failed: {d} now holds the part of the file written before "
+            "that (positions 6..7), not the rest; to have the file whole, import it into a "
+            "new directory"
+        ]
+        dumped = [json.loads(line) for line in invoke("dump", d).stdout.splitlines()]
+        assert [e["position"] for e in dumped] == list(range(1, 8))
+    else:
+        assert lines[1:] == [
+            f"Error: the import failed after 2 events; the store it had begun in {d} was "
+            "removed, so nothing of the file is kept"
+        ]
+        assert not d.exists()
+
+
 def test_ctrl_c_during_an_import_leaves_no_store(tmp_path: Path) -> None:
     db = _chat_db(tmp_path / "bot.db", 300_000)
     d = tmp_path / "store"
