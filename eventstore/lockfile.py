@@ -46,8 +46,15 @@ class WriterLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            # The pid only serves messages; the lock is what counts.  On a
+            # full disk there may be no room for it: raising here lost the
+            # descriptor, and with it a lock nothing would release (a
+            # connect() after freeing space was refused as another writer).
+            pass
         self._fd = fd
 
     def release(self) -> None:

@@ -1393,6 +1393,33 @@ async def test_none_mode_rolls_segments_for_a_caller_that_never_yields(tmp_path:
     assert len(await all_events(d)) == 50_000
 
 
+async def test_a_full_disk_with_no_room_for_the_pid_does_not_keep_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LOCK holds the writer's pid, which only serves messages.  On a full
+    disk there is no room for it: connect() raised a bare OSError and kept
+    LOCK's descriptor, and with it the flock, so a connect() after space was
+    freed was refused as another writer, for as long as the process lived."""
+    import eventstore.lockfile as lockfile
+
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=None) as store:
+        await fill(store, 5)
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lockfile.os, "pwrite", full)
+    store = EventStore(d, snapshot_every=None)
+    await store.connect()  # reads work on a full disk
+    assert len(await store.get_recent_messages()) == 5
+    await store.close()
+    monkeypatch.undo()
+    async with EventStore(d, snapshot_every=None) as again:  # the lock was released
+        await again.save_message("a", "after", timestamp=9)
+        assert again.position == 6
+
+
 def test_a_writer_is_not_refused_by_a_reader_probing_the_lock(tmp_path: Path) -> None:
     """lock_holder() takes the lock shared for an instant (every read-only open
     does, to learn whether a writer is at work); a writer starting in that
