@@ -122,6 +122,11 @@ def import_sqlite(
             )
         after = opened[0].position if opened else before
         if after == before:
+            if fresh and os.path.isdir(directory):
+                # Nothing of the file, but the directory (and its LOCK, or an
+                # empty first segment) may be this run's: a new store that
+                # could not even be created (a full disk) is not left behind.
+                _remove_partial(directory, made)
             if isinstance(err, KeyboardInterrupt):
                 out.fail(f"the import was interrupted; nothing was written to {where}")
             raise

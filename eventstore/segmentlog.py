@@ -737,7 +737,7 @@ class SegmentLog(EventLog):
             os.rename(tmp, path)
             fsync_dir(self.directory)
             rfd = os.open(path, os.O_RDONLY)
-        except BaseException:
+        except BaseException as err:
             # Not one of the log's segments yet (a failed round takes back only
             # those): left behind, an empty segment named after positions the
             # round never wrote would make the next open skip to them.
@@ -746,6 +746,10 @@ class SegmentLog(EventLog):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(leftover)
                 fsync_dir(self.directory)
+            if type(err) is OSError and err.filename is None:
+                # os.write and os.fsync name no file: "[Errno 28] No space left
+                # on device" alone does not say what could not be made.
+                raise OSError(err.errno, err.strerror, tmp) from err
             raise
         seg = Segment(first, path, rfd, flags, next_position=first)
         seg.indexed = True

@@ -896,6 +896,30 @@ def test_an_import_that_fills_the_disk_says_what_the_store_holds(
         assert not d.exists()
 
 
+@pytest.mark.parametrize("existing", [False, True], ids=["new directory", "empty directory"])
+def test_an_import_whose_store_cannot_be_created_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    """A disk with no room even for the new store's first segment: the error
+    names the file, and the directory the import made (with its LOCK) is not
+    left behind."""
+    import eventstore.segmentlog as segmentlog
+
+    def full(fd: int, data: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    db = legacy_db(tmp_path / "bot.db")
+    d = tmp_path / "store"
+    if existing:
+        d.mkdir()
+    monkeypatch.setattr(segmentlog, "write_all", full)
+    result = invoke("import-sqlite", db, d)
+    monkeypatch.undo()
+    assert result.exit_code == 1, result.output
+    assert result.stderr == f"Error: {d}/00000000000000000001.seg.tmp: No space left on device\n"
+    assert d.exists() == existing and not (existing and any(d.iterdir()))
+
+
 def test_ctrl_c_during_an_import_leaves_no_store(tmp_path: Path) -> None:
     db = _chat_db(tmp_path / "bot.db", 300_000)
     d = tmp_path / "store"
