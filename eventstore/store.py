@@ -729,8 +729,6 @@ class EventStore(StorageAdapter):
         if self._snapshots_enabled():
             try:
                 await self.compact()
-                # Older snapshots still hold the user: keep only a fresh one.
-                await self.write_snapshot(keep=1)
             except (StorageError, OSError) as err:
                 # The UserForgotten is in the log: the error of the compaction
                 # alone ("nothing was changed") would read as a forget that
@@ -743,6 +741,12 @@ class EventStore(StorageAdapter):
                 )
                 cls = type(err) if isinstance(err, StorageError) else StorageError
                 raise cls(why) from err
+            # Keep only a fresh snapshot.  (The compaction already removed
+            # every snapshot from before the forget, which held the user.)
+            try:
+                await self.write_snapshot(keep=1)
+            except (StorageError, OSError) as err:
+                self.logger.warning("forgot %r, but no snapshot written: %s", username, err)
         elif self._log.shared:  # PostgreSQL: delete the user's rows
             await self.compact()
         return True
@@ -832,7 +836,14 @@ class EventStore(StorageAdapter):
                 if not dry_run and report.segments_rewritten:
                     # Frames moved: older snapshots name frames that are gone,
                     # and connect() and verify would only ignore or report them.
-                    await self._write_snapshot(keep=1)
+                    try:
+                        await self._write_snapshot(keep=1)
+                    except (StorageError, OSError) as err:
+                        # The compaction is committed and done; a snapshot
+                        # only saves replay time (on a full disk there may be
+                        # no room for one).  Raising would report a rewrite
+                        # that happened as one that failed.
+                        self.logger.warning("compacted, but no snapshot written: %s", err)
         report.trimmed_before = trim_before
         return report
 

@@ -325,6 +325,42 @@ async def test_a_forget_whose_compaction_runs_out_of_space_says_so_and_can_be_fi
     assert find_damage(str(d)) is None
 
 
+@pytest.mark.parametrize("call", ["compact", "forget_user"])
+async def test_no_room_for_the_snapshot_after_a_compaction_is_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, call: str
+) -> None:
+    """The compaction committed and switched; then the snapshot it writes
+    finds no room.  compact() used to raise, which reported a rewrite that
+    happened as a failure (and lost its report), and forget_user() with it.
+    A snapshot only saves replay time: a warning, and the store goes on."""
+    import eventstore.store as store_mod
+
+    def full(*args: Any) -> str:
+        raise StorageError("snapshot-1.snap: cannot write the snapshot: No space left on device")
+
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 3)
+        await store.save_message("alice", "alice-private-chat-line", timestamp=20_000)
+        old = sorted(p.name for p in segment_files(d))
+        monkeypatch.setattr(store_mod, "write_snapshot", full)
+        if call == "compact":
+            assert (await store.compact()).segments_rewritten
+        else:
+            assert await store.forget_user("alice")
+        monkeypatch.undo()
+        assert sorted(p.name for p in segment_files(d)) != old
+        assert "no snapshot written: snapshot-1.snap: cannot write the snapshot" in caplog.text
+        await store.save_message("late", "after", timestamp=99_999)
+        after = await reads(store)
+    async with EventStore(d, segment_size=4096) as again:
+        assert await reads(again) == after
+    if call == "forget_user":
+        assert _bytes_hold(d, b"alice-private-chat-line") == []
+        assert _bytes_hold(d, b"alice") == []
+    assert verify(d).ok
+
+
 async def test_forget_user_leaves_no_byte_of_the_name(tmp_path: Path) -> None:
     d = tmp_path / "s"
     name = "zebra_unicorn_42"
