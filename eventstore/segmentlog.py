@@ -868,11 +868,18 @@ class SegmentLog(EventLog):
             raise failure
 
     def _close_files(self) -> None:
-        if self._wfd is not None:
-            os.close(self._wfd)
-            self._wfd = None
+        # Quietly, the writer's descriptor too: close() may report a
+        # write-back error (NFS does), and raising here skipped the release
+        # of the lock, held then until the process ended.  What was written
+        # is already synced, or its fsync failed and close() says so.
+        wfd, self._wfd = self._wfd, None
         fresh = [seg.fd for seg in self._fresh or []]
-        _close_quietly([seg.fd for seg in self._segments] + self._retired_fds + fresh)
+        _close_quietly(
+            ([] if wfd is None else [wfd])
+            + [seg.fd for seg in self._segments]
+            + self._retired_fds
+            + fresh
+        )
         self._segments = []
         self._retired_fds = []
         self._fresh = None

@@ -741,6 +741,34 @@ async def test_after_none_mode_failed_to_write_compact_and_snapshot_refuse(
         assert again.position == 20
 
 
+async def test_close_releases_the_lock_when_closing_the_segment_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close(2) may report a write-back error (NFS does).  After the fsync
+    succeeded, close() must still release every file and the lock: an
+    OSError there left the lock held until the process ended, and every
+    later connect() was refused as another writer."""
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability="flush", snapshot_every=None)
+    await store.connect()
+    await fill(store, 3)
+    wfd = store.log._wfd  # type: ignore[attr-defined]
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        real_close(fd)
+        if fd == wfd:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(segmentlog.os, "close", close)
+    await store.close()
+    monkeypatch.undo()
+    async with EventStore(d, snapshot_every=None) as again:
+        assert again.position == 3
+
+
 async def test_close_raises_when_none_mode_lost_accepted_events(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
