@@ -37,6 +37,15 @@ class EventLog(ABC):
         """Flush what was accepted and release every resource.  Idempotent."""
 
     @property
+    def stopped(self) -> BaseException | None:
+        """The failed write that stopped this log, or None.
+
+        A local log that writes in the background ("none" mode) learns of a
+        failure after the call that caused it returned.
+        """
+        return None
+
+    @property
     @abstractmethod
     def head(self) -> int:
         """The position of the last event accepted (0 for an empty log)."""

@@ -940,6 +940,10 @@ class SegmentLog(EventLog):
             wake.set()
         return first, fut
 
+    @property
+    def stopped(self) -> StorageError | None:
+        return self._failed
+
     def _stopped(self) -> ConnectionError:
         return ConnectionError(
             f"{self.directory}: the log stopped after a failed write ({self._failed}); "

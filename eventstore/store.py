@@ -307,7 +307,9 @@ class EventStore(StorageAdapter):
 
     @property
     def is_connected(self) -> bool:
-        return self._connected and self._failed is None
+        # The log's own failure too: in "none" mode the write that failed
+        # has long returned, and the store hears of it at the next write.
+        return self._connected and self._failed is None and self._log.stopped is None
 
     @property
     def log(self) -> EventLog:

@@ -1767,3 +1767,34 @@ async def test_read_checks_its_positions(
             async for _ in store.read(*args):  # type: ignore[arg-type]
                 pass
         assert [pos async for pos, _ in store.read(2)] == [2, 3]
+
+
+async def test_a_none_mode_store_whose_background_write_failed_is_not_connected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In "none" mode the write that fails has returned long before: the
+    store must not go on saying it is connected until the next write."""
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability="none", snapshot_every=None)
+    await store.connect()
+    await fill(store, 5)
+    await store.log.flush()
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segmentlog.os, "pwrite", full)
+    await store.save_message("amy", "lost", timestamp=99)  # accepted, written later
+    assert store.is_connected
+    for _ in range(100):  # the writer task's turn
+        await asyncio.sleep(0.01)
+        if store.log.stopped is not None:
+            break
+    monkeypatch.undo()
+    assert not store.is_connected
+    with pytest.raises(StorageError):
+        await store.close()
+    async with EventStore(d, snapshot_every=None) as again:
+        assert again.position == 5
