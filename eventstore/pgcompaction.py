@@ -421,6 +421,18 @@ async def _commit(
 
         if not await conn.fetchval("SELECT to_regclass('eventstore_compactions') IS NOT NULL"):
             # Created here, under the append lock: two first compactions cannot race.
+            # Next to the store's tables, not in the first schema of this
+            # connection's search_path (a role's own schema, "$user", comes
+            # first by default): a process whose path finds the store but not
+            # the books would take every compaction's gap for lost rows.  SET
+            # LOCAL lasts to the end of this transaction, whose statements all
+            # name the store's tables.
+            schema = await conn.fetchval(
+                "SELECT quote_ident(n.nspname) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.oid = to_regclass('eventstore_events')"
+            )
+            await conn.execute(f"SET LOCAL search_path TO {schema}")
             await conn.execute(BOOKKEEPING_DDL)
         remove, insert = merge_ranges(ranges, plan.delete)
         if remove:

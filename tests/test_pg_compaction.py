@@ -156,6 +156,42 @@ async def test_a_second_compaction_finds_nothing_and_merges_its_ranges(pg_schema
     assert report.compactions == 2  # the one with nothing to do wrote nothing
 
 
+async def test_the_books_go_next_to_the_store_whatever_schema_the_path_names_first(
+    pg_schema: str,
+) -> None:
+    # A process whose search_path names another schema before the store's
+    # (a role's own schema: "$user" comes first by default) finds the store
+    # all the same; the books its compaction creates must go there too, or
+    # every process that does not see them takes the gaps for lost rows.
+    from urllib.parse import parse_qsl, urlsplit
+
+    from pgserver import with_params
+
+    schema = dict(parse_qsl(urlsplit(pg_schema).query))["search_path"]
+    first = f"{schema}_first"
+    conn = await asyncpg.connect(pg_schema)
+    try:
+        await conn.execute(f"CREATE SCHEMA {first}")
+        async with EventStore(pg_schema) as store:
+            await busy_history(store, 1)
+        async with EventStore(with_params(pg_schema, search_path=f"{first},{schema}")) as other:
+            assert (await other.compact()).events_dropped > 0
+        books = await conn.fetch(
+            "SELECT schemaname FROM pg_tables WHERE tablename IN "
+            "('eventstore_compactions', 'eventstore_deleted') "
+            "AND schemaname IN ($1, $2)",
+            schema,
+            first,
+        )
+        assert [r[0] for r in books] == [schema, schema]
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {first} CASCADE")
+        await conn.close()
+    report = await verify_postgres(pg_schema)
+    assert report.ok, report.problems
+    assert report.compactions == 1
+
+
 async def test_keep_history_trims_and_deletes_old_user_counts(pg_schema: str) -> None:
     now = 10 * 86_400
     async with EventStore(pg_schema, clock=lambda: now) as store:
