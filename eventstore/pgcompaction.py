@@ -76,13 +76,16 @@ some of them but not yet the ``UserForgotten`` row keeps the user until it
 reconnects, and one that read older chat lines may keep a line that a later
 clear dropped while the user's lines still counted.  Compaction right
 after ``forget_user`` keeps this window to the time a follower takes to
-read one notification.  Rejected here: making followers detect a compaction
-behind them and rebuild (the store would have to replay from scratch while
-serving reads, for a window of milliseconds).  The segment log's followers
-do detect it, and rebuild: they see compaction only at their next look at
-the directory, which may be a second later, and they first read the files
-they hold to their end, so they rebuild only when a compaction reached past
-what they had read (``SegmentLog.history_lost``).
+read one notification (longer if its event loop is busy).  A read of chat
+lines or actions that asks for a deleted row rebuilds that process's read
+models (``EventStore._fetch_rows``); short of that, rejected here: making
+followers detect every compaction behind them and rebuild (the store would
+replay from scratch while serving reads, after nearly every compaction).
+The segment log's followers do detect it, and rebuild: they see compaction
+only at their next look at the directory, which may be a second later, and
+they first read the files they hold to their end, so they rebuild only
+when a compaction reached past what they had read
+(``SegmentLog.history_lost``).
 
 The books (pglog.BOOKKEEPING_DDL), written in the same transaction:
 ``eventstore_compactions`` gets one row per compaction (which also makes

@@ -147,6 +147,7 @@ __all__ = [
     "DSN_SCHEMES",
     "SCHEMA_VERSION",
     "PostgresLog",
+    "RowsMissing",
     "decode_rows",
     "is_dsn",
     "redact_dsn",
@@ -457,6 +458,10 @@ def _channel_for(schema: str) -> str:
     if len(channel.encode()) > 63:  # NAMEDATALEN - 1: longer names are cut or refused
         channel = f"{CHANNEL}.{hashlib.blake2b(schema.encode(), digest_size=8).hexdigest()}"
     return channel
+
+
+class RowsMissing(QueryError):
+    """``fetch`` found no row at a position asked for (a compaction deleted it)."""
 
 
 @dataclass(slots=True)
@@ -1054,7 +1059,7 @@ class PostgresLog(EventLog):
         missing = [pos for pos in positions if pos not in found]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise QueryError(f"{self.where}: no event at position {missing[0]}{more}")
+            raise RowsMissing(f"{self.where}: no event at position {missing[0]}{more}")
         return self._decode([found[pos] for pos in positions], positions)
 
     async def holds_forget_of(self, username: str) -> bool:

@@ -459,6 +459,33 @@ class EventStore(StorageAdapter):
             await self._catch_up()
             yield
 
+    async def _fetch_rows(
+        self, positions_of: Callable[[], list[int]]
+    ) -> tuple[list[int], list[Event]]:
+        """The events at the positions the projections name for a read, fetched from the log.
+
+        On a shared log a compaction in another process may have deleted
+        rows these projections still name: rows a clear, a trim or a forget
+        dropped that this process has not read yet (catching up brings it
+        in), or the rows of a user forgotten while this process had read
+        some of the user's rows but not the ``UserForgotten``, which the
+        same compaction deleted (only building the read models again drops
+        them).  Either way the read is answered from the log as it is now;
+        left alone it would fail (QueryError) until a reconnect.
+        """
+        positions = positions_of()
+        if not self._log.shared:
+            return positions, await self._log.fetch(positions)
+        from .pglog import RowsMissing
+
+        for remedy in (self._catch_up, self._rebuild):
+            try:
+                return positions, await self._log.fetch(positions)
+            except RowsMissing:
+                await remedy()
+            positions = positions_of()
+        return positions, await self._log.fetch(positions)
+
     async def _catch_up(self, through: int | None = None) -> None:
         """Apply the log's events past our position (at least through ``through``)."""
         async with self._catch_up_lock:
@@ -573,8 +600,9 @@ class EventStore(StorageAdapter):
         limit, offset = check_int("limit", limit), check_int("offset", offset)
         if username is not None:
             return await self._user_actions(username, action_type, limit, offset)
-        positions = self._proj.actions.positions(username, action_type, limit, offset)
-        events = await self._log.fetch(positions)
+        positions, events = await self._fetch_rows(
+            lambda: self._proj.actions.positions(username, action_type, limit, offset)
+        )
         return [
             {
                 "id": pos,
@@ -591,11 +619,15 @@ class EventStore(StorageAdapter):
         self, username: str, action_type: str | None, limit: int, offset: int
     ) -> list[dict[str, Any]]:
         """One user's actions, answered from memory (long details from the log)."""
-        actions = self._proj.actions
-        rows = actions.user_rows(username, action_type, limit, offset)
-        names = actions.details.names
-        in_log = [pos for pos, _, _, code in rows if code == DETAILS_IN_LOG]
-        fetched = dict(zip(in_log, await self._log.fetch(in_log), strict=True)) if in_log else {}
+        rows: list[Any] = []
+
+        def positions() -> list[int]:
+            rows[:] = self._proj.actions.user_rows(username, action_type, limit, offset)
+            return [pos for pos, _, _, code in rows if code == DETAILS_IN_LOG]
+
+        in_log, events = await self._fetch_rows(positions)
+        fetched = dict(zip(in_log, events, strict=True)) if in_log else {}
+        names = self._proj.actions.details.names
         out = []
         for pos, ts, kind, code in rows:
             if code >= 0:
@@ -674,10 +706,10 @@ class EventStore(StorageAdapter):
 
     async def get_recent_messages(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         self._check()
-        positions = self._proj.messages.positions(
-            check_int("limit", limit), check_int("offset", offset)
+        limit, offset = check_int("limit", limit), check_int("offset", offset)
+        positions, events = await self._fetch_rows(
+            lambda: self._proj.messages.positions(limit, offset)
         )
-        events = await self._log.fetch(positions)
         return [
             {
                 "id": pos,
@@ -961,7 +993,7 @@ class EventStore(StorageAdapter):
         self.logger.warning(
             "%s: a compaction dropped events this follower had not read; its read "
             "models were built again (up to position %d)",
-            self.path,
+            self.path if self.path is not None else getattr(self._log, "where", "the log"),
             proj.position,
         )
 

@@ -338,6 +338,40 @@ async def test_followers_keep_reading_across_a_compaction(pg_schema: str) -> Non
             assert follower.projections.state() == store.projections.state()
 
 
+async def test_a_follower_behind_a_compaction_reads_rows_it_had_not_seen_deleted(
+    pg_schema: str,
+) -> None:
+    """A follower still naming rows a compaction deleted answers from the log, not QueryError.
+
+    Two ways to get there: it has not read the clear yet (a busy process, or
+    the export's store, which holds still); or it had read a user's rows but
+    not the ``UserForgotten`` that the same compaction deleted, so that no
+    amount of reading on brings the forget in.
+    """
+    async with EventStore(pg_schema) as bot:
+        for i in range(6):
+            await bot.save_message("alice", f"alice {i}", timestamp=100 + i)
+            await bot.save_message("bob", f"bob {i}", timestamp=200 + i)
+            await bot.log_user_action("alice", "pm", details="x" * 200, timestamp=100 + i)
+        async with EventStore(pg_schema, read_only=True) as follower:
+            assert follower._follower is not None
+            follower._follower.cancel()  # busy: it reads nothing until asked
+            await bot.clear_old_messages(keep_count=8)
+            await bot.compact()
+            assert [m["message"] for m in await follower.get_recent_messages(limit=3)] == [
+                "bob 5",
+                "bob 4",
+                "bob 3",
+            ]
+            assert len(await follower.get_recent_messages()) == 8
+            await bot.forget_user("alice")
+            assert [m["username"] for m in await follower.get_recent_messages()] == ["bob"] * 6
+            assert await follower.get_user_actions() == []
+            assert await follower.get_user_actions(username="alice") == []
+            assert not follower.knows_user("alice")
+            assert follower.projections.state() == bot.projections.state()
+
+
 async def test_concurrent_compactions_take_turns(pg_schema: str) -> None:
     async with EventStore(pg_schema) as one, EventStore(pg_schema) as two:
         await busy_history(one, 2)
