@@ -474,6 +474,8 @@ class EventStore(StorageAdapter):
         left alone it would fail (QueryError) until a reconnect.
         """
         positions = positions_of()
+        if not positions:
+            return positions, []
         if not self._log.shared:
             return positions, await self._log.fetch(positions)
         from .pglog import RowsMissing
