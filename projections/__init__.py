@@ -45,7 +45,7 @@ Handler = Callable[[int, Any], None]
 
 #: Bump whenever a fold changes what it computes from the same events, or the
 #: shape of ``dump()`` changes: snapshots of another version are not loaded.
-PROJECTION_VERSION = 6
+PROJECTION_VERSION = 7
 
 
 class Projections:

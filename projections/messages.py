@@ -46,7 +46,15 @@ class MessagesProjection:
         # The newest ``keep_count`` rows are the last ones of the index.
         excess = len(self.index) - ev.keep_count
         if excess > 0:
+            dropped = set(self.index.code[:excess])
             self.index.drop_oldest(excess)
+            # A user left without a message keeps no name here: every
+            # snapshot would carry it for ever, long after compaction has
+            # dropped the cleared messages, and forget_user (which sees no
+            # row of theirs) would not erase it.
+            names = self.users.names
+            for code in dropped.difference(self.index.code):
+                self.users.forget(names[code])
 
     def on_forgotten(self, pos: int, ev: UserForgotten) -> None:
         ucode = self.users.get(ev.username)

@@ -361,6 +361,36 @@ async def test_no_room_for_the_snapshot_after_a_compaction_is_a_warning(
     assert verify(d).ok
 
 
+async def test_a_user_whose_messages_were_all_cleared_leaves_no_name_on_disk(
+    tmp_path: Path,
+) -> None:
+    """clear_old_messages can take a user's last row away: nothing of theirs is
+    read any more, so forget_user has nothing to do (False), and compaction
+    drops the cleared messages.  The messages view must not keep the name
+    either, or every snapshot would carry it for ever."""
+    d = tmp_path / "s"
+    name = "zebra_unicorn_43"
+    async with EventStore(d, segment_size=4096) as store:
+        await store.save_message(name, "said once", timestamp=1)
+        await store.save_message("other", "said later", timestamp=2)
+        assert await store.clear_old_messages(keep_count=1) == 1
+        assert not await store.forget_user(name)
+        await store.compact()
+        assert _bytes_hold(d, name.encode()) == []
+        # Back again (under a new code), and cleared again.
+        await store.save_message(name, "back again", timestamp=0)
+        assert [m["message"] for m in await store.get_recent_messages()] == [
+            "said later",
+            "back again",
+        ]
+        assert await store.clear_old_messages(keep_count=1) == 1
+        await store.compact()
+        await store.save_message("other", "after", timestamp=4)
+    assert _bytes_hold(d, name.encode()) == []  # nor in the snapshot of close()
+    async with EventStore(d, segment_size=4096) as store:
+        assert [m["message"] for m in await store.get_recent_messages()] == ["after", "said later"]
+
+
 async def test_forget_user_leaves_no_byte_of_the_name(tmp_path: Path) -> None:
     d = tmp_path / "s"
     name = "zebra_unicorn_42"
