@@ -273,11 +273,15 @@ class Run:
 
     async def no_name_left(self, names: list[str]) -> None:
         await self.es.log.flush()
-        files = [p for p in self.dir.rglob("*") if p.is_file()]
+        files = {}
+        for path in self.dir.rglob("*"):
+            # (A periodic snapshot's temporary file may go meanwhile.)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                files[path.name] = path.read_bytes()
         for name in names:
-            for path in files:
-                if name.encode() in path.read_bytes():
-                    raise Mismatch(f"{name!r} is gone from every read but {path.name} holds it")
+            for file, data in files.items():
+                if name.encode() in data:
+                    raise Mismatch(f"{name!r} is gone from every read but {file} holds it")
 
     async def compact(self) -> None:
         if self.rng.random() < 0.3:
