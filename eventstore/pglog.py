@@ -1066,13 +1066,15 @@ class PostgresLog(EventLog):
         # Any such row: a compaction deletes it once the user's rows before
         # it are gone, and a row appended while a compaction ran may sit
         # below the head that compaction recorded without being compacted.
-        # (A name holding NUL has no username column: those rows are read too.)
+        # (A name holding NUL has no username column: those rows are read too.
+        # Nor can such a name be a text parameter, so it is sent as NULL, and
+        # only those rows are read.)
         rows = await self._query(
             "fetch",
             "SELECT position, payload FROM eventstore_events "
             "WHERE tag = $1 AND (username = $2 OR username IS NULL) ORDER BY position",
             event_tag(UserForgotten),
-            username,
+            None if "\x00" in username else username,
         )
         events = self._decode([row[1] for row in rows], [row[0] for row in rows])
         return any(type(ev) is UserForgotten and ev.username == username for ev in events)

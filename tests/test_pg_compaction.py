@@ -230,6 +230,44 @@ async def test_forget_user_again_finishes_an_erasure_whose_compaction_never_ran(
     assert await _rows_of_alice(pg_schema) == 0
 
 
+async def test_forget_user_of_a_name_holding_nul(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such a name has no username column, and cannot be a text parameter
+    either: asking whether its erasure is unfinished must still work."""
+    name = "nul\x00name"
+
+    class Crash(BaseException):
+        pass
+
+    async def crash(self: EventStore, **kwargs: Any) -> Any:
+        raise Crash
+
+    async with EventStore(pg_schema) as store:
+        assert not await store.forget_user(name)  # never written
+        await store.save_message(name, "nul-private-chat-line", timestamp=20_000)
+        await store.save_message("nul", "another user's line", timestamp=20_001)
+        monkeypatch.setattr(EventStore, "compact", crash)
+        with pytest.raises(Crash):
+            await store.forget_user(name)
+        monkeypatch.undo()
+        assert not store.knows_user(name)
+        assert await store.erasure_unfinished(name)
+        assert not await store.erasure_unfinished("nul\x00other")
+        assert await store.forget_user(name)  # finishes the erasure
+        assert not await store.erasure_unfinished(name)
+        assert not await store.forget_user(name)
+        assert [m["username"] for m in await store.get_recent_messages()] == ["nul"]
+    conn = await asyncpg.connect(pg_schema)
+    try:
+        assert not await conn.fetchval(
+            "SELECT count(*) FROM eventstore_events "
+            "WHERE position(convert_to('nul-private', 'UTF8') IN payload) > 0"
+        )
+    finally:
+        await conn.close()
+
+
 async def _rows_of_alice(pg_schema: str) -> int:
     """Rows that name alice, or hold her private chat line."""
     conn = await asyncpg.connect(pg_schema)
