@@ -29,7 +29,9 @@ an async context manager.
 A store in PostgreSQL (``replay("postgresql://...")``) replays the same way,
 through a read-only PostgresLog: ``head`` is the last position committed
 when the replay opened the log, and ``compacted_through`` the head the last
-compaction covered (see ``eventstore/pgcompaction.py``).
+compaction covered (see ``eventstore/pgcompaction.py``).  A compaction
+that another process commits while the result is open may delete rows it
+shows: fetching them then raises QueryError saying to replay again.
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ from typing import Any
 
 from projections import Projections
 
-from .errors import ValidationError
-from .events import MessageSaved, UserActionLogged, event_time
+from .errors import QueryError, ValidationError
+from .events import Event, MessageSaved, UserActionLogged, event_time
 from .inspect import open_log
 from .log import EventLog
-from .pglog import PostgresLog, is_dsn, redact_dsn
+from .pglog import PostgresLog, RowsMissing, is_dsn, redact_dsn
 from .segmentlog import SegmentLog
 
 __all__ = ["ReplayResult", "replay"]
@@ -128,10 +130,21 @@ class ReplayResult:
             "mean_connected_users": round(sum(conn) / n, 2),
         }
 
+    async def _fetch(self, positions: list[int]) -> list[Event]:
+        try:
+            return await self.log.fetch(positions)
+        except RowsMissing as err:
+            # PostgreSQL: another process compacted after this replay read
+            # the rows' positions.  (A directory's read-only log keeps the
+            # files it opened, so it still reads them.)
+            raise QueryError(
+                f"{err}: a compaction removed rows while this replay ran; replay again"
+            ) from err
+
     async def recent_messages(self, limit: int = 10) -> list[dict[str, Any]]:
         """What ``get_recent_messages(limit)`` returned at that point, newest first."""
         positions = self.projections.messages.positions(limit, 0)
-        events = await self.log.fetch(positions)
+        events = await self._fetch(positions)
         return [
             {"id": p, "timestamp": ev.timestamp, "username": ev.username, "message": ev.message}
             for p, ev in zip(positions, events, strict=True)
@@ -141,7 +154,7 @@ class ReplayResult:
     async def recent_actions(self, limit: int = 10) -> list[dict[str, Any]]:
         """What ``get_user_actions(limit=limit)`` returned at that point, newest first."""
         positions = self.projections.actions.positions(None, None, limit, 0)
-        events = await self.log.fetch(positions)
+        events = await self._fetch(positions)
         return [
             {
                 "id": p,

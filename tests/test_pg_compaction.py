@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventstore import EventStore, IntegrityError
+from eventstore import EventStore, IntegrityError, QueryError
 from eventstore import pgcompaction as pgc
 from eventstore.events import (
     ChannelPeakRaised,
@@ -36,6 +36,7 @@ from eventstore.events import (
 )
 from eventstore.pgcompaction import PostgresCompactReport, merge_ranges
 from eventstore.pglog import PostgresLog
+from eventstore.replay import replay
 from eventstore.verify import verify_postgres
 from projections import Projections
 
@@ -408,6 +409,24 @@ async def test_a_follower_behind_a_compaction_reads_rows_it_had_not_seen_deleted
             assert await follower.get_user_actions(username="alice") == []
             assert not follower.knows_user("alice")
             assert follower.projections.state() == bot.projections.state()
+
+
+async def test_a_replay_whose_rows_a_compaction_removed_says_so(pg_schema: str) -> None:
+    """A replay fetches chat lines by position after it has folded the log;
+    a compaction committed in between removed some: the error says why and
+    what to do, not only "no event at position N"."""
+    async with EventStore(pg_schema) as bot:
+        for i in range(6):
+            await bot.save_message("alice", f"alice {i}", timestamp=100 + i)
+        async with await replay(pg_schema) as result:
+            assert len(await result.recent_messages(limit=6)) == 6
+            await bot.clear_old_messages(keep_count=2)
+            await bot.compact()
+            with pytest.raises(
+                QueryError,
+                match=r"position 4 \(and 3 more\): a compaction removed rows .* replay again",
+            ):
+                await result.recent_messages(limit=6)
 
 
 async def test_concurrent_compactions_take_turns(pg_schema: str) -> None:
