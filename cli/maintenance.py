@@ -102,6 +102,12 @@ def compact(
 
 
 def _print_pg_report(report: PostgresCompactReport) -> None:
+    if not (report.events_dropped or report.rows_rewritten):
+        typer.echo(
+            f"{'dry run: ' if report.dry_run else ''}nothing to compact: positions "
+            f"1..{report.through_position} hold nothing to drop; nothing was changed"
+        )
+        return
     verbs = ("would delete", "rewrite") if report.dry_run else ("deleted", "rewrote")
     typer.echo(
         f"{'dry run: ' if report.dry_run else ''}positions 1..{report.through_position}: "
