@@ -369,6 +369,62 @@ def test_a_downstream_project_can_run_the_contract_in_strict_mode(tmp_path: Path
     assert " passed" in done.stdout and "failed" not in done.stdout, done.stdout
 
 
+def _run_downstream(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """Run pytest in ``tmp_path`` as a project that installed eventstore would."""
+    installed = any(
+        e.name == "eventstore" and e.value == "eventstore.testing.plugin"
+        for e in entry_points(group="pytest11")
+    )
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options]
+    if not installed:
+        args += ["-p", "eventstore.testing.plugin"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_DISABLE_PLUGIN_AUTOLOAD"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(
+        args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_the_store_fixtures_keep_to_the_function_loop(tmp_path: Path) -> None:
+    # A project whose own async fixtures share one session loop sets
+    # asyncio_default_fixture_loop_scope = "session"; that must not move the
+    # kit's stores off the loop its function-scoped tests run on (the first
+    # write failed with "attached to a different loop").  A test on a wider
+    # loop cannot use disk_store at all, and is told so at setup.
+    (tmp_path / "test_loops.py").write_text(
+        textwrap.dedent(
+            """\
+            import pytest
+
+            @pytest.mark.asyncio
+            async def test_disk_on_the_function_loop(disk_store):
+                await disk_store.save_message("a", "b")
+
+            @pytest.mark.asyncio
+            async def test_memory_on_the_function_loop(memory_store):
+                await memory_store.save_message("a", "b")
+
+            @pytest.mark.asyncio(loop_scope="module")
+            async def test_disk_on_the_module_loop(disk_store):
+                await disk_store.save_message("a", "b")
+
+            @pytest.mark.asyncio(loop_scope="module")
+            async def test_memory_on_the_module_loop(memory_store):
+                await memory_store.save_message("a", "b")
+            """
+        )
+    )
+    options = ["-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=session"]
+    done = _run_downstream(tmp_path, "-rE", *options)
+    out = done.stdout + done.stderr
+    assert "3 passed, 1 error" in out, out
+    assert "ERROR test_loops.py::test_disk_on_the_module_loop" in out, out
+    assert (
+        "the disk_store fixture opens its store on the function-scoped event loop, "
+        "but this test runs on the module-scoped one" in out
+    ), out
+
+
 # -- an example: testing a bot handler by the events it records ----------------------------
 async def on_chat(store: EventStore, user: str, text: str) -> None:
     """A bot's chat handler: count the line, then keep it (or log it as a command)."""

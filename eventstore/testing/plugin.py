@@ -18,6 +18,7 @@ Both stores are closed after the test.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
@@ -44,8 +45,17 @@ F = TypeVar("F", bound=Callable[..., AsyncIterator[EventStore]])
 
 
 def store_fixture(fn: F) -> F:
-    """An async fixture, or one that fails saying pytest-asyncio is missing."""
+    """An async fixture, or one that fails saying pytest-asyncio is missing.
+
+    Pinned to the function-scoped event loop: left to pytest-asyncio's
+    default, a project's ``asyncio_default_fixture_loop_scope = "session"``
+    would open the store on a loop its function-scoped tests do not run on.
+    """
     if _asyncio_plugin is not None:
+        # loop_scope is pytest-asyncio 0.24+; before it, a function-scoped
+        # async fixture always ran on the function-scoped loop.
+        if "loop_scope" in inspect.signature(_asyncio_plugin.fixture).parameters:
+            return cast(F, _asyncio_plugin.fixture(fn, loop_scope="function"))
         return cast(F, _asyncio_plugin.fixture(fn))
     name = fn.__name__
 
@@ -60,6 +70,34 @@ def store_fixture(fn: F) -> F:
     return cast(F, missing)
 
 
+def _test_loop_scope(request: pytest.FixtureRequest) -> str | None:
+    """The event loop scope the requesting test runs on, if it is an asyncio test."""
+    marker = request.node.get_closest_marker("asyncio")
+    if marker is None:
+        return None
+    scope = marker.kwargs.get("loop_scope") or marker.kwargs.get("scope")
+    if scope:
+        return str(scope)
+    try:
+        default = request.config.getini("asyncio_default_test_loop_scope")
+    except ValueError:  # pytest-asyncio before 0.26: tests ran on the function loop
+        return "function"
+    return str(default or "function")
+
+
+def _check_loop_scope(request: pytest.FixtureRequest) -> None:
+    """Fail at setup, saying why, rather than later with "attached to a different loop"."""
+    scope = _test_loop_scope(request)
+    if scope not in (None, "function"):
+        pytest.fail(
+            f"the {request.fixturename} fixture opens its store on the function-scoped "
+            f"event loop, but this test runs on the {scope}-scoped one: open an "
+            "EventStore inside the test (or mark it @pytest.mark.asyncio(loop_scope="
+            '"function"))',
+            pytrace=False,
+        )
+
+
 @pytest.fixture
 def fake_clock() -> FakeClock:
     """A clock that stands still at ``DEFAULT_START`` until the test moves it."""
@@ -68,7 +106,12 @@ def fake_clock() -> FakeClock:
 
 @store_fixture
 async def memory_store(fake_clock: FakeClock) -> AsyncIterator[EventStore]:
-    """A connected store with its log in memory (on the function-scoped event loop)."""
+    """A connected store with its log in memory (on the function-scoped event loop).
+
+    Its appends complete at once, so its writes wait on no future of that
+    loop: unlike ``disk_store`` it is not refused to a test on a wider
+    ``loop_scope`` (where it has been seen to work, but is not tested).
+    """
     store = EventStore(":memory:", clock=fake_clock)
     await store.connect()
     try:
@@ -78,12 +121,15 @@ async def memory_store(fake_clock: FakeClock) -> AsyncIterator[EventStore]:
 
 
 @store_fixture
-async def disk_store(fake_clock: FakeClock, tmp_path: Path) -> AsyncIterator[EventStore]:
+async def disk_store(
+    fake_clock: FakeClock, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[EventStore]:
     """A connected store with its log in ``tmp_path / "store"``.
 
     Opened on the function-scoped event loop: the log's writer belongs to
     it, so a test on a wider ``loop_scope`` opens its own store instead.
     """
+    _check_loop_scope(request)
     store = EventStore(tmp_path / "store", clock=fake_clock)
     await store.connect()
     try:
