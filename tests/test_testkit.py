@@ -33,6 +33,7 @@ from eventstore.testing import (
     Scenario,
     assert_events,
     recorded_events,
+    streams,
 )
 
 HAS_SEGMENTLOG = importlib.util.find_spec("eventstore.segmentlog") is not None
@@ -423,6 +424,50 @@ def test_the_store_fixtures_keep_to_the_function_loop(tmp_path: Path) -> None:
         "the disk_store fixture opens its store on the function-scoped event loop, "
         "but this test runs on the module-scoped one" in out
     ), out
+
+
+def test_an_assertion_left_unawaited_fails_the_test(tmp_path: Path) -> None:
+    # Without the await, assert_events and Scenario.then check nothing, and
+    # the test passed with only Python's "coroutine was never awaited" warning.
+    (tmp_path / "test_unawaited.py").write_text(
+        textwrap.dedent(
+            """\
+            import pytest
+            from eventstore.testing import Scenario, assert_events
+
+            @pytest.mark.asyncio
+            async def test_assert_events(memory_store):
+                await memory_store.save_message("a", "b")
+                assert_events(memory_store, [])
+
+            @pytest.mark.asyncio
+            async def test_then(memory_store):
+                scenario = Scenario(memory_store)
+                await scenario.when(lambda s: s.save_message("a", "b"))
+                scenario.then([])
+
+            @pytest.mark.asyncio
+            async def test_awaited(memory_store):
+                await memory_store.save_message("a", "b")
+                await Scenario(memory_store).then([])
+            """
+        )
+    )
+    options = ["-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function"]
+    done = _run_downstream(tmp_path, *options)
+    out = done.stdout + done.stderr
+    assert "2 failed, 1 passed" in out, out
+    assert "FAILED test_unawaited.py::test_awaited" not in out, out
+    for what, line in [("assert_events(...)", 7), ("Scenario.then(...)", 13)]:
+        assert f"never awaited, so it checked nothing: {what} at " in out, out
+        assert f"test_unawaited.py:{line}" in out, out
+
+
+def test_an_unawaited_assert_events_warns_where_it_was_made(memory_store: EventStore) -> None:
+    with pytest.warns(RuntimeWarning, match="never awaited, so it checked nothing") as record:
+        assert_events(memory_store, [])  # no await: dropped at once
+    assert record[0].filename == __file__
+    streams.unawaited.clear()  # this test meant it: the plugin need not fail it
 
 
 # -- an example: testing a bot handler by the events it records ----------------------------

@@ -19,7 +19,7 @@ Both stores are closed after the test.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 from types import ModuleType
 from typing import NoReturn, TypeVar, cast
@@ -27,6 +27,7 @@ from typing import NoReturn, TypeVar, cast
 import pytest
 
 from ..store import EventStore
+from . import streams
 from .clock import DEFAULT_START, FakeClock
 
 __all__ = ["disk_store", "fake_clock", "memory_store"]
@@ -96,6 +97,22 @@ def _check_loop_scope(request: pytest.FixtureRequest) -> None:
             '"function"))',
             pytrace=False,
         )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """Fail a test that made an event assertion and never awaited it."""
+    streams.unawaited.clear()
+    result = yield  # re-raises the test's own failure, which comes first
+    dropped, streams.unawaited[:] = list(streams.unawaited), []
+    if dropped:
+        pytest.fail(
+            "an event assertion was never awaited, so it checked nothing: "
+            + "; ".join(dropped)
+            + " (put `await` before it)",
+            pytrace=False,
+        )
+    return result
 
 
 @pytest.fixture

@@ -14,8 +14,18 @@ An expected item is an event (compared by type and every field), a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+import sys
+import warnings
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Sequence,
+)
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -210,14 +220,53 @@ def _show_expected(want: BaseEvent | Match) -> str:
     return repr(want) if isinstance(want, Match) else _show(want)
 
 
-async def assert_events(
+#: Where assertions were made and dropped without an ``await`` (so checked
+#: nothing): the pytest plugin fails the test that made them.
+unawaited: list[str] = []
+
+
+class _Assertion(Generic[T]):
+    """An assertion to await; dropped without an ``await``, it says it checked nothing.
+
+    A forgotten ``await`` before ``assert_events(...)`` would otherwise pass
+    the test with only Python's "coroutine was never awaited" warning.
+    """
+
+    __slots__ = ("_awaited", "_coro", "_file", "_line", "_what")
+
+    def __init__(self, coro: Coroutine[Any, Any, T], what: str, depth: int) -> None:
+        caller = sys._getframe(depth + 1)
+        self._coro = coro
+        self._file, self._line = caller.f_code.co_filename, caller.f_lineno
+        self._what = f"{what} at {self._file}:{self._line}"
+        self._awaited = False
+
+    def __await__(self) -> Generator[Any, None, T]:
+        self._awaited = True
+        return self._coro.__await__()
+
+    def __del__(self) -> None:
+        if self._awaited:
+            return
+        self._coro.close()
+        unawaited.append(self._what)
+        warnings.warn_explicit(
+            f"{self._what} was never awaited, so it checked nothing",
+            RuntimeWarning,
+            self._file,
+            self._line,
+        )
+
+
+def assert_events(
     source: EventSource, expected: Iterable[Expected], *, since: int = 0
-) -> list[tuple[int, Event]]:
+) -> Awaitable[list[tuple[int, Event]]]:
     """Assert that exactly ``expected`` was recorded after position ``since``.
 
-    Takes the store (or its log).  On failure the AssertionError lists every
-    recorded event against its expectation, one line each, with the fields that
-    differ.  Returns the recorded ``(position, event)`` pairs.
+    Takes the store (or its log), and must be awaited: the pytest plugin
+    fails a test that drops it unawaited.  On failure the AssertionError
+    lists every recorded event against its expectation, one line each, with
+    the fields that differ.  Returns the recorded ``(position, event)`` pairs.
 
     Example::
 
@@ -225,6 +274,12 @@ async def assert_events(
         await store.save_message("alice", "hi")
         await assert_events(store, [Match(MessageSaved, username="alice")], since=mark)
     """
+    return _Assertion(_assert_events(source, expected, since), "assert_events(...)", 1)
+
+
+async def _assert_events(
+    source: EventSource, expected: Iterable[Expected], since: int
+) -> list[tuple[int, Event]]:
     wanted = list(expected)
     _check_expected(wanted)
     actual = await recorded_events(source, since)
@@ -282,6 +337,7 @@ class Scenario:
             return err
         raise AssertionError(f"the action did not raise {error!r}")
 
-    async def then(self, expected: Iterable[Expected]) -> list[tuple[int, Event]]:
-        """Assert that the last ``when`` recorded exactly ``expected``."""
-        return await assert_events(self.store, expected, since=self.mark)
+    def then(self, expected: Iterable[Expected]) -> Awaitable[list[tuple[int, Event]]]:
+        """Assert that the last ``when`` recorded exactly ``expected`` (to be awaited)."""
+        coro = _assert_events(self.store, expected, self.mark)
+        return _Assertion(coro, "Scenario.then(...)", 1)
