@@ -470,6 +470,40 @@ def test_an_unawaited_assert_events_warns_where_it_was_made(memory_store: EventS
     streams.unawaited.clear()  # this test meant it: the plugin need not fail it
 
 
+def test_a_failing_assertion_shows_the_test_line_and_not_the_kit(tmp_path: Path) -> None:
+    # pytest printed the kit's own frames under the test's line: the whole
+    # source of assert_events (or Match.__init__, with a repr that failed),
+    # longer than the report that matters.
+    (tmp_path / "test_failing.py").write_text(
+        textwrap.dedent(
+            """\
+            import pytest
+            from eventstore.events import MessageSaved
+            from eventstore.testing import Match, assert_events
+
+            @pytest.mark.asyncio
+            async def test_wrong_text(memory_store):
+                await memory_store.save_message("a", "b")
+                await assert_events(memory_store, [Match(MessageSaved, message="c")])
+
+            @pytest.mark.asyncio
+            async def test_typo(memory_store):
+                await assert_events(memory_store, [Match(MessageSaved, mesage="c")])
+            """
+        )
+    )
+    options = ["-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function"]
+    done = _run_downstream(tmp_path, *options)
+    out = done.stdout + done.stderr
+    assert "2 failed" in out, out
+    assert "- message: expected 'c', recorded 'b'" in out, out
+    assert "MessageSaved has no field mesage" in out, out
+    assert "test_failing.py:8: AssertionError" in out, out
+    assert "test_failing.py:12: TypeError" in out, out
+    assert "streams.py" not in out, out
+    assert "raised in repr()" not in out, out
+
+
 # -- an example: testing a bot handler by the events it records ----------------------------
 async def on_chat(store: EventStore, user: str, text: str) -> None:
     """A bot's chat handler: count the line, then keep it (or log it as a command)."""

@@ -62,6 +62,7 @@ class Match:
     __slots__ = ("event_type", "fields")
 
     def __init__(self, event_type: type[BaseEvent], /, **fields: Any) -> None:
+        __tracebackhide__ = True
         if not (isinstance(event_type, type) and issubclass(event_type, EVENT_TYPES)):
             raise TypeError(f"Match needs an event type, got {event_type!r}")
         known = {f.name for f in msgspec.structs.fields(event_type)}
@@ -157,6 +158,7 @@ def _differences(want: BaseEvent | Match, got: object) -> list[str]:
 
 
 def _split(item: Expected) -> tuple[int | None, BaseEvent | Match]:
+    __tracebackhide__ = True
     if isinstance(item, tuple):
         if len(item) != 2 or type(item[0]) is not int:
             raise TypeError(f"expected a (position, event) pair, got {item!r}")
@@ -170,6 +172,7 @@ async def recorded_events(source: EventSource, since: int = 0) -> list[tuple[int
 
 
 def _check_expected(items: list[Expected]) -> None:
+    __tracebackhide__ = True
     for item in items:
         _, want = _split(item)
         if not isinstance(want, (Match, *EVENT_TYPES)):
@@ -280,6 +283,7 @@ def assert_events(
 async def _assert_events(
     source: EventSource, expected: Iterable[Expected], since: int
 ) -> list[tuple[int, Event]]:
+    __tracebackhide__ = True
     wanted = list(expected)
     _check_expected(wanted)
     actual = await recorded_events(source, since)
@@ -329,6 +333,7 @@ class Scenario:
         action: Callable[[EventStore], Awaitable[object]],
     ) -> BaseException:
         """Run ``action(store)``, assert it raises ``error``, and return the error."""
+        __tracebackhide__ = True
         self.mark = self.store.position
         try:
             await action(self.store)
