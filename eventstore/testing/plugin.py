@@ -127,7 +127,7 @@ async def memory_store(fake_clock: FakeClock) -> AsyncIterator[EventStore]:
 
     Its appends complete at once, so its writes wait on no future of that
     loop: unlike ``disk_store`` it is not refused to a test on a wider
-    ``loop_scope`` (where it has been seen to work, but is not tested).
+    ``loop_scope`` (tests/test_testkit.py runs one such test).
     """
     store = EventStore(":memory:", clock=fake_clock)
     await store.connect()
