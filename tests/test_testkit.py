@@ -256,6 +256,18 @@ async def test_a_failing_assert_events_shows_where_long_strings_differ(
     ) in message, message
 
 
+async def test_a_failing_assert_events_tells_strings_that_print_alike_apart(
+    memory_store: EventStore,
+) -> None:
+    """The word café with é as one code point, against e and a combining accent."""
+    await memory_store.save_message("alice", "caf\u00e9")
+    with pytest.raises(AssertionError) as failure:
+        await assert_events(memory_store, [Match(MessageSaved, message="cafe\u0301")])
+    assert "message: expected 'cafe\\u0301', recorded 'caf\\xe9' (alike once normalised)" in str(
+        failure.value
+    )
+
+
 async def test_assert_events_tells_a_type_from_its_fields(memory_store: EventStore) -> None:
     await memory_store.update_channel_stats(max_users=3, timestamp=9)
     with pytest.raises(AssertionError, match="type: expected UserCountLogged, recorded"):

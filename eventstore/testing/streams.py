@@ -15,6 +15,7 @@ An expected item is an event (compared by type and every field), a
 from __future__ import annotations
 
 import sys
+import unicodedata
 import warnings
 from collections.abc import (
     AsyncIterator,
@@ -130,6 +131,14 @@ def _mismatch(name: str, want: Any, got: Any) -> str:
             f"{name}: differs at character {at} (lengths {len(want)} and {len(got)}): "
             f"expected {part(want)}, recorded {part(got)}"
         )
+    if (
+        type(want) is str
+        and type(got) is str
+        and unicodedata.normalize("NFKC", want) == unicodedata.normalize("NFKC", got)
+    ):
+        # Different strings that print alike ("é" as one code point or as "e"
+        # and a combining accent, a full-width letter): show their code points.
+        return f"{name}: expected {want!a}, recorded {got!a} (alike once normalised)"
     return f"{name}: expected {_short(want)}, recorded {_short(got)}"
 
 
