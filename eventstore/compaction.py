@@ -476,6 +476,9 @@ async def compact_log(
         fsync_dir(directory)
     writer = _SegmentWriter(work, log.store_id, log.segment_size, write=not dry_run)
     dropped: dict[str, int] = {}
+    # Set once COMMIT is in place: from then on the switch decides, even
+    # after _switch has removed COMMIT (its last directory fsync may fail).
+    committed = False
     try:
         async for first, events in log.read_runs(1, last_sealed):
             for pos, ev in enumerate(events, first):
@@ -530,6 +533,7 @@ async def compact_log(
         # writing (see EventStore.compact) if this does not get that far.
         log.switch_unfinished = True
         _write_commit(work, old_names, writer.names)
+        committed = True
         switch = asyncio.get_running_loop().run_in_executor(
             None, _switch, directory, work, old_names, writer.names
         )
@@ -545,7 +549,9 @@ async def compact_log(
                 log.switch_unfinished = False
     except BaseException as err:
         writer.abandon()
-        if dry_run or os.path.exists(os.path.join(work, COMMIT)):
+        if dry_run or committed or os.path.exists(os.path.join(work, COMMIT)):
+            # Committed (COMMIT may be in place although writing it raised):
+            # the switch decides; EventStore.compact() stops the store.
             raise
         # Not committed (COMMIT.tmp, or its rename, may have failed): leave
         # the store as it was, and going on, as it can: its segments did not

@@ -830,6 +830,42 @@ async def test_a_commit_that_cannot_be_written_changes_nothing_and_the_store_goe
     assert verify(d).ok
 
 
+async def test_a_switch_whose_last_directory_fsync_fails_still_stops_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The switch's last step, the directory fsync after COMMIT and
+    compacting/ are removed, fails (EIO): the segments have moved, so the
+    compaction committed although no COMMIT is left.  It must not be taken
+    for one that changed nothing: the store went on with its list of the
+    removed segments, and the next compaction (a forget_user) left the
+    first one's new segments beside its own, overlapping."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 20)
+        before = await reads(store)
+        real_fsync_dir = compaction_mod.fsync_dir
+
+        def fsync_dir(path: str) -> None:
+            if path == str(d) and not (d / compaction_mod.COMPACT_DIR).exists():
+                raise OSError(5, "Input/output error")
+            real_fsync_dir(path)
+
+        monkeypatch.setattr(compaction_mod, "fsync_dir", fsync_dir)
+        with pytest.raises(OSError, match="Input/output error") as info:
+            await store.compact()
+        monkeypatch.undo()
+        assert "nothing was changed" not in str(info.value)
+        assert not store.is_connected
+        with pytest.raises(ConnectionError, match="did not finish moving its segments"):
+            await store.forget_user("user1")
+    assert verify(d).ok
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as again:
+        assert await reads(again) == before
+        for user in range(9):
+            await again.forget_user(f"user{user}")
+    assert verify(d).ok
+
+
 # -- crash safety --------------------------------------------------------------------
 
 
