@@ -622,14 +622,20 @@ class EventStore(StorageAdapter):
     ) -> list[dict[str, Any]]:
         """One user's actions, answered from memory (long details from the log)."""
         rows: list[Any] = []
+        # The details names of the read models the rows came from: their
+        # codes mean nothing in others, and a rebuild (a follower's refresh,
+        # or another read's, see _fetch_rows) may replace them during the fetch.
+        names: list[str] = []
 
         def positions() -> list[int]:
-            rows[:] = self._proj.actions.user_rows(username, action_type, limit, offset)
+            nonlocal rows, names
+            actions = self._proj.actions
+            rows = actions.user_rows(username, action_type, limit, offset)
+            names = actions.details.names
             return [pos for pos, _, _, code in rows if code == DETAILS_IN_LOG]
 
         in_log, events = await self._fetch_rows(positions)
         fetched = dict(zip(in_log, events, strict=True)) if in_log else {}
-        names = self._proj.actions.details.names
         out = []
         for pos, ts, kind, code in rows:
             if code >= 0:

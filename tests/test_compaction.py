@@ -588,6 +588,43 @@ async def test_a_follower_reads_what_the_replaced_files_held_last(tmp_path: Path
             assert follower.projections.state() == store.projections.state()
 
 
+async def test_a_users_actions_read_keeps_its_details_across_a_rebuild_during_its_fetch(
+    tmp_path: Path,
+) -> None:
+    """get_user_actions(username=...) takes the details codes of its rows
+    from one set of read models and fetches long details from the log
+    meanwhile.  A rebuild during that fetch (the follow task's refresh after
+    a compaction it had not read; on PostgreSQL another read's) interns the
+    details again, under other codes: the names must come from the same read
+    models as the rows (it raised IndexError, or named another action's
+    details)."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
+        await store.log_user_action("x", "pm", details="only x", timestamp=100)
+        await store.log_user_action("y", "pm", details="short y", timestamp=101)
+        await store.log_user_action("y", "pm", details="long " * 20, timestamp=102)
+        await store.log_user_action("y", "pm", details="other y", timestamp=103)
+        async with EventStore(d, read_only=True) as follower:
+            expected = await follower.get_user_actions(username="y")
+            for i in range(40):  # new segments, the follower has not looked at them
+                await store.save_message("z", f"filler {i}", timestamp=200 + i)
+            await store.forget_user("x")  # compacts past what the follower read
+            for snapshot in d.glob("snapshot-*"):  # none: the rebuild replays
+                snapshot.unlink()
+            before = follower.projections
+            real_fetch = follower.log.fetch
+
+            async def fetch(positions: list[int]) -> list[Any]:
+                await follower.refresh()  # as the follow task would, meanwhile
+                return await real_fetch(positions)
+
+            follower.log.fetch = fetch  # type: ignore[method-assign]
+            got = await follower.get_user_actions(username="y")
+            assert follower.projections is not before  # rebuilt during the read
+            assert got == expected
+            assert await follower.get_user_actions(username="y") == expected
+
+
 async def test_a_read_that_walks_an_old_segment_beside_a_refresh_keeps_its_file(
     tmp_path: Path,
 ) -> None:
