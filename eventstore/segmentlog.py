@@ -845,8 +845,12 @@ class SegmentLog(EventLog):
                                 why,
                             )
                         else:
+                            # Said along with the accepted events "none" mode
+                            # never wrote, if any: both are the caller's news.
+                            also = f"; and {failure}" if failure is not None else ""
                             failure = StorageError(
-                                f"{self.directory}: cannot make the last writes durable: {why}"
+                                f"{self.directory}: cannot make the last writes durable: "
+                                f"{why}{also}"
                             )
                 await thread.call(self._close_files)
                 closed = True

@@ -704,6 +704,35 @@ async def test_close_after_a_failed_write_still_syncs_what_was_acknowledged(
     assert [e.message for e in await all_events(d)] == [f"m{i}" for i in range(10)]  # type: ignore[attr-defined]
 
 
+async def test_close_that_cannot_sync_after_none_mode_lost_writes_says_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "none" mode accepted an event it then could not write (a full disk),
+    and close()'s fsync, which d526f79 made it try after a failed write,
+    fails too: its error must still say the accepted events were lost (it
+    replaced that message)."""
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability="none", snapshot_every=None)
+    await store.connect()
+    await fill(store, 10)
+    await store.log.flush()
+    monkeypatch.setattr(segmentlog.os, "pwrite", _DiskFull(after_bytes=0))
+    await store.save_message("a", "lost", timestamp=5000)  # accepted at once
+    with pytest.raises(StorageError, match="No space left"):
+        await store.log.flush()
+
+    def fdatasync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segmentlog.os, "fdatasync", fdatasync)
+    with pytest.raises(StorageError, match="cannot make the last writes durable") as info:
+        await store.close()
+    assert "1 accepted events were not written" in str(info.value)
+    monkeypatch.undo()
+
+
 async def test_after_none_mode_failed_to_write_compact_and_snapshot_refuse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
