@@ -480,12 +480,18 @@ class EventStore(StorageAdapter):
             return positions, await self._log.fetch(positions)
         from .pglog import RowsMissing
 
-        for remedy in (self._catch_up, self._rebuild):
-            try:
-                return positions, await self._log.fetch(positions)
-            except RowsMissing:
-                await remedy()
-            positions = positions_of()
+        try:
+            return positions, await self._log.fetch(positions)
+        except RowsMissing:
+            await self._catch_up()
+        positions = positions_of()
+        proj = self._proj
+        try:
+            return positions, await self._log.fetch(positions)
+        except RowsMissing:
+            # Concurrent reads that all miss rows rebuild once, not each in turn.
+            await self._rebuild(unless_replaced=proj)
+        positions = positions_of()
         return positions, await self._log.fetch(positions)
 
     async def _catch_up(self, through: int | None = None) -> None:
@@ -991,9 +997,15 @@ class EventStore(StorageAdapter):
             self._log.history_rebuilt()
         return self._proj.position - before
 
-    async def _rebuild(self) -> None:
-        """Build the read models again, as connect() does (a follower that missed history)."""
+    async def _rebuild(self, unless_replaced: Projections | None = None) -> None:
+        """Build the read models again, as connect() does (a follower that missed history).
+
+        With ``unless_replaced``: not if the read models are no longer those
+        (another caller rebuilt them while this one waited for the lock).
+        """
         async with self._catch_up_lock:
+            if unless_replaced is not None and self._proj is not unless_replaced:
+                return
             proj = self._load_snapshot() or Projections()
             async for first, events in self._log.read_runs(proj.position + 1):
                 proj.apply_run(first, events)

@@ -411,6 +411,24 @@ async def test_a_follower_behind_a_compaction_reads_rows_it_had_not_seen_deleted
             assert follower.projections.state() == bot.projections.state()
 
 
+async def test_concurrent_reads_that_miss_rows_rebuild_once(
+    pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Several reads find the rows of a user forgotten behind them: one
+    rebuild (a full replay, on PostgreSQL) serves them all."""
+    async with EventStore(pg_schema) as bot:
+        for i in range(6):
+            await bot.save_message("alice", f"alice {i}", timestamp=100 + i)
+            await bot.save_message("bob", f"bob {i}", timestamp=200 + i)
+        async with EventStore(pg_schema, read_only=True) as follower:
+            assert follower._follower is not None
+            follower._follower.cancel()  # busy: it reads nothing until asked
+            await bot.forget_user("alice")
+            answers = await asyncio.gather(*(follower.get_recent_messages() for _ in range(4)))
+            assert all([m["username"] for m in a] == ["bob"] * 6 for a in answers)
+    assert caplog.text.count("were built again") == 1, caplog.text
+
+
 async def test_a_replay_whose_rows_a_compaction_removed_says_so(pg_schema: str) -> None:
     """A replay fetches chat lines by position after it has folded the log;
     a compaction committed in between removed some: the error says why and
