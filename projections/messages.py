@@ -7,6 +7,7 @@ index; compaction later drops their bytes from the log.
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 from eventstore.events import MessageSaved, MessagesCleared, UserForgotten
@@ -15,6 +16,9 @@ from .interning import Interner
 from .sorted_index import SortedIndex
 
 __all__ = ["MessagesProjection"]
+
+#: Blank name slots tolerated beyond the live names before renumbering.
+_SPARE_BLANKS = 64
 
 
 class MessagesProjection:
@@ -55,6 +59,26 @@ class MessagesProjection:
             names = self.users.names
             for code in dropped.difference(self.index.code):
                 self.users.forget(names[code])
+            if len(names) > 2 * len(self.users.codes) + _SPARE_BLANKS:
+                self._renumber()
+
+    def _renumber(self) -> None:
+        """Give the users still holding messages the codes 0..n-1 again.
+
+        A blank slot is never reused (see Interner.forget), and users who
+        come back after a clear take new codes: without this, nightly clears
+        would grow the name list, in memory and in every snapshot, by the
+        users they leave without a message.  Done only once the blanks
+        outnumber the names (and a few more), so its cost, a pass over the
+        index, is spread over the clears that made them.
+        """
+        old = self.users
+        live = [name for name in old.names if name]
+        remap = [-1] * len(old.names)
+        for new, name in enumerate(live):
+            remap[old.codes[name]] = new
+        self.index.code = array("i", [remap[code] for code in self.index.code])
+        self.users = Interner(live)
 
     def on_forgotten(self, pos: int, ev: UserForgotten) -> None:
         ucode = self.users.get(ev.username)

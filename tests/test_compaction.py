@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,8 +26,9 @@ from eventstore import compaction as compaction_mod
 from eventstore.events import UserCountsTrimmed
 from eventstore.lockfile import WriterLock
 from eventstore.recovery import find_damage, repair
-from eventstore.snapshot import check_snapshots
+from eventstore.snapshot import check_snapshots, encode_state
 from eventstore.verify import verify
+from projections import Projections
 
 HERE = Path(__file__).parent
 
@@ -389,6 +391,30 @@ async def test_a_user_whose_messages_were_all_cleared_leaves_no_name_on_disk(
     assert _bytes_hold(d, name.encode()) == []  # nor in the snapshot of close()
     async with EventStore(d, segment_size=4096) as store:
         assert [m["message"] for m in await store.get_recent_messages()] == ["after", "said later"]
+
+
+async def test_nightly_clears_do_not_grow_the_messages_name_list() -> None:
+    """Each clear blanks the names of users it leaves without a message, and
+    they take new codes when they come back: a year of nightly clears must
+    not leave a list of thousands of blank names (in memory and in every
+    snapshot).  Reads, forgets and snapshots still agree after renumbering."""
+    users = [f"user{i}" for i in range(50)]
+    async with EventStore(":memory:") as store:
+        ts = 0
+        for _ in range(365):
+            for name in users:
+                ts += 1
+                await store.save_message(name, f"{name} at {ts}", timestamp=ts)
+            await store.clear_old_messages(keep_count=10)
+        names = store.projections.messages.users.names
+        assert len(names) <= 2 * 10 + 64 + len(users), len(names)
+        assert sorted(n for n in names if n) == sorted(users[-10:])
+        recent = await store.get_recent_messages()
+        assert [m["username"] for m in recent] == users[:-11:-1]
+        loaded = Projections.load(msgspec.msgpack.decode(encode_state(store.projections)))
+        assert loaded.state() == store.projections.state()
+        assert await store.forget_user(users[-1])
+        assert [m["username"] for m in await store.get_recent_messages()] == users[-2:-11:-1]
 
 
 async def test_forget_user_leaves_no_byte_of_the_name(tmp_path: Path) -> None:
