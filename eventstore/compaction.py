@@ -479,6 +479,7 @@ async def compact_log(
     # Set once COMMIT is in place: from then on the switch decides, even
     # after _switch has removed COMMIT (its last directory fsync may fail).
     committed = False
+    snapshots_removed = 0
     try:
         async for first, events in log.read_runs(1, last_sealed):
             for pos, ev in enumerate(events, first):
@@ -525,7 +526,7 @@ async def compact_log(
 
         # Snapshots inside the rewritten range go first (see remove_snapshots);
         # if this compaction then fails, the next connect() replays in full.
-        remove_snapshots(directory, before=last_sealed)
+        snapshots_removed = remove_snapshots(directory, before=last_sealed)
         # The moment of decision, then the switch.
         old_names = [os.path.basename(s.path) for s in sealed]
         # From COMMIT on, the log's list of segments is not to be trusted
@@ -559,8 +560,16 @@ async def compact_log(
         log.switch_unfinished = False
         shutil.rmtree(work, ignore_errors=True)
         if isinstance(err, OSError) and not isinstance(err, StorageError):
+            # The snapshots it removed first are gone all the same: say so,
+            # as the next connect() replays more of the log than before.
+            what = (
+                f"the segments were not changed (but {snapshots_removed} snapshot(s) in the "
+                "range it rewrote were removed: the next connect() replays more of the log)"
+                if snapshots_removed
+                else "nothing was changed"
+            )
             raise StorageError(
-                f"{directory}: compaction failed, nothing was changed: {err.strerror or err}"
+                f"{directory}: compaction failed, {what}: {err.strerror or err}"
             ) from err
         raise
     logger.info(

@@ -893,6 +893,36 @@ async def test_a_commit_that_cannot_be_written_changes_nothing_and_the_store_goe
     assert verify(d).ok
 
 
+async def test_a_failed_commit_says_which_snapshots_it_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Snapshots inside the rewritten range go before COMMIT: a compaction
+    that then fails changed no segment, but those snapshots are gone, and
+    the error says so rather than "nothing was changed"."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 3)
+        await store.write_snapshot()
+        await store.save_message("late", "after", timestamp=99_999)
+        await busy_history(store, 1)
+        real_rename = os.rename
+
+        def rename(src: Any, dst: Any) -> None:
+            if str(dst).endswith(compaction_mod.COMMIT):
+                raise OSError(28, "No space left on device")
+            real_rename(src, dst)
+
+        monkeypatch.setattr(compaction_mod.os, "rename", rename)
+        with pytest.raises(StorageError) as failed:
+            await store.compact()
+        monkeypatch.undo()
+        assert "compaction failed, the segments were not changed (but 1 snapshot(s)" in str(
+            failed.value
+        )
+        assert not list(d.glob("snapshot-*.snap"))
+        assert store.is_connected
+
+
 async def test_a_switch_whose_last_directory_fsync_fails_still_stops_the_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
