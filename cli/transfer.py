@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from eventstore import EventStore
+from eventstore.fsutil import fsync_dir
 from eventstore.legacy import (
     ImportReport,
     LegacyReader,
@@ -20,10 +21,14 @@ from eventstore.legacy import (
     export_sqlite,
 )
 from eventstore.legacy import import_sqlite as import_legacy
+from eventstore.lockfile import lock_holder
 from eventstore.pglog import is_dsn
 
 from . import output as out
 from .inspect import Directory, Json
+
+#: In a directory an import began (new or empty) until the import is whole.
+IMPORTING = "IMPORTING"
 
 
 def import_sqlite(
@@ -65,6 +70,17 @@ def import_sqlite(
     # A directory this run creates (or finds empty) is removed again if the
     # import stops half-way: the file is then imported anew, with no
     # half-import in the way.
+    marker = os.path.join(directory, IMPORTING)
+    if not is_dsn(directory) and os.path.isfile(marker) and lock_holder(directory) is None:
+        # A run killed outright (SIGKILL, a power cut) could not remove the
+        # store it had begun: its marker says so, and that store holds only
+        # part of the file.  Start again as into an empty directory.
+        _remove_partial(directory, made=False)
+        typer.echo(
+            f"warning: {out.shown(directory)} held an import a killed run left unfinished; "
+            "removed it, importing anew",
+            err=True,
+        )
     fresh = not is_dsn(directory) and (
         not os.path.exists(directory) or (os.path.isdir(directory) and not os.listdir(directory))
     )
@@ -80,6 +96,10 @@ def import_sqlite(
         ) as store:
             opened.append(store)
             before = store.position
+            if fresh:
+                # Until the import is whole: a run killed before then (no
+                # chance to remove what it wrote) is recognised by the next.
+                _write_marker(marker)
             with out.progress_bar("importing") as bar:
 
                 def progress(done: int) -> None:
@@ -89,7 +109,11 @@ def import_sqlite(
                         bar(done)
 
                 try:
-                    return await import_legacy(store, db, force=force, progress=progress)
+                    report = await import_legacy(store, db, force=force, progress=progress)
+                    if fresh:
+                        os.unlink(marker)
+                        fsync_dir(directory)
+                    return report
                 except StoreNotEmptyError:
                     refused = True
                     new = "an empty database or schema" if is_dsn(directory) else "a new directory"
@@ -160,6 +184,16 @@ def import_sqlite(
     typer.echo(f"imported {report.path} into {where}: {report.events} events{span}")
     for line in report.describe():
         typer.echo(f"  {line}")
+
+
+def _write_marker(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, b"an import-sqlite into this directory has not finished\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def _remove_partial(directory: str, made: bool) -> None:

@@ -943,6 +943,37 @@ def test_ctrl_c_during_an_import_leaves_no_store(tmp_path: Path) -> None:
     assert not d.exists()
 
 
+def test_an_import_killed_half_way_is_imported_anew_by_the_next_run(tmp_path: Path) -> None:
+    """SIGKILL (or a power cut) gives the import no chance to remove what it
+    wrote into the new directory: the next run must not take that part of
+    the file for a store (refusing, or adding the file again with --force)."""
+    db = legacy_db(tmp_path / "bot.db")
+    whole = tmp_path / "whole"
+    assert invoke("import-sqlite", db, whole).exit_code == 0
+    d = tmp_path / "store"
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import cli.transfer
+from cli.main import app
+from eventstore.legacy import import_sqlite
+async def killed(store, db, **kwargs):
+    def progress(done):
+        os._exit(9)  # killed once the first batch is acknowledged
+    kwargs.update(batch_size=2, progress=progress)
+    return await import_sqlite(store, db, **kwargs)
+cli.transfer.import_legacy = killed
+app(["import-sqlite", {str(db)!r}, {str(d)!r}])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    assert any(p.stat().st_size > HEADER_SIZE for p in d.glob("*.seg"))  # part of the file
+    again = invoke("import-sqlite", db, d)
+    assert again.exit_code == 0, again.output
+    assert "left unfinished" in again.stderr
+    assert invoke("dump", d).stdout == invoke("dump", whole).stdout
+
+
 def test_library_warnings_are_prefixed_lines(tmp_path: Path) -> None:
     d = busy_store(tmp_path)
     assert invoke("snapshot", d).exit_code == 0
