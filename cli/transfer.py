@@ -23,12 +23,10 @@ from eventstore.legacy import (
 from eventstore.legacy import import_sqlite as import_legacy
 from eventstore.lockfile import lock_holder
 from eventstore.pglog import is_dsn
+from eventstore.segmentlog import IMPORTING
 
 from . import output as out
 from .inspect import Directory, Json
-
-#: In a directory an import began (new or empty) until the import is whole.
-IMPORTING = "IMPORTING"
 
 
 def import_sqlite(

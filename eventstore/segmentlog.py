@@ -138,6 +138,10 @@ _ZEROS = bytes(PREFILL_BYTES)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+#: In a directory while the CLI's ``import-sqlite`` fills it (cli/transfer.py):
+#: found later, the import was killed half-way and the store holds only part
+#: of the file, so writers refuse it (the next import starts the store anew).
+IMPORTING = "IMPORTING"
 
 
 @dataclass
@@ -564,6 +568,13 @@ class SegmentLog(EventLog):
                     raise ConnectionError(f"{d}: cannot create the store directory: {err}") from err
                 fsync_dir(parent)
             self._lock.acquire()
+            if os.path.exists(os.path.join(d, IMPORTING)):
+                self._lock.release()
+                raise ConnectionError(
+                    f"{d}: an import into it did not finish ({IMPORTING} is there), so it "
+                    "holds only part of the file: run the import again (it starts anew), "
+                    f"or delete {IMPORTING} to keep this part"
+                )
         try:
             self._load_segments()
         except BaseException:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner, Result
 
 import cli.output
 from cli.main import app
-from eventstore import EventStore
+from eventstore import ConnectionError, EventStore
 from eventstore.demo import MAX_MINUTES
 from eventstore.legacy import LEGACY_SCHEMA
 from eventstore.lockfile import WriterLock
@@ -968,6 +968,13 @@ app(["import-sqlite", {str(db)!r}, {str(d)!r}])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 9, done.stderr
     assert any(p.stat().st_size > HEADER_SIZE for p in d.glob("*.seg"))  # part of the file
+    # Nothing writes into the half-import meanwhile (the next run removes it):
+    # a writer is refused, saying why; read-only tools still look inside.
+    with pytest.raises(ConnectionError, match="an import into it did not finish"):
+        asyncio.run(EventStore(d).connect())
+    assert invoke("info", d).exit_code == 0
+    compact = invoke("compact", d)
+    assert compact.exit_code == 1 and "did not finish (IMPORTING is there)" in compact.stderr
     again = invoke("import-sqlite", db, d)
     assert again.exit_code == 0, again.output
     assert "left unfinished" in again.stderr
