@@ -68,7 +68,11 @@ def compact(
                     return await store.compact(
                         dry_run=True, keep_history_days=keep_history, progress=progress
                     )
-        async with out.open_writer(directory, "await store.compact()") as store:
+        # The call the refusal names carries the options given.
+        call = "await store.compact()"
+        if keep_history is not None:
+            call = f"await store.compact(keep_history_days={keep_history})"
+        async with out.open_writer(directory, call) as store:
             with out.progress_bar("compacting") as progress:
                 return await store.compact(
                     dry_run=dry_run, keep_history_days=keep_history, progress=progress

@@ -89,9 +89,8 @@ def import_sqlite(
 
     async def main() -> ImportReport:
         nonlocal before, refused
-        async with out.open_writer(
-            directory, f"await import_sqlite(store, {db!r})", create=True
-        ) as store:
+        call = f"await import_sqlite(store, {db!r}{', force=True' if force else ''})"
+        async with out.open_writer(directory, call, create=True) as store:
             opened.append(store)
             before = store.position
             if fresh:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import REPO, T0, busy_store, invoke, segment_files
+from test_cli import REPO, T0, busy_store, invoke, legacy_db, segment_files
 
 from eventstore import EventStore, IntegrityError
 from eventstore.lockfile import WriterLock
@@ -56,12 +56,20 @@ def reads(directory: Path) -> dict[str, Any]:
         (["compact"], "await store.compact()"),
         (["snapshot"], "await store.write_snapshot()"),
         (["forget-user", "{d}", "bob"], "await store.forget_user('bob')"),
+        # The call named carries the options given, so it does what was asked.
+        (["compact", "{d}", "--keep-history", "30"], "await store.compact(keep_history_days=30)"),
+        (
+            ["import-sqlite", "{db}", "{d}", "--force"],
+            "await import_sqlite(store, '{db}', force=True)",
+        ),
     ],
 )
 def test_refused_while_a_writer_holds_the_store(tmp_path: Path, args: list[str], hint: str) -> None:
     d = busy_store(tmp_path)
     before = {p.name: p.read_bytes() for p in segment_files(d)}
-    argv = [a.format(d=d) for a in args]
+    db = legacy_db(tmp_path / "bot.db")
+    argv = [a.format(d=d, db=db) for a in args]
+    hint = hint.format(db=db)
     if len(argv) == 1 or argv[1] == "--dry-run":
         argv.insert(1, str(d))
     lock = WriterLock(str(d))
