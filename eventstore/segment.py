@@ -1,4 +1,4 @@
-"""The bytes of a segment file: its header and its frames.
+r"""The bytes of a segment file: its header and its frames.
 
 A segment is named by the position of its first event, zero-padded to 20
 digits (``00000000000000000001.seg``) so that name order is position order.
@@ -11,14 +11,14 @@ Header, 48 bytes, little-endian::
     12  8  first position   u64, equals the number in the file name
     20  8  schema fingerprint  eventstore.events.SCHEMA_FINGERPRINT
     28  16 store id         random bytes chosen when the store was created
-    44  4  header checksum  crc32 of bytes 0..44
+    44  4  header checksum  crc32 of bytes 0..43
 
 Then frames, back to back, each::
 
     0   4  payload length   u32, at most MAX_FRAME_PAYLOAD
-    4   4  checksum         crc32 of bytes 8..20 of this frame and the payload
+    4   4  checksum         crc32 of bytes 8..19 of this frame and the payload
     8   8  first position   u64, the position of the frame's first event
-    16  4  event count      u32
+    16  4  event count      u32, at least 1
     20  n  payload          one msgpack array of ``count`` events (codec.py)
 
 The events of a frame have consecutive positions.  After compaction frames

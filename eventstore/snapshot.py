@@ -11,7 +11,8 @@ segments.  Layout, little-endian (also in docs/format.md)::
     16  8  position            u64, the last event the state includes
     24  8  schema fingerprint  the event schema of the code that wrote it
     32  16 store id            the store's id, as in its segment headers
-    48  4  frame checksum      the crc32 field of the log frame holding ``position``
+    48  4  frame checksum      the crc32 field of the last log frame that starts at
+                               or before ``position``; 0 if compaction left none
     52  4  payload checksum    crc32 of the payload
     56  8  payload length      u64
     64  n  payload             msgpack of projections.Projections.dump()
