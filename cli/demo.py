@@ -55,14 +55,14 @@ def demo(
     commands; every five simulated minutes the bot logs the user counts and
     raises the channel peaks.  All of it goes through the same calls the bot
     makes, with simulated timestamps, so it takes a second or two.  Then it
-    prints what the store answers: top chatters, peaks, recent chat and user
-    counts.  The store persists: running the demo again appends a later
-    stretch to it.  A store that knows users the demo does not play (the
-    bot's own store, named by a slip) is refused, with nothing written.  For
-    speed the demo writes with durability flush (safe if the process dies,
-    not if the machine loses power); the bot's default is fsync.  Given a
-    PostgreSQL URL it plays into that database instead (creating the store's
-    tables if needed; durability is then the server's).
+    prints what the store answers: top chatters, peaks, recent chat and
+    actions, and user counts.  The store persists: running the demo again
+    appends a later stretch to it.  A store that knows users the demo does
+    not play (the bot's own store, named by a slip) is refused, with nothing
+    written.  For speed the demo writes with durability flush (safe if the
+    process dies, not if the machine loses power); the bot's default is
+    fsync.  Given a PostgreSQL URL it plays into that database instead
+    (creating the store's tables if needed; durability is then the server's).
 
     Example: eventstore demo data/demo --minutes 180
     """
