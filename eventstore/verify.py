@@ -674,9 +674,11 @@ class _RowWalk:
             holes.append((position, end))
             position = end + 1
         for a, b in holes:
-            what = f"position {a} is" if a == b else f"positions {a}..{b} are"
+            what, them = (
+                (f"position {a} is", "it") if a == b else (f"positions {a}..{b} are", "them")
+            )
             self.report.problems.append(
-                RowProblem(a, f"missing: {what} not in the table and no compaction deleted them")
+                RowProblem(a, f"missing: {what} not in the table and no compaction deleted {them}")
             )
 
     def check(self, batch: list[Any], where: str) -> None:
