@@ -1602,11 +1602,18 @@ async def test_a_cancelled_connect_leaves_the_store_closed_and_unlocked(
     for _ in range(steps):  # started, not finished: cancelled at several points
         await asyncio.sleep(0)
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    try:
         await task
-    assert not store.is_connected and not _lock_is_held(d)
-    async with EventStore(d) as retry:
-        assert retry.position == 500
+    except asyncio.CancelledError:
+        assert not store.is_connected and not _lock_is_held(d)
+        async with EventStore(d) as retry:
+            assert retry.position == 500
+    else:
+        # Eight steps can be enough for the opening to finish on a quick
+        # machine: the cancel then comes too late and the store is open.
+        assert steps > 3, "connect() finished within three loop steps"
+        assert store.is_connected and _lock_is_held(d)
+        await store.close()
     await store.connect()
     try:
         assert store.is_connected and store.position == 500 and _lock_is_held(d)
