@@ -199,7 +199,7 @@ class ImportReport:
 
     def describe(self) -> list[str]:
         """One line per fact, for a CLI to print."""
-        lines = [f"{table}: {n} rows" for table, n in self.rows.items()]
+        lines = [f"{table}: {n} row{'' if n == 1 else 's'}" for table, n in self.rows.items()]
         lines.append(f"events: {self.events}")
         for label, names in (
             ("missing table (read as empty)", self.missing_tables),
@@ -208,7 +208,10 @@ class ImportReport:
             ("unknown column (ignored)", self.ignored_columns),
         ):
             lines.extend(f"{label}: {name}" for name in names)
-        lines.extend(f"NULL read as 0: {k} ({n} rows)" for k, n in self.defaulted_values.items())
+        lines.extend(
+            f"NULL read as 0: {k} ({n} row{'' if n == 1 else 's'})"
+            for k, n in self.defaulted_values.items()
+        )
         return lines
 
 

@@ -750,11 +750,11 @@ def test_import_sqlite(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         f"imported {db} into {d}: 5 events (positions 1..5)",
-        "  user_stats: 1 rows",
-        "  channel_stats: 1 rows",
-        "  user_actions: 1 rows",
-        "  user_count_history: 1 rows",
-        "  recent_chat: 1 rows",
+        "  user_stats: 1 row",
+        "  channel_stats: 1 row",
+        "  user_actions: 1 row",
+        "  user_count_history: 1 row",
+        "  recent_chat: 1 row",
         "  events: 5",
         "  ignored table: api_tokens",
     ]
