@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -1834,3 +1835,35 @@ async def test_a_none_mode_store_whose_background_write_failed_is_not_connected(
         await store.close()
     async with EventStore(d, snapshot_every=None) as again:
         assert again.position == 5
+
+
+async def test_none_mode_writes_within_100_ms_while_the_loop_runs(tmp_path: Path) -> None:
+    """The README's window for "none": accepted writes reach the file (the
+    page cache) within about 100 ms, whether the caller lets the writer task
+    run or never yields at all."""
+    from eventstore.segmentlog import NONE_FLUSH_EVENTS, NONE_FLUSH_INTERVAL
+
+    d = tmp_path / "s"
+    async with EventStore(d, durability="none", snapshot_every=None) as store:
+
+        def written() -> int:
+            return sum(p.stat().st_size for p in segment_files(d))
+
+        empty = written()
+        # A caller that yields: the writer task writes at its next turn.
+        await store.save_message("amy", "one", timestamp=1)
+        await asyncio.sleep(NONE_FLUSH_INTERVAL * 1.5)
+        after_yield = written()
+        assert after_yield > empty
+        # A caller that never yields (no await suspends in "none" mode), with
+        # fewer writes than would fill a round on their own: after the
+        # interval, one of its own calls writes them.
+        began = time.monotonic()
+        calls = 0
+        while time.monotonic() - began < NONE_FLUSH_INTERVAL * 3:
+            await store.save_message("amy", "x", timestamp=2)
+            calls += 1
+            if calls % 64 == 0:
+                time.sleep(0.01)  # a slow caller: few calls per interval
+        assert calls < NONE_FLUSH_EVENTS
+        assert written() > after_yield
