@@ -1867,3 +1867,49 @@ async def test_none_mode_writes_within_100_ms_while_the_loop_runs(tmp_path: Path
                 time.sleep(0.01)  # a slow caller: few calls per interval
         assert calls < NONE_FLUSH_EVENTS
         assert written() > after_yield
+
+
+async def test_a_new_segment_is_durable_before_it_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A roll creates the next segment as the README says: its header
+    written to a temporary file and fsynced, renamed, and the rename made
+    durable with a directory fsync, before any event goes into it."""
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await fill(store, 5)
+        calls: list[str] = []
+        real_fsync, real_rename, real_fsync_dir = os.fsync, os.rename, segmentlog.fsync_dir
+        real_pwrite = os.pwrite
+
+        def fsync(fd: int) -> None:
+            calls.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+            real_fsync(fd)
+
+        def rename(src: str, dst: str) -> None:
+            calls.append(f"rename {os.path.basename(src)} {os.path.basename(dst)}")
+            real_rename(src, dst)
+
+        def fsync_dir(path: str) -> None:
+            calls.append("fsync_dir")
+            real_fsync_dir(path)
+
+        def pwrite(fd: int, data: bytes, offset: int) -> int:
+            calls.append("pwrite " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(segmentlog.os, "fsync", fsync)
+        monkeypatch.setattr(segmentlog.os, "rename", rename)
+        monkeypatch.setattr(segmentlog.os, "pwrite", pwrite)
+        monkeypatch.setattr(segmentlog, "fsync_dir", fsync_dir)
+        while len(segment_files(d)) < 2:
+            await store.save_message("amy", "x" * 200, timestamp=7)
+        await store.log.flush()
+        monkeypatch.undo()
+    new = segment_files(d)[1].name
+    made = calls.index(f"fsync {new}.tmp")
+    assert calls[made : made + 3] == [f"fsync {new}.tmp", f"rename {new}.tmp {new}", "fsync_dir"]
+    assert f"pwrite {new}" not in calls[:made]
+    assert f"pwrite {new}" in calls[made + 3 :]
