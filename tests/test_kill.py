@@ -25,7 +25,7 @@ from eventstore.recovery import find_damage
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-KILLS_PER_MODE = 26  # 52 kills over the suite
+KILLS_PER_MODE = 26  # 78 kills over the suite
 
 
 def _run_and_kill(directory: Path, durability: str, rng: random.Random) -> dict[int, int]:
@@ -61,9 +61,13 @@ def _run_and_kill(directory: Path, durability: str, rng: random.Random) -> dict[
     return acks
 
 
-@pytest.mark.parametrize("durability", ["fsync", "flush"])
+@pytest.mark.parametrize("durability", ["fsync", "flush", "none"])
 async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path, durability: str) -> None:
+    """In "none" mode an acknowledged write may be lost (up to the last
+    100 ms of them): there only the rest is checked, that what survives of
+    each task is a prefix and the log opens clean."""
     rng = random.Random(f"kill-{durability}")
+    kept = 0
     directory = tmp_path / "store"
     total_acked: dict[int, int] = defaultdict(lambda: -1)
     for _round in range(KILLS_PER_MODE):
@@ -91,7 +95,8 @@ async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path, durability: st
                     runs[-1].append(n)
             for run in runs:
                 assert run == list(range(len(run))), f"task {task}: a hole in {run[:20]}..."
-            if task in acks:
+            kept += len(got)
+            if task in acks and durability != "none":
                 assert runs and runs[-1][-1] >= acks[task], (
                     f"task {task}: acknowledged {acks[task]}, found only up to "
                     f"{runs[-1][-1] if runs else None}"
@@ -102,3 +107,4 @@ async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path, durability: st
         pass
     assert find_damage(str(directory)) is None
     assert len([p for p in directory.iterdir() if p.suffix == ".seg"]) > 3
+    assert kept > 0
