@@ -790,17 +790,6 @@ async def test_a_cancelled_refresh_leaks_no_file(tmp_path: Path) -> None:
     assert after_close <= held - 1  # its segments, its lock-free directory: all closed
 
 
-def _held_deleted_files(directory: Path) -> list[str]:
-    """Files under ``directory`` this process holds open although they are removed."""
-    held = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            if target.startswith(str(directory)) and target.endswith(" (deleted)"):
-                held.append(target)
-    return held
-
-
 @pytest.mark.parametrize("fail_in", ["write", "fsync"])
 async def test_a_compaction_that_runs_out_of_space_releases_what_it_wrote(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_in: str
@@ -838,7 +827,7 @@ async def test_a_compaction_that_runs_out_of_space_releases_what_it_wrote(
             await store.compact()
         monkeypatch.undo()
         assert not (d / compaction_mod.COMPACT_DIR).exists()
-        assert _held_deleted_files(d) == []
+        assert deleted_files_open(d) == []
         # Nothing changed: the store reads, writes and compacts on.
         assert await reads(store) == before
         await store.save_message("late", "after", timestamp=99_999)
