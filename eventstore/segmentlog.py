@@ -521,6 +521,15 @@ class SegmentLog(EventLog):
     async def open(self) -> None:
         if self._open:
             return
+        closing = self._closing
+        if closing is not None:
+            # A close() whose callers were all cancelled goes on in its task:
+            # it still holds the lock and the files this open takes, and
+            # would release this open's thread and files if it went on after it.
+            if not closing.done() and closing.get_loop() is asyncio.get_running_loop():
+                await asyncio.wait({closing})
+            if self._closing is closing:
+                self._closing = None
         thread = self._thread = LogThread("eventstore-log")
         loop = asyncio.get_running_loop()
         try:
@@ -778,13 +787,19 @@ class SegmentLog(EventLog):
         if self._closing is None:
             if not self._open:
                 return
-            self._closing = asyncio.ensure_future(self._close())
-        closing = self._closing
-        try:
-            await asyncio.shield(closing)
-        finally:
-            if closing.done() and self._closing is closing:
-                self._closing = None
+            work = asyncio.ensure_future(self._close())
+            # A callback, not the caller's finally: a caller cancelled before
+            # the work is done must not leave it named here once it is, or
+            # the next close() (after another open) would only wait for it.
+            work.add_done_callback(self._closed)
+            self._closing = work
+        await asyncio.shield(self._closing)
+
+    def _closed(self, closing: asyncio.Future[None]) -> None:
+        if self._closing is closing:
+            self._closing = None
+        if not closing.cancelled():
+            closing.exception()  # retrieved: _close logged it; its callers may be gone
 
     async def _close(self) -> None:
         self._open = False

@@ -1218,6 +1218,33 @@ async def test_a_cancelled_close_still_closes(
         assert again.position == 12_001
 
 
+def _tasks_left() -> set[asyncio.Task[object]]:
+    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()}
+
+
+async def test_connect_after_a_close_cancelled_in_the_log_closes_again(tmp_path: Path) -> None:
+    """A close() cancelled while the log closes (that work goes on in a task of
+    its own), then connect() at once: the open waits for that close, and the
+    next close() closes this open, instead of finding the old, finished close
+    and returning with the writer, its files and the lock still held."""
+    d = tmp_path / "s"
+    store = EventStore(d, snapshot_every=None)
+    await store.connect()
+    await store.save_message("alice", "hi", timestamp=1)
+    closing = asyncio.ensure_future(store.close())
+    while store.is_connected:  # past the snapshot on close, into the log's close
+        await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await store.connect()
+    await store.save_message("bob", "again", timestamp=2)
+    await store.close()
+    assert not _tasks_left()
+    async with EventStore(d) as again:  # the lock was released
+        assert [m["message"] for m in await again.get_recent_messages()] == ["again", "hi"]
+
+
 async def test_a_store_indexes_old_segments_in_the_background_after_connect(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
