@@ -276,9 +276,14 @@ class EventStore(StorageAdapter):
             return
         self._closing = True
         self._snap_due = None  # no periodic snapshot starts from here on (see run())
-        if self._snap_task is not None:
-            with contextlib.suppress(Exception):
-                await self._snap_task
+        snap = self._snap_task
+        if snap is not None:
+            # asyncio.wait, not await: a close() cancelled here (a timeout
+            # around it) must not cancel the snapshot, whose task is then
+            # left cancelled for the next close() to raise from.
+            await asyncio.wait({snap})
+            if not snap.cancelled():
+                snap.exception()  # retrieved: run() logged what it could
         # A compaction in progress finishes first: closing the log under its
         # switch would leave it half-done until the next open.
         async with self._snap_lock:

@@ -1245,6 +1245,25 @@ async def test_connect_after_a_close_cancelled_in_the_log_closes_again(tmp_path:
         assert [m["message"] for m in await again.get_recent_messages()] == ["again", "hi"]
 
 
+async def test_a_close_cancelled_while_it_waits_for_a_periodic_snapshot(tmp_path: Path) -> None:
+    """close() waits for a periodic snapshot in flight; cancelled there, it must
+    not cancel the snapshot's task with it, or the next close() raises that
+    CancelledError (nobody cancelled it) and leaves the store open and locked."""
+    d = tmp_path / "s"
+    store = EventStore(d, snapshot_every=1)
+    await store.connect()
+    await store.save_message("alice", "hi", timestamp=1)  # starts the snapshot task
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)  # close() now waits for the snapshot
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await store.close()
+    assert not _tasks_left()
+    async with EventStore(d) as again:  # the lock was released
+        assert again.position == 1
+
+
 async def test_a_store_indexes_old_segments_in_the_background_after_connect(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
