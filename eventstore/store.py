@@ -976,9 +976,23 @@ class EventStore(StorageAdapter):
             raise StorageError(f"position {position} is not in the log; no snapshot written")
         assert log.store_id is not None
         loop = asyncio.get_running_loop()
-        path = await loop.run_in_executor(
+        job = loop.run_in_executor(
             None, write_snapshot, log.directory, log.store_id, position, payload, checksum, keep
         )
+        try:
+            path = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The thread writes the file, and removes the other snapshots,
+            # whatever the caller does: it keeps the snapshot lock until that
+            # is done.  Let go early, and a compaction could run meanwhile
+            # (a forget_user's, say): this snapshot of the old log would then
+            # land after it and remove the compaction's own, newer one.
+            while not job.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({job})
+            if not job.cancelled():
+                job.exception()  # retrieved: the caller was cancelled, and hears that
+            raise
         self._snap_pos = max(self._snap_pos, position)
         return path
 

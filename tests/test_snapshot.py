@@ -419,3 +419,59 @@ async def test_compaction_removes_snapshots_it_cannot_read_too(tmp_path: Path) -
     assert [i.position for i in list_snapshots(str(d))] == [int(snap.stem[9:])]  # unlisted
     assert remove_snapshots(str(d), before=10) == 1
     assert not flagged.exists() and snap.exists()
+
+
+async def test_a_cancelled_snapshot_keeps_its_lock_until_its_file_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling write_snapshot() does not stop the thread writing the file.
+    The snapshot lock stays held until it is done: released at once, a
+    forget_user's compaction ran meanwhile, and the old snapshot, landing
+    after it, removed the compaction's newer one and kept the forgotten
+    user's data on disk (and in the reads of the next connect())."""
+    import asyncio
+    import threading
+
+    from eventstore import store as storemod
+
+    d = tmp_path / "s"
+    store = EventStore(d, snapshot_every=None)
+    await store.connect()
+    await store.save_message("alice", "secret of alice", timestamp=1)
+    await store.log_user_action("alice", "join", details="alice joins", timestamp=1)
+    await store.save_message("bob", "hello", timestamp=2)
+    real = storemod.write_snapshot
+    entered, release = threading.Event(), threading.Event()
+
+    def held(*args: object) -> str:
+        if not entered.is_set():
+            entered.set()
+            release.wait(10)  # in the executor, until the test lets go
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storemod, "write_snapshot", held)
+    snap = asyncio.ensure_future(store.write_snapshot())
+    while not entered.is_set():
+        await asyncio.sleep(0.001)
+    snap.cancel()  # a timeout around write_snapshot()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    still_held = not snap.done() and store._snap_lock.locked()
+    forget = asyncio.ensure_future(store.forget_user("alice"))
+    await asyncio.sleep(0.05)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await snap
+    assert await forget
+    await store.close()
+    assert still_held
+    snaps = list_snapshots(d)
+    assert snaps
+    for info in snaps:
+        assert b"alice" not in Path(info.path).read_bytes()
+    async with EventStore(d) as again:
+        assert await again.get_recent_messages() == [
+            {"id": 3, "timestamp": 2, "username": "bob", "message": "hello"}
+        ]
+        assert await again.get_user_stats("alice") is None
+        assert await again.get_user_actions() == []
