@@ -519,17 +519,18 @@ class SegmentLog(EventLog):
         return False
 
     async def open(self) -> None:
-        if self._open:
-            return
         closing = self._closing
         if closing is not None:
-            # A close() whose callers were all cancelled goes on in its task:
-            # it still holds the lock and the files this open takes, and
-            # would release this open's thread and files if it went on after it.
+            # A close() goes on in its task, also once all its callers are
+            # cancelled (and _open is False only once it has started): it
+            # still holds the lock and the files this open takes, and would
+            # release this open's thread and files if it went on after it.
             if not closing.done() and closing.get_loop() is asyncio.get_running_loop():
                 await asyncio.wait({closing})
             if self._closing is closing:
                 self._closing = None
+        if self._open:
+            return
         thread = self._thread = LogThread("eventstore-log")
         loop = asyncio.get_running_loop()
         try:

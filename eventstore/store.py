@@ -143,6 +143,8 @@ class EventStore(StorageAdapter):
         self._snap_due: int | None = None
         self._snap_task: asyncio.Task[None] | None = None
         self._closing = False  # from the start of close() to the next connect()
+        # Resolved when the close() in progress is over: connect() waits for it.
+        self._closed_event: asyncio.Future[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         # The connect() in progress, shared by every caller (see connect()).
         self._opening: asyncio.Future[None] | None = None
@@ -191,6 +193,15 @@ class EventStore(StorageAdapter):
         finish and closes the store again before it raises CancelledError:
         nobody is left to close it, and a retry must find the lock free.
         """
+        closing = self._closed_event
+        if (
+            closing is not None
+            and not closing.done()
+            and closing.get_loop() is asyncio.get_running_loop()
+        ):
+            # A close() in progress goes on after its last await: it would
+            # close the log, and drop the follow task, of this open.
+            await asyncio.wait({closing})
         if self._connected:
             return
         opening = self._opening
@@ -274,6 +285,13 @@ class EventStore(StorageAdapter):
             # the log's close is idempotent and waits for one still running.
             await self._log.close()
             return
+        closed = self._closed_event = asyncio.get_running_loop().create_future()
+        try:
+            await self._close_connected()
+        finally:
+            closed.set_result(None)
+
+    async def _close_connected(self) -> None:
         self._closing = True
         self._snap_due = None  # no periodic snapshot starts from here on (see run())
         snap = self._snap_task

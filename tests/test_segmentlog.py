@@ -1264,6 +1264,50 @@ async def test_a_close_cancelled_while_it_waits_for_a_periodic_snapshot(tmp_path
         assert again.position == 1
 
 
+async def test_connect_during_a_close_waits_for_it(tmp_path: Path) -> None:
+    """A following read-only store: connect() while close() waits for the
+    follow task to end must not be undone by the rest of that close(), which
+    closed the log under the new connection (reads failing with "no event at
+    position 1", refresh() with "the log is not open") and dropped its new
+    follow task, left running after every close()."""
+    d = tmp_path / "s"
+    async with EventStore(d) as first:
+        await first.save_message("alice", "hi", timestamp=1)
+    writer = EventStore(d)
+    await writer.connect()
+    follower = EventStore(d, read_only=True, follow=60)
+    await follower.connect()
+    closing = asyncio.ensure_future(follower.close())
+    await asyncio.sleep(0)  # close() now waits for the follow task to end
+    await follower.connect()
+    await closing
+    assert follower.is_connected
+    await writer.save_message("bob", "new", timestamp=2)
+    assert await follower.refresh() == 1
+    assert [m["message"] for m in await follower.get_recent_messages()] == ["new", "hi"]
+    await follower.close()
+    await writer.close()
+    assert not _tasks_left()
+
+
+async def test_a_log_opened_while_its_close_starts_is_open_after_it(tmp_path: Path) -> None:
+    """close() runs its work in a task, which marks the log closed only once
+    it has started: an open() in between waits for that close instead of
+    finding the log still open and returning."""
+    store = EventStore(tmp_path / "s", snapshot_every=None)
+    await store.connect()
+    await store.save_message("alice", "hi", timestamp=1)
+    log = store.log
+    closing = asyncio.ensure_future(log.close())
+    await asyncio.sleep(0)  # close() has made its task, which has not run yet
+    await log.open()
+    await closing
+    assert log._open  # type: ignore[attr-defined]
+    await log.close()
+    await store.close()
+    assert not _tasks_left()
+
+
 async def test_a_store_indexes_old_segments_in_the_background_after_connect(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
