@@ -1080,6 +1080,12 @@ class SegmentLog(EventLog):
             if self._roll_waiters and not self._queue:
                 await self._roll_between_rounds()
             if not self._open:
+                if self._queue and self._failed is None:
+                    # Submitted while the roll above ran in the thread, before
+                    # close() stopped accepting: accepted, so written ("none"
+                    # mode has acknowledged it already).
+                    self._wake.set()
+                    continue
                 return
             if self.durability == "none":
                 # Let callers pile up a round; they are not waiting for it.

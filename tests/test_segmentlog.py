@@ -1308,6 +1308,46 @@ async def test_a_log_opened_while_its_close_starts_is_open_after_it(tmp_path: Pa
     assert not _tasks_left()
 
 
+@pytest.mark.parametrize("durability", ["none", "flush"])
+async def test_a_write_accepted_during_a_roll_is_written_by_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
+) -> None:
+    """A write submitted while the writer rolls in its thread, then close():
+    the writer went back to find the log closing and returned with the write
+    still queued. "none" mode had acknowledged it, and it was lost; "flush"
+    mode failed it with "the log was closed before this write"."""
+    import threading
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability=durability, snapshot_every=None)  # type: ignore[arg-type]
+    await store.connect()
+    await store.save_message("alice", "first", timestamp=1)
+    real = SegmentLog._seal_and_roll
+    entered, release = threading.Event(), threading.Event()
+
+    def held(self: SegmentLog, first: int) -> None:
+        entered.set()
+        release.wait(10)  # in the log's thread, until the test lets go
+        real(self, first)
+
+    monkeypatch.setattr(SegmentLog, "_seal_and_roll", held)
+    rolling = asyncio.ensure_future(store.log.roll())
+    while not entered.is_set():
+        await asyncio.sleep(0.001)
+    write = asyncio.ensure_future(store.save_message("bob", "late", timestamp=2))
+    await asyncio.sleep(0)  # submitted ("none": acknowledged)
+    closing = asyncio.ensure_future(store.log.close())
+    await asyncio.sleep(0.01)  # the log's close has begun, and waits for the writer
+    release.set()
+    await rolling
+    await closing
+    await write
+    await store.close()
+    monkeypatch.undo()
+    async with EventStore(d) as again:
+        assert [m["message"] for m in await again.get_recent_messages()] == ["late", "first"]
+
+
 async def test_a_store_indexes_old_segments_in_the_background_after_connect(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
