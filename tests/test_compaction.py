@@ -838,6 +838,18 @@ async def test_a_compaction_that_runs_out_of_space_releases_what_it_wrote(
     assert verify(d).ok
 
 
+def _no_room_to_rename_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the rename that puts COMMIT in place fail with ENOSPC."""
+    real_rename = os.rename
+
+    def rename(src: Any, dst: Any) -> None:
+        if str(dst).endswith(compaction_mod.COMMIT):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(compaction_mod.os, "rename", rename)
+
+
 @pytest.mark.parametrize("fail_at", ["write", "rename"])
 async def test_a_commit_that_cannot_be_written_changes_nothing_and_the_store_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str
@@ -860,14 +872,7 @@ async def test_a_commit_that_cannot_be_written_changes_nothing_and_the_store_goe
 
             monkeypatch.setattr(compaction_mod.os, "fsync", fsync)
         else:
-            real_rename = os.rename
-
-            def rename(src: Any, dst: Any) -> None:
-                if str(dst).endswith(compaction_mod.COMMIT):
-                    raise OSError(28, "No space left on device")
-                real_rename(src, dst)
-
-            monkeypatch.setattr(compaction_mod.os, "rename", rename)
+            _no_room_to_rename_commit(monkeypatch)
         with pytest.raises(StorageError, match="nothing was changed: No space left"):
             await store.compact()
         monkeypatch.undo()
@@ -894,14 +899,7 @@ async def test_a_failed_commit_says_which_snapshots_it_removed(
         await store.write_snapshot()
         await store.save_message("late", "after", timestamp=99_999)
         await busy_history(store, 1)
-        real_rename = os.rename
-
-        def rename(src: Any, dst: Any) -> None:
-            if str(dst).endswith(compaction_mod.COMMIT):
-                raise OSError(28, "No space left on device")
-            real_rename(src, dst)
-
-        monkeypatch.setattr(compaction_mod.os, "rename", rename)
+        _no_room_to_rename_commit(monkeypatch)
         with pytest.raises(StorageError) as failed:
             await store.compact()
         monkeypatch.undo()
