@@ -76,6 +76,12 @@ DURABILITY_MODES: tuple[str, ...] = ("fsync", "flush", "none")
 MEMORY = ":memory:"
 
 
+async def _wait_out(fut: asyncio.Future[None] | None) -> None:
+    """Wait until ``fut`` is done, if it is pending on this loop (its outcome is not ours)."""
+    if fut is not None and not fut.done() and fut.get_loop() is asyncio.get_running_loop():
+        await asyncio.wait({fut})
+
+
 class EventStore(StorageAdapter):
     """The event-sourced adapter.
 
@@ -193,15 +199,9 @@ class EventStore(StorageAdapter):
         finish and closes the store again before it raises CancelledError:
         nobody is left to close it, and a retry must find the lock free.
         """
-        closing = self._closed_event
-        if (
-            closing is not None
-            and not closing.done()
-            and closing.get_loop() is asyncio.get_running_loop()
-        ):
-            # A close() in progress goes on after its last await: it would
-            # close the log, and drop the follow task, of this open.
-            await asyncio.wait({closing})
+        # A close() in progress goes on after its last await: it would
+        # close the log, and drop the follow task, of this open.
+        await _wait_out(self._closed_event)
         if self._connected:
             return
         opening = self._opening
@@ -272,14 +272,8 @@ class EventStore(StorageAdapter):
             )
 
     async def close(self) -> None:
-        opening = self._opening
-        if (
-            opening is not None
-            and not opening.done()
-            and opening.get_loop() is asyncio.get_running_loop()
-        ):
-            # Closing what a connect() is still opening: let it finish first.
-            await asyncio.wait({opening})
+        # Closing what a connect() is still opening: let it finish first.
+        await _wait_out(self._opening)
         if not self._connected and self._failed is None:
             # Closed, or a close() cancelled after it marked the store closed:
             # the log's close is idempotent and waits for one still running.
