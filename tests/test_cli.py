@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -784,23 +785,32 @@ def _chat_db(path: Path, rows: int) -> Path:
     return path
 
 
-def _stop_after_first_batch(monkeypatch: pytest.MonkeyPatch, stop: BaseException) -> None:
-    """Make the CLI's import raise ``stop`` once its first batch (2 events) is appended."""
+def _after_each_batch(monkeypatch: pytest.MonkeyPatch, then: Callable[[], None]) -> None:
+    """Make the CLI's import append 2 events a batch and call ``then`` after each."""
     import cli.transfer
     from eventstore.legacy import import_sqlite
 
-    async def stopping(store: EventStore, db: str, **kwargs: Any) -> Any:
+    async def importing(store: EventStore, db: str, **kwargs: Any) -> Any:
         given = kwargs.get("progress")
 
         def progress(done: int) -> None:
             if given is not None:
                 given(done)  # the CLI's own count of what was acknowledged
-            raise stop
+            then()
 
         kwargs.update(batch_size=2, progress=progress)
         return await import_sqlite(store, db, **kwargs)
 
-    monkeypatch.setattr(cli.transfer, "import_legacy", stopping)
+    monkeypatch.setattr(cli.transfer, "import_legacy", importing)
+
+
+def _stop_after_first_batch(monkeypatch: pytest.MonkeyPatch, stop: BaseException) -> None:
+    """Make the CLI's import raise ``stop`` once its first batch (2 events) is appended."""
+
+    def raise_stop() -> None:
+        raise stop
+
+    _after_each_batch(monkeypatch, raise_stop)
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new directory", "empty directory"])
@@ -841,25 +851,12 @@ def test_an_import_that_fails_half_way_into_a_store_says_what_it_holds(
 
 def _disk_full_after_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the log's writes fail (ENOSPC) once the import's first batch (2 events) is in."""
-    import cli.transfer
     import eventstore.segmentlog as segmentlog
-    from eventstore.legacy import import_sqlite
 
     def full(*args: Any) -> int:
         raise OSError(28, "No space left on device")
 
-    async def filling(store: EventStore, db: str, **kwargs: Any) -> Any:
-        given = kwargs.get("progress")
-
-        def progress(done: int) -> None:
-            if given is not None:
-                given(done)
-            monkeypatch.setattr(segmentlog.os, "pwrite", full)
-
-        kwargs.update(batch_size=2, progress=progress)
-        return await import_sqlite(store, db, **kwargs)
-
-    monkeypatch.setattr(cli.transfer, "import_legacy", filling)
+    _after_each_batch(monkeypatch, lambda: monkeypatch.setattr(segmentlog.os, "pwrite", full))
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new directory", "store"])
