@@ -518,7 +518,7 @@ async def compact_log(
                 await new_log.close()
         await _replay(log, head, after, start=last_sealed + 1)
         step(head)
-        if after.state() != before.state():
+        if not after.same_state(before):
             raise IntegrityError(
                 f"{directory}: compaction refused: the rewritten segments would change "
                 "what reads return; nothing was changed"

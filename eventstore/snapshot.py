@@ -392,7 +392,7 @@ async def check_snapshots(
             async for first, events in log.read_runs(1, info.position):
                 replayed.apply_run(first, events)
             replayed.position = info.position
-            if replayed.state() != loaded.state():
+            if not replayed.same_state(loaded):
                 problems.append(
                     (
                         info.path,

@@ -126,6 +126,27 @@ class Projections:
         proj._bind()
         return proj
 
+    def same_state(self, other: Projections) -> bool:
+        """``self.state() == other.state()``, without building either.
+
+        ``state()`` makes an object per history row (a dict per user count,
+        a tuple per action and message).  Compaction proves each rewrite by
+        such a comparison, of the old and the new log's models: after years
+        of history that took several times the memory of the models
+        themselves (643 MiB at peak for models of 153 MiB, in a soak) and
+        over a second, on PostgreSQL under the append lock.  This compares
+        the same things (each view's rows as timestamp and position, the
+        user counts' values, the statistics and the channel) on the arrays
+        and dicts the models hold, a memcmp for the arrays.
+        """
+        return (
+            self.user_stats.same_state(other.user_stats)
+            and self.channel.get() == other.channel.get()
+            and self.actions.all.same_rows(other.actions.all)
+            and self.counts.same_state(other.counts)
+            and self.messages.index.same_rows(other.messages.index)
+        )
+
     def state(self) -> dict[str, Any]:
         """A canonical, comparable picture of every read model.
 

@@ -127,6 +127,13 @@ class SortedIndex:
         self.code = array("i", [self.code[i] for i in keep])
         return dropped
 
+    def same_rows(self, other: SortedIndex) -> bool:
+        """The same (timestamp, position) rows, codes aside (as ``rows()`` compared).
+
+        Arrays of one type compare as buffers, with no object per row.
+        """
+        return self.ts == other.ts and self.pos == other.pos
+
     def rows(self) -> Iterator[tuple[int, int, int]]:
         """Every row as (ts, pos, code), oldest first."""
         return zip(self.ts, self.pos, self.code, strict=True)

@@ -58,6 +58,14 @@ class UserCountsProjection:
     def state(self) -> dict[str, Any]:
         return {"user_counts": self.history(None, None, None)}
 
+    def same_state(self, other: UserCountsProjection) -> bool:
+        """``state()`` equal, compared on the arrays (see Projections.same_state)."""
+        return (
+            self.index.same_rows(other.index)
+            and self.chat == other.chat
+            and self.connected == other.connected
+        )
+
     def dump(self) -> Any:
         return {
             "index": self.index.dump(),

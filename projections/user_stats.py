@@ -179,6 +179,10 @@ class UserStatsProjection:
     def state(self) -> dict[str, Any]:
         return {u: list(r) for u, r in sorted(self.users.items())}
 
+    def same_state(self, other: UserStatsProjection) -> bool:
+        """``state()`` equal: the same users with equal records (dict order aside)."""
+        return self.users == other.users
+
     def dump(self) -> Any:
         return self.users
 
