@@ -1791,6 +1791,10 @@ class SegmentLog(EventLog):
         Concurrent calls share one look, run in a task of its own: two
         looks at once would each take up (and close) the other's files, and
         a caller cancelled half-way must not leave files opened and not held.
+        A call shares only a look that began after it: one already under way
+        may have measured the files before the writer's last write, and the
+        caller (who flushed a writer, say) must see what was on disk when it
+        called.
         """
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
@@ -1799,6 +1803,19 @@ class SegmentLog(EventLog):
             # accepted, and a head read from it would hand positions out again.
             return self._head
         looking = self._looking
+        if looking is not None and not looking.done():
+            # Under way since before this call (another caller's, the follow
+            # task's, or one whose caller was cancelled): wait, then look again.
+            await asyncio.wait({looking})
+            if not self._open:
+                raise ConnectionError(f"{self.directory}: the log was closed during a refresh")
+            if self._stopped_short:
+                # It stopped at the end of files a compaction replaced: the
+                # caller reads those first (refresh_pending), then calls
+                # again.  Looking again now would take up the new files
+                # before what only the old ones hold was read.
+                return self._head
+            looking = self._looking  # another waiter may have begun the next look
         if looking is None or looking.done():
             looking = self._looking = asyncio.ensure_future(self._look())
         await asyncio.shield(looking)

@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -434,6 +435,44 @@ async def test_following_reader_converges_across_rolls(tmp_path: Path) -> None:
             assert await reader.get_recent_messages(limit=500) == await writer.get_recent_messages(
                 limit=500
             )
+
+
+@pytest.mark.parametrize("first_cancelled", [False, True])
+async def test_a_refresh_reads_what_was_on_disk_when_it_was_called(
+    tmp_path: Path, first_cancelled: bool
+) -> None:
+    """A refresh() made while another's look was under way used to share that
+    look, which may have measured the files before the writer's last write:
+    it returned with the reader behind the disk (the follow task looking
+    while the caller flushed a "none" writer and refreshed).  Likewise when
+    the refresh that began the look was cancelled and its look went on."""
+    d = tmp_path / "s"
+    async with EventStore(d) as writer:
+        await writer.save_message("a", "one")
+        async with EventStore(d, read_only=True) as reader:
+            log = reader.log
+            real = log._refresh_files  # type: ignore[attr-defined]
+            measured, release = threading.Event(), threading.Event()
+
+            def first_look_files() -> None:  # measures the files, then waits
+                log._refresh_files = real  # type: ignore[attr-defined]
+                real()
+                measured.set()
+                release.wait(5)
+
+            log._refresh_files = first_look_files  # type: ignore[attr-defined]
+            first = asyncio.ensure_future(reader.refresh())
+            assert await asyncio.to_thread(measured.wait, 5)
+            if first_cancelled:
+                first.cancel()
+            await writer.save_message("a", "two")  # "fsync": on disk from here on
+            second = asyncio.ensure_future(reader.refresh())
+            await asyncio.sleep(0.01)  # under way beside the first look
+            release.set()
+            await asyncio.gather(first, second, return_exceptions=True)
+            assert not second.cancelled() and second.exception() is None
+            assert reader.position == writer.position == 2
+            assert [m["message"] for m in await reader.get_recent_messages()] == ["two", "one"]
 
 
 async def test_a_reader_refuses_frames_taken_back_under_it(tmp_path: Path) -> None:
