@@ -1016,6 +1016,13 @@ class EventStore(StorageAdapter):
         """
         self._check()
         before = self._proj.position
+        if self._log.refresh_pending:
+            # A look stopped at the end of files a compaction replaced, and
+            # its refresh was cancelled before it read up to there (the look
+            # goes on without it).  Read that first: the next look takes up
+            # the new files, which may no longer hold it (a UserForgotten),
+            # and nothing would then tell that it was missed.
+            await self._catch_up()
         await self._log.refresh()
         await self._catch_up()
         while self._log.refresh_pending:

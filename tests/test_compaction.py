@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -710,6 +711,61 @@ async def test_refreshes_at_once_share_one_look(tmp_path: Path) -> None:
                 await store.compact()
                 await asyncio.gather(*(follower.refresh() for _ in range(4)))
                 assert await reads(follower) == await reads(store)
+
+
+async def _forget_behind_a_follower(store: EventStore) -> None:
+    """History a follower reads first; then a forget_user, which compacts at
+    once and drops its UserForgotten from the new files."""
+    for i in range(30):
+        await store.save_user_stats(f"u{i % 3}", chat_lines=1, last_seen=1000 + i)
+        await store.save_message(f"u{i % 3}", f"line {i}", timestamp=1000 + i)
+
+
+@pytest.mark.parametrize("look_done", [True, False])
+async def test_a_refresh_cancelled_in_its_look_leaves_the_next_no_hole(
+    tmp_path: Path, look_done: bool
+) -> None:
+    """The first look after a compaction stops at the end of the files it
+    replaced, so that the caller reads what only those hold (here the
+    UserForgotten the compaction dropped) before a look takes up the new
+    ones.  A refresh cancelled during that look (a timeout around it) left
+    the look to finish with nothing read, and the next refresh took up the
+    new files at once: the follower kept the forgotten user, and rows the
+    new files no longer hold (its reads raised QueryError)."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        await _forget_behind_a_follower(store)
+        async with EventStore(d, read_only=True) as follower:
+            assert await reads(follower) == await reads(store)
+            assert await store.forget_user("u1")
+            log = follower.log
+            real = log._look_for_rewrite  # type: ignore[attr-defined]
+            started, release = threading.Event(), threading.Event()
+
+            def first_look() -> None:  # waits, then looks
+                log._look_for_rewrite = real  # type: ignore[attr-defined]
+                started.set()
+                release.wait(5)
+                real()
+
+            log._look_for_rewrite = first_look  # type: ignore[attr-defined]
+            refreshing = asyncio.ensure_future(follower.refresh())
+            assert await asyncio.to_thread(started.wait, 5)
+            refreshing.cancel()  # its look goes on
+            await asyncio.gather(refreshing, return_exceptions=True)
+            if look_done:
+                release.set()
+                await asyncio.wait({log._looking})  # type: ignore[attr-defined]
+                assert log.refresh_pending  # it stopped at the end of the old files
+                await follower.refresh()
+            else:  # the next refresh comes while it is under way
+                again = asyncio.ensure_future(follower.refresh())
+                await asyncio.sleep(0.01)
+                release.set()
+                await again
+            assert not follower.knows_user("u1")
+            assert await reads(follower) == await reads(store)
+            assert follower.projections.state() == store.projections.state()
 
 
 async def test_refresh_on_a_writer_hands_no_position_out_twice(tmp_path: Path) -> None:
