@@ -894,6 +894,10 @@ class SegmentLog(EventLog):
         self._cache.clear()
         self._cached_bytes = 0
         self._readers = 0  # reads still paused belong to this open: see read_runs
+        # The next open builds its state anew: a loss found by this one (a
+        # rebuild that failed, or never ran) is not that state's.
+        self._lost = False
+        self._gap_looks = 0
         if failure is not None:
             self.logger.error("%s", failure)
             raise failure

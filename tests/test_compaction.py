@@ -701,6 +701,42 @@ async def test_a_follower_that_missed_what_a_compaction_dropped_builds_its_state
             assert follower.projections.state() == store.projections.state()
 
 
+async def test_a_loss_found_before_a_reconnect_rebuilds_nothing_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follower's rebuild failed, then it closed and connected again:
+    connect() built its state anew, so the loss found by the old open is
+    not this state's, and its first refresh must not build it again (with a
+    warning about a compaction it never missed)."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as store:
+        for i in range(30):
+            await store.save_message(f"u{i % 3}", f"line {i}", timestamp=1000 + i)
+        follower = EventStore(d, read_only=True)
+        await follower.connect()
+        try:
+            await store.compact()
+            await store.clear_old_messages(4)
+            await store.forget_user("u2")
+            await store.compact()
+
+            async def fails(*args: Any, **kwargs: Any) -> None:
+                raise StorageError("the rebuild failed")
+
+            monkeypatch.setattr(follower, "_rebuild", fails)
+            with pytest.raises(StorageError, match="the rebuild failed"):
+                await follower.refresh()
+            monkeypatch.undo()
+            await follower.close()
+            await follower.connect()
+            with caplog.at_level(logging.WARNING, logger="eventstore"):
+                await follower.refresh()
+            assert "built again" not in caplog.text
+            assert await reads(follower) == await reads(store)
+        finally:
+            await follower.close()
+
+
 async def test_refreshes_at_once_share_one_look(tmp_path: Path) -> None:
     d = tmp_path / "s"
     async with EventStore(d, segment_size=1024) as store:
