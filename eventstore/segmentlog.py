@@ -51,7 +51,7 @@ import logging
 import os
 import time
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -70,7 +70,7 @@ from .errors import (
     ValidationError,
 )
 from .events import Event, UserForgotten
-from .framing import FrameWalker, is_torn_tail
+from .framing import FrameWalker, Scanned, is_torn_tail
 from .fsutil import fsync_dir, write_all
 from .lockfile import WriterLock, lock_holder
 from .log import EventLog
@@ -82,7 +82,6 @@ from .segment import (
     HEADER_SIZE,
     STORE_ID_SIZE,
     FrameError,
-    FrameInfo,
     SegmentHeader,
     check_fingerprint,
     encode_frames,
@@ -344,60 +343,62 @@ def _damage_after(seg: Segment, after: Segment) -> str | None:
     return why
 
 
-class _FrameGroup:
-    """Frames read by replay and not decoded yet (see RUN_EVENTS).
+def _note_frames(seg: Segment, frames: Scanned) -> None:
+    """``seg.note`` for each frame scanned, a bisect per index entry, not a call per frame."""
+    starts, base = frames.starts, frames.base
+    offs = seg.frame_off
+    k = 0 if not offs else bisect_left(starts, offs[-1] + INDEX_STRIDE - base)
+    while k < len(starts):
+        seg.frame_pos.append(frames.firsts[k])
+        offs.append(base + starts[k])
+        k = bisect_left(starts, starts[k] + INDEX_STRIDE, k + 1)
 
-    Kept as arrays and bytes, which the garbage collector does not track:
-    tens of thousands of tracked objects alive at once made it run full
-    collections, which doubled the time of a replay of one-event frames.
+
+def _decode_runs(
+    path: str, frames: Scanned, a: int, b: int, lo: int, hi: int
+) -> list[tuple[int, list[Event]]]:
+    """Decode frames ``a`` to ``b - 1`` of ``frames`` into runs of consecutive
+    positions, cut to [lo, hi].
+
+    One decode call for all of them (see RUN_EVENTS): per-frame calls are
+    what a log of small frames (one event per "fsync" round) replays slowly on.
     """
-
-    __slots__ = ("counts", "events", "firsts", "offsets", "payloads")
-
-    def __init__(self) -> None:
-        self.firsts, self.counts, self.offsets = array("q"), array("q"), array("q")
-        self.payloads: list[bytes] = []
-        self.events = 0
-
-    def add(self, info: FrameInfo, payload: memoryview) -> None:
-        self.firsts.append(info.first_position)
-        self.counts.append(info.count)
-        self.offsets.append(info.offset)
-        self.payloads.append(payload.tobytes())
-        self.events += info.count
-
-    def runs(self, path: str, lo: int, hi: int) -> list[tuple[int, list[Event]]]:
-        """Decode into runs of consecutive positions, cut to [lo, hi]."""
-        firsts, counts, offsets, payloads = self.firsts, self.counts, self.offsets, self.payloads
-        events = decode_frames(payloads, counts) if len(payloads) > 1 else None
-        if events is None:  # one frame, or a bad one among them: find which
-            batches = []
-            for offset, count, payload in zip(offsets, counts, payloads, strict=True):
-                batch = decode_batch(payload, f"{path} offset {offset}")
-                if len(batch) != count:
-                    raise IntegrityError(
-                        f"{path}: frame at offset {offset} holds {len(batch)} "
-                        f"events, its header says {count}"
-                    )
-                batches.append(batch)
-            events = batches[0] if len(batches) == 1 else list(chain.from_iterable(batches))
-        runs: list[tuple[int, list[Event]]] = []
-        run_first = expect = firsts[0]
-        start = i = 0
-        for first, count in zip(firsts, counts, strict=True):
-            if first != expect:  # a gap left by compaction
-                runs.append((run_first, events[start:i]))
-                start, run_first = i, first
-            i += count
-            expect = first + count
-        runs.append((run_first, events[start:] if start else events))
-        first, run = runs[0]
-        if first < lo:
-            runs[0] = (lo, run[lo - first :])
-        first, run = runs[-1]
-        if first + len(run) - 1 > hi:
-            runs[-1] = (first, run[: hi - first + 1])
-        return runs
+    view = memoryview(frames.buf)
+    firsts, counts = frames.firsts[a:b], frames.counts[a:b]
+    payloads = [
+        view[start + FRAME_HEADER_SIZE : end]
+        for start, end in zip(frames.starts[a:b], frames.ends[a:b], strict=True)
+    ]
+    events = decode_frames(payloads, counts) if len(payloads) > 1 else None
+    if events is None:  # one frame, or a bad one among them: find which
+        batches = []
+        for k, (count, payload) in enumerate(zip(counts, payloads, strict=True)):
+            offset = frames.base + frames.starts[a + k]
+            batch = decode_batch(payload, f"{path} offset {offset}")
+            if len(batch) != count:
+                raise IntegrityError(
+                    f"{path}: frame at offset {offset} holds {len(batch)} "
+                    f"events, its header says {count}"
+                )
+            batches.append(batch)
+        events = batches[0] if len(batches) == 1 else list(chain.from_iterable(batches))
+    runs: list[tuple[int, list[Event]]] = []
+    run_first = expect = firsts[0]
+    start = i = 0
+    for first, count in zip(firsts, counts, strict=True):
+        if first != expect:  # a gap left by compaction
+            runs.append((run_first, events[start:i]))
+            start, run_first = i, first
+        i += count
+        expect = first + count
+    runs.append((run_first, events[start:] if start else events))
+    first, run = runs[0]
+    if first < lo:
+        runs[0] = (lo, run[lo - first :])
+    first, run = runs[-1]
+    if first + len(run) - 1 > hi:
+        runs[-1] = (first, run[: hi - first + 1])
+    return runs
 
 
 class SegmentLog(EventLog):
@@ -1419,29 +1420,29 @@ class SegmentLog(EventLog):
                 if not data:
                     break
                 offset += len(data)
+                frames, bad = walker.scan(data)
+                firsts, counts = frames.firsts, frames.counts
+                k = len(firsts)
+                if building:
+                    _note_frames(seg, frames)
+                a = 0
+                while a < k and firsts[a] + counts[a] <= lo:
+                    a += 1
+                b = bisect_right(firsts, hi, a)
                 # Frames are decoded RUN_EVENTS events at a time, in one call,
-                # and yielded as one run: per-frame calls are what a log of
-                # small frames (one event per "fsync" round) replays slowly on.
-                group = _FrameGroup()
-                past_hi = False
-                for info, payload in walker.feed(data):
-                    if building:
-                        seg.note(info.first_position, info.offset)
-                    if info.first_position + info.count <= lo:
-                        continue
-                    if info.first_position > hi:
-                        past_hi = True
-                        break
-                    group.add(info, payload)
-                    if group.events >= RUN_EVENTS:
-                        for run in group.runs(seg.path, lo, hi):
+                # and yielded as runs.
+                j, n_events = a, 0
+                while j < b:
+                    n_events += counts[j]
+                    j += 1
+                    if n_events >= RUN_EVENTS or j == b:
+                        for run in _decode_runs(seg.path, frames, a, j, lo, hi):
                             yield run
-                        group = _FrameGroup()
-                if group.events:
-                    for run in group.runs(seg.path, lo, hi):
-                        yield run
-                if past_hi:
-                    return
+                        a, n_events = j, 0
+                if b < k:
+                    return  # past hi: what follows is not asked for, bad or not
+                if bad is not None:
+                    raise bad
             bad = walker.finish()
         except FrameError as err:
             raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}") from None
