@@ -247,9 +247,12 @@ def _index_frames(
             if not data:
                 break
             offset += len(data)
-            for info, _payload in walker.feed(data):
-                seg.note(info.first_position, info.offset)
-                seg.last_frame = info.offset
+            frames, bad = walker.scan(data)
+            if frames.firsts:
+                _note_frames(seg, frames)
+                seg.last_frame = frames.base + frames.starts[-1]
+            if bad is not None:
+                raise bad
         return walker, walker.finish()
     except FrameError as err:
         # Without its traceback, which holds this frame, ``data`` (a 4 MiB
