@@ -1,16 +1,20 @@
 """Benchmark: connect() time and anonymous memory at 1M and 10M events.
 
-Command (from the repository root; about a minute and a half, plus about
-20 s the first time to build a 1M- and a 10M-event store under the bench
-directory, which are kept for bench_reads and later runs)::
+Command (from the repository root; about two and a half minutes, plus
+about 50 s the first time to build a 1M- and a 10M-event store and a 1M
+store of one-event frames under the bench directory, which are kept for
+bench_reads, bench_replay and later runs)::
 
-    python -m bench.bench_connect            # 1M (5 runs) and 10M events (3 runs)
-    python -m bench.bench_connect --quick    # 50,000 events, 2 runs: checks the script
+    python -m bench.bench_connect            # 1M and 10M events, 1M one a frame
+    python -m bench.bench_connect --quick    # 50,000 events (both kinds), 2 runs: checks the script
 
 The stores hold the first N events of the busy-channel workload, appended
 10,000 at a time with durability "none" (``bench.common.build_store``), so
 their frames hold up to ``FRAME_EVENTS`` (64) events each, and a snapshot
-at the last event.
+at the last event.  A third store holds the first 1M events one frame per
+event, as a bot that awaits every "fsync" write leaves its log (the store
+bench_replay builds): its last segment holds a million frames, all walked
+by every open.
 
 Every measurement runs in a fresh interpreter (``--child``), so that nothing
 an earlier measurement allocated counts: it imports the library, reads
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    BUILD_BATCH,
     Target,
     add_common_args,
     bench_dir,
@@ -119,12 +124,12 @@ def measure_one(directory: Path, source: str, cache: str) -> dict[str, Any]:
     return run_child(["bench.bench_connect", "--child", str(directory)])
 
 
-def measure(directory: Path, sizes: list[tuple[int, int]]) -> dict[str, Any]:
+def measure(directory: Path, sizes: list[tuple[int, int, int]]) -> dict[str, Any]:
     out: dict[str, Any] = {"sizes": {}, "loadavg_1min_per_run": []}
-    for n, runs in sizes:
-        where = directory / f"store-{n}-b10000"
-        print(f"  store of {n:,} events: {where}", flush=True)
-        stamp = build_store(where, n)
+    for n, batch, runs in sizes:
+        where = directory / f"store-{n}-b{batch}"
+        print(f"  store of {n:,} events, appended {batch:,} at a time: {where}", flush=True)
+        stamp = build_store(where, n, batch=batch)
         results: dict[str, list[dict[str, Any]]] = {f"{s}/{c}": [] for s, c in CASES}
         for run in range(runs):
             out["loadavg_1min_per_run"].append(loadavg()[0])
@@ -138,8 +143,18 @@ def measure(directory: Path, sizes: list[tuple[int, int]]) -> dict[str, Any]:
                     f"{fmt_seconds(result['seconds'])}, RssAnon {fmt_bytes(result['rss_anon'])}",
                     flush=True,
                 )
-        out["sizes"][str(n)] = {"stamp": stamp, "runs": runs, "results": results}
+        out["sizes"][_key(n, batch)] = {
+            "events": n,
+            "batch": batch,
+            "stamp": stamp,
+            "runs": runs,
+            "results": results,
+        }
     return out
+
+
+def _key(n: int, batch: int) -> str:
+    return str(n) if batch != 1 else f"{n}-frame-per-event"
 
 
 def _stat(results: list[dict[str, Any]], field: str) -> Any:
@@ -147,9 +162,10 @@ def _stat(results: list[dict[str, Any]], field: str) -> Any:
 
 
 def targets(data: dict[str, Any]) -> list[Target]:
-    biggest = max(data["sizes"], key=int)
-    res = data["sizes"][biggest]["results"]
-    n = int(biggest)
+    batched = [e for e in data["sizes"].values() if e["batch"] != 1]
+    entry = max(batched, key=lambda e: e["events"])
+    res = entry["results"]
+    n = entry["events"]
     label = f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n:,}"
     connect = _stat(res["snapshot/warm"], "seconds").median
     out = [
@@ -177,7 +193,8 @@ def targets(data: dict[str, Any]) -> list[Target]:
 
 def report(data: dict[str, Any]) -> str:
     rows = []
-    for n, entry in data["sizes"].items():
+    for entry in data["sizes"].values():
+        n = entry["events"]
         for source, cache in CASES:
             res = entry["results"][f"{source}/{cache}"]
             secs = _stat(res, "seconds")
@@ -186,11 +203,12 @@ def report(data: dict[str, Any]) -> str:
             hwm = _stat(res, "vm_hwm")
             rows.append(
                 [
-                    f"{int(n):,}",
+                    f"{n:,}",
+                    "64" if entry["batch"] != 1 else "1",
                     "snapshot" if source == "snapshot" else "none (full replay)",
                     cache,
                     secs.spread(fmt_seconds),
-                    fmt_rate(int(n) / secs.median) + "/s" if source == "replay" else "-",
+                    fmt_rate(n / secs.median) + "/s" if source == "replay" else "-",
                     f"{rss.median / 1e6:.0f} MB ({rss['min'] / 1e6:.0f}-{rss['max'] / 1e6:.0f})",
                     f"{(rss.median - base) / 1e6:.0f} MB",
                     f"{hwm.median / 1e6:.0f} MB",
@@ -199,6 +217,7 @@ def report(data: dict[str, Any]) -> str:
     table = md_table(
         [
             "events",
+            "events a frame (up to)",
             "snapshot",
             "page cache",
             "connect()",
@@ -210,10 +229,11 @@ def report(data: dict[str, Any]) -> str:
         rows,
     )
     sizes = "; ".join(
-        f"{int(n):,} events: log {fmt_bytes(e['stamp']['log_bytes'])} in "
+        f"{e['events']:,} events{' one a frame' if e['batch'] == 1 else ''}: log "
+        f"{fmt_bytes(e['stamp']['log_bytes'])} in "
         f"{e['stamp']['segments']} segments, snapshot {fmt_bytes(e['stamp']['snapshot_bytes'])}, "
         f"{e['runs']} runs"
-        for n, e in data["sizes"].items()
+        for e in data["sizes"].values()
     )
     return f"{table}\n\nStores: {sizes}.  MB = 10^6 bytes.\n"
 
@@ -225,10 +245,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     args = parser.parse_args()
+    batched = BUILD_BATCH
     if args.quick:
-        sizes = [(50_000, args.runs or 2)]
+        sizes = [(50_000, batched, args.runs or 2), (50_000, 1, args.runs or 2)]
     else:
-        sizes = [(1_000_000, args.runs or 5), (10_000_000, args.runs or 3)]
+        sizes = [
+            (1_000_000, batched, args.runs or 5),
+            (10_000_000, batched, args.runs or 3),
+            (1_000_000, 1, args.runs or 5),
+        ]
     directory = bench_dir(args.dir)
     info = machine_info(directory)
     print(f"bench_connect: {sizes} in {directory}, load {info['loadavg']}", flush=True)
