@@ -68,7 +68,10 @@ REPEATABLE READ without the lock (writers could append between the proof and
 the delete, and nothing would have checked that their rows fold the same on
 the compacted log); an advisory lock (appends do not take it); the whole
 replay under the lock (simplest, but it stalls every bot for as long as a
-replay takes, seconds on a large log).
+replay takes, seconds on a large log).  The transaction sets
+``idle_in_transaction_session_timeout`` (LOCK_IDLE_TIMEOUT): a client that
+stops between two of its statements loses its session, and the lock, after
+that long, instead of holding every writer until it goes on.
 
 Followers.  Other processes read forward by position and never go back: a
 deleted row simply is not in any later page, and a rewritten row is read in
@@ -131,6 +134,12 @@ Progress = Callable[[int, int], None]
 
 #: How often a compaction plans again when another one committed meanwhile.
 ATTEMPTS = 3
+#: Seconds the compaction's transaction may sit idle between its statements
+#: (while this process decodes the tail, compares, merges the books) before
+#: the server ends the session, which rolls it back and releases the append
+#: lock.  The client work between two statements takes milliseconds; see
+#: _commit for why there is a limit at all.
+LOCK_IDLE_TIMEOUT = 5.0
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -380,6 +389,18 @@ async def _commit(
 ) -> int | None:
     """Prove and apply ``plan`` in one transaction; the head it covered, or None if stale."""
     async with conn.transaction():
+        # Unlike an append (one statement, pglog.APPEND), this transaction
+        # holds the append lock across several round trips, so a client that
+        # stops between two of them (its event loop blocked by other work,
+        # the process stopped, its host hung or cut off) held every writer
+        # of every process until it went on, or until the server noticed a
+        # dead TCP peer (hours, by default).  The soak of a bot fleet found
+        # the other bots' appends waiting out the whole stall.  With this
+        # limit the server ends such a session and rolls the compaction
+        # back: the next night's compaction does the work instead.
+        await conn.execute(
+            f"SET LOCAL idle_in_transaction_session_timeout = {int(LOCK_IDLE_TIMEOUT * 1000)}"
+        )
         # The append lock: until this transaction ends, no process appends
         # (and no other compaction commits).  See "The lock" above for why a
         # table lock rather than the head row's.

@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventstore import EventStore, IntegrityError, QueryError
+from eventstore import ConnectionError, EventStore, IntegrityError, QueryError
 from eventstore import pgcompaction as pgc
 from eventstore.events import (
     ChannelPeakRaised,
@@ -525,6 +526,52 @@ async def test_the_proof_is_made_again_under_the_lock_over_rows_appended_meanwhi
         await other.close()
     new_rows = await rows(pg_schema)
     assert len(new_rows) == len(old_rows) + 1  # the UserForgotten, nothing deleted
+
+
+async def test_a_compaction_whose_process_stalls_does_not_stall_the_other_writers(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The append lock is held across the compaction's round trips; a stalled client lets it go.
+
+    A bot whose event loop is blocked (or whose host hangs, or whose network
+    drops) between two of the compaction's statements held every process's
+    appends for as long; the server now ends the session after
+    LOCK_IDLE_TIMEOUT idle in it, which rolls the compaction back.
+    """
+    monkeypatch.setattr(pgc, "LOCK_IDLE_TIMEOUT", 0.3)
+    stalled = threading.Event()
+    waited: list[float] = []
+
+    def stalled_merge(*args: Any) -> Any:
+        stalled.set()  # inside the transaction, holding the append lock
+        time.sleep(3)  # the compacting process's loop is blocked
+        return merge_ranges(*args)
+
+    def other_bot() -> None:
+        async def run() -> None:
+            async with EventStore(pg_schema) as other:
+                assert stalled.wait(10)
+                start = time.monotonic()
+                await other.save_message("bob", "still here", timestamp=1)
+                waited.append(time.monotonic() - start)
+
+        asyncio.run(run())
+
+    async with EventStore(pg_schema) as store:
+        await busy_history(store, 1)
+        before = await rows(pg_schema)
+        monkeypatch.setattr(pgc, "merge_ranges", stalled_merge)
+        thread = threading.Thread(target=other_bot)
+        thread.start()
+        with pytest.raises(ConnectionError):
+            await store.compact()
+        await asyncio.to_thread(thread.join, 20)
+        assert waited and waited[0] < 2, waited
+        monkeypatch.setattr(pgc, "merge_ranges", merge_ranges)
+        after = await rows(pg_schema)
+        assert len(after) == len(before) + 1  # bob's line; nothing deleted or rewritten
+        assert {p: after[p] for p in before} == before
+        assert (await store.compact()).events_dropped > 0  # the next one goes through
 
 
 # -- the books -------------------------------------------------------------------------------
