@@ -124,7 +124,8 @@ def _print_pg_report(report: PostgresCompactReport) -> None:
     typer.echo(
         "nothing was changed"
         if report.dry_run
-        else "PostgreSQL reuses the space after (auto)vacuum; VACUUM FULL returns it to the disk"
+        else "PostgreSQL reuses the table's space after (auto)vacuum; "
+        "REINDEX TABLE CONCURRENTLY returns its indexes' (see docs/cli.md)"
     )
 
 

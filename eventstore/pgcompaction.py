@@ -149,9 +149,10 @@ class PostgresCompactReport(CompactReport):
     """A CompactReport of the PostgreSQL log.
 
     No segments: ``segments_*`` stay 0.  ``bytes_*`` are payload bytes of
-    the rows up to ``through_position``; PostgreSQL reuses the space of
-    deleted rows for new ones after (auto)vacuum, and only ``VACUUM FULL``
-    gives it back to the file system.
+    the rows up to ``through_position``; PostgreSQL reuses the table space
+    of deleted rows for new ones after (auto)vacuum, but not the pages of the
+    primary key on positions, which only grow (docs/cli.md, "Space": a
+    ``REINDEX`` now and then gives them back).
     """
 
     #: Every position up to this one was considered (the head when it committed).
