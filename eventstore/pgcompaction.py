@@ -119,7 +119,7 @@ import msgspec
 from projections import Projections
 
 from .compaction import CompactReport, Planner
-from .errors import IntegrityError, StorageError
+from .errors import ConnectionError, IntegrityError, StorageError
 from .events import (
     Event,
     event_name,
@@ -308,30 +308,48 @@ async def compact_postgres(
     logger = logger or logging.getLogger("eventstore")
     if log.read_only and not dry_run:
         raise StorageError(f"{log.where}: the log is open read-only; nothing compacted")
-    async with log.dedicated() as conn:
-        for _attempt in range(ATTEMPTS):
-            through = int(await conn.fetchval("SELECT position FROM eventstore_head") or 0)
-            epoch, ranges = await _books(conn)
-            steps = _Steps(progress, through * 2)
-            plan = await _plan(log, through, epoch, trim_before if dry_run else None, steps)
-            report = await _measure(conn, plan, dry_run)
-            if dry_run or (not plan.delete and not plan.rewrite):
+    committing = False
+    try:
+        async with log.dedicated() as conn:
+            for _attempt in range(ATTEMPTS):
+                through = int(await conn.fetchval("SELECT position FROM eventstore_head") or 0)
+                epoch, ranges = await _books(conn)
+                steps = _Steps(progress, through * 2)
+                plan = await _plan(log, through, epoch, trim_before if dry_run else None, steps)
+                report = await _measure(conn, plan, dry_run)
+                if dry_run or (not plan.delete and not plan.rewrite):
+                    return report
+                if not plan.after.same_state(plan.before):
+                    raise _refused(log)
+                committing = True
+                committed = await _commit(conn, log, plan, ranges)
+                committing = False
+                if committed is None:
+                    logger.info(
+                        "%s: another compaction committed meanwhile; planning again", log.where
+                    )
+                    continue
+                report.through_position = committed
+                logger.info(
+                    "%s: compacted positions 1..%d: %d rows deleted, %d rewritten",
+                    log.where,
+                    committed,
+                    len(plan.delete),
+                    len(plan.rewrite),
+                )
                 return report
-            if not plan.after.same_state(plan.before):
-                raise _refused(log)
-            committed = await _commit(conn, log, plan, ranges)
-            if committed is None:
-                logger.info("%s: another compaction committed meanwhile; planning again", log.where)
-                continue
-            report.through_position = committed
-            logger.info(
-                "%s: compacted positions 1..%d: %d rows deleted, %d rewritten",
-                log.where,
-                committed,
-                len(plan.delete),
-                len(plan.rewrite),
-            )
-            return report
+    except ConnectionError as err:
+        if not committing:
+            raise
+        # Most likely the idle limit (LOCK_IDLE_TIMEOUT) at work: say so,
+        # rather than leave a bare "connection closed".
+        raise ConnectionError(
+            f"{err}; the compaction lost its connection while it held the append lock: "
+            "the server ends a compaction's session that sits idle in its transaction "
+            f"for over {LOCK_IDLE_TIMEOUT:g} s (this process stalled), so that the other "
+            "writers go on. Unless the connection went during the COMMIT itself, nothing "
+            "was changed; compacting again is safe either way"
+        ) from err
     raise StorageError(
         f"{log.where}: other compactions kept committing while this one planned "
         f"({ATTEMPTS} attempts); nothing was changed"

@@ -563,7 +563,7 @@ async def test_a_compaction_whose_process_stalls_does_not_stall_the_other_writer
         monkeypatch.setattr(pgc, "merge_ranges", stalled_merge)
         thread = threading.Thread(target=other_bot)
         thread.start()
-        with pytest.raises(ConnectionError):
+        with pytest.raises(ConnectionError, match=r"sits idle in its transaction for over 0\.3 s"):
             await store.compact()
         await asyncio.to_thread(thread.join, 20)
         assert waited and waited[0] < 2, waited
