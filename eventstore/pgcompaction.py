@@ -407,6 +407,10 @@ async def _commit(
     conn: Any, log: PostgresLog, plan: _Plan, ranges: list[tuple[int, int]]
 ) -> int | None:
     """Prove and apply ``plan`` in one transaction; the head it covered, or None if stale."""
+    # Before the lock: the books read with the plan are the books under the
+    # lock, unless another compaction committed (the epoch check below), and
+    # merging a year's ranges took 0.23 s that every writer waited out.
+    remove, insert = merge_ranges(ranges, plan.delete)
     async with conn.transaction():
         # Unlike an append (one statement, pglog.APPEND), this transaction
         # holds the append lock across several round trips, so a client that
@@ -484,7 +488,6 @@ async def _commit(
             )
             await conn.execute(f"SET LOCAL search_path TO {schema}")
             await conn.execute(BOOKKEEPING_DDL)
-        remove, insert = merge_ranges(ranges, plan.delete)
         if remove:
             await conn.execute(
                 "DELETE FROM eventstore_deleted WHERE first_position = ANY($1::bigint[])", remove

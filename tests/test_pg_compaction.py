@@ -528,6 +528,25 @@ async def test_the_proof_is_made_again_under_the_lock_over_rows_appended_meanwhi
     assert len(new_rows) == len(old_rows) + 1  # the UserForgotten, nothing deleted
 
 
+def _another_bot(dsn: str, when: threading.Event, waited: list[float]) -> threading.Thread:
+    """A bot in a thread of its own (its own loop and connection) that appends
+    one chat line once ``when`` is set, and records how long that took."""
+
+    def run() -> None:
+        async def append() -> None:
+            async with EventStore(dsn) as other:
+                assert when.wait(10)
+                start = time.monotonic()
+                await other.save_message("bob", "still here", timestamp=1)
+                waited.append(time.monotonic() - start)
+
+        asyncio.run(append())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 async def test_a_compaction_whose_process_stalls_does_not_stall_the_other_writers(
     pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -541,37 +560,55 @@ async def test_a_compaction_whose_process_stalls_does_not_stall_the_other_writer
     monkeypatch.setattr(pgc, "LOCK_IDLE_TIMEOUT", 0.3)
     stalled = threading.Event()
     waited: list[float] = []
+    real_books = pgc._books
+    calls = 0
 
-    def stalled_merge(*args: Any) -> Any:
-        stalled.set()  # inside the transaction, holding the append lock
-        time.sleep(3)  # the compacting process's loop is blocked
-        return merge_ranges(*args)
-
-    def other_bot() -> None:
-        async def run() -> None:
-            async with EventStore(pg_schema) as other:
-                assert stalled.wait(10)
-                start = time.monotonic()
-                await other.save_message("bob", "still here", timestamp=1)
-                waited.append(time.monotonic() - start)
-
-        asyncio.run(run())
+    async def stalled_books(conn: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the second look, under the append lock
+            stalled.set()
+            time.sleep(3)  # the compacting process's loop is blocked
+        return await real_books(conn)
 
     async with EventStore(pg_schema) as store:
         await busy_history(store, 1)
         before = await rows(pg_schema)
-        monkeypatch.setattr(pgc, "merge_ranges", stalled_merge)
-        thread = threading.Thread(target=other_bot)
-        thread.start()
+        monkeypatch.setattr(pgc, "_books", stalled_books)
+        thread = _another_bot(pg_schema, stalled, waited)
         with pytest.raises(ConnectionError, match=r"sits idle in its transaction for over 0\.3 s"):
             await store.compact()
         await asyncio.to_thread(thread.join, 20)
         assert waited and waited[0] < 2, waited
-        monkeypatch.setattr(pgc, "merge_ranges", merge_ranges)
+        monkeypatch.setattr(pgc, "_books", real_books)
         after = await rows(pg_schema)
         assert len(after) == len(before) + 1  # bob's line; nothing deleted or rewritten
         assert {p: after[p] for p in before} == before
         assert (await store.compact()).events_dropped > 0  # the next one goes through
+
+
+async def test_the_books_are_merged_before_the_append_lock(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Merging the deleted ranges into the books grows with every range ever
+    recorded (0.23 s at a year of the busy channel): done under the append
+    lock, every bot's appends waited it out."""
+    merging = threading.Event()
+    waited: list[float] = []
+
+    def slow_merge(*args: Any) -> Any:
+        merging.set()
+        time.sleep(1.5)  # a merge of many ranges, on this process's loop
+        return merge_ranges(*args)
+
+    async with EventStore(pg_schema) as store:
+        await busy_history(store, 1)
+        monkeypatch.setattr(pgc, "merge_ranges", slow_merge)
+        thread = _another_bot(pg_schema, merging, waited)
+        report = await store.compact()
+        await asyncio.to_thread(thread.join, 20)
+        assert report.events_dropped > 0
+        assert waited and waited[0] < 0.75, waited
 
 
 # -- the books -------------------------------------------------------------------------------
