@@ -179,3 +179,30 @@ async def test_replay_builds_the_same_sparse_index_as_noting_every_frame(
             assert (list(seg.frame_pos), list(seg.frame_off)) == (pos, off)
     finally:
         await log.close()
+
+
+async def test_a_reader_gets_every_event_before_a_bad_frame(tmp_path: Any) -> None:
+    """docs/format.md: a reader of the log gets every event before the first
+    bad frame of a sealed segment, then the error naming that frame (it used
+    to get only whole groups of RUN_EVENTS events of the chunk, so none
+    here)."""
+    from eventstore import EventStore, IntegrityError
+    from eventstore.segment import HEADER_SIZE
+
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        for i in range(150):  # awaited "fsync" writes: a frame per event
+            await store.save_message("u", f"line {i}", timestamp=1000 + i)
+    first = sorted(d.glob("*.seg"))[0]
+    data = bytearray(first.read_bytes())
+    walker = FrameWalker(HEADER_SIZE, 1, gaps_allowed=False)
+    offsets = [info.offset for info, _ in walker.feed(bytes(data[HEADER_SIZE:]))]
+    assert len(offsets) > 5
+    data[offsets[5] + 22] ^= 0xFF  # in the payload of the sixth frame
+    first.write_bytes(bytes(data))
+    async with EventStore(d, read_only=True, snapshot_every=None) as reader:
+        seen: list[int] = []
+        with pytest.raises(IntegrityError, match=f"checksum mismatch at offset {offsets[5]}"):
+            async for position, _event in reader.read(1):
+                seen.append(position)
+        assert seen == [1, 2, 3, 4, 5]
