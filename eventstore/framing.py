@@ -111,11 +111,10 @@ class FrameWalker:
         ``feed``; at anything else it hands over to ``feed``'s own loop,
         which decides (and words the error) exactly as before.
         """
-        out = Scanned(self._buf, self._base)
         if not self._take(data):
-            return out, None
+            return Scanned(self._buf, self._base), None
         buf, i = self._buf, self._i
-        out.buf, out.base = buf, self._base
+        out = Scanned(buf, self._base)
         view = memoryview(buf)
         n = len(buf)
         expect, gaps = self.next_position, self.gaps_allowed
