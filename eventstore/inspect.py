@@ -41,6 +41,7 @@ from .pglog import SCHEMA_VERSION, PostgresLog, is_dsn, redact_dsn
 from .segment import FRAME_HEADER_SIZE, FrameInfo, list_segments
 from .segmentlog import SegmentLog
 from .snapshot import SnapshotInfo, list_snapshots, payload_damage, unusable_reason
+from .tailindex import TAIL_INDEX
 from .verify import ATTEMPTS, Problem, scan_segment
 
 __all__ = [
@@ -163,7 +164,9 @@ def _store_info(directory: str, progress: Progress | None) -> StoreInfo:
     names, stray = list_segments(directory)
     snaps = list_snapshots(directory)
     snap_names = {os.path.basename(s.path) for s in snaps}
-    info.other_files = sorted(n for n in stray if n != LOCK_NAME and n not in snap_names)
+    info.other_files = sorted(
+        n for n in stray if n not in (LOCK_NAME, TAIL_INDEX) and n not in snap_names
+    )
     paths = [os.path.join(directory, name) for _, name in names]
     total = sum(os.path.getsize(p) for p in paths)
     done = 0

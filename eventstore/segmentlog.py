@@ -28,7 +28,8 @@ Events stay in memory until their round is written and indexed, so a read
 (``fetch``) of an event just submitted is answered from memory.
 
 Recovery.  ``open()`` checks every segment header, then walks the frames of
-the last segment.  A frame cut short at the end of that segment (a crash
+the last segment (a writer from the frame ``tail.index`` names, if it fits:
+see tailindex.py and _check_prefix).  A frame cut short at the end of that segment (a crash
 during a write) is cut off and logged; any other damage raises
 IntegrityError with the file and offset.  Sealed segments are checked as
 replay reads them; after a start from a snapshot, which reads none of the
@@ -90,6 +91,7 @@ from .segment import (
     segment_name,
     unpack_header,
 )
+from .tailindex import TAIL_INDEX, read_tail_index, remove_tail_index, write_tail_index
 
 __all__ = ["DEFAULT_SEGMENT_SIZE", "SegmentLog"]
 
@@ -456,6 +458,10 @@ class SegmentLog(EventLog):
         # and the task indexing all of them after connect (index_in_background).
         self._indexing: dict[int, asyncio.Future[Segment | None]] = {}
         self._indexer: asyncio.Task[None] | None = None
+        # Opened from tail.index: the last segment, and the offset and first
+        # position of the frame its walk began at; the frames before it are
+        # not checked yet (see _check_prefix).
+        self._unchecked: tuple[Segment, int, int] | None = None
         self._closing: asyncio.Future[None] | None = None
         self._wfd: int | None = None
         # Where the writer appends next in the last segment.  Readers use
@@ -719,6 +725,8 @@ class SegmentLog(EventLog):
             seg.end, seg.next_position, seg.indexed = HEADER_SIZE, seg.first, True
             self._continue_scan(seg, live=lock_holder(self.directory) is not None)
             return
+        if self._resume_from_tail_index(seg, size):
+            return
         walker, err = _index_frames(seg, HEADER_SIZE, seg.first, size, seg.gaps_allowed)
         if err is not None and not self._is_torn(seg, err, size):
             raise IntegrityError(f"{seg.path}: {err.reason} at offset {err.offset}")
@@ -741,6 +749,33 @@ class SegmentLog(EventLog):
         seg.end = good
         seg.next_position = walker.next_position
         seg.indexed = True
+
+    def _resume_from_tail_index(self, seg: Segment, size: int) -> bool:
+        """Walk the last segment from the frame tail.index names, if it still can.
+
+        True if the walk from there reached a clean end: ``seg`` is then
+        indexed (the saved entries, then the walk's), and the frames before
+        that one are checked later, in the background (_check_prefix).
+        False for anything else, with ``seg`` as it was: the caller walks
+        the whole segment and decides on what it finds, as without the file.
+        """
+        assert self.store_id is not None
+        hint = read_tail_index(self.directory, self.store_id, seg.first)
+        if hint is None:
+            return False
+        start, position = hint.offsets[-1], hint.positions[-1]
+        if start + FRAME_HEADER_SIZE > size or (
+            os.pread(seg.fd, FRAME_HEADER_SIZE, start) != hint.frame_header
+        ):
+            return False  # not the frame it was saved with: another file, or cut
+        seg.frame_pos, seg.frame_off = hint.positions[:-1], hint.offsets[:-1]
+        walker, err = _index_frames(seg, start, position, size, seg.gaps_allowed)
+        if err is not None:
+            seg.frame_pos, seg.frame_off = array("q"), array("q")
+            return False
+        seg.end, seg.next_position, seg.indexed = walker.offset, walker.next_position, True
+        self._unchecked = (seg, start, position)
+        return True
 
     def _is_torn(self, seg: Segment, err: FrameError, size: int) -> bool:
         """Is ``err`` the shape a crash mid-write leaves at the end of the log?"""
@@ -820,6 +855,7 @@ class SegmentLog(EventLog):
             job.cancel()
         await asyncio.gather(*walks, return_exceptions=True)
         self._indexer = self._looking = None
+        self._unchecked = None
         if self._writer is not None:
             assert self._wake is not None
             self._wake.set()
@@ -883,6 +919,9 @@ class SegmentLog(EventLog):
                                 f"{self.directory}: cannot make the last writes durable: "
                                 f"{why}{also}"
                             )
+                    else:
+                        if self._failed is None:
+                            await thread.call(self._save_tail_index)
                 await thread.call(self._close_files)
                 closed = True
             finally:
@@ -905,6 +944,30 @@ class SegmentLog(EventLog):
         if failure is not None:
             self.logger.error("%s", failure)
             raise failure
+
+    def _save_tail_index(self) -> None:
+        """Save the last segment's frame index for the next open (see tailindex).
+
+        After the last frame is synced: the file names a frame that must be
+        there.  Its failure costs the next open a walk, so it is logged, not
+        raised.
+        """
+        seg = self._segments[-1]
+        try:
+            if self.store_id is None or not seg.frame_off:
+                remove_tail_index(self.directory)
+                return
+            header = os.pread(seg.fd, FRAME_HEADER_SIZE, seg.frame_off[-1])
+            write_tail_index(
+                self.directory, self.store_id, seg.first, seg.frame_pos, seg.frame_off, header
+            )
+        except OSError as err:
+            self.logger.warning(
+                "%s: cannot save %s (the next open walks the whole last segment): %s",
+                self.directory,
+                TAIL_INDEX,
+                err.strerror or err,
+            )
 
     def _close_files(self) -> None:
         # Quietly, the writer's descriptor too: close() may report a
@@ -1597,13 +1660,19 @@ class SegmentLog(EventLog):
             self._indexer is None
             and self._open
             and not self.read_only
-            and not all(s.indexed for s in self._segments)
+            and (self._unchecked is not None or not all(s.indexed for s in self._segments))
         ):
             self._indexer = asyncio.get_running_loop().create_task(
                 self._index_all(), name="eventstore-index"
             )
 
     async def _index_all(self) -> None:
+        try:
+            await self._check_prefix()  # the newest frames first
+        except ConnectionError:
+            return  # closed meanwhile
+        except StorageError as err:  # the disk failing a read
+            self.logger.warning("%s (see eventstore verify)", err)
         for seg in reversed(list(self._segments)):
             if seg.indexed or not self._open:
                 continue
@@ -1629,42 +1698,110 @@ class SegmentLog(EventLog):
         self._readers += 1
         try:
             scratch = _scratch(seg)
-            offset, position, end = HEADER_SIZE, seg.first, seg.end
-            stop = min(end, offset + INDEX_CHUNK)
-            key = id(seg)
-            while not seg.indexed:
-                while background and (
-                    wanted := [job for k, job in self._indexing.items() if k != key]
-                ):
-                    await asyncio.wait(wanted)
-                if self._thread is not thread:
-                    raise ConnectionError(f"{self.directory}: the log was closed during a read")
-                try:
-                    walker, err = await thread.call(
-                        _index_frames, scratch, offset, position, stop, True
-                    )
-                except OSError as failure:
-                    raise StorageError(
-                        f"{seg.path}: cannot read at offset {offset}: {failure.strerror or failure}"
-                    ) from failure
-                if stop == end or (err is not None and not err.short):
-                    _check_walk(seg, scratch, walker, err)
-                    return scratch
-                if walker.offset == offset and not walker.pending:
-                    # No frame, and none cut: zeros where a frame should
-                    # start (damage in a sealed segment).  Read on from the
-                    # same offset to the end in one call, which tells; the
-                    # same chunk again would find the same zeros for ever.
-                    stop = end
-                    continue
-                # The frame this chunk's end cut is read whole by the next
-                # call, however long it is.
-                cut_frame_end = stop + walker.wanted() if walker.pending else stop
-                offset, position = walker.offset, walker.next_position
-                stop = min(end, max(offset + INDEX_CHUNK, cut_frame_end))
-            return None
+            walked = await self._walk_frames(
+                thread, seg, scratch, seg.end, True, background, lambda: seg.indexed
+            )
+            if walked is None:
+                return None  # indexed meanwhile, by a read
+            _check_walk(seg, scratch, *walked)
+            return scratch
         finally:
             self._reader_done(thread)
+
+    async def _walk_frames(
+        self,
+        thread: LogThread,
+        seg: Segment,
+        scratch: Segment,
+        end: int,
+        gaps_allowed: bool,
+        background: bool,
+        given_up: Callable[[], bool],
+    ) -> tuple[FrameWalker, FrameError | None] | None:
+        """Index ``seg``'s frames from its header to ``end`` into ``scratch``,
+        a chunk per call in ``thread`` (see _walk); None if ``given_up()``
+        turned true between two chunks."""
+        offset, position = HEADER_SIZE, seg.first
+        stop = min(end, offset + INDEX_CHUNK)
+        key = id(seg)
+        while not given_up():
+            while background and (wanted := [job for k, job in self._indexing.items() if k != key]):
+                await asyncio.wait(wanted)
+            if self._thread is not thread:
+                raise ConnectionError(f"{self.directory}: the log was closed during a read")
+            try:
+                walker, err = await thread.call(
+                    _index_frames, scratch, offset, position, stop, gaps_allowed
+                )
+            except OSError as failure:
+                raise StorageError(
+                    f"{seg.path}: cannot read at offset {offset}: {failure.strerror or failure}"
+                ) from failure
+            if stop == end or (err is not None and not err.short):
+                return walker, err
+            if walker.offset == offset and not walker.pending:
+                # No frame, and none cut: zeros where a frame should
+                # start (damage in a sealed segment).  Read on from the
+                # same offset to the end in one call, which tells; the
+                # same chunk again would find the same zeros for ever.
+                stop = end
+                continue
+            # The frame this chunk's end cut is read whole by the next
+            # call, however long it is.
+            cut_frame_end = stop + walker.wanted() if walker.pending else stop
+            offset, position = walker.offset, walker.next_position
+            stop = min(end, max(offset + INDEX_CHUNK, cut_frame_end))
+        return None
+
+    async def _check_prefix(self) -> None:
+        """Check the last segment's frames an open from tail.index did not walk.
+
+        As the background walk of older segments does: headers and
+        checksums, in the log's thread.  What it finds wrong is logged (reads
+        of the frames concerned fail on their own checksum); an index that
+        disagrees with the frames is replaced by the walk's.
+        """
+        unchecked, self._unchecked = self._unchecked, None
+        thread = self._thread
+        if unchecked is None or thread is None:
+            return
+        seg, stop, position = unchecked
+        self._readers += 1
+        try:
+            scratch = _scratch(seg)
+            walked = await self._walk_frames(
+                thread, seg, scratch, stop, seg.gaps_allowed, True, lambda: False
+            )
+        finally:
+            self._reader_done(thread)
+        assert walked is not None
+        walker, err = walked
+        if err is not None:
+            why = f"{err.reason} at offset {err.offset}"
+        elif walker.offset != stop or not (
+            walker.next_position == position
+            or (seg.gaps_allowed and walker.next_position < position)
+        ):
+            why = (
+                f"the frames before offset {stop} end at offset {walker.offset} and "
+                f"position {walker.next_position - 1}, but the frame at {stop} starts "
+                f"at position {position}"
+            )
+        else:
+            k = bisect_left(seg.frame_off, stop)
+            if seg.frame_off[:k] != scratch.frame_off or seg.frame_pos[:k] != scratch.frame_pos:
+                self.logger.warning(
+                    "%s: %s did not match the frames before offset %d; rebuilt",
+                    seg.path,
+                    TAIL_INDEX,
+                    stop,
+                )
+                seg.frame_off = scratch.frame_off + seg.frame_off[k:]
+                seg.frame_pos = scratch.frame_pos + seg.frame_pos[k:]
+            return
+        self.logger.warning(
+            "%s: %s (reads of the events there will fail; see eventstore verify)", seg.path, why
+        )
 
     def frame_checksum(self, position: int) -> int | None:
         """The checksum field of the last frame starting at or before ``position``.

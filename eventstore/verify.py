@@ -63,6 +63,7 @@ from .segment import (
     unpack_header,
 )
 from .snapshot import list_snapshots
+from .tailindex import TAIL_INDEX
 
 __all__ = [
     "PostgresVerifyReport",
@@ -408,7 +409,8 @@ def _verify(directory: str, progress: Progress | None) -> VerifyReport:
 
 
 def _known_file(name: str) -> bool:
-    return name == "LOCK" or (name.startswith("snapshot-") and name.endswith(".snap"))
+    # tail.index is only a hint, checked by the writer that uses it (tailindex.py).
+    return name in ("LOCK", TAIL_INDEX) or (name.startswith("snapshot-") and name.endswith(".snap"))
 
 
 def _check_snapshots(directory: str, notes: list[str]) -> list[Problem]:

@@ -1,0 +1,368 @@
+"""tail.index: a writer's open walks the last segment only from the frame it names.
+
+The file only saves time.  These tests check that it does (the open's walk
+starts at the saved frame), that damage it lets the open skip is still
+found (in the background, and by the reads it touches), and that whenever
+it does not fit, or the walk from it finds anything but a clean end, the
+open decides exactly as a full walk does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import zlib
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from eventstore import EventStore, IntegrityError, StorageError
+from eventstore import segmentlog as segmentlog_module
+from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE
+from eventstore.tailindex import TAIL_INDEX, read_tail_index, write_tail_index
+from tests.storeutil import copy_store, segment_files
+
+N = 600  # one frame each: about 36 KB of frames, nine index entries
+
+
+async def _store_of_small_frames(directory: Path, n: int = N) -> None:
+    """A store whose last segment holds ``n`` one-event frames, closed cleanly."""
+    async with EventStore(directory, durability="flush", snapshot_every=None) as store:
+        for i in range(n):
+            await store.save_message(f"user{i % 7}", f"line {i}", timestamp=1000 + i)
+
+
+@pytest.fixture
+async def small_frames(tmp_path: Path) -> Path:
+    directory = tmp_path / "made"
+    await _store_of_small_frames(directory)
+    return directory
+
+
+def _hint(directory: Path) -> Any:
+    seg = segment_files(directory)[-1]
+    store_id = seg.read_bytes()[28:44]
+    return read_tail_index(str(directory), store_id, int(seg.stem))
+
+
+@pytest.fixture
+def walks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The offsets every frame walk of the log starts at, in order."""
+    starts: list[int] = []
+    real = segmentlog_module._index_frames
+
+    def recording(seg: Any, start: int, *args: Any, **kwargs: Any) -> Any:
+        starts.append(start)
+        return real(seg, start, *args, **kwargs)
+
+    monkeypatch.setattr(segmentlog_module, "_index_frames", recording)
+    return starts
+
+
+async def _messages(directory: Path) -> list[dict[str, Any]]:
+    async with EventStore(directory, snapshot_every=None) as store:
+        return await store.get_recent_messages(limit=10_000)
+
+
+def _index_of(store: EventStore) -> tuple[list[int], list[int], int, int]:
+    seg = store._log._segments[-1]  # type: ignore[attr-defined]
+    return list(seg.frame_pos), list(seg.frame_off), seg.end, seg.next_position
+
+
+async def test_close_saves_the_index_and_open_walks_from_its_last_entry(
+    small_frames: Path, tmp_path: Path, walks: list[int]
+) -> None:
+    hint = _hint(small_frames)
+    assert hint is not None and len(hint.offsets) > 5
+    assert hint.offsets[0] == HEADER_SIZE and hint.positions[0] == 1
+
+    without = copy_store(small_frames, tmp_path / "without")
+    (without / TAIL_INDEX).unlink()
+    async with EventStore(without, snapshot_every=None) as store:
+        full = _index_of(store)
+    assert walks == [HEADER_SIZE]
+
+    walks.clear()
+    store = EventStore(small_frames, snapshot_every=None)
+    await store.connect()
+    # The open walked from the saved frame; the check of the frames before it
+    # runs afterwards, from the segment header.
+    assert walks[0] == hint.offsets[-1] > HEADER_SIZE
+    assert _index_of(store) == full
+    assert store.position == N
+    await store._log._indexer  # type: ignore[attr-defined]
+    assert walks[1] == HEADER_SIZE
+    assert _index_of(store) == full
+    rows = await store.get_recent_messages(limit=10_000)
+    await store.close()
+    assert [r["message"] for r in rows] == [f"line {i}" for i in reversed(range(N))]
+    assert rows == await _messages(without)
+
+
+async def test_the_index_follows_the_log_across_sessions(small_frames: Path) -> None:
+    first = _hint(small_frames)
+    async with EventStore(small_frames, durability="flush", snapshot_every=None) as store:
+        for i in range(200):
+            await store.save_message("late", f"late {i}", timestamp=5000 + i)
+    second = _hint(small_frames)
+    assert second.offsets[-1] > first.offsets[-1]
+    assert list(second.offsets[: len(first.offsets)]) == list(first.offsets)
+    assert len(await _messages(small_frames)) == N + 200
+
+
+async def test_a_log_without_frames_leaves_no_index(tmp_path: Path) -> None:
+    async with EventStore(tmp_path / "s"):
+        pass
+    assert not (tmp_path / "s" / TAIL_INDEX).exists()
+    async with EventStore(tmp_path / "s") as store:
+        await store.save_message("a", "b")
+    assert (tmp_path / "s" / TAIL_INDEX).exists()
+
+
+def _damage_before_hint(directory: Path) -> int:
+    """Flip a payload byte of a frame well before the saved frame; return its offset."""
+    hint = _hint(directory)
+    seg = segment_files(directory)[-1]
+    data = bytearray(seg.read_bytes())
+    frame = hint.offsets[2]  # a frame the open does not walk
+    data[frame + FRAME_HEADER_SIZE + 3] ^= 0x40
+    seg.write_bytes(bytes(data))
+    return int(frame)
+
+
+async def test_damage_before_the_saved_frame_is_logged_in_the_background(
+    small_frames: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = _damage_before_hint(small_frames)
+    # Without the file the open walks that frame and refuses the log.
+    without = copy_store(small_frames, tmp_path / "without")
+    (without / TAIL_INDEX).unlink()
+    with pytest.raises(IntegrityError, match=f"offset {frame}"):
+        async with EventStore(without):
+            pass
+
+    caplog.set_level(logging.WARNING, logger="eventstore")
+    store = EventStore(small_frames, snapshot_every=None)
+    await store.connect()
+    await store._log._indexer  # type: ignore[attr-defined]
+    seg = segment_files(small_frames)[-1]
+    warned = [r.getMessage() for r in caplog.records if str(seg) in r.getMessage()]
+    assert any(f"offset {frame}" in m and "checksum" in m for m in warned), warned
+    # The newest rows do not touch that frame; a read that does fails.
+    assert (await store.get_recent_messages(limit=5))[0]["message"] == f"line {N - 1}"
+    with pytest.raises(IntegrityError, match=f"offset {frame}"):
+        await store.get_recent_messages(limit=10_000)
+    await store.save_message("after", "still writes")
+    await store.close()
+
+
+def _rewrite(directory: Path, **change: Any) -> None:
+    """Write tail.index again with some fields changed (its checksum made right)."""
+    hint = _hint(directory)
+    seg = segment_files(directory)[-1]
+    fields = {
+        "store_id": seg.read_bytes()[28:44],
+        "segment": hint.segment,
+        "positions": hint.positions,
+        "offsets": hint.offsets,
+        "frame_header": hint.frame_header,
+    }
+    fields.update(change)
+    write_tail_index(
+        str(directory),
+        fields["store_id"],
+        fields["segment"],
+        fields["positions"],
+        fields["offsets"],
+        fields["frame_header"],
+    )
+
+
+def _flip_byte(directory: Path) -> None:
+    path = directory / TAIL_INDEX
+    data = bytearray(path.read_bytes())
+    data[70] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _cut(directory: Path) -> None:
+    path = directory / TAIL_INDEX
+    path.write_bytes(path.read_bytes()[:-8])
+
+
+def _other_header(directory: Path) -> None:
+    hint = _hint(directory)
+    header = bytearray(hint.frame_header)
+    header[4] ^= 1  # the checksum field: another frame than the one there
+    _rewrite(directory, frame_header=bytes(header))
+
+
+def _past_the_end(directory: Path) -> None:
+    seg = segment_files(directory)[-1]
+    end = len(seg.read_bytes())
+    hint = _hint(directory)
+    hint.offsets[-1] = end
+    _rewrite(directory, offsets=hint.offsets)
+
+
+def _other_store(directory: Path) -> None:
+    _rewrite(directory, store_id=os.urandom(16))
+
+
+def _other_segment(directory: Path) -> None:
+    _rewrite(directory, segment=2)
+
+
+@pytest.mark.parametrize(
+    "spoil", [_flip_byte, _cut, _other_header, _past_the_end, _other_store, _other_segment]
+)
+async def test_an_index_that_does_not_fit_is_ignored(
+    small_frames: Path, walks: list[int], spoil: Any
+) -> None:
+    expected = await _messages(small_frames)
+    spoil(small_frames)
+    walks.clear()
+    async with EventStore(small_frames, snapshot_every=None) as store:
+        assert walks == [HEADER_SIZE]  # the whole segment, and nothing after
+        assert await store.get_recent_messages(limit=10_000) == expected
+
+
+async def test_an_index_of_a_segment_since_rolled_is_ignored(
+    small_frames: Path, walks: list[int]
+) -> None:
+    old = (small_frames / TAIL_INDEX).read_bytes()
+    async with EventStore(small_frames, segment_size=4096) as store:
+        for i in range(100):  # rolls: the segment is full
+            await store.save_message("x", f"more {i}", timestamp=9000 + i)
+    assert len(segment_files(small_frames)) >= 2  # the saved one is not the last
+    (small_frames / TAIL_INDEX).write_bytes(old)
+    walks.clear()
+    async with EventStore(small_frames, segment_size=4096) as store:
+        assert walks[0] == HEADER_SIZE
+        assert len(await store.get_recent_messages(limit=10_000)) == N + 100
+
+
+async def test_wrong_entries_before_the_saved_frame_are_rebuilt(
+    small_frames: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    without = copy_store(small_frames, tmp_path / "without")
+    (without / TAIL_INDEX).unlink()
+    async with EventStore(without, snapshot_every=None) as store:
+        full = _index_of(store)
+    expected = await _messages(without)
+
+    hint = _hint(small_frames)
+    hint.offsets[3] += 1  # no frame starts there
+    _rewrite(small_frames, offsets=hint.offsets)
+    caplog.set_level(logging.WARNING, logger="eventstore")
+    store = EventStore(small_frames, snapshot_every=None)
+    await store.connect()
+    await store._log._indexer  # type: ignore[attr-defined]
+    assert any("did not match" in r.getMessage() for r in caplog.records)
+    assert _index_of(store) == full
+    assert await store.get_recent_messages(limit=10_000) == expected
+    await store.close()
+
+
+async def test_close_during_the_background_check(small_frames: Path) -> None:
+    for _ in range(3):
+        store = EventStore(small_frames, snapshot_every=None)
+        await store.connect()
+        await store.close()  # cancels the check, whatever it was doing
+    assert len(await _messages(small_frames)) == N
+
+
+# -- the same decisions as a full walk -------------------------------------------
+
+
+def _outcome(directory: Path, error: BaseException | None, store: Any) -> Any:
+    """What an open decided: its error, or the log it left and the events it read."""
+    if error is not None:
+        return type(error).__name__, str(error).replace(str(directory), "<dir>")
+    seg = segment_files(directory)[-1]
+    return "opened", seg.read_bytes(), store
+
+
+async def _open(directory: Path) -> Any:
+    try:
+        async with EventStore(directory, snapshot_every=None) as store:
+            rows = await store.get_recent_messages(limit=5)
+            return _outcome(directory, None, (store.position, rows))
+    except (IntegrityError, StorageError) as err:
+        return _outcome(directory, err, None)
+
+
+DAMAGE = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(0, 7)),
+    st.tuples(st.just("cut"), st.integers(0, 10**6), st.just(0)),
+    st.tuples(st.just("zeros"), st.integers(0, 10**6), st.integers(1, 300)),
+    st.tuples(st.just("append"), st.integers(0, 10**6), st.integers(1, 60)),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(damage=DAMAGE)
+async def test_damage_after_the_saved_frame_is_decided_as_without_the_index(
+    small_frames: Path, tmp_path_factory: pytest.TempPathFactory, damage: tuple[str, int, int]
+) -> None:
+    """Flipped bits, cuts, zeroed runs and appended bytes in the part the open
+    walks (from the saved frame to the end): with and without tail.index the
+    open refuses with the same error, or cuts the same tail and reads the same."""
+    kind, where, arg = damage
+    seg_path = segment_files(small_frames)[-1]
+    data = bytearray(seg_path.read_bytes())
+    start = int(_hint(small_frames).offsets[-1])
+    at = start + where % (len(data) - start)
+    if kind == "flip":
+        data[at] ^= 1 << arg
+    elif kind == "cut":
+        del data[at:]
+    elif kind == "zeros":
+        data[at : at + arg] = bytes(len(data[at : at + arg]))
+    else:
+        data += bytes((where + k * 37) % 256 for k in range(arg))
+    outcomes = []
+    for keep_index in (True, False):
+        copy = tmp_path_factory.mktemp("case") / "store"
+        copy_store(small_frames, copy)
+        (copy / seg_path.name).write_bytes(bytes(data))
+        if not keep_index:
+            (copy / TAIL_INDEX).unlink()
+        outcomes.append(await _open(copy))
+        shutil.rmtree(copy)
+    event(f"{kind}: {outcomes[0][0]}")
+    assert outcomes[0] == outcomes[1]
+
+
+# -- the bytes ------------------------------------------------------------------
+
+
+async def test_bytes_as_documented(small_frames: Path) -> None:
+    data = (small_frames / TAIL_INDEX).read_bytes()
+    seg = segment_files(small_frames)[-1].read_bytes()
+    n = struct.unpack_from("<I", data, 60)[0]
+    assert data[:8] == bytes.fromhex("89 45 53 54 41 49 4c 0a")
+    assert struct.unpack_from("<HH", data, 8) == (1, 0)
+    assert struct.unpack_from("<I", data, 12)[0] == zlib.crc32(data[16:])
+    assert data[16:32] == seg[28:44]  # the store id
+    assert struct.unpack_from("<Q", data, 32)[0] == 1
+    assert len(data) == 64 + 16 * n
+    positions = struct.unpack_from(f"<{n}q", data, 64)
+    offsets = struct.unpack_from(f"<{n}q", data, 64 + 8 * n)
+    assert data[40:60] == seg[offsets[-1] : offsets[-1] + FRAME_HEADER_SIZE]
+    for pos, off in zip(positions, offsets, strict=True):
+        # Each entry names the frame header there: its first position.
+        assert struct.unpack_from("<Q", seg, off + 8)[0] == pos
+    assert all(b - a >= 4096 for a, b in pairwise(offsets))
+    doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    assert "`\\x89ESTAIL\\n`" in doc and "## tail.index" in doc
