@@ -11,12 +11,15 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from eventstore import EventStore
+from eventstore import EventStore, segmentlog
 from eventstore.recovery import find_damage
+from eventstore.segment import HEADER_SIZE
 from eventstore.snapshot import check_snapshots, list_snapshots
+from eventstore.tailindex import TAIL_INDEX
 
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
@@ -78,3 +81,33 @@ async def test_a_writer_opens_it_without_a_warning(
 def test_the_newest_golden_store_ends_in_filled_space() -> None:
     last = sorted((STORES[-1] / "store").glob("*.seg"))[-1].read_bytes()
     assert last.endswith(bytes(64))
+
+
+WITH_TAIL_INDEX = [p for p in STORES if (p / "store" / TAIL_INDEX).exists()]  # since v9
+
+
+@pytest.mark.parametrize("source", WITH_TAIL_INDEX, ids=lambda p: p.name)
+async def test_a_writer_opens_from_the_saved_tail_index(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "store"
+    shutil.copytree(source / "store", directory)
+    expected = json.loads((source / "expected.json").read_text())
+    starts: list[int] = []
+    real = segmentlog._index_frames
+
+    def recording(seg: Any, start: int, *args: Any, **kwargs: Any) -> Any:
+        starts.append(start)
+        return real(seg, start, *args, **kwargs)
+
+    monkeypatch.setattr(segmentlog, "_index_frames", recording)
+    async with EventStore(directory) as store:
+        assert starts[0] > HEADER_SIZE  # the open's walk began at the saved frame
+        await store._log._indexer  # type: ignore[attr-defined]  # the check of the rest
+        assert await reads(store) == expected
+
+
+def test_the_newest_golden_store_has_a_tail_index_of_several_entries() -> None:
+    assert WITH_TAIL_INDEX[-1:] == STORES[-1:]
+    data = (STORES[-1] / "store" / TAIL_INDEX).read_bytes()
+    assert int.from_bytes(data[60:64], "little") >= 2

@@ -8,7 +8,8 @@ It writes tests/golden/<name>/store/ (segments, one of them compacted, and a
 snapshot) and tests/golden/<name>/expected.json (what every read returns).
 Since v4 the store is copied while its writer is still open (after a
 snapshot), as a crash would leave it: the last segment then ends in the
-zeros an "fsync" writer fills ahead of its writes.
+zeros an "fsync" writer fills ahead of its writes.  Since v9 it also holds
+the tail.index that the writer's close saved.
 Committed golden stores are never rewritten: tests/test_golden.py opens each
 of them with the current code and compares.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from eventstore import EventStore
+from eventstore.tailindex import TAIL_INDEX
 
 HERE = Path(__file__).parent
 
@@ -82,10 +84,24 @@ async def write(directory: Path, copy_to: Path) -> dict[str, Any]:
             await store.forget_user("eve", timestamp=t)
             await store.compact()
     await store.save_message("zero", "a message at time 0", timestamp=0)
+    # Since v9: a clean close saves tail.index, and a second session writes
+    # one-event frames after it, in a segment now allowed to grow past the
+    # index's stride, so that the saved index has several entries.
+    await store.close()
+    store = EventStore(
+        directory, segment_size=64 * 1024, snapshot_every=None, clock=lambda: clock["now"]
+    )
+    await store.connect()
+    for n in range(150):
+        t += 3
+        await store.save_message(users[n % 4], f"after the close {n}", timestamp=t)
     expected = await reads(store)
     await store.write_snapshot()
     shutil.copytree(directory, copy_to)  # every acknowledged write is on disk
     await store.close()
+    # The index this close saved names frames the copy holds: the copy is
+    # what a crash of a later session would leave before it wrote anything.
+    shutil.copy(directory / TAIL_INDEX, copy_to / TAIL_INDEX)
     return expected
 
 
