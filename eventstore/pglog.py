@@ -171,6 +171,11 @@ INSERT_ROWS = 10_000
 ROUND_EVENTS = 10_000
 #: Seconds to wait for a connection to the server.
 CONNECT_TIMEOUT = 10.0
+#: A transaction that holds the head row (or the append lock) across several
+#: round trips sets ``idle_in_transaction_session_timeout`` to this: the
+#: server ends the session of a client that stalls between two statements,
+#: rather than let every other writer wait for it.
+LOCK_IDLE_TIMEOUT = 5.0
 #: The advisory lock key held while creating or migrating the tables: the
 #: ASCII bytes "eventsto" as a big-endian int64.
 SCHEMA_LOCK = int.from_bytes(b"eventsto", "big")
@@ -910,6 +915,7 @@ class PostgresLog(EventLog):
         usernames = [u for batch in round_ for u in batch.usernames]
         n = len(tags)
         conn = self._wconn
+        several = False
         try:
             if conn is None or conn.is_closed():
                 conn = self._wconn = await self._connect()
@@ -918,12 +924,21 @@ class PostgresLog(EventLog):
                 last = int(row[0])
             else:
                 async with conn.transaction():
+                    # TAKE holds the head row until COMMIT, and every other
+                    # writer waits for it: a client stalled between the
+                    # INSERTs (its loop blocked, its host hung) held them all
+                    # for as long.  The server now ends such a session.
+                    await conn.execute(
+                        "SET LOCAL idle_in_transaction_session_timeout = "
+                        f"{int(LOCK_IDLE_TIMEOUT * 1000)}"
+                    )
+                    several = True
                     last = int(await conn.fetchval(TAKE, n))
                     first = last - n + 1
                     for start in range(0, n, self.insert_rows):
                         stop = start + self.insert_rows
                         chunk = (tags[start:stop], payloads[start:stop], usernames[start:stop])
-                        await conn.execute(INSERT, first + start, *chunk)
+                        await self._insert(conn, first + start, chunk)
                     await conn.execute(NOTIFY, self.channel, str(last))
         except StorageError:
             raise
@@ -935,12 +950,25 @@ class PostgresLog(EventLog):
             if not isinstance(err, Exception):  # cancelled: the outcome is unknown
                 raise
             if self._lost(err):
+                idle = (
+                    "; the server ends the session of an append of several statements that "
+                    f"sits idle in its transaction for over {LOCK_IDLE_TIMEOUT:g} s (this "
+                    "process stalled), so that the other writers go on"
+                    if several
+                    else ""
+                )
                 raise ConnectionError(
                     f"{self.where}: connection lost while appending {n} events "
-                    f"(if it was lost during COMMIT they may be in the log): {err}"
+                    f"(if it was lost during COMMIT they may be in the log): {err}{idle}"
                 ) from err
             raise StorageError(f"{self.where}: append of {n} events failed: {err}") from err
         return last
+
+    async def _insert(
+        self, conn: Any, first: int, chunk: tuple[list[int], list[bytes], list[str | None]]
+    ) -> None:
+        """One INSERT of a round of several (rows from position ``first``)."""
+        await conn.execute(INSERT, first, *chunk)
 
     def _fail_queue(self, err: StorageError) -> None:
         queue, self._queue = self._queue, []

@@ -491,6 +491,68 @@ async def test_big_batches_and_small_rounds_keep_batches_whole(
         await log.close()
 
 
+async def test_an_append_of_several_statements_that_stalls_does_not_stall_the_others(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round of several INSERTs holds the head row across round trips.
+
+    A client whose loop blocks between two of them held every other
+    writer's appends for as long; the server now ends its session after
+    LOCK_IDLE_TIMEOUT idle in the transaction, which rolls the round back.
+    """
+    from eventstore import pglog
+
+    monkeypatch.setattr(pglog, "LOCK_IDLE_TIMEOUT", 0.3)
+    log = PostgresLog(pg_database, insert_rows=2)  # a round of 3+ is several INSERTs
+    await log.open()
+    stalled = threading.Event()
+    waited: list[float] = []
+    inserts = 0
+    real_insert = log._insert
+
+    async def stalling_insert(*args: Any) -> None:
+        nonlocal inserts
+        inserts += 1
+        if inserts == 2:  # between two INSERTs, with the head row taken
+            stalled.set()
+            time.sleep(3)  # this process's loop is blocked
+        await real_insert(*args)
+
+    def other_writer() -> None:
+        async def run() -> None:
+            other = PostgresLog(pg_database)
+            await other.open()
+            try:
+                assert stalled.wait(10)
+                start = time.monotonic()
+                await other.append([MessageSaved(1, "bob", "still here")])
+                waited.append(time.monotonic() - start)
+            finally:
+                await other.close()
+
+        asyncio.run(run())
+
+    try:
+        await log.append([MessageSaved(0, "a", "before")])
+        monkeypatch.setattr(log, "_insert", stalling_insert)
+        thread = threading.Thread(target=other_writer)
+        thread.start()
+        with pytest.raises(ConnectionError, match=r"sits idle in its transaction for over 0\.3 s"):
+            await log.append([MessageSaved(2, "a", f"big {i}") for i in range(5)])
+        await asyncio.to_thread(thread.join, 20)
+        assert waited and waited[0] < 2, waited
+        monkeypatch.setattr(log, "_insert", real_insert)
+        first = await log.append([MessageSaved(3, "a", f"again {i}") for i in range(5)])
+        events = [ev async for _, run in log.read_runs(1) for ev in run]
+        # Nothing of the stalled round: it was rolled back.
+        assert [ev.message for ev in events] == ["before", "still here"] + [
+            f"again {i}" for i in range(5)
+        ]
+        assert first == 3
+    finally:
+        await log.close()
+
+
 async def test_first_connects_at_once_create_the_tables_once(pg_database: str) -> None:
     logs = [PostgresLog(pg_database) for _ in range(8)]
     await asyncio.gather(*(log.open() for log in logs))
