@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from eventstore import EventStore
+import pytest
+
+from eventstore import EventStore, segmentlog
 from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE
 
 
@@ -50,3 +52,16 @@ def frames_only(path: Path) -> bytes:
     """A segment's bytes without the zeros after its last frame."""
     data = path.read_bytes()
     return data[: frames_end(data)]
+
+
+def record_walks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the offset every frame walk of a segment log starts at, in order."""
+    starts: list[int] = []
+    real = segmentlog._index_frames
+
+    def recording(seg: Any, start: int, *args: Any, **kwargs: Any) -> Any:
+        starts.append(start)
+        return real(seg, start, *args, **kwargs)
+
+    monkeypatch.setattr(segmentlog, "_index_frames", recording)
+    return starts

@@ -11,11 +11,11 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from storeutil import record_walks
 
-from eventstore import EventStore, segmentlog
+from eventstore import EventStore
 from eventstore.recovery import find_damage
 from eventstore.segment import HEADER_SIZE
 from eventstore.snapshot import check_snapshots, list_snapshots
@@ -93,14 +93,7 @@ async def test_a_writer_opens_from_the_saved_tail_index(
     directory = tmp_path / "store"
     shutil.copytree(source / "store", directory)
     expected = json.loads((source / "expected.json").read_text())
-    starts: list[int] = []
-    real = segmentlog._index_frames
-
-    def recording(seg: Any, start: int, *args: Any, **kwargs: Any) -> Any:
-        starts.append(start)
-        return real(seg, start, *args, **kwargs)
-
-    monkeypatch.setattr(segmentlog, "_index_frames", recording)
+    starts = record_walks(monkeypatch)
     async with EventStore(directory) as store:
         assert starts[0] > HEADER_SIZE  # the open's walk began at the saved frame
         await store._log._indexer  # type: ignore[attr-defined]  # the check of the rest

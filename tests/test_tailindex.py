@@ -21,12 +21,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from storeutil import copy_store, record_walks, segment_files
 
 from eventstore import EventStore, IntegrityError, StorageError
-from eventstore import segmentlog as segmentlog_module
 from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE
 from eventstore.tailindex import TAIL_INDEX, read_tail_index, write_tail_index
-from tests.storeutil import copy_store, segment_files
 
 N = 600  # one frame each: about 36 KB of frames, nine index entries
 
@@ -54,15 +53,7 @@ def _hint(directory: Path) -> Any:
 @pytest.fixture
 def walks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The offsets every frame walk of the log starts at, in order."""
-    starts: list[int] = []
-    real = segmentlog_module._index_frames
-
-    def recording(seg: Any, start: int, *args: Any, **kwargs: Any) -> Any:
-        starts.append(start)
-        return real(seg, start, *args, **kwargs)
-
-    monkeypatch.setattr(segmentlog_module, "_index_frames", recording)
-    return starts
+    return record_walks(monkeypatch)
 
 
 async def _messages(directory: Path) -> list[dict[str, Any]]:
