@@ -13,8 +13,10 @@ The stores hold the first N events of the busy-channel workload, appended
 their frames hold up to ``FRAME_EVENTS`` (64) events each, and a snapshot
 at the last event.  A third store holds the first 1M events one frame per
 event, as a bot that awaits every "fsync" write leaves its log (the store
-bench_replay builds): its last segment holds a million frames, all walked
-by every open.
+bench_replay builds): its last segment holds a million frames.  Each store
+was closed once, so it holds the tail.index that lets a writer's open walk
+only the last few of them; the store of one-event frames is also opened
+with it moved aside (every frame walked, as before tail.index existed).
 
 Every measurement runs in a fresh interpreter (``--child``), so that nothing
 an earlier measurement allocated counts: it imports the library, reads
@@ -28,7 +30,9 @@ would write a snapshot.  Cases:
 * warm: the files are in the page cache (they were just read or written);
 * cold: before the child starts, every file of the store is dropped from the
   page cache with posix_fadvise(POSIX_FADV_DONTNEED).  That empties this
-  machine's cache; a virtual disk may still be cached by its host.
+  machine's cache; a virtual disk may still be cached by its host;
+* the store of one-event frames only: with the snapshot and without
+  tail.index (moved aside), warm.
 
 Reported: the median over the runs, with the range (min-max).  RssAnon
 after connect is the figure the target names; "of which the store" is the
@@ -39,9 +43,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +69,7 @@ from bench.common import (
     snapshots_aside,
     summarize,
 )
+from eventstore.tailindex import TAIL_INDEX
 
 CASES = [
     ("snapshot", "warm"),
@@ -70,6 +77,11 @@ CASES = [
     ("snapshot", "cold"),
     ("replay", "cold"),
 ]
+#: The store of one-event frames also opens without its tail.index (moved
+#: aside), as a store closed by code before it, or after a crash in a
+#: segment started since the last clean close, opens: the writer walks
+#: every frame of the last segment.
+ONE_FRAME_CASES = [*CASES, ("no tail.index", "warm")]
 
 
 # -- the child: one connect() in a fresh process -------------------------------------------
@@ -113,7 +125,35 @@ def drop_page_cache(directory: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def tail_index_aside(directory: Path) -> Iterator[None]:
+    """Move the store's tail.index out of its directory for a while."""
+    path = directory / TAIL_INDEX
+    aside = directory.with_name(directory.name + "." + TAIL_INDEX)
+    path.rename(aside)
+    try:
+        yield
+    finally:
+        aside.rename(path)
+
+
+def ensure_tail_index(directory: Path) -> None:
+    """Give a store built before tail.index existed one (open and close it once)."""
+    if (directory / TAIL_INDEX).exists():
+        return
+    from eventstore import EventStore
+
+    async def open_and_close() -> None:
+        async with EventStore(directory, snapshot_every=None):
+            pass
+
+    asyncio.run(open_and_close())
+
+
 def measure_one(directory: Path, source: str, cache: str) -> dict[str, Any]:
+    if source == "no tail.index":
+        with tail_index_aside(directory):
+            return run_child(["bench.bench_connect", "--child", str(directory)])
     if source == "replay":
         with snapshots_aside(directory):
             if cache == "cold":
@@ -130,10 +170,12 @@ def measure(directory: Path, sizes: list[tuple[int, int, int]]) -> dict[str, Any
         where = directory / f"store-{n}-b{batch}"
         print(f"  store of {n:,} events, appended {batch:,} at a time: {where}", flush=True)
         stamp = build_store(where, n, batch=batch)
-        results: dict[str, list[dict[str, Any]]] = {f"{s}/{c}": [] for s, c in CASES}
+        ensure_tail_index(where)
+        cases = ONE_FRAME_CASES if batch == 1 else CASES
+        results: dict[str, list[dict[str, Any]]] = {f"{s}/{c}": [] for s, c in cases}
         for run in range(runs):
             out["loadavg_1min_per_run"].append(loadavg()[0])
-            for source, cache in CASES[run % len(CASES) :] + CASES[: run % len(CASES)]:
+            for source, cache in cases[run % len(cases) :] + cases[: run % len(cases)]:
                 result = measure_one(where, source, cache)
                 if result["position"] != n:
                     raise RuntimeError(f"connected at {result['position']}, expected {n}")
@@ -193,9 +235,14 @@ def targets(data: dict[str, Any]) -> list[Target]:
 
 def report(data: dict[str, Any]) -> str:
     rows = []
+    labels = {
+        "snapshot": "snapshot",
+        "replay": "none (full replay)",
+        "no tail.index": "snapshot, no tail.index",
+    }
     for entry in data["sizes"].values():
         n = entry["events"]
-        for source, cache in CASES:
+        for source, cache in ONE_FRAME_CASES if entry["batch"] == 1 else CASES:
             res = entry["results"][f"{source}/{cache}"]
             secs = _stat(res, "seconds")
             rss = _stat(res, "rss_anon")
@@ -205,7 +252,7 @@ def report(data: dict[str, Any]) -> str:
                 [
                     f"{n:,}",
                     "64" if entry["batch"] != 1 else "1",
-                    "snapshot" if source == "snapshot" else "none (full replay)",
+                    labels[source],
                     cache,
                     secs.spread(fmt_seconds),
                     fmt_rate(n / secs.median) + "/s" if source == "replay" else "-",
