@@ -6,6 +6,7 @@ the bot) or a library call refused; 2 bad usage.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -99,7 +100,17 @@ def main() -> None:
         handler.setFormatter(_Prefixed())
         handler.addFilter(lambda record: record.levelno == logging.WARNING)
         library.addHandler(handler)
-    app(prog_name="eventstore")
+    try:
+        app(prog_name="eventstore")
+    except SystemExit as done:
+        # What click prints itself (--help, a command's help) is not inside
+        # a command, so _stdout_checked does not see its broken pipe: click
+        # exits 1 on one.  ``eventstore --help | head`` is not a failure.
+        cause = done.__context__
+        if done.code == 1 and isinstance(cause, OSError) and cause.errno == errno.EPIPE:
+            out.silence_stdout()
+            raise SystemExit(0) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -304,14 +304,16 @@ def write_stdout(data: bytes) -> None:
 
 
 def reader_gone() -> NoReturn:
-    """``eventstore dump | head``: the reader has had enough; exit 0.
+    """``eventstore dump | head``: the reader has had enough; exit 0."""
+    silence_stdout()
+    raise typer.Exit(0) from None
 
-    Points stdout at /dev/null so the interpreter's final flush does not
-    complain.
-    """
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not
+    complain of the pipe whose reader has gone."""
     with contextlib.suppress(OSError, ValueError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    raise typer.Exit(0) from None
 
 
 def when(ts: int | None) -> str:

@@ -1180,6 +1180,23 @@ def test_a_reader_that_stops_reading_is_not_a_failure(
     assert stderr == b""
 
 
+@pytest.mark.parametrize("args", [["--help"], ["dump", "--help"]])
+def test_a_reader_that_stops_reading_help_is_not_a_failure(args: list[str]) -> None:
+    """``eventstore --help | head -1``: click prints help itself, and exits 1
+    on a broken pipe; exit 0 instead, as the commands do."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0
+    assert stderr == b""
+
+
 @pytest.mark.parametrize("command", ["info", "verify", "replay", "dump", "tail"])
 def test_a_stdout_that_cannot_be_written_is_one_error_line(tmp_path: Path, command: str) -> None:
     d = busy_store(tmp_path)
