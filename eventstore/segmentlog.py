@@ -29,8 +29,8 @@ Events stay in memory until their round is written and indexed, so a read
 
 Recovery.  ``open()`` checks every segment header, then walks the frames of
 the last segment (a writer from the frame ``tail.index`` names, if it fits:
-see tailindex.py and _check_prefix).  A frame cut short at the end of that segment (a crash
-during a write) is cut off and logged; any other damage raises
+see tailindex.py and _check_prefix).  A frame cut short at the end of that
+segment (a crash during a write) is cut off and logged; any other damage raises
 IntegrityError with the file and offset.  Sealed segments are checked as
 replay reads them; after a start from a snapshot, which reads none of the
 older ones, by a walk in the background (see index_in_background), whose
