@@ -247,6 +247,16 @@ class EventStore(StorageAdapter):
             self._snap_pos = proj.position
             async for first, events in self._log.read_runs(proj.position + 1):
                 proj.apply_run(first, events)
+            if not self._log.shared and proj.position < self._log.head:
+                # Compaction dropped the last events before the head (a
+                # forget_user's own UserForgotten goes with the user's
+                # events): no event is left at those positions, so the read
+                # models are those of the head.  Without this a reopen
+                # without a snapshot reported a lower position than the
+                # store had before, and its snapshot was taken there.  (A
+                # shared log's head may include other processes' appends not
+                # read yet.)
+                proj.position = self._log.head
         except BaseException:
             await self._log.close()
             raise

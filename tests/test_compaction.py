@@ -418,6 +418,37 @@ async def test_nightly_clears_do_not_grow_the_messages_name_list() -> None:
         assert [m["username"] for m in await store.get_recent_messages()] == users[-2:-11:-1]
 
 
+async def test_a_reopen_without_snapshot_keeps_the_position_a_forget_left(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """forget_user compacts its own UserForgotten away with the user's last
+    events: the log's head stays past the last event left.  A replay from
+    the start used to stop at that event, so the store reported a lower
+    position than before the close, and took its snapshot there."""
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await store.save_message("a", "stays", timestamp=1)
+        await store.save_message("bob", "goes", timestamp=2)
+        assert await store.forget_user("bob", timestamp=3)
+        before = store.position
+        reads = await store.get_recent_messages()
+    assert before == 3
+    for snap in d.glob("*.snap"):
+        snap.unlink()
+    for read_only in (True, False):
+        async with EventStore(d, read_only=read_only) as store:
+            assert store.position == before
+            assert await store.get_recent_messages() == reads
+    assert [p.name for p in d.glob("*.snap")] == [f"snapshot-{before:020d}.snap"]
+    caplog.set_level(logging.WARNING)
+    async with EventStore(d) as store:  # from that snapshot, which holds
+        assert store.position == before
+        await store.save_message("a", "next", timestamp=4)
+        assert (await store.get_recent_messages(limit=1))[0]["id"] == before + 1
+    assert caplog.records == []
+    assert await check_snapshots(str(d)) == []
+
+
 async def test_forget_user_leaves_no_byte_of_the_name(tmp_path: Path) -> None:
     d = tmp_path / "s"
     name = "zebra_unicorn_42"
