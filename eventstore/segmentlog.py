@@ -760,6 +760,11 @@ class SegmentLog(EventLog):
         the whole segment and decides on what it finds, as without the file.
         """
         assert self.store_id is not None
+        if seg.gaps_allowed:
+            # Compacted: its frames may skip positions, so a walk from a
+            # wrong entry could not tell.  (The last segment is one only if
+            # compaction dropped everything after it.)
+            return False
         hint = read_tail_index(self.directory, self.store_id, seg.first)
         if hint is None:
             return False
@@ -855,7 +860,6 @@ class SegmentLog(EventLog):
             job.cancel()
         await asyncio.gather(*walks, return_exceptions=True)
         self._indexer = self._looking = None
-        self._unchecked = None
         if self._writer is not None:
             assert self._wake is not None
             self._wake.set()
@@ -885,6 +889,15 @@ class SegmentLog(EventLog):
             failure = StorageError(
                 f"{self.directory}: {lost} accepted events were not written: {self._failed}"
             )
+        if self._unchecked is not None and self._failed is None and self._thread is not None:
+            # Closed before the background check of the frames this open
+            # skipped had run: run it now.  Saved again unchecked, the index
+            # would let every next open skip them too, and a bot restarted
+            # again and again would never have them looked at.
+            try:
+                await self._check_prefix()
+            except StorageError as err:  # the disk failing a read
+                self.logger.warning("%s (see eventstore verify)", err)
         if self._thread is not None:
             thread, self._thread = self._thread, None
             closed = False
@@ -941,6 +954,7 @@ class SegmentLog(EventLog):
         # rebuild that failed, or never ran) is not that state's.
         self._lost = False
         self._gap_looks = 0
+        self._unchecked = None
         if failure is not None:
             self.logger.error("%s", failure)
             raise failure
@@ -954,7 +968,14 @@ class SegmentLog(EventLog):
         """
         seg = self._segments[-1]
         try:
-            if self.store_id is None or not seg.frame_off:
+            if (
+                self.store_id is None
+                or not seg.frame_off
+                or seg.gaps_allowed
+                # This open skipped frames that no check could read since:
+                # the next open walks them all.
+                or self._unchecked is not None
+            ):
                 remove_tail_index(self.directory)
                 return
             header = os.pread(seg.fd, FRAME_HEADER_SIZE, seg.frame_off[-1])
@@ -1761,7 +1782,7 @@ class SegmentLog(EventLog):
         of the frames concerned fail on their own checksum); an index that
         disagrees with the frames is replaced by the walk's.
         """
-        unchecked, self._unchecked = self._unchecked, None
+        unchecked = self._unchecked
         thread = self._thread
         if unchecked is None or thread is None:
             return
@@ -1774,6 +1795,8 @@ class SegmentLog(EventLog):
             )
         finally:
             self._reader_done(thread)
+        # Checked (whatever it found): close() may save the index again.
+        self._unchecked = None
         assert walked is not None
         walker, err = walked
         if err is not None:

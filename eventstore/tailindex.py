@@ -11,12 +11,14 @@ only from there.  The frames before it are checked in the background after
 connect(), as those of older segments are.
 
 It is only a hint.  A file that is missing, damaged, of another store or
-of a segment that is no longer the last one, or whose last entry does not
-name the same frame (the same 20 header bytes, checksum included) at the
-same offset, is ignored, and so is one whose walk from that frame finds
-anything but a clean end: the writer then walks the whole segment, exactly
-as without the file.  So it is written without fsync, in place: a crash
-leaves at worst a file that fails its checksum.
+of a segment that is no longer the last one, that does not start at the
+segment's first frame, or whose last entry does not name the same frame
+(the same 20 header bytes, checksum included, and they must be a frame's)
+at the same offset, is ignored, and so is one whose walk from that frame
+finds anything but a clean end: the writer then walks the whole segment,
+exactly as without the file.  So it is written without fsync, in place: a
+crash leaves at worst a file that fails its checksum.  docs/format.md
+("tail.index") lists every condition.
 
 Layout, little-endian::
 
@@ -41,7 +43,13 @@ import zlib
 from array import array
 from dataclasses import dataclass
 
-from .segment import FRAME_HEADER_SIZE, HEADER_SIZE, STORE_ID_SIZE
+from .segment import (
+    FRAME_HEADER,
+    FRAME_HEADER_SIZE,
+    HEADER_SIZE,
+    MAX_FRAME_PAYLOAD,
+    STORE_ID_SIZE,
+)
 
 __all__ = ["TAIL_INDEX", "TailIndex", "read_tail_index", "remove_tail_index", "write_tail_index"]
 
@@ -95,8 +103,10 @@ def read_tail_index(directory: str, store_id: bytes, segment: int) -> TailIndex 
     """The saved index of segment ``segment`` of store ``store_id``, or None.
 
     None for anything but a whole, unflagged file of this version, store and
-    segment whose entries rise and lie after the segment header.  Whether the
-    frames are still where it says is the caller's to check.
+    segment whose first entry is the segment's first frame, whose entries
+    rise, and whose saved header is a frame's (at least one event, a payload
+    within the cap, the last entry's first position).  Whether the frames are
+    still where it says is the caller's to check.
     """
     try:
         with open(os.path.join(directory, TAIL_INDEX), "rb") as f:
@@ -120,11 +130,18 @@ def read_tail_index(directory: str, store_id: bytes, segment: int) -> TailIndex 
         return None
     positions = _le(array("q", data[HEAD_SIZE : HEAD_SIZE + 8 * n]))
     offsets = _le(array("q", data[HEAD_SIZE + 8 * n :]))
-    if offsets[0] < HEADER_SIZE or positions[0] < segment:
+    # The first entry is the segment's first frame: a replay or a read of a
+    # position before the second entry starts its walk there.
+    if offsets[0] != HEADER_SIZE or positions[0] != segment:
         return None
     for k in range(1, n):
         if offsets[k] <= offsets[k - 1] or positions[k] <= positions[k - 1]:
             return None
+    # The saved header is a frame's: 20 zero bytes (free space after the
+    # last frame) would "match" zeros anywhere and pass for a clean end.
+    length, _crc, first, count = FRAME_HEADER.unpack(header)
+    if count < 1 or not 0 < length <= MAX_FRAME_PAYLOAD or first != positions[-1]:
+        return None
     return TailIndex(seg, positions, offsets, header)
 
 

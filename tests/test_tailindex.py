@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import zlib
+from array import array
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,30 @@ def _other_segment(directory: Path) -> None:
     _rewrite(directory, segment=2)
 
 
+def _without_the_first_entry(directory: Path) -> None:
+    # A replay or a read before the second entry starts at the first: it
+    # must be the segment's first frame, or events before it go unread.
+    hint = _hint(directory)
+    _rewrite(directory, positions=hint.positions[1:], offsets=hint.offsets[1:])
+
+
+def _only_the_last_entry(directory: Path) -> None:
+    hint = _hint(directory)
+    _rewrite(directory, positions=hint.positions[-1:], offsets=hint.offsets[-1:])
+
+
 @pytest.mark.parametrize(
-    "spoil", [_flip_byte, _cut, _other_header, _past_the_end, _other_store, _other_segment]
+    "spoil",
+    [
+        _flip_byte,
+        _cut,
+        _other_header,
+        _past_the_end,
+        _other_store,
+        _other_segment,
+        _without_the_first_entry,
+        _only_the_last_entry,
+    ],
 )
 async def test_an_index_that_does_not_fit_is_ignored(
     small_frames: Path, walks: list[int], spoil: Any
@@ -259,6 +282,52 @@ async def test_wrong_entries_before_the_saved_frame_are_rebuilt(
     assert _index_of(store) == full
     assert await store.get_recent_messages(limit=10_000) == expected
     await store.close()
+
+
+async def test_an_index_naming_zeros_as_its_frame_is_ignored(
+    tmp_path: Path, walks: list[int]
+) -> None:
+    """Zero-filled space after the last frame (an "fsync" writer's, copied
+    while it ran) matches 20 zero bytes anywhere in it; taken for a frame,
+    the walk from there would end clean, and the writer would write past a
+    run of zeros, at positions no event has."""
+    made = tmp_path / "made"
+    async with EventStore(made, snapshot_every=None) as store:
+        for i in range(300):
+            await store.save_message("u", f"line {i}", timestamp=i)
+        live = copy_store(made, tmp_path / "live")  # as a crash leaves it
+    seg = segment_files(live)[-1]
+    data = seg.read_bytes()
+    end = data.rstrip(b"\0")
+    zeros_at = len(end) + 1000
+    assert data[zeros_at : zeros_at + 64] == bytes(64)
+    write_tail_index(
+        str(live),
+        data[28:44],
+        1,
+        array("q", [1, 5000]),
+        array("q", [HEADER_SIZE, zeros_at]),
+        bytes(FRAME_HEADER_SIZE),
+    )
+    walks.clear()
+    async with EventStore(live) as store:
+        assert walks[0] == HEADER_SIZE
+        assert store.position == 300
+        await store.save_message("u", "next", timestamp=301)
+        assert (await store.get_recent_messages(limit=1))[0]["id"] == 301
+
+
+async def test_close_right_after_connect_checks_the_skipped_frames(
+    small_frames: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = _damage_before_hint(small_frames)
+    caplog.set_level(logging.WARNING, logger="eventstore")
+    for _ in range(2):  # a bot restarted again and again hears of it each time
+        caplog.clear()
+        store = EventStore(small_frames, snapshot_every=None)
+        await store.connect()
+        await store.close()  # before the background check could run
+        assert any(f"offset {frame}" in r.getMessage() for r in caplog.records)
 
 
 async def test_close_during_the_background_check(small_frames: Path) -> None:
