@@ -959,18 +959,22 @@ class SegmentLog(EventLog):
             self.logger.error("%s", failure)
             raise failure
 
-    def _save_tail_index(self) -> None:
-        """Save the last segment's frame index for the next open (see tailindex).
+    def _save_tail_index(
+        self, seg: Segment | None = None, entries: tuple[array[int], array[int]] | None = None
+    ) -> None:
+        """Save ``seg``'s frame index (default: the last segment's) for the next
+        open (see tailindex), in the log's thread.
 
-        After the last frame is synced: the file names a frame that must be
-        there.  Its failure costs the next open a walk, so it is logged, not
-        raised.
+        Every frame it names must be synced already: close() calls it after
+        its last fdatasync, save_tail_index() only in "fsync" mode.  Its
+        failure costs the next open a walk, so it is logged, not raised.
         """
-        seg = self._segments[-1]
+        seg = self._segments[-1] if seg is None else seg
+        positions, offsets = (seg.frame_pos, seg.frame_off) if entries is None else entries
         try:
             if (
                 self.store_id is None
-                or not seg.frame_off
+                or not offsets
                 or seg.gaps_allowed
                 # This open skipped frames that no check could read since:
                 # the next open walks them all.
@@ -978,10 +982,8 @@ class SegmentLog(EventLog):
             ):
                 remove_tail_index(self.directory)
                 return
-            header = os.pread(seg.fd, FRAME_HEADER_SIZE, seg.frame_off[-1])
-            write_tail_index(
-                self.directory, self.store_id, seg.first, seg.frame_pos, seg.frame_off, header
-            )
+            header = os.pread(seg.fd, FRAME_HEADER_SIZE, offsets[-1])
+            write_tail_index(self.directory, self.store_id, seg.first, positions, offsets, header)
         except OSError as err:
             self.logger.warning(
                 "%s: cannot save %s (the next open walks the whole last segment): %s",
@@ -989,6 +991,33 @@ class SegmentLog(EventLog):
                 TAIL_INDEX,
                 err.strerror or err,
             )
+
+    async def save_tail_index(self) -> None:
+        """Save tail.index now, so that a start after a crash walks only the
+        frames written since (the store calls this after each snapshot).
+
+        Only in "fsync" mode, where every frame the index names has been
+        synced.  In the other modes a power cut can lose frames before the
+        one the file names while that one survives: an open from the file
+        would then leave the hole to the background check, where a full walk
+        refuses the log (docs/format.md, "Recovery").  Those modes save it
+        on close() only, after its fdatasync.
+        """
+        thread = self._thread
+        if (
+            self.read_only
+            or self.durability != "fsync"
+            or not self._open
+            or self._failed is not None
+            or self._unchecked is not None
+            or thread is None
+        ):
+            return
+        seg = self._segments[-1]
+        # Copied here, on the loop: the writer notes new frames in them
+        # between two of the thread's calls.
+        entries = (array("q", seg.frame_pos), array("q", seg.frame_off))
+        await thread.call(self._save_tail_index, seg, entries)
 
     def _close_files(self) -> None:
         # Quietly, the writer's descriptor too: close() may report a

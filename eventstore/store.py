@@ -1016,6 +1016,7 @@ class EventStore(StorageAdapter):
                 job.exception()  # retrieved: the caller was cancelled, and hears that
             raise
         self._snap_pos = max(self._snap_pos, position)
+        await log.save_tail_index()
         return path
 
     async def refresh(self) -> int:

@@ -1,4 +1,4 @@
-r"""The tail index: where the last segment's frames lie, saved by a writer's close().
+r"""The tail index: where the last segment's frames lie, saved by a writer.
 
 A writer's open must know where the frames of the last segment end, and
 checks each of them on the way.  A bot that awaits every "fsync" write
@@ -6,9 +6,11 @@ leaves one frame per event, so a full last segment holds about a million
 frames, and walking them took about half a second of every start.  close()
 therefore saves the segment's sparse frame index (the same entries the
 writer keeps in memory, one per INDEX_STRIDE bytes of frames) to
-``tail.index``; the next writer checks the frame at the last entry and walks
-only from there.  The frames before it are checked in the background after
-connect(), as those of older segments are.
+``tail.index``, and so does each snapshot in "fsync" mode (where every
+frame it names is synced), so that a start after a crash walks little
+more than what came after the snapshot; the next writer checks the frame
+at the last entry and walks only from there.  The frames before it are
+checked in the background after connect(), as those of older segments are.
 
 It is only a hint.  A file that is missing, damaged, of another store or
 of a segment that is no longer the last one, that does not start at the

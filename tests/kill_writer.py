@@ -1,6 +1,6 @@
 """Child process of the kill tests: write through the adapter, report each ack.
 
-Usage: python kill_writer.py DIR DURABILITY SEGMENT_SIZE TASKS
+Usage: python kill_writer.py DIR DURABILITY SEGMENT_SIZE TASKS [SNAPSHOT_EVERY]
 
 Each of TASKS concurrent tasks saves messages "t<task>-<n>" for n = 0, 1, ...
 and prints "<task> <n>" (flushed) after each write's await returns, i.e. once
@@ -18,7 +18,13 @@ from eventstore import EventStore
 
 async def main() -> None:
     directory, durability, segment_size, tasks = sys.argv[1:5]
-    store = EventStore(directory, durability=durability, segment_size=int(segment_size))  # type: ignore[arg-type]
+    snapshot_every = int(sys.argv[5]) if len(sys.argv) > 5 else 100_000
+    store = EventStore(
+        directory,
+        durability=durability,  # type: ignore[arg-type]
+        segment_size=int(segment_size),
+        snapshot_every=snapshot_every,
+    )
     await store.connect()
     out = sys.stdout
 

@@ -31,7 +31,11 @@ KILLS_PER_MODE = 26  # 78 kills over the suite
 
 
 def _run_and_kill(
-    directory: Path, durability: str, rng: random.Random, segment_size: int = 2048
+    directory: Path,
+    durability: str,
+    rng: random.Random,
+    segment_size: int = 2048,
+    snapshot_every: int = 100_000,
 ) -> dict[int, int]:
     """Start a writer, kill it at a random moment; return the last ack per task."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -43,6 +47,7 @@ def _run_and_kill(
             durability,
             str(segment_size),
             "4",
+            str(snapshot_every),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -79,7 +84,8 @@ def _run_and_kill(
         ("flush", 2048, KILLS_PER_MODE),
         ("none", 2048, KILLS_PER_MODE),
         # A segment that outlives the rounds: each child opens it from the
-        # tail.index the parent's close saved, and writes on after it.
+        # tail.index the parent's close saved, and writes on after it (and,
+        # in "fsync" mode, saves it again at each snapshot).
         ("fsync", 1 << 20, 12),
         ("flush", 1 << 20, 12),
     ],
@@ -96,7 +102,8 @@ async def test_sigkill_loses_nothing_acknowledged(
     total_acked: dict[int, int] = defaultdict(lambda: -1)
     hinted = 0
     for _round in range(kills):
-        acks = _run_and_kill(directory, durability, rng, segment_size)
+        snapshot_every = 100_000 if segment_size == 2048 else 300
+        acks = _run_and_kill(directory, durability, rng, segment_size, snapshot_every)
         hinted += _hint_inside_last_segment(directory)
         # The log always opens, and holds every acknowledged write.
         store = EventStore(directory, segment_size=segment_size)

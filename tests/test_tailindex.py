@@ -108,6 +108,35 @@ async def test_the_index_follows_the_log_across_sessions(small_frames: Path) -> 
     assert len(await _messages(small_frames)) == N + 200
 
 
+@pytest.mark.parametrize("durability", ["fsync", "flush"])
+async def test_a_snapshot_saves_the_index_in_fsync_mode(
+    tmp_path: Path, walks: list[int], durability: str
+) -> None:
+    """A start after a crash walks only what came after the last snapshot
+    ("fsync": every frame the file names was synced).  In "flush" mode a
+    power cut may lose frames before the one it would name, so only close()
+    saves it, after its fdatasync."""
+    made = tmp_path / "made"
+    async with EventStore(made, durability=durability, snapshot_every=None) as store:
+        for i in range(600):
+            await store.save_message("u", f"line {i}", timestamp=i)
+        await store.write_snapshot()
+        for i in range(600, 650):
+            await store.save_message("u", f"line {i}", timestamp=i)
+        crashed = copy_store(made, tmp_path / "crashed")  # as a kill leaves it
+    if durability == "flush":
+        assert not (crashed / TAIL_INDEX).exists()
+        return
+    hint = _hint(crashed)
+    assert 500 < hint.positions[-1] <= 600
+    walks.clear()
+    async with EventStore(crashed, snapshot_every=None) as store:
+        assert walks[0] == hint.offsets[-1]
+        assert store.position == 650
+        rows = await store.get_recent_messages(limit=10_000)
+    assert [r["message"] for r in rows] == [f"line {i}" for i in reversed(range(650))]
+
+
 async def test_a_log_without_frames_leaves_no_index(tmp_path: Path) -> None:
     async with EventStore(tmp_path / "s"):
         pass
