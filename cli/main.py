@@ -109,7 +109,11 @@ def main() -> None:
         cause = done.__context__
         if done.code == 1 and isinstance(cause, OSError) and cause.errno == errno.EPIPE:
             out.silence_stdout()
-            raise SystemExit(0) from None
+            # Click exits 1 on any broken pipe; a usage error whose message
+            # met it (``eventstore --nonsense 2>&1 | true``) is still one.
+            # (Its exception, click's UsageError, carries the exit code.)
+            code = getattr(cause.__context__, "exit_code", 0)
+            raise SystemExit(code if isinstance(code, int) else 1) from None
         raise
 
 

@@ -1197,6 +1197,20 @@ def test_a_reader_that_stops_reading_help_is_not_a_failure(args: list[str]) -> N
     assert stderr == b""
 
 
+@pytest.mark.parametrize("args", [["--nonsense"], ["dump", "--nonsense"]])
+def test_a_usage_error_into_a_closed_pipe_is_still_a_usage_error(args: list[str]) -> None:
+    """``eventstore --nonsense 2>&1 | true``: exit 2, as without the pipe."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 2
+
+
 @pytest.mark.parametrize("command", ["info", "verify", "replay", "dump", "tail"])
 def test_a_stdout_that_cannot_be_written_is_one_error_line(tmp_path: Path, command: str) -> None:
     d = busy_store(tmp_path)
