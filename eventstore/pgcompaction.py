@@ -125,7 +125,7 @@ from .events import (
     event_name,
     event_tag,
 )
-from .pglog import BOOKKEEPING_DDL, PostgresLog, decode_rows
+from .pglog import BOOKKEEPING_DDL, LOCK_IDLE_TIMEOUT, PostgresLog, decode_rows
 
 __all__ = ["PostgresCompactReport", "compact_postgres", "merge_ranges"]
 
@@ -134,12 +134,12 @@ Progress = Callable[[int, int], None]
 
 #: How often a compaction plans again when another one committed meanwhile.
 ATTEMPTS = 3
-#: Seconds the compaction's transaction may sit idle between its statements
-#: (while this process decodes the tail, compares, merges the books) before
-#: the server ends the session, which rolls it back and releases the append
-#: lock.  The client work between two statements takes milliseconds; see
-#: _commit for why there is a limit at all.
-LOCK_IDLE_TIMEOUT = 5.0
+# LOCK_IDLE_TIMEOUT (from pglog, shared with its appends of several
+# statements): seconds the compaction's transaction may sit idle between its
+# statements (while this process decodes the tail, compares, merges the
+# books) before the server ends the session, which rolls it back and
+# releases the append lock.  The client work between two statements takes
+# milliseconds; see _commit for why there is a limit at all.
 
 _encoder = msgspec.msgpack.Encoder()
 

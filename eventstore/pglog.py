@@ -915,7 +915,7 @@ class PostgresLog(EventLog):
         usernames = [u for batch in round_ for u in batch.usernames]
         n = len(tags)
         conn = self._wconn
-        several = False
+        multi_statement = False
         try:
             if conn is None or conn.is_closed():
                 conn = self._wconn = await self._connect()
@@ -932,7 +932,7 @@ class PostgresLog(EventLog):
                         "SET LOCAL idle_in_transaction_session_timeout = "
                         f"{int(LOCK_IDLE_TIMEOUT * 1000)}"
                     )
-                    several = True
+                    multi_statement = True
                     last = int(await conn.fetchval(TAKE, n))
                     first = last - n + 1
                     for start in range(0, n, self.insert_rows):
@@ -951,10 +951,11 @@ class PostgresLog(EventLog):
                 raise
             if self._lost(err):
                 idle = (
-                    "; the server ends the session of an append of several statements that "
-                    f"sits idle in its transaction for over {LOCK_IDLE_TIMEOUT:g} s (this "
-                    "process stalled), so that the other writers go on"
-                    if several
+                    "; most likely the idle limit: the server ends the session of an append "
+                    "of several statements that sits idle in its transaction for over "
+                    f"{LOCK_IDLE_TIMEOUT:g} s (this process stalled), so that the other "
+                    "writers go on"
+                    if multi_statement
                     else ""
                 )
                 raise ConnectionError(
@@ -967,7 +968,10 @@ class PostgresLog(EventLog):
     async def _insert(
         self, conn: Any, first: int, chunk: tuple[list[int], list[bytes], list[str | None]]
     ) -> None:
-        """One INSERT of a round of several (rows from position ``first``)."""
+        """One INSERT of a round of several (rows from position ``first``).
+
+        A method of its own so that a test can stall between two of them.
+        """
         await conn.execute(INSERT, first, *chunk)
 
     def _fail_queue(self, err: StorageError) -> None:

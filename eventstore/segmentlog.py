@@ -462,6 +462,10 @@ class SegmentLog(EventLog):
         # position of the frame its walk began at; the frames before it are
         # not checked yet (see _check_prefix).
         self._unchecked: tuple[Segment, int, int] | None = None
+        # May close() save tail.index?  Not while frames this open skipped
+        # are unchecked, nor once their check found damage: the next open
+        # must walk them, and refuse the log as a full walk does.
+        self._tail_ok = True
         self._closing: asyncio.Future[None] | None = None
         self._wfd: int | None = None
         # Where the writer appends next in the last segment.  Readers use
@@ -718,6 +722,7 @@ class SegmentLog(EventLog):
         size = os.fstat(seg.fd).st_size
         seg.frame_pos = array("q")
         seg.frame_off = array("q")
+        self._unchecked, self._tail_ok = None, True  # not left by an open that failed
         if self.read_only:
             # A writer may be at work in this segment: read as a follower does.
             # Without one, zeros after the last frame are checked as a writer
@@ -779,7 +784,7 @@ class SegmentLog(EventLog):
             seg.frame_pos, seg.frame_off = array("q"), array("q")
             return False
         seg.end, seg.next_position, seg.indexed = walker.offset, walker.next_position, True
-        self._unchecked = (seg, start, position)
+        self._unchecked, self._tail_ok = (seg, start, position), False
         return True
 
     def _is_torn(self, seg: Segment, err: FrameError, size: int) -> bool:
@@ -889,18 +894,9 @@ class SegmentLog(EventLog):
             failure = StorageError(
                 f"{self.directory}: {lost} accepted events were not written: {self._failed}"
             )
-        if self._unchecked is not None and self._failed is None and self._thread is not None:
-            # Closed before the background check of the frames this open
-            # skipped had run: run it now.  Saved again unchecked, the index
-            # would let every next open skip them too, and a bot restarted
-            # again and again would never have them looked at.
-            try:
-                await self._check_prefix()
-            except StorageError as err:  # the disk failing a read
-                self.logger.warning("%s (see eventstore verify)", err)
         if self._thread is not None:
             thread, self._thread = self._thread, None
-            closed = False
+            closed = saved = False
             try:
                 if self._wfd is not None and self._sync_error is None:
                     # Whatever the mode, close() leaves everything accepted
@@ -935,6 +931,9 @@ class SegmentLog(EventLog):
                     else:
                         if self._failed is None:
                             await thread.call(self._save_tail_index)
+                            saved = True
+                if not saved and not self._tail_ok:  # closed after a failure
+                    await thread.call(self._drop_tail_index)
                 await thread.call(self._close_files)
                 closed = True
             finally:
@@ -954,7 +953,7 @@ class SegmentLog(EventLog):
         # rebuild that failed, or never ran) is not that state's.
         self._lost = False
         self._gap_looks = 0
-        self._unchecked = None
+        self._unchecked, self._tail_ok = None, True
         if failure is not None:
             self.logger.error("%s", failure)
             raise failure
@@ -972,14 +971,7 @@ class SegmentLog(EventLog):
         seg = self._segments[-1] if seg is None else seg
         positions, offsets = (seg.frame_pos, seg.frame_off) if entries is None else entries
         try:
-            if (
-                self.store_id is None
-                or not offsets
-                or seg.gaps_allowed
-                # This open skipped frames that no check could read since:
-                # the next open walks them all.
-                or self._unchecked is not None
-            ):
+            if self.store_id is None or not offsets or seg.gaps_allowed or not self._tail_ok:
                 remove_tail_index(self.directory)
                 return
             header = os.pread(seg.fd, FRAME_HEADER_SIZE, offsets[-1])
@@ -990,6 +982,16 @@ class SegmentLog(EventLog):
                 self.directory,
                 TAIL_INDEX,
                 err.strerror or err,
+            )
+
+    def _drop_tail_index(self) -> None:
+        """Remove tail.index (in the log's thread), so that the next open walks
+        the whole last segment; a failure is logged."""
+        try:
+            remove_tail_index(self.directory)
+        except OSError as err:
+            self.logger.warning(
+                "%s: cannot remove %s: %s", self.directory, TAIL_INDEX, err.strerror or err
             )
 
     async def save_tail_index(self) -> None:
@@ -1009,7 +1011,7 @@ class SegmentLog(EventLog):
             or self.durability != "fsync"
             or not self._open
             or self._failed is not None
-            or self._unchecked is not None
+            or not self._tail_ok
             or thread is None
         ):
             return
@@ -1807,33 +1809,38 @@ class SegmentLog(EventLog):
         """Check the last segment's frames an open from tail.index did not walk.
 
         As the background walk of older segments does: headers and
-        checksums, in the log's thread.  What it finds wrong is logged (reads
-        of the frames concerned fail on their own checksum); an index that
-        disagrees with the frames is replaced by the walk's.
+        checksums, in the log's thread.  What it finds wrong is logged
+        (reads of the frames concerned fail on their own checksum), and
+        close() then removes tail.index, so that the next open walks those
+        frames and refuses the log, as without the file.  An index that
+        disagrees with the frames is replaced by the walk's.  Not run by
+        close(): a close before it is done removes the file too.
         """
         unchecked = self._unchecked
         thread = self._thread
         if unchecked is None or thread is None:
             return
         seg, stop, position = unchecked
+
+        def replaced() -> bool:
+            # By compaction, which read every one of its frames to prove
+            # its rewrite: nothing is left to check.
+            return not any(s is seg for s in self._segments)
+
         self._readers += 1
         try:
             scratch = _scratch(seg)
-            walked = await self._walk_frames(
-                thread, seg, scratch, stop, seg.gaps_allowed, True, lambda: False
-            )
+            walked = await self._walk_frames(thread, seg, scratch, stop, False, True, replaced)
         finally:
             self._reader_done(thread)
-        # Checked (whatever it found): close() may save the index again.
         self._unchecked = None
-        assert walked is not None
+        if walked is None:
+            self._tail_ok = True
+            return
         walker, err = walked
         if err is not None:
             why = f"{err.reason} at offset {err.offset}"
-        elif walker.offset != stop or not (
-            walker.next_position == position
-            or (seg.gaps_allowed and walker.next_position < position)
-        ):
+        elif walker.offset != stop or walker.next_position != position:
             why = (
                 f"the frames before offset {stop} end at offset {walker.offset} and "
                 f"position {walker.next_position - 1}, but the frame at {stop} starts "
@@ -1850,9 +1857,13 @@ class SegmentLog(EventLog):
                 )
                 seg.frame_off = scratch.frame_off + seg.frame_off[k:]
                 seg.frame_pos = scratch.frame_pos + seg.frame_pos[k:]
+            self._tail_ok = True
             return
         self.logger.warning(
-            "%s: %s (reads of the events there will fail; see eventstore verify)", seg.path, why
+            "%s: %s (reads of the events there will fail, and the next open refuses "
+            "the log; see eventstore verify)",
+            seg.path,
+            why,
         )
 
     def frame_checksum(self, position: int) -> int | None:

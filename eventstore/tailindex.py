@@ -50,7 +50,6 @@ from .segment import (
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
     MAX_FRAME_PAYLOAD,
-    STORE_ID_SIZE,
 )
 
 __all__ = ["TAIL_INDEX", "TailIndex", "read_tail_index", "remove_tail_index", "write_tail_index"]
@@ -126,7 +125,6 @@ def read_tail_index(directory: str, store_id: bytes, segment: int) -> TailIndex 
         or n == 0
         or zlib.crc32(memoryview(data)[16:]) != crc
         or sid != store_id
-        or len(sid) != STORE_ID_SIZE
         or seg != segment
     ):
         return None

@@ -9,10 +9,13 @@ open decides exactly as a full walk does.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import struct
+import time
 import zlib
 from array import array
 from itertools import pairwise
@@ -25,6 +28,7 @@ from hypothesis import strategies as st
 from storeutil import copy_store, record_walks, segment_files
 
 from eventstore import EventStore, IntegrityError, StorageError
+from eventstore import segmentlog as segmentlog_module
 from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE
 from eventstore.tailindex import TAIL_INDEX, read_tail_index, write_tail_index
 
@@ -57,8 +61,20 @@ def walks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return record_walks(monkeypatch)
 
 
+async def _checked(store: EventStore) -> None:
+    """Wait for the background check (and indexing) that connect() starts.
+
+    A close() before the check of the frames an open from tail.index skipped
+    is done removes the file (test_a_close_before_the_check_removes_the_file).
+    """
+    indexer = store._log._indexer  # type: ignore[attr-defined]
+    if indexer is not None:
+        await indexer
+
+
 async def _messages(directory: Path) -> list[dict[str, Any]]:
     async with EventStore(directory, snapshot_every=None) as store:
+        await _checked(store)
         return await store.get_recent_messages(limit=10_000)
 
 
@@ -88,7 +104,7 @@ async def test_close_saves_the_index_and_open_walks_from_its_last_entry(
     assert walks[0] == hint.offsets[-1] > HEADER_SIZE
     assert _index_of(store) == full
     assert store.position == N
-    await store._log._indexer  # type: ignore[attr-defined]
+    await _checked(store)
     assert walks[1] == HEADER_SIZE
     assert _index_of(store) == full
     rows = await store.get_recent_messages(limit=10_000)
@@ -171,7 +187,7 @@ async def test_damage_before_the_saved_frame_is_logged_in_the_background(
     caplog.set_level(logging.WARNING, logger="eventstore")
     store = EventStore(small_frames, snapshot_every=None)
     await store.connect()
-    await store._log._indexer  # type: ignore[attr-defined]
+    await _checked(store)
     seg = segment_files(small_frames)[-1]
     warned = [r.getMessage() for r in caplog.records if str(seg) in r.getMessage()]
     assert any(f"offset {frame}" in m and "checksum" in m for m in warned), warned
@@ -181,6 +197,12 @@ async def test_damage_before_the_saved_frame_is_logged_in_the_background(
         await store.get_recent_messages(limit=10_000)
     await store.save_message("after", "still writes")
     await store.close()
+    # That close removed the file: the next open walks the frames, and
+    # refuses the log as an open without the file did above.
+    assert not (small_frames / TAIL_INDEX).exists()
+    with pytest.raises(IntegrityError, match=f"offset {frame}"):
+        async with EventStore(small_frames):
+            pass
 
 
 def _rewrite(directory: Path, **change: Any) -> None:
@@ -306,7 +328,7 @@ async def test_wrong_entries_before_the_saved_frame_are_rebuilt(
     caplog.set_level(logging.WARNING, logger="eventstore")
     store = EventStore(small_frames, snapshot_every=None)
     await store.connect()
-    await store._log._indexer  # type: ignore[attr-defined]
+    await _checked(store)
     assert any("did not match" in r.getMessage() for r in caplog.records)
     assert _index_of(store) == full
     assert await store.get_recent_messages(limit=10_000) == expected
@@ -346,25 +368,61 @@ async def test_an_index_naming_zeros_as_its_frame_is_ignored(
         assert (await store.get_recent_messages(limit=1))[0]["id"] == 301
 
 
-async def test_close_right_after_connect_checks_the_skipped_frames(
-    small_frames: Path, caplog: pytest.LogCaptureFixture
+async def test_a_close_before_the_check_removes_the_file(
+    small_frames: Path, walks: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    frame = _damage_before_hint(small_frames)
+    """Saved again unchecked, the index would let every next open skip the
+    same frames (a bot restarted again and again), so a close that comes
+    first removes it: the next open walks them all."""
+    monkeypatch.setattr(segmentlog_module, "INDEX_CHUNK", 4096)  # a check of nine calls
+    store = EventStore(small_frames, snapshot_every=None)
+    await store.connect()
+    assert walks[0] > HEADER_SIZE
+    await asyncio.sleep(0)  # the check begins, and is cut short
+    await store.close()
+    assert not (small_frames / TAIL_INDEX).exists()
+    walks.clear()
+    async with EventStore(small_frames, snapshot_every=None) as store:
+        assert walks[0] == HEADER_SIZE
+        assert store.position == N
+    assert _hint(small_frames) is not None  # that open walked it all: saved again
+
+
+async def test_a_close_after_a_failed_write_removes_an_unchecked_file(
+    small_frames: Path, walks: list[int]
+) -> None:
+    store = EventStore(small_frames, snapshot_every=None)
+    await store.connect()
+    store._log._fail(StorageError("a failing disk"), [])  # type: ignore[attr-defined]
+    with contextlib.suppress(StorageError):
+        await store.close()
+    assert not (small_frames / TAIL_INDEX).exists()
+
+
+async def test_a_check_whose_segment_compaction_replaced_stops_quietly(
+    small_frames: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Compaction read every frame of the segment to prove its rewrite."""
+    monkeypatch.setattr(segmentlog_module, "INDEX_CHUNK", 1024)  # 36 calls
+    real = segmentlog_module._index_frames
+    saved_frame = _hint(small_frames).offsets[-1]
+    stops: list[int] = []
+
+    def slow(seg: Any, start: int, position: int, stop: int, *args: Any, **kw: Any) -> Any:
+        stops.append(stop)
+        time.sleep(0.02)  # in the log's thread: the check spans the compaction
+        return real(seg, start, position, stop, *args, **kw)
+
+    monkeypatch.setattr(segmentlog_module, "_index_frames", slow)
     caplog.set_level(logging.WARNING, logger="eventstore")
-    for _ in range(2):  # a bot restarted again and again hears of it each time
-        caplog.clear()
-        store = EventStore(small_frames, snapshot_every=None)
-        await store.connect()
-        await store.close()  # before the background check could run
-        assert any(f"offset {frame}" in r.getMessage() for r in caplog.records)
-
-
-async def test_close_during_the_background_check(small_frames: Path) -> None:
-    for _ in range(3):
-        store = EventStore(small_frames, snapshot_every=None)
-        await store.connect()
-        await store.close()  # cancels the check, whatever it was doing
-    assert len(await _messages(small_frames)) == N
+    store = EventStore(small_frames, snapshot_every=None)
+    await store.connect()
+    await store.forget_user("user3")  # rolls, and compacts the segment being checked
+    await _checked(store)
+    assert saved_frame not in stops  # the check stopped before the saved frame
+    await store.close()
+    assert [r.getMessage() for r in caplog.records] == []
+    assert len(await _messages(small_frames)) == sum(1 for i in range(N) if i % 7 != 3)
 
 
 # -- the same decisions as a full walk -------------------------------------------
@@ -402,7 +460,10 @@ DAMAGE = st.one_of(
 )
 @given(damage=DAMAGE)
 async def test_damage_after_the_saved_frame_is_decided_as_without_the_index(
-    small_frames: Path, tmp_path_factory: pytest.TempPathFactory, damage: tuple[str, int, int]
+    small_frames: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    walks: list[int],
+    damage: tuple[str, int, int],
 ) -> None:
     """Flipped bits, cuts, zeroed runs and appended bytes in the part the open
     walks (from the saved frame to the end): with and without tail.index the
@@ -427,9 +488,13 @@ async def test_damage_after_the_saved_frame_is_decided_as_without_the_index(
         (copy / seg_path.name).write_bytes(bytes(data))
         if not keep_index:
             (copy / TAIL_INDEX).unlink()
+        walks.clear()
         outcomes.append(await _open(copy))
+        if keep_index:
+            # Whether the open began its walk at the saved frame (it walks
+            # the whole segment after it if that walk does not end clean).
+            event(f"{kind}: {outcomes[0][0]}, began at the saved frame: {walks[0] > HEADER_SIZE}")
         shutil.rmtree(copy)
-    event(f"{kind}: {outcomes[0][0]}")
     assert outcomes[0] == outcomes[1]
 
 
