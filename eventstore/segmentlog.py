@@ -91,7 +91,13 @@ from .segment import (
     segment_name,
     unpack_header,
 )
-from .tailindex import TAIL_INDEX, read_tail_index, remove_tail_index, write_tail_index
+from .tailindex import (
+    TAIL_INDEX,
+    TailIndex,
+    read_tail_index,
+    remove_tail_index,
+    write_tail_index,
+)
 
 __all__ = ["DEFAULT_SEGMENT_SIZE", "SegmentLog"]
 
@@ -727,8 +733,24 @@ class SegmentLog(EventLog):
             # A writer may be at work in this segment: read as a follower does.
             # Without one, zeros after the last frame are checked as a writer
             # would check them: frames after zeroed ones are damage, not hidden.
+            live = lock_holder(self.directory) is not None
+            hint = self._fitting_tail_index(seg, size)
+            if hint is not None:
+                # From the saved frame, as a writer opens.  A reader checks
+                # none of the frames before it (the writer does, and reads
+                # check each frame they read); anything but a clean end or
+                # a writer's half frame after it means the whole walk below.
+                seg.frame_pos, seg.frame_off = hint.positions[:-1], hint.offsets[:-1]
+                seg.end, seg.next_position = hint.offsets[-1], hint.positions[-1]
+                seg.indexed = True
+                try:
+                    self._continue_scan(seg, live=live)
+                    return
+                except IntegrityError:
+                    seg.frame_pos, seg.frame_off = array("q"), array("q")
+                    seg.last_frame, seg.last_header = 0, b""
             seg.end, seg.next_position, seg.indexed = HEADER_SIZE, seg.first, True
-            self._continue_scan(seg, live=lock_holder(self.directory) is not None)
+            self._continue_scan(seg, live=live)
             return
         if self._resume_from_tail_index(seg, size):
             return
@@ -764,20 +786,10 @@ class SegmentLog(EventLog):
         False for anything else, with ``seg`` as it was: the caller walks
         the whole segment and decides on what it finds, as without the file.
         """
-        assert self.store_id is not None
-        if seg.gaps_allowed:
-            # Compacted: its frames may skip positions, so a walk from a
-            # wrong entry could not tell.  (The last segment is one only if
-            # compaction dropped everything after it.)
-            return False
-        hint = read_tail_index(self.directory, self.store_id, seg.first)
+        hint = self._fitting_tail_index(seg, size)
         if hint is None:
             return False
         start, position = hint.offsets[-1], hint.positions[-1]
-        if start + FRAME_HEADER_SIZE > size or (
-            os.pread(seg.fd, FRAME_HEADER_SIZE, start) != hint.frame_header
-        ):
-            return False  # not the frame it was saved with: another file, or cut
         seg.frame_pos, seg.frame_off = hint.positions[:-1], hint.offsets[:-1]
         walker, err = _index_frames(seg, start, position, size, seg.gaps_allowed)
         if err is not None:
@@ -786,6 +798,23 @@ class SegmentLog(EventLog):
         seg.end, seg.next_position, seg.indexed = walker.offset, walker.next_position, True
         self._unchecked, self._tail_ok = (seg, start, position), False
         return True
+
+    def _fitting_tail_index(self, seg: Segment, size: int) -> TailIndex | None:
+        """tail.index, if it is the last segment's and names a frame still there."""
+        if seg.gaps_allowed or self.store_id is None:
+            # Compacted: its frames may skip positions, so a walk from a
+            # wrong entry could not tell.  (The last segment is one only if
+            # compaction dropped everything after it.)
+            return None
+        hint = read_tail_index(self.directory, self.store_id, seg.first)
+        if hint is None:
+            return None
+        start = hint.offsets[-1]
+        if start + FRAME_HEADER_SIZE > size or (
+            os.pread(seg.fd, FRAME_HEADER_SIZE, start) != hint.frame_header
+        ):
+            return None  # not the frame it was saved with: another file, or cut
+        return hint
 
     def _is_torn(self, seg: Segment, err: FrameError, size: int) -> bool:
         """Is ``err`` the shape a crash mid-write leaves at the end of the log?"""

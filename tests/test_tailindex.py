@@ -113,6 +113,35 @@ async def test_close_saves_the_index_and_open_walks_from_its_last_entry(
     assert rows == await _messages(without)
 
 
+async def test_a_reader_opens_from_the_saved_frame_too(
+    small_frames: Path, walks: list[int]
+) -> None:
+    expected = await _messages(small_frames)
+    walks.clear()
+    async with EventStore(small_frames, read_only=True) as store:
+        assert walks[0] == _hint(small_frames).offsets[-1]
+        assert store.position == N
+        assert await store.get_recent_messages(limit=10_000) == expected
+
+
+async def test_a_follower_opened_from_the_saved_frame_follows_the_writer(
+    small_frames: Path, walks: list[int]
+) -> None:
+    async with EventStore(small_frames, snapshot_every=None) as writer:
+        await writer.save_message("w", "while the reader opens", timestamp=9_000)
+        walks.clear()
+        async with EventStore(small_frames, read_only=True) as reader:
+            assert walks[0] == _hint(small_frames).offsets[-1]
+            assert reader.position == N + 1
+            for i in range(50):
+                await writer.save_message("w", f"then {i}", timestamp=9_001 + i)
+            await reader.refresh()
+            assert reader.position == N + 51
+            assert await reader.get_recent_messages(
+                limit=10_000
+            ) == await writer.get_recent_messages(limit=10_000)
+
+
 async def test_the_index_follows_the_log_across_sessions(small_frames: Path) -> None:
     first = _hint(small_frames)
     async with EventStore(small_frames, durability="flush", snapshot_every=None) as store:
@@ -436,9 +465,9 @@ def _outcome(directory: Path, error: BaseException | None, store: Any) -> Any:
     return "opened", seg.read_bytes(), store
 
 
-async def _open(directory: Path) -> Any:
+async def _open(directory: Path, read_only: bool = False) -> Any:
     try:
-        async with EventStore(directory, snapshot_every=None) as store:
+        async with EventStore(directory, snapshot_every=None, read_only=read_only) as store:
             rows = await store.get_recent_messages(limit=5)
             return _outcome(directory, None, (store.position, rows))
     except (IntegrityError, StorageError) as err:
@@ -454,20 +483,22 @@ DAMAGE = st.one_of(
 
 
 @settings(
-    max_examples=60,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(damage=DAMAGE)
+@given(damage=DAMAGE, read_only=st.booleans())
 async def test_damage_after_the_saved_frame_is_decided_as_without_the_index(
     small_frames: Path,
     tmp_path_factory: pytest.TempPathFactory,
     walks: list[int],
     damage: tuple[str, int, int],
+    read_only: bool,
 ) -> None:
     """Flipped bits, cuts, zeroed runs and appended bytes in the part the open
     walks (from the saved frame to the end): with and without tail.index the
-    open refuses with the same error, or cuts the same tail and reads the same."""
+    open refuses with the same error, or cuts the same tail (a reader: leaves
+    it) and reads the same; as a writer and as a reader."""
     kind, where, arg = damage
     seg_path = segment_files(small_frames)[-1]
     data = bytearray(seg_path.read_bytes())
@@ -489,11 +520,13 @@ async def test_damage_after_the_saved_frame_is_decided_as_without_the_index(
         if not keep_index:
             (copy / TAIL_INDEX).unlink()
         walks.clear()
-        outcomes.append(await _open(copy))
+        outcomes.append(await _open(copy, read_only))
         if keep_index:
             # Whether the open began its walk at the saved frame (it walks
             # the whole segment after it if that walk does not end clean).
-            event(f"{kind}: {outcomes[0][0]}, began at the saved frame: {walks[0] > HEADER_SIZE}")
+            began = walks[0] > HEADER_SIZE
+            who = "reader" if read_only else "writer"
+            event(f"{who}, {kind}: {outcomes[0][0]}, began at the saved frame: {began}")
         shutil.rmtree(copy)
     assert outcomes[0] == outcomes[1]
 
