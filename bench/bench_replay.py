@@ -25,7 +25,9 @@ the same segment files, warm in the page cache (they were just read):
   projections.  The reference the target compares with;
 * ``decode+crc``: the same plus the crc32 every frame is checked with;
 * ``read_runs``: ``SegmentLog.read_runs`` (read-only log), events counted
-  but not applied: frame walking, checksums, decoding, the async iteration;
+  but not applied: opening the log (which starts from the ``tail.index``
+  the build's close saved, so it does not walk the last segment first),
+  frame walking, checksums, decoding, the async iteration;
 * ``read_runs+apply``: the same, each run applied with
   ``Projections.apply_run`` -- the work of connect();
 * ``connect()``: ``EventStore(read_only=True).connect()`` with the
