@@ -468,9 +468,9 @@ class SegmentLog(EventLog):
         # position of the frame its walk began at; the frames before it are
         # not checked yet (see _check_prefix).
         self._unchecked: tuple[Segment, int, int] | None = None
-        # May close() save tail.index?  Not while frames this open skipped
-        # are unchecked, nor once their check found damage: the next open
-        # must walk them, and refuse the log as a full walk does.
+        # May this open save tail.index?  Not while frames it skipped are
+        # unchecked (the file it opened from is then left as it is), nor
+        # once their check found damage (which removed the file).
         self._tail_ok = True
         self._closing: asyncio.Future[None] | None = None
         self._wfd: int | None = None
@@ -925,7 +925,7 @@ class SegmentLog(EventLog):
             )
         if self._thread is not None:
             thread, self._thread = self._thread, None
-            closed = saved = False
+            closed = False
             try:
                 if self._wfd is not None and self._sync_error is None:
                     # Whatever the mode, close() leaves everything accepted
@@ -960,9 +960,6 @@ class SegmentLog(EventLog):
                     else:
                         if self._failed is None:
                             await thread.call(self._save_tail_index)
-                            saved = True
-                if not saved and not self._tail_ok:  # closed after a failure
-                    await thread.call(self._drop_tail_index)
                 await thread.call(self._close_files)
                 closed = True
             finally:
@@ -999,8 +996,13 @@ class SegmentLog(EventLog):
         """
         seg = self._segments[-1] if seg is None else seg
         positions, offsets = (seg.frame_pos, seg.frame_off) if entries is None else entries
+        if not self._tail_ok:
+            # This open skipped frames no check has passed yet: the file it
+            # opened from stays as it is (it names the same synced frames),
+            # so the next open skips them too, and checks them again.
+            return
         try:
-            if self.store_id is None or not offsets or seg.gaps_allowed or not self._tail_ok:
+            if self.store_id is None or not offsets or seg.gaps_allowed:
                 remove_tail_index(self.directory)
                 return
             header = os.pread(seg.fd, FRAME_HEADER_SIZE, offsets[-1])
@@ -1014,8 +1016,8 @@ class SegmentLog(EventLog):
             )
 
     def _drop_tail_index(self) -> None:
-        """Remove tail.index (in the log's thread), so that the next open walks
-        the whole last segment; a failure is logged."""
+        """Remove tail.index, so that the next open walks the whole last
+        segment; a failure is logged."""
         try:
             remove_tail_index(self.directory)
         except OSError as err:
@@ -1840,10 +1842,10 @@ class SegmentLog(EventLog):
         As the background walk of older segments does: headers and
         checksums, in the log's thread.  What it finds wrong is logged
         (reads of the frames concerned fail on their own checksum), and
-        close() then removes tail.index, so that the next open walks those
-        frames and refuses the log, as without the file.  An index that
-        disagrees with the frames is replaced by the walk's.  Not run by
-        close(): a close before it is done removes the file too.
+        tail.index is removed, so that the next open walks those frames and
+        refuses the log, as without the file.  An index that disagrees with
+        the frames is replaced by the walk's.  Not run by close(): a close
+        before it is done leaves the file as this open found it.
         """
         unchecked = self._unchecked
         thread = self._thread
@@ -1888,6 +1890,9 @@ class SegmentLog(EventLog):
                 seg.frame_pos = scratch.frame_pos + seg.frame_pos[k:]
             self._tail_ok = True
             return
+        # At once, not at close(): after a crash too, the next open must
+        # walk these frames, and refuse the log as a full walk does.
+        self._drop_tail_index()
         self.logger.warning(
             "%s: %s (reads of the events there will fail, and the next open refuses "
             "the log; see eventstore verify)",

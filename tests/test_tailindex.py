@@ -224,14 +224,18 @@ async def test_damage_before_the_saved_frame_is_logged_in_the_background(
     assert (await store.get_recent_messages(limit=5))[0]["message"] == f"line {N - 1}"
     with pytest.raises(IntegrityError, match=f"offset {frame}"):
         await store.get_recent_messages(limit=10_000)
+    # The check removed the file at once: after a crash as after a close,
+    # the next open walks the frames, and refuses the log as an open
+    # without the file did above.
+    assert not (small_frames / TAIL_INDEX).exists()
+    crashed = copy_store(small_frames, tmp_path / "crashed")
     await store.save_message("after", "still writes")
     await store.close()
-    # That close removed the file: the next open walks the frames, and
-    # refuses the log as an open without the file did above.
     assert not (small_frames / TAIL_INDEX).exists()
-    with pytest.raises(IntegrityError, match=f"offset {frame}"):
-        async with EventStore(small_frames):
-            pass
+    for directory in (crashed, small_frames):
+        with pytest.raises(IntegrityError, match=f"offset {frame}"):
+            async with EventStore(directory):
+                pass
 
 
 def _rewrite(directory: Path, **change: Any) -> None:
@@ -397,35 +401,77 @@ async def test_an_index_naming_zeros_as_its_frame_is_ignored(
         assert (await store.get_recent_messages(limit=1))[0]["id"] == 301
 
 
-async def test_a_close_before_the_check_removes_the_file(
+async def test_a_close_before_the_check_leaves_the_file_as_it_was(
     small_frames: Path, walks: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Saved again unchecked, the index would let every next open skip the
-    same frames (a bot restarted again and again), so a close that comes
-    first removes it: the next open walks them all."""
+    """Saved again, the index would cover frames no check has passed; removed,
+    the next start would walk them all (``eventstore snapshot`` before a
+    restart made the restart slow).  Left alone, it names the same frames,
+    and the next open skips them and checks them again."""
     monkeypatch.setattr(segmentlog_module, "INDEX_CHUNK", 4096)  # a check of nine calls
+    before = (small_frames / TAIL_INDEX).read_bytes()
     store = EventStore(small_frames, snapshot_every=None)
     await store.connect()
     assert walks[0] > HEADER_SIZE
     await asyncio.sleep(0)  # the check begins, and is cut short
+    await store.save_message("late", "written after the saved frame", timestamp=5_000)
     await store.close()
-    assert not (small_frames / TAIL_INDEX).exists()
+    assert (small_frames / TAIL_INDEX).read_bytes() == before
     walks.clear()
-    async with EventStore(small_frames, snapshot_every=None) as store:
-        assert walks[0] == HEADER_SIZE
-        assert store.position == N
-    assert _hint(small_frames) is not None  # that open walked it all: saved again
+    entries = len(_hint(small_frames).offsets)
+    async with EventStore(small_frames, durability="flush", snapshot_every=None) as store:
+        assert walks[0] == _hint(small_frames).offsets[-1]
+        assert store.position == N + 1
+        await _checked(store)
+        for i in range(100):  # past the next entry
+            await store.save_message("later", f"line {i}", timestamp=6_000 + i)
+    assert len(_hint(small_frames).offsets) > entries  # checked, then saved anew
 
 
-async def test_a_close_after_a_failed_write_removes_an_unchecked_file(
-    small_frames: Path, walks: list[int]
+async def test_a_close_after_a_failed_write_leaves_the_file_as_it_was(
+    small_frames: Path,
 ) -> None:
+    before = (small_frames / TAIL_INDEX).read_bytes()
     store = EventStore(small_frames, snapshot_every=None)
     await store.connect()
     store._log._fail(StorageError("a failing disk"), [])  # type: ignore[attr-defined]
     with contextlib.suppress(StorageError):
         await store.close()
-    assert not (small_frames / TAIL_INDEX).exists()
+    assert (small_frames / TAIL_INDEX).read_bytes() == before
+
+
+async def test_one_store_object_across_opens_starts_afresh(small_frames: Path) -> None:
+    """State of an open from the file (frames unchecked) does not outlive its close."""
+    store = EventStore(small_frames, snapshot_every=None)
+    await store.connect()  # from the file; closed before its check
+    await store.close()
+    (small_frames / TAIL_INDEX).unlink()
+    await store.connect()  # a full walk: nothing unchecked
+    await store.close()
+    assert _hint(small_frames) is not None
+
+
+async def test_a_reader_whose_walk_from_the_file_fails_walks_it_all(
+    small_frames: Path, walks: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a writer does: the whole walk decides, on an index of its own."""
+    async with EventStore(small_frames, read_only=True) as store:
+        full = _index_of(store)
+    real = segmentlog_module.SegmentLog._continue_scan
+    failed: list[int] = []
+
+    def failing_once(log: Any, seg: Any, live: bool = True) -> None:
+        if seg.end > HEADER_SIZE and not failed:  # the walk from the saved frame
+            failed.append(seg.end)
+            raise IntegrityError("what looked like damage after the saved frame")
+        real(log, seg, live)
+
+    monkeypatch.setattr(segmentlog_module.SegmentLog, "_continue_scan", failing_once)
+    walks.clear()
+    async with EventStore(small_frames, read_only=True) as store:
+        assert failed and walks[-1] == HEADER_SIZE
+        assert _index_of(store) == full
+        assert store.position == N
 
 
 async def test_a_check_whose_segment_compaction_replaced_stops_quietly(
@@ -449,9 +495,11 @@ async def test_a_check_whose_segment_compaction_replaced_stops_quietly(
     await store.forget_user("user3")  # rolls, and compacts the segment being checked
     await _checked(store)
     assert saved_frame not in stops  # the check stopped before the saved frame
+    await store.save_message("late", "after the compaction", timestamp=9_000)
     await store.close()
+    assert _hint(small_frames) is not None  # nothing left unchecked: saved
     assert [r.getMessage() for r in caplog.records] == []
-    assert len(await _messages(small_frames)) == sum(1 for i in range(N) if i % 7 != 3)
+    assert len(await _messages(small_frames)) == 1 + sum(1 for i in range(N) if i % 7 != 3)
 
 
 # -- the same decisions as a full walk -------------------------------------------
