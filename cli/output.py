@@ -41,8 +41,17 @@ _json = msgspec.json.Encoder()
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print ``Error: message`` on stderr and exit with ``code``."""
-    typer.echo(f"Error: {message}", err=True)
+    """Print ``Error: message`` on stderr and exit with ``code``.
+
+    Also when stderr is a pipe whose reader has gone (``2>&1 | head``):
+    the failure is still one, whoever reads about it.
+    """
+    try:
+        typer.echo(f"Error: {message}", err=True)
+    except BrokenPipeError:
+        # Pointed at /dev/null, so the interpreter's final flush is quiet.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
     raise typer.Exit(code)
 
 

@@ -1197,18 +1197,36 @@ def test_a_reader_that_stops_reading_help_is_not_a_failure(args: list[str]) -> N
     assert stderr == b""
 
 
-@pytest.mark.parametrize("args", [["--nonsense"], ["dump", "--nonsense"]])
-def test_a_usage_error_into_a_closed_pipe_is_still_a_usage_error(args: list[str]) -> None:
-    """``eventstore --nonsense 2>&1 | true``: exit 2, as without the pipe."""
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["--nonsense"], 2),
+        (["dump", "--nonsense"], 2),
+        (["dump", "{store}", "--type", "no_such_type"], 2),
+        (["dump", "{store}/no-such-store"], 1),
+    ],
+)
+def test_a_failure_into_a_closed_pipe_is_still_a_failure(
+    tmp_path: Path, args: list[str], code: int
+) -> None:
+    """``eventstore --nonsense 2>&1 | true``: the exit code it has without the pipe."""
+    store = busy_store(tmp_path)
+    argv = [a.format(store=store) for a in args]
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "cli", *argv], cwd=REPO, capture_output=True, timeout=60
+        ).returncode
+        == code
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", *args],
+        [sys.executable, "-m", "cli", *argv],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     assert proc.stdout is not None
     proc.stdout.close()
-    assert proc.wait(timeout=60) == 2
+    assert proc.wait(timeout=60) == code
 
 
 @pytest.mark.parametrize("command", ["info", "verify", "replay", "dump", "tail"])
