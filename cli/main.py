@@ -108,7 +108,7 @@ def main() -> None:
         # exits 1 on one.  ``eventstore --help | head`` is not a failure.
         cause = done.__context__
         if done.code == 1 and isinstance(cause, OSError) and cause.errno == errno.EPIPE:
-            out.silence_stdout()
+            out.silence(sys.stdout)
             # Click exits 1 on any broken pipe; a usage error whose message
             # met it (``eventstore --nonsense 2>&1 | true``) is still one.
             # (Its exception, click's UsageError, carries the exit code.)

@@ -49,9 +49,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
     try:
         typer.echo(f"Error: {message}", err=True)
     except BrokenPipeError:
-        # Pointed at /dev/null, so the interpreter's final flush is quiet.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        silence(sys.stderr)
     raise typer.Exit(code)
 
 
@@ -314,15 +312,17 @@ def write_stdout(data: bytes) -> None:
 
 def reader_gone() -> NoReturn:
     """``eventstore dump | head``: the reader has had enough; exit 0."""
-    silence_stdout()
+    silence(sys.stdout)
     raise typer.Exit(0) from None
 
 
-def silence_stdout() -> None:
-    """Point stdout at /dev/null, so the interpreter's final flush does not
-    complain of the pipe whose reader has gone."""
+def silence(stream: Any) -> None:
+    """Point ``stream`` (stdout or stderr) at /dev/null, so the interpreter's
+    final flush does not complain of the pipe whose reader has gone."""
     with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
 
 
 def when(ts: int | None) -> str:
