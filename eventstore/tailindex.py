@@ -45,6 +45,7 @@ import zlib
 from array import array
 from dataclasses import dataclass
 
+from .fsutil import write_all
 from .segment import (
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
@@ -93,9 +94,7 @@ def write_tail_index(
     path = os.path.join(directory, TAIL_INDEX)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
-        view = memoryview(body)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, body)
     finally:
         os.close(fd)
 
