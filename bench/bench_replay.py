@@ -1,19 +1,26 @@
 """Benchmark: full replay in events/s, beside msgspec decoding the same bytes alone.
 
-Command (from the repository root; about three minutes, plus 20 s the first
-time to build two 1M-event stores under the bench directory, then kept)::
+Command (from the repository root; about four minutes, plus 30 s the first
+time to build three stores of 1M positions under the bench directory, then
+kept)::
 
     python -m bench.bench_replay             # 1,000,000 events, 7 runs
     python -m bench.bench_replay --quick     # 50,000 events, 2 runs: checks the script
 
-Two stores of the same first N events of the busy-channel workload
+Three stores of the same first N events of the busy-channel workload
 (``bench.workload.events``), see ``bench.common.build_store``:
 
 * "batched": appended 10,000 at a time with durability "none", so the log
   holds frames of up to ``FRAME_EVENTS`` (64) events (how the 1M/10M
   stores of the other benchmarks are made);
 * "1 event/frame": one awaited append per event, one frame per event, as a
-  bot awaiting every write in "fsync" mode leaves its log.
+  bot awaiting every write in "fsync" mode leaves its log;
+* "compacted": the batched store after ``EventStore.compact()``, which
+  drops the statistics updates a later one supersedes (about half of the
+  events) and keeps the rest at their positions.  Its kept events are
+  rarely neighbours, and a frame holds consecutive positions only, so it
+  holds about one frame per event.  Its rates count the events it holds,
+  not the N positions.
 
 On each, one after the other in every run (the order rotating), all reading
 the same segment files, warm in the page cache (they were just read):
@@ -24,12 +31,14 @@ the same segment files, warm in the page cache (they were just read):
   the store (``msgspec.msgpack.Decoder(list[Event])``); no checksum, no
   projections.  The reference the target compares with;
 * ``decode+crc``: the same plus the crc32 every frame is checked with;
-* ``read_runs``: ``SegmentLog.read_runs`` (read-only log), events counted
-  but not applied: opening the log (which starts from the ``tail.index``
-  the build's close saved, so it does not walk the last segment first),
-  frame walking, checksums, decoding, the async iteration;
-* ``read_runs+apply``: the same, each run applied with
-  ``Projections.apply_run`` -- the work of connect();
+* ``read_groups``: ``SegmentLog.read_groups`` (read-only log), events
+  counted but not applied: opening the log (which starts from the
+  ``tail.index`` the build's close saved, so it does not walk the last
+  segment first), frame walking, checksums, decoding, the async iteration
+  (one step per group of runs; before ``read_groups`` existed this row
+  was ``read_runs``, one step per run);
+* ``read_groups+apply``: the same, each group applied with
+  ``Projections.apply_runs`` -- the work of connect();
 * ``connect()``: ``EventStore(read_only=True).connect()`` with the
   snapshots moved aside, so it replays from event 1 (read-only: no lock and
   no snapshot written on close; the replay is the same code).
@@ -43,7 +52,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
+import shutil
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -75,8 +86,8 @@ from projections import Projections
 #: The same type the store's decoder is built for (eventstore/codec.py).
 DECODER = msgspec.msgpack.Decoder(list[Event])
 
-STORES = {"batched": 10_000, "1 event/frame": 1}
-STEPS = ["read", "decode", "decode+crc", "read_runs", "read_runs+apply", "connect()"]
+STORES = {"batched": 10_000, "1 event/frame": 1, "compacted": 10_000}
+STEPS = ["read", "decode", "decode+crc", "read_groups", "read_groups+apply", "connect()"]
 
 
 def _segments(directory: Path) -> list[Path]:
@@ -117,16 +128,16 @@ def decode_only(directory: Path, crc: bool) -> int:
     return events
 
 
-async def read_runs(directory: Path, apply: bool) -> int:
+async def read_groups(directory: Path, apply: bool) -> int:
     log = SegmentLog(str(directory), read_only=True)
     await log.open()
     proj = Projections()
     events = 0
     try:
-        async for first, run in log.read_runs(1):
+        async for group in log.read_groups(1):
             if apply:
-                proj.apply_run(first, run)  # as EventStore.connect() does
-            events += len(run)
+                proj.apply_runs(group)  # as EventStore.connect() does
+            events += sum(len(run) for _, run in group)
     finally:
         await log.close()
     return events
@@ -148,19 +159,56 @@ def _step(name: str, directory: Path) -> Callable[[], Any]:
         return lambda: decode_only(directory, crc=False)
     if name == "decode+crc":
         return lambda: decode_only(directory, crc=True)
-    if name == "read_runs":
-        return lambda: asyncio.run(read_runs(directory, apply=False))
-    if name == "read_runs+apply":
-        return lambda: asyncio.run(read_runs(directory, apply=True))
+    if name == "read_groups":
+        return lambda: asyncio.run(read_groups(directory, apply=False))
+    if name == "read_groups+apply":
+        return lambda: asyncio.run(read_groups(directory, apply=True))
     return lambda: asyncio.run(connect(directory))
+
+
+def build_compacted(source: Path, where: Path, source_stamp: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``source`` compacted (or the one kept from an earlier run of the same stamp)."""
+    stamp_path = where.with_name(where.name + ".json")
+    if where.is_dir() and stamp_path.exists():
+        have = json.loads(stamp_path.read_text())
+        if have.get("source") == source_stamp:
+            return dict(have)
+    shutil.rmtree(where, ignore_errors=True)
+    shutil.copytree(source, where)
+
+    async def compact() -> Any:
+        store = EventStore(where, durability="none", snapshot_every=None)
+        await store.connect()
+        report = await store.compact()
+        await store.write_snapshot()
+        await store.close()
+        return report
+
+    report = asyncio.run(compact())
+    segments = sorted(where.glob("*.seg"))
+    have = {
+        **source_stamp,
+        "source": source_stamp,
+        "events_held": report.events_after,
+        "segments": len(segments),
+        "log_bytes": sum(p.stat().st_size for p in segments),
+    }
+    stamp_path.write_text(json.dumps(have, indent=1) + "\n")
+    return have
 
 
 def measure(directory: Path, n: int, runs: int) -> dict[str, Any]:
     stores: dict[str, dict[str, Any]] = {}
     for label, batch in STORES.items():
-        where = directory / f"store-{n}-b{batch}"
+        if label == "compacted":
+            source = stores["batched"]
+            where = directory / f"store-{n}-b{batch}-compacted"
+            stamp = build_compacted(source["dir"], where, source["stamp"])
+        else:
+            where = directory / f"store-{n}-b{batch}"
+            stamp = build_store(where, n, batch=batch)
         print(f"  store {label}: {where}", flush=True)
-        stores[label] = {"dir": where, "stamp": build_store(where, n, batch=batch)}
+        stores[label] = {"dir": where, "stamp": stamp, "events": stamp.get("events_held", n)}
     seconds: dict[str, dict[str, list[float]]] = {lab: {s: [] for s in STEPS} for lab in stores}
     loads = []
     for store in stores.values():
@@ -175,8 +223,10 @@ def measure(directory: Path, n: int, runs: int) -> dict[str, Any]:
                 elapsed = timer()
                 out = fn()
                 took = elapsed()
-                if name != "read" and out != n:
-                    raise RuntimeError(f"{name} on {label} saw {out} events, expected {n}")
+                # connect() counts positions, the others the events read.
+                want = n if name == "connect()" else store["events"]
+                if name != "read" and out != want:
+                    raise RuntimeError(f"{name} on {label} saw {out}, expected {want}")
                 seconds[label][name].append(took)
                 print(
                     f"  run {run + 1}/{runs} {label:14} {name:16} {fmt_rate(n / took):>7} ev/s",
@@ -184,6 +234,7 @@ def measure(directory: Path, n: int, runs: int) -> dict[str, Any]:
                 )
     return {
         "events": n,
+        "events_held": {lab: s["events"] for lab, s in stores.items()},
         "stores": {lab: s["stamp"] for lab, s in stores.items()},
         "seconds": seconds,
         "loadavg_1min_per_run": loads,
@@ -191,7 +242,8 @@ def measure(directory: Path, n: int, runs: int) -> dict[str, Any]:
 
 
 def _rates(data: dict[str, Any], label: str, step: str) -> list[float]:
-    return [data["events"] / s for s in data["seconds"][label][step]]
+    held = data.get("events_held", {}).get(label, data["events"])
+    return [held / s for s in data["seconds"][label][step]]
 
 
 def targets(data: dict[str, Any]) -> list[Target]:
@@ -228,8 +280,10 @@ def report(data: dict[str, Any]) -> str:
     n = data["events"]
     headers = ["step"]
     for label, stamp in data["stores"].items():
+        held = data.get("events_held", {}).get(label, n)
+        what = "" if held == n else f", {fmt_rate(held)} events"
         headers += [
-            f"{label} ({fmt_rate(stamp['log_bytes'] / n)} B/event) events/s",
+            f"{label} ({fmt_rate(stamp['log_bytes'] / held)} B/event{what}) events/s",
             "vs decode",
         ]
     rows = []
@@ -251,7 +305,8 @@ def report(data: dict[str, Any]) -> str:
         f"{label}: {fmt_seconds(summarize(data['seconds'][label]['connect()']).median)}"
         for label in data["stores"]
     )
-    return f"{md_table(headers, rows)}\n\nconnect() of {n:,} events without a snapshot: {times}.\n"
+    table = md_table(headers, rows)
+    return f"{table}\n\nconnect() of {n:,} positions without a snapshot: {times}.\n"
 
 
 def main() -> None:

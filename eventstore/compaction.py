@@ -395,8 +395,8 @@ class Planner:
 async def _replay(
     log: SegmentLog, through: int, projections: Projections, start: int = 1
 ) -> Projections:
-    async for first, events in log.read_runs(start, through):
-        projections.apply_run(first, events)
+    async for group in log.read_groups(start, through):
+        projections.apply_runs(group)
     return projections
 
 

@@ -115,7 +115,7 @@ import importlib
 import logging
 import re
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, TypeGuard
@@ -1053,6 +1053,15 @@ class PostgresLog(EventLog):
         pages).  Every page is a prefix of what is committed, so a run never
         skips a position that a later page could still fill in.
         """
+        async with contextlib.aclosing(self.read_groups(from_position, to_position)) as groups:
+            async for group in groups:
+                for run in group:
+                    yield run
+
+    async def read_groups(
+        self, from_position: int = 0, to_position: int | None = None
+    ) -> AsyncGenerator[list[tuple[int, list[Event]]], None]:
+        """The runs of ``read_runs``, a page's at a time."""
         self._check_open()
         position = max(from_position, 1)
         stop = MAX_POSITION if to_position is None else min(to_position, MAX_POSITION)
@@ -1070,14 +1079,16 @@ class PostgresLog(EventLog):
             if last > self._head:
                 self._head = last
             if last - positions[0] == len(positions) - 1:
-                yield positions[0], events
+                yield [(positions[0], events)]
             else:  # compaction left gaps
+                runs = []
                 start = 0
                 for i in range(1, len(positions)):
                     if positions[i] != positions[i - 1] + 1:
-                        yield positions[start], events[start:i]
+                        runs.append((positions[start], events[start:i]))
                         start = i
-                yield positions[start], events[start:]
+                runs.append((positions[start], events[start:]))
+                yield runs
             if page_rows < self.page_rows and len(positions) == page_rows:
                 return  # the page reached the end, uncut
             position = last + 1

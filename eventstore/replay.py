@@ -224,19 +224,20 @@ async def replay(
         head = log.head
         stop = head if until is None else min(until, head)
         applied = skipped = 0
-        async for first, events in log.read_runs(1, stop):
-            positions = range(first, first + len(events))
+        async for group in log.read_groups(1, stop):
             if at is None:
-                proj.apply_all(zip(positions, events, strict=True))
-                applied += len(events)
+                proj.apply_runs(group)
+                applied += sum(len(events) for _, events in group)
             else:
-                for position, event in zip(positions, events, strict=True):
-                    if event_time(event) <= at:
-                        proj.apply(position, event)
-                        applied += 1
-                    else:
-                        skipped += 1
+                for first, events in group:
+                    for position, event in enumerate(events, first):
+                        if event_time(event) <= at:
+                            proj.apply(position, event)
+                            applied += 1
+                        else:
+                            skipped += 1
             if progress is not None:
+                first, events = group[-1]
                 progress(first + len(events) - 1, stop)
         compacted = None
         if isinstance(log, PostgresLog):

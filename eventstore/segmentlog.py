@@ -54,7 +54,7 @@ import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, pairwise
 from operator import attrgetter, itemgetter
@@ -1459,6 +1459,14 @@ class SegmentLog(EventLog):
     async def read_runs(
         self, from_position: int = 0, to_position: int | None = None
     ) -> AsyncIterator[tuple[int, list[Event]]]:
+        async with contextlib.aclosing(self.read_groups(from_position, to_position)) as groups:
+            async for group in groups:
+                for run in group:
+                    yield run
+
+    async def read_groups(
+        self, from_position: int = 0, to_position: int | None = None
+    ) -> AsyncGenerator[list[tuple[int, list[Event]]], None]:
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
         # The thread stands for this open: a read left paused across close()
@@ -1467,8 +1475,8 @@ class SegmentLog(EventLog):
         thread = self._thread
         self._readers += 1
         try:
-            async for run in self._read_runs(from_position, to_position, thread):
-                yield run
+            async for group in self._read_groups(from_position, to_position, thread):
+                yield group
         finally:
             self._reader_done(thread)
 
@@ -1487,9 +1495,9 @@ class SegmentLog(EventLog):
         else:
             _close_quietly(fds)
 
-    async def _read_runs(
+    async def _read_groups(
         self, from_position: int, to_position: int | None, thread: LogThread | None
-    ) -> AsyncIterator[tuple[int, list[Event]]]:
+    ) -> AsyncIterator[list[tuple[int, list[Event]]]]:
         stop = self._head if to_position is None else min(to_position, self._head)
         # Take the boundary and the batches above it at the same moment: the
         # writer may move batches from memory to disk while this generator
@@ -1516,9 +1524,10 @@ class SegmentLog(EventLog):
                         f"{seg.path}: segment starts at position {seg.first}, but the previous "
                         f"segment ends at {prev.next_position - 1} (events missing)"
                     )
-                async for first, events in self._read_segment(
-                    seg, from_position, disk_stop, thread
-                ):
+                async for group in self._read_segment(seg, from_position, disk_stop, thread):
+                    # The runs of a group come from one segment, whose walk
+                    # saw their positions rise; only its first can go back.
+                    first = group[0][0]
                     if first <= last:
                         # Compaction allows gaps, never overlaps: a position
                         # read twice, the second time going back.
@@ -1526,8 +1535,9 @@ class SegmentLog(EventLog):
                             f"{seg.path}: holds position {first}, but an earlier segment "
                             f"held positions up to {last} (segments overlap)"
                         )
-                    last = first + len(events) - 1
-                    yield first, events
+                    end, events = group[-1]
+                    last = end + len(events) - 1
+                    yield group
                 prev = seg if disk_stop >= seg.next_position - 1 else None
             # The read wants positions past this segment's last event and
             # before the next segment: what its walk found missing there (a
@@ -1538,18 +1548,21 @@ class SegmentLog(EventLog):
                 if from_position < after.first and (why := _damage_after(seg, after)):
                     raise IntegrityError(f"{why}; see eventstore verify")
         if stop > written:
+            group = []
             for first, batch in unwritten:
                 lo = max(from_position, first)
                 hi = min(stop, first + len(batch) - 1)
                 if lo <= hi:
-                    yield lo, list(batch[lo - first : hi - first + 1])
+                    group.append((lo, list(batch[lo - first : hi - first + 1])))
+            if group:
+                yield group
 
     def _written_head(self) -> int:
         return self._unwritten[0][0] - 1 if self._unwritten else self._head
 
     async def _read_segment(
         self, seg: Segment, lo: int, hi: int, thread: LogThread | None
-    ) -> AsyncIterator[tuple[int, list[Event]]]:
+    ) -> AsyncIterator[list[tuple[int, list[Event]]]]:
         end = seg.end
         start, first_pos = HEADER_SIZE, seg.first
         building = not seg.indexed
@@ -1579,14 +1592,13 @@ class SegmentLog(EventLog):
                     a += 1
                 b = bisect_right(firsts, hi, a)
                 # Frames are decoded RUN_EVENTS events at a time, in one call,
-                # and yielded as runs.
+                # and yielded as one group of runs.
                 j, n_events = a, 0
                 while j < b:
                     n_events += counts[j]
                     j += 1
                     if n_events >= RUN_EVENTS or j == b:
-                        for run in _decode_runs(seg.path, frames, a, j, lo, hi):
-                            yield run
+                        yield _decode_runs(seg.path, frames, a, j, lo, hi)
                         a, n_events = j, 0
                 if b < k:
                     return  # past hi: what follows is not asked for, bad or not

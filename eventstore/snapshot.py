@@ -389,8 +389,8 @@ async def check_snapshots(
                 problems.append((info.path, 0, str(err).removeprefix(f"{info.path}: ")))
                 continue
             replayed = Projections()
-            async for first, events in log.read_runs(1, info.position):
-                replayed.apply_run(first, events)
+            async for group in log.read_groups(1, info.position):
+                replayed.apply_runs(group)
             replayed.position = info.position
             if not replayed.same_state(loaded):
                 problems.append(

@@ -245,8 +245,8 @@ class EventStore(StorageAdapter):
         try:
             proj = self._load_snapshot() or Projections()
             self._snap_pos = proj.position
-            async for first, events in self._log.read_runs(proj.position + 1):
-                proj.apply_run(first, events)
+            async for group in self._log.read_groups(proj.position + 1):
+                proj.apply_runs(group)
             if not self._log.shared and proj.position < self._log.head:
                 # Compaction dropped the last events before the head (a
                 # forget_user's own UserForgotten goes with the user's
@@ -527,8 +527,8 @@ class EventStore(StorageAdapter):
             proj = self._proj
             if through is not None and proj.position >= through:
                 return
-            async for first, events in self._log.read_runs(proj.position + 1):
-                proj.apply_run(first, events)
+            async for group in self._log.read_groups(proj.position + 1):
+                proj.apply_runs(group)
 
     async def _wait(self, done: asyncio.Future[None]) -> None:
         if done.done() and done.exception() is None:
@@ -1056,8 +1056,8 @@ class EventStore(StorageAdapter):
             if unless_replaced is not None and self._proj is not unless_replaced:
                 return
             proj = self._load_snapshot() or Projections()
-            async for first, events in self._log.read_runs(proj.position + 1):
-                proj.apply_run(first, events)
+            async for group in self._log.read_groups(proj.position + 1):
+                proj.apply_runs(group)
             self._proj = proj
         self.logger.warning(
             "%s: a compaction dropped events this follower had not read; its read "

@@ -95,6 +95,15 @@ class Projections:
         if events:
             self.position = first + len(events) - 1
 
+    def apply_runs(self, runs: Iterable[tuple[int, list[Event]]]) -> None:
+        """Fold runs of events, each (first position, events), as ``apply_run`` each."""
+        handlers = self._handlers
+        position = self.position
+        for first, events in runs:
+            for position, event in enumerate(events, first):
+                handlers[type(event)](position, event)
+        self.position = position
+
     def apply_all(self, items: Iterable[tuple[int, Event]]) -> None:
         handlers = self._handlers
         position = self.position

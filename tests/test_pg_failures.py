@@ -335,20 +335,20 @@ async def test_a_write_whose_catch_up_fails_returns_and_is_not_duplicated(
         assert store._follower is not None
         store._follower.cancel()  # nothing but this test reads the log
         log = store.log
-        real = log.read_runs
+        real = log.read_groups
         failures = 1
 
         async def flaky(
             from_position: int = 0, to_position: int | None = None
-        ) -> AsyncIterator[tuple[int, list[object]]]:
+        ) -> AsyncIterator[list[tuple[int, list[object]]]]:
             nonlocal failures
             if failures:
                 failures -= 1
                 raise error
-            async for run in real(from_position, to_position):
-                yield run  # type: ignore[misc]
+            async for group in real(from_position, to_position):
+                yield group  # type: ignore[misc]
 
-        monkeypatch.setattr(log, "read_runs", flaky)
+        monkeypatch.setattr(log, "read_groups", flaky)
         with caplog.at_level(logging.WARNING, logger="eventstore"):
             await store.save_message("alice", "hello")  # committed: returns
         assert "positions 1..1 were committed" in caplog.text

@@ -648,6 +648,25 @@ async def test_pages_are_cut_by_bytes_too(pg_schema: str) -> None:
         await log.close()
 
 
+async def test_a_compacted_page_comes_as_one_group_of_runs(pg_schema: str) -> None:
+    async with EventStore(pg_schema) as store:
+        for i in range(40):
+            await store.save_user_stats(f"u{i % 3}", chat_lines=1, last_seen=i)
+            await store.save_message(f"u{i % 3}", f"m{i}", timestamp=i)
+        await store.compact()  # keeps the messages and each user's last update
+    log = PostgresLog(pg_schema)
+    await log.open()
+    try:
+        runs = [run async for run in log.read_runs()]
+        groups = [group async for group in log.read_groups()]
+    finally:
+        await log.close()
+    assert [run for group in groups for run in group] == runs
+    assert len(runs) > 30 and len(groups) == 1  # one page
+    events = [(p, e) for first, run in runs for p, e in enumerate(run, first)]
+    assert [p for p, e in events if isinstance(e, MessageSaved)] == list(range(2, 81, 2))
+
+
 # -- lifecycle and errors -----------------------------------------------------------------
 async def test_a_newer_schema_version_or_fingerprint_is_refused(pg_schema: str) -> None:
     async with EventStore(pg_schema) as store:

@@ -21,6 +21,7 @@ from eventstore.codec import decode_frames, encode_batch
 from eventstore.events import MessageSaved, UserCountLogged
 from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE
 from eventstore.segmentlog import RUN_EVENTS, SegmentLog
+from projections import Projections
 
 
 async def _mixed_store(d: Path) -> list[object]:
@@ -55,6 +56,81 @@ async def test_runs_cover_exactly_the_range_asked_for(tmp_path: Path) -> None:
             assert got == want, (lo, hi)
     finally:
         await log.close()
+
+
+async def _compacted_store(d: Path) -> list[tuple[int, object]]:
+    """A compacted log whose kept events are rarely neighbours, as after a busy channel.
+
+    Every message follows a statistics update of its user; compaction drops
+    all but each user's last update, so most runs it leaves are one event.
+    Then a tail that was not compacted.
+    """
+    async with EventStore(d, durability="flush", segment_size=16384) as store:
+        for i in range(900):
+            await store.save_user_stats(f"u{i % 5}", chat_lines=1, last_seen=i)
+            await store.save_message(f"u{i % 5}", f"m{i}", timestamp=i)
+        await store.compact()
+        for i in range(100):
+            await store.save_message("late", f"l{i}", timestamp=2000 + i)
+        return [item async for item in store.read()]
+
+
+async def test_groups_hold_the_runs_of_read_runs(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    events = await _compacted_store(d)
+    assert 1000 < len(events) < 1100  # 900 messages, 5 statistics, 100 late
+    log = SegmentLog(str(d), read_only=True)
+    await log.open()
+    try:
+        for lo, hi in [(0, None), (1, 1900), (2, 2), (17, 1333), (1799, 1900), (1801, 2900)]:
+            runs = [run async for run in log.read_runs(lo, hi)]
+            groups = [group async for group in log.read_groups(lo, hi)]
+            assert [run for group in groups for run in group] == runs, (lo, hi)
+            assert all(groups), "no empty groups"
+            top = 2900 if hi is None else hi
+            assert [(p, e) for first, run in runs for p, e in enumerate(run, first)] == [
+                (p, e) for p, e in events if lo <= p <= top
+            ]
+        # What the groups are for: the compacted segments' one-event runs
+        # come many to a step, not one.
+        groups = [group async for group in log.read_groups(1, 1800)]
+        runs = sum(len(group) for group in groups)
+        assert runs > 800 and len(groups) < runs / 100
+    finally:
+        await log.close()
+
+
+async def test_a_read_left_early_lets_go_of_the_log(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    await _compacted_store(d)
+    log = SegmentLog(str(d), read_only=True)
+    await log.open()
+    try:
+        runs = log.read_runs(1)
+        await anext(runs)
+        assert log._readers == 1
+        await runs.aclose()  # type: ignore[attr-defined]
+        assert log._readers == 0  # the groups it read from were closed with it
+    finally:
+        await log.close()
+
+
+async def test_apply_runs_folds_as_apply_run(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    await _compacted_store(d)
+    one, grouped = Projections(), Projections()
+    log = SegmentLog(str(d), read_only=True)
+    await log.open()
+    try:
+        async for first, run in log.read_runs(1):
+            one.apply_run(first, run)
+        async for group in log.read_groups(1):
+            grouped.apply_runs(group)
+    finally:
+        await log.close()
+    assert grouped.position == one.position == 1900
+    assert grouped.state() == one.state()
+    assert len(grouped.messages) == 1000
 
 
 def _frame_at(data: bytes, index: int) -> tuple[int, int]:
