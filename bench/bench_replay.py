@@ -18,9 +18,9 @@ Three stores of the same first N events of the busy-channel workload
 * "compacted": the batched store after ``EventStore.compact()``, which
   drops the statistics updates a later one supersedes (about half of the
   events) and keeps the rest at their positions.  Its kept events are
-  rarely neighbours, and a frame holds consecutive positions only, so it
-  holds about one frame per event.  Its rates count the events it holds,
-  not the N positions.
+  rarely neighbours: its frames hold up to 64 positions each, with nil for
+  the positions without an event (holes, see docs/format.md).  Its rates
+  count the events it holds, not the N positions.
 
 On each, one after the other in every run (the order rotating), all reading
 the same segment files, warm in the page cache (they were just read):
@@ -79,12 +79,13 @@ from bench.common import (
 )
 from eventstore import EventStore
 from eventstore.events import Event
-from eventstore.segment import FRAME_HEADER, FRAME_HEADER_SIZE, HEADER_SIZE
+from eventstore.segment import FLAG_HOLES, FRAME_HEADER, FRAME_HEADER_SIZE, HEADER_SIZE
 from eventstore.segmentlog import READ_CHUNK, SegmentLog
 from projections import Projections
 
 #: The same type the store's decoder is built for (eventstore/codec.py).
 DECODER = msgspec.msgpack.Decoder(list[Event])
+HOLES_DECODER = msgspec.msgpack.Decoder(list[Event | None])
 
 STORES = {"batched": 10_000, "1 event/frame": 1, "compacted": 10_000}
 STEPS = ["read", "decode", "decode+crc", "read_groups", "read_groups+apply", "connect()"]
@@ -110,12 +111,17 @@ def read_only(directory: Path) -> int:
 
 
 def decode_only(directory: Path, crc: bool) -> int:
-    """Split every segment into frames and decode each payload; return the events."""
-    decode = DECODER.decode
+    """Split every segment into frames and decode each payload; return the events.
+
+    Frames of a compacted segment hold nil for the positions without an
+    event (FLAG_HOLES): decoded with ``HOLES_DECODER``, and not counted.
+    """
     unpack = FRAME_HEADER.unpack_from
     events = 0
     for path in _segments(directory):
         data = path.read_bytes()
+        holes = bool(int.from_bytes(data[10:12], "little") & FLAG_HOLES)
+        decode = (HOLES_DECODER if holes else DECODER).decode
         view = memoryview(data)
         i, end = HEADER_SIZE, len(data)
         while i < end:
@@ -124,7 +130,8 @@ def decode_only(directory: Path, crc: bool) -> int:
             i = start + length
             if crc:
                 zlib.crc32(view[start:i], zlib.crc32(view[start - 12 : start]))
-            events += len(decode(view[start:i]))
+            batch = decode(view[start:i])
+            events += len(batch) - batch.count(None) if holes else len(batch)
     return events
 
 
@@ -137,7 +144,7 @@ async def read_groups(directory: Path, apply: bool) -> int:
         async for group in log.read_groups(1):
             if apply:
                 proj.apply_runs(group)  # as EventStore.connect() does
-            events += sum(len(run) for _, run in group)
+            events += sum(len(run) - run.count(None) for _, run in group)
     finally:
         await log.close()
     return events

@@ -40,6 +40,9 @@ __all__ = [
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[list[Any]] = msgspec.msgpack.Decoder(list[Event])
+# For the frames of segments with holes (segment.FLAG_HOLES): nil is a
+# position without an event, and decodes to None.  Elsewhere nil is damage.
+_holes_decoder: msgspec.msgpack.Decoder[list[Any]] = msgspec.msgpack.Decoder(list[Event | None])
 # For reading one event out of a frame: split the array into raw element
 # bytes (no event objects built), then decode only the element wanted.
 _raw_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
@@ -53,12 +56,13 @@ _Old = TypeVar("_Old", bound=BaseEvent)
 
 
 def _rebuild() -> None:
-    global _decoder, _one_decoder
+    global _decoder, _holes_decoder, _one_decoder
     types: tuple[Any, ...] = (*EVENT_TYPES, *_upcasters)
     union = types[0]
     for t in types[1:]:
         union = union | t
     _decoder = msgspec.msgpack.Decoder(list[union])  # type: ignore[valid-type]
+    _holes_decoder = msgspec.msgpack.Decoder(list[union | None])  # type: ignore[valid-type]
     _one_decoder = msgspec.msgpack.Decoder(union)
 
 
@@ -104,27 +108,40 @@ def encode_batch(events: Sequence[Event]) -> bytes:
     return _encoder.encode(events)
 
 
-def encode_batch_into(events: Sequence[Event], buf: bytearray, offset: int) -> None:
-    """Encode ``events`` into ``buf`` starting at ``offset`` (no intermediate copy)."""
+def encode_batch_into(events: Sequence[Event | None], buf: bytearray, offset: int) -> None:
+    """Encode ``events`` into ``buf`` starting at ``offset`` (no intermediate copy).
+
+    None encodes as nil: a hole, in frames of compacted segments only.
+    """
     _encoder.encode_into(events, buf, offset)
 
 
-def decode_batch(data: bytes | memoryview, where: str = "") -> list[Event]:
-    """Decode one batch (upcasting old events); bad bytes raise IntegrityError."""
+def decode_batch(data: bytes | memoryview, where: str = "", *, holes: bool = False) -> list[Any]:
+    """Decode one batch (upcasting old events); bad bytes raise IntegrityError.
+
+    With ``holes`` (a frame of a segment with FLAG_HOLES) the list may hold
+    None, for a position without an event, but neither first nor last: a
+    frame begins and ends with an event, so that its first and last
+    positions hold one.
+    """
     try:
-        events: list[Event] = _decoder.decode(data)
+        events: list[Any] = (_holes_decoder if holes else _decoder).decode(data)
     except msgspec.DecodeError as err:
         raise IntegrityError(
             f"undecodable event batch{' at ' + where if where else ''}: {err}"
         ) from err
+    if holes and events and (events[0] is None or events[-1] is None):
+        raise IntegrityError(
+            f"event batch{' at ' + where if where else ''} begins or ends with a hole (nil)"
+        )
     if _upcasters:
         events = [_upcast(e) if type(e) in _upcasters else e for e in events]
     return events
 
 
 def decode_frames(
-    payloads: Sequence[bytes | memoryview], counts: Sequence[int]
-) -> list[Event] | None:
+    payloads: Sequence[bytes | memoryview], counts: Sequence[int], *, holes: bool = False
+) -> list[Any] | None:
     """Decode the events of several batches in one call, as one flat list.
 
     A frame holds one batch, and a bot that awaits every write makes one
@@ -152,9 +169,16 @@ def decode_frames(
             return None
         parts.append(payload[skip:])
     try:
-        events: list[Event] = _decoder.decode(b"".join(parts))
+        events: list[Any] = (_holes_decoder if holes else _decoder).decode(b"".join(parts))
     except msgspec.DecodeError:
         return None
+    if holes:
+        # Each frame's first and last element must be an event (decode_batch).
+        i = 0
+        for count in counts:
+            if events[i] is None or events[i + count - 1] is None:
+                return None
+            i += count
     if _upcasters:
         events = [_upcast(e) if type(e) in _upcasters else e for e in events]
     return events

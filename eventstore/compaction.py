@@ -62,6 +62,7 @@ from .fsutil import fsync_dir, write_all
 from .lockfile import lock_holder
 from .segment import (
     FLAG_COMPACTED,
+    FLAG_HOLES,
     FRAME_EVENTS,
     HEADER_SIZE,
     encode_frames,
@@ -238,14 +239,23 @@ class _SegmentWriter:
         self.bytes = 0
         self._fd: int | None = None
         self._size = 0
-        self._run: list[Event] = []
+        self._run: list[Event | None] = []
         self._run_first = 0
 
     def add(self, position: int, event: Event) -> None:
-        if self._run and (
-            position != self._run_first + len(self._run) or len(self._run) >= FRAME_EVENTS
-        ):
-            self._flush_run()
+        # The events kept are rarely neighbours (a busy channel's chat lines
+        # alternate with statistics updates compaction drops): a frame per
+        # run of neighbours made about one frame per event, each with its
+        # 20-byte header, checked and decoded on its own.  So a frame holds
+        # up to FRAME_EVENTS positions, with nil (None) at those without an
+        # event (FLAG_HOLES); a gap that does not fit starts a new frame.
+        run = self._run
+        if run:
+            missing = position - self._run_first - len(run)
+            if len(run) + missing >= FRAME_EVENTS:
+                self._flush_run()
+            elif missing:
+                run.extend([None] * missing)
         if not self._run:
             self._run_first = position
         self._run.append(event)
@@ -264,7 +274,7 @@ class _SegmentWriter:
         self._close_segment()
         name = segment_name(first)
         self.names.append(name)
-        header = pack_header(first, self.store_id, flags=FLAG_COMPACTED)
+        header = pack_header(first, self.store_id, flags=FLAG_COMPACTED | FLAG_HOLES)
         if self.write:
             path = os.path.join(self.directory, name)
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -18,7 +18,12 @@ from collections.abc import AsyncIterator, Sequence
 
 from .events import Event
 
-__all__ = ["EventLog"]
+__all__ = ["EventLog", "Group"]
+
+#: What ``EventLog.read_groups`` yields: runs of (first position, events), in
+#: order, the events of a run at consecutive positions; None in a run stands
+#: for a position without an event.
+Group = list[tuple[int, Sequence[Event | None]]]
 
 
 class EventLog(ABC):
@@ -87,8 +92,13 @@ class EventLog(ABC):
 
     async def read_groups(
         self, from_position: int = 0, to_position: int | None = None
-    ) -> AsyncIterator[list[tuple[int, list[Event]]]]:
+    ) -> AsyncIterator[Group]:
         """Yield the runs of ``read_runs``, several at a time, as lists.
+
+        A run here may also hold None at a position without an event: the
+        segment log's compacted frames hold their events with such holes
+        between them, and splitting its runs at every hole would bring back
+        what groups are for.  ``read_runs`` never yields a None.
 
         After a compaction most runs are one event long: the events it keeps
         are rarely neighbours.  Replay then took more time stepping through
@@ -96,8 +106,8 @@ class EventLog(ABC):
         group costs one step.  This default yields one run per group; logs
         that decode many runs at once yield them together.
         """
-        async for run in self.read_runs(from_position, to_position):
-            yield [run]
+        async for first, events in self.read_runs(from_position, to_position):
+            yield [(first, events)]
 
     async def read(
         self, from_position: int = 0, to_position: int | None = None

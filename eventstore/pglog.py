@@ -140,7 +140,7 @@ from .events import (
     UserForgotten,
     event_tag,
 )
-from .log import EventLog
+from .log import EventLog, Group
 
 __all__ = [
     "BOOKKEEPING_DDL",
@@ -1055,12 +1055,12 @@ class PostgresLog(EventLog):
         """
         async with contextlib.aclosing(self.read_groups(from_position, to_position)) as groups:
             async for group in groups:
-                for run in group:
-                    yield run
+                for first, events in group:
+                    yield first, events  # type: ignore[misc]  # no holes here
 
     async def read_groups(
         self, from_position: int = 0, to_position: int | None = None
-    ) -> AsyncGenerator[list[tuple[int, list[Event]]], None]:
+    ) -> AsyncGenerator[Group, None]:
         """The runs of ``read_runs``, a page's at a time."""
         self._check_open()
         position = max(from_position, 1)
@@ -1081,7 +1081,7 @@ class PostgresLog(EventLog):
             if last - positions[0] == len(positions) - 1:
                 yield [(positions[0], events)]
             else:  # compaction left gaps
-                runs = []
+                runs: Group = []
                 start = 0
                 for i in range(1, len(positions)):
                     if positions[i] != positions[i - 1] + 1:

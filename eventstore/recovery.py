@@ -23,6 +23,7 @@ from .fsutil import fsync_dir
 from .lockfile import WriterLock
 from .segment import (
     FLAG_COMPACTED,
+    FLAG_HOLES,
     HEADER_SIZE,
     FrameError,
     check_fingerprint,
@@ -116,6 +117,7 @@ def find_damage(directory: str) -> Damage | None:
                     next_position - 1,
                 )
             prev_compacted = compacted
+            holes = bool(header.flags & FLAG_HOLES)
             walker = FrameWalker(HEADER_SIZE, first, gaps_allowed=compacted)
             try:
                 while True:
@@ -124,7 +126,7 @@ def find_damage(directory: str) -> Damage | None:
                         break
                     for info, payload in walker.feed(data):
                         try:
-                            events = decode_batch(payload)
+                            events = decode_batch(payload, holes=holes)
                         except IntegrityError as err:
                             return Damage(path, info.offset, str(err), info.first_position - 1)
                         if len(events) != info.count:

@@ -227,10 +227,12 @@ async def replay(
         async for group in log.read_groups(1, stop):
             if at is None:
                 proj.apply_runs(group)
-                applied += sum(len(events) for _, events in group)
+                applied += sum(len(events) - events.count(None) for _, events in group)
             else:
                 for first, events in group:
                     for position, event in enumerate(events, first):
+                        if event is None:
+                            continue  # a hole of a compacted frame
                         if event_time(event) <= at:
                             proj.apply(position, event)
                             applied += 1

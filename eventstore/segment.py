@@ -98,7 +98,13 @@ class SegmentHeader:
     store_id: bytes
 
 
+#: Written by compaction: gaps between frames are allowed.
 FLAG_COMPACTED = 1
+#: Frames may hold nil in place of an event: a position with no event inside
+#: a frame (compaction writes its kept events this way, see docs/format.md).
+#: Only with FLAG_COMPACTED.
+FLAG_HOLES = 2
+KNOWN_FLAGS = FLAG_COMPACTED | FLAG_HOLES
 
 
 def pack_header(
@@ -124,12 +130,17 @@ def unpack_header(data: bytes, path: str) -> SegmentHeader:
         raise MigrationError(
             f"{path}: segment format version {version}; this code reads version {FORMAT_VERSION}"
         )
-    if flags & ~FLAG_COMPACTED:
+    if flags & ~KNOWN_FLAGS:
         # A flag this code does not know may change how the frames read
         # (newer code's); guessing would risk reading them wrong.
         raise MigrationError(
             f"{path}: segment flags {flags:#06x} include bits this code does not know "
-            f"(it knows {FLAG_COMPACTED:#06x}); open the store with the eventstore that wrote it"
+            f"(it knows {KNOWN_FLAGS:#06x}); open the store with the eventstore that wrote it"
+        )
+    if flags & FLAG_HOLES and not flags & FLAG_COMPACTED:
+        raise IntegrityError(
+            f"{path}: segment flags {flags:#06x}: holes in frames (bit 1) without "
+            "compaction (bit 0), which no writer sets"
         )
     return SegmentHeader(version, flags, first, fingerprint, store_id)
 
@@ -142,7 +153,9 @@ def pack_frame_header(buf: bytearray, offset: int, first_position: int, count: i
     struct.pack_into("<II", buf, offset, length, crc)
 
 
-def encode_frames(first_position: int, events: Sequence[Event]) -> list[tuple[int, int, bytes]]:
+def encode_frames(
+    first_position: int, events: Sequence[Event | None]
+) -> list[tuple[int, int, bytes]]:
     """Frames for events at consecutive positions: (first position, count, bytes).
 
     A frame holds at most FRAME_EVENTS events and MAX_FRAME_PAYLOAD payload
@@ -151,6 +164,10 @@ def encode_frames(first_position: int, events: Sequence[Event]) -> list[tuple[in
     halves until each half fits.  Readers refuse a longer frame as damage,
     so one must never be written.  An event too large for a frame of its
     own raises ValueError before anything is written.
+
+    None stands for a position without an event (compaction's frames, in
+    segments with FLAG_HOLES).  A frame begins and ends with an event: the
+    holes at its edges (where a chunk was cut) are left out of it.
     """
     frames: list[tuple[int, int, bytes]] = []
     for start in range(0, len(events), FRAME_EVENTS):
@@ -159,8 +176,17 @@ def encode_frames(first_position: int, events: Sequence[Event]) -> list[tuple[in
 
 
 def _encode_frame(
-    first_position: int, events: Sequence[Event], frames: list[tuple[int, int, bytes]]
+    first_position: int, events: Sequence[Event | None], frames: list[tuple[int, int, bytes]]
 ) -> None:
+    lo, hi = 0, len(events)
+    while lo < hi and events[lo] is None:
+        lo += 1
+    while hi > lo and events[hi - 1] is None:
+        hi -= 1
+    if lo == hi:
+        return  # holes only
+    if lo or hi < len(events):
+        first_position, events = first_position + lo, events[lo:hi]
     buf = bytearray(FRAME_HEADER_SIZE)
     encode_batch_into(events, buf, FRAME_HEADER_SIZE)
     if len(buf) - FRAME_HEADER_SIZE > MAX_FRAME_PAYLOAD:

@@ -74,10 +74,11 @@ from .events import Event, UserForgotten
 from .framing import FrameWalker, Scanned, is_torn_tail
 from .fsutil import fsync_dir, write_all
 from .lockfile import WriterLock, lock_holder
-from .log import EventLog
+from .log import EventLog, Group
 from .logthread import LogThread
 from .segment import (
     FLAG_COMPACTED,
+    FLAG_HOLES,
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
@@ -117,6 +118,8 @@ NONE_FLUSH_EVENTS = 8192
 #: (within the noise of each other) and, on a log of one event per frame,
 #: about 300k events/s against 200k one frame at a time.
 RUN_EVENTS = 256
+#: A position without an event in a frame of a segment with FLAG_HOLES.
+_NIL = msgspec.Raw(b"\xc0")
 #: Bytes of frames between two entries of a segment's sparse frame index.
 INDEX_STRIDE = 4096
 #: Bytes of a sealed segment indexed per call in the log's thread when it is
@@ -181,6 +184,11 @@ class Segment:
     @property
     def gaps_allowed(self) -> bool:
         return bool(self.flags & FLAG_COMPACTED)
+
+    @property
+    def holes(self) -> bool:
+        """Its frames may hold nil for a position without an event (FLAG_HOLES)."""
+        return bool(self.flags & FLAG_HOLES)
 
     def note(self, first: int, offset: int) -> None:
         """Index a frame if it starts at least INDEX_STRIDE after the last one indexed.
@@ -366,10 +374,11 @@ def _note_frames(seg: Segment, frames: Scanned) -> None:
 
 
 def _decode_runs(
-    path: str, frames: Scanned, a: int, b: int, lo: int, hi: int
-) -> list[tuple[int, list[Event]]]:
+    path: str, frames: Scanned, a: int, b: int, lo: int, hi: int, holes: bool
+) -> Group:
     """Decode frames ``a`` to ``b - 1`` of ``frames`` into runs of consecutive
-    positions, cut to [lo, hi].
+    positions, cut to [lo, hi].  With ``holes`` (FLAG_HOLES) the runs hold
+    None where their frames hold nil.
 
     One decode call for all of them (see RUN_EVENTS): per-frame calls are
     what a log of small frames (one event per "fsync" round) replays slowly on.
@@ -380,12 +389,12 @@ def _decode_runs(
         view[start + FRAME_HEADER_SIZE : end]
         for start, end in zip(frames.starts[a:b], frames.ends[a:b], strict=True)
     ]
-    events = decode_frames(payloads, counts) if len(payloads) > 1 else None
+    events = decode_frames(payloads, counts, holes=holes) if len(payloads) > 1 else None
     if events is None:  # one frame, or a bad one among them: find which
         batches = []
         for k, (count, payload) in enumerate(zip(counts, payloads, strict=True)):
             offset = frames.base + frames.starts[a + k]
-            batch = decode_batch(payload, f"{path} offset {offset}")
+            batch = decode_batch(payload, f"{path} offset {offset}", holes=holes)
             if len(batch) != count:
                 raise IntegrityError(
                     f"{path}: frame at offset {offset} holds {len(batch)} "
@@ -393,7 +402,7 @@ def _decode_runs(
                 )
             batches.append(batch)
         events = batches[0] if len(batches) == 1 else list(chain.from_iterable(batches))
-    runs: list[tuple[int, list[Event]]] = []
+    runs: Group = []
     run_first = expect = firsts[0]
     start = i = 0
     for first, count in zip(firsts, counts, strict=True):
@@ -409,6 +418,22 @@ def _decode_runs(
     first, run = runs[-1]
     if first + len(run) - 1 > hi:
         runs[-1] = (first, run[: hi - first + 1])
+    return runs
+
+
+def _split_at_holes(first: int, events: Sequence[Event | None]) -> list[tuple[int, list[Event]]]:
+    """The runs of events in ``events`` (at positions from ``first``), without its Nones."""
+    runs: list[tuple[int, list[Event]]] = []
+    start = None
+    for i, event in enumerate(events):
+        if event is None:
+            if start is not None:
+                runs.append((first + start, list(events[start:i])))  # type: ignore[arg-type]
+                start = None
+        elif start is None:
+            start = i
+    if start is not None:
+        runs.append((first + start, list(events[start:])))  # type: ignore[arg-type]
     return runs
 
 
@@ -1461,12 +1486,16 @@ class SegmentLog(EventLog):
     ) -> AsyncIterator[tuple[int, list[Event]]]:
         async with contextlib.aclosing(self.read_groups(from_position, to_position)) as groups:
             async for group in groups:
-                for run in group:
-                    yield run
+                for first, events in group:
+                    if None in events:  # holes of a compacted frame
+                        for run in _split_at_holes(first, events):
+                            yield run
+                    else:
+                        yield first, events  # type: ignore[misc]
 
     async def read_groups(
         self, from_position: int = 0, to_position: int | None = None
-    ) -> AsyncGenerator[list[tuple[int, list[Event]]], None]:
+    ) -> AsyncGenerator[Group, None]:
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
         # The thread stands for this open: a read left paused across close()
@@ -1497,7 +1526,7 @@ class SegmentLog(EventLog):
 
     async def _read_groups(
         self, from_position: int, to_position: int | None, thread: LogThread | None
-    ) -> AsyncIterator[list[tuple[int, list[Event]]]]:
+    ) -> AsyncIterator[Group]:
         stop = self._head if to_position is None else min(to_position, self._head)
         # Take the boundary and the batches above it at the same moment: the
         # writer may move batches from memory to disk while this generator
@@ -1548,21 +1577,21 @@ class SegmentLog(EventLog):
                 if from_position < after.first and (why := _damage_after(seg, after)):
                     raise IntegrityError(f"{why}; see eventstore verify")
         if stop > written:
-            group = []
+            in_memory: Group = []
             for first, batch in unwritten:
                 lo = max(from_position, first)
                 hi = min(stop, first + len(batch) - 1)
                 if lo <= hi:
-                    group.append((lo, list(batch[lo - first : hi - first + 1])))
-            if group:
-                yield group
+                    in_memory.append((lo, list(batch[lo - first : hi - first + 1])))
+            if in_memory:
+                yield in_memory
 
     def _written_head(self) -> int:
         return self._unwritten[0][0] - 1 if self._unwritten else self._head
 
     async def _read_segment(
         self, seg: Segment, lo: int, hi: int, thread: LogThread | None
-    ) -> AsyncIterator[list[tuple[int, list[Event]]]]:
+    ) -> AsyncIterator[Group]:
         end = seg.end
         start, first_pos = HEADER_SIZE, seg.first
         building = not seg.indexed
@@ -1598,7 +1627,7 @@ class SegmentLog(EventLog):
                     n_events += counts[j]
                     j += 1
                     if n_events >= RUN_EVENTS or j == b:
-                        yield _decode_runs(seg.path, frames, a, j, lo, hi)
+                        yield _decode_runs(seg.path, frames, a, j, lo, hi, seg.holes)
                         a, n_events = j, 0
                 if b < k:
                     return  # past hi: what follows is not asked for, bad or not
@@ -1980,7 +2009,10 @@ class SegmentLog(EventLog):
                 self._cache.move_to_end(key)
             for first, raws in cached[0]:
                 if first <= pos < first + len(raws):
-                    return decode_event(raws[pos - first], f"{seg.path} position {pos}")
+                    raw = raws[pos - first]
+                    if raw == _NIL and seg.holes:
+                        raise self._no_event(pos)  # a hole of a compacted frame
+                    return decode_event(raw, f"{seg.path} position {pos}")
             if attempt == 1:
                 # The last window of the active segment grows as rounds are
                 # written: a cached copy may predate ``pos``.

@@ -52,6 +52,7 @@ from .pglog import SCHEMA_VERSION, PostgresLog, decode_rows, redact_dsn, usernam
 from .recovery import COMMIT_PENDING
 from .segment import (
     FLAG_COMPACTED,
+    FLAG_HOLES,
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
     MAX_FRAME_PAYLOAD,
@@ -189,6 +190,7 @@ def scan_segment(
         except (IntegrityError, MigrationError) as err:
             return problem(0, str(err).removeprefix(f"{path}: ").removesuffix(" at offset 0"))
         scan.compacted = bool(header.flags & FLAG_COMPACTED)
+        holes = bool(header.flags & FLAG_HOLES)
         scan.store_id = header.store_id
         if store_id is not None and header.store_id != store_id:
             problem(
@@ -240,7 +242,7 @@ def scan_segment(
                         counted = offset
                     for info, payload in walker.feed(data):
                         try:
-                            events = decode_batch(payload)
+                            events = decode_batch(payload, holes=holes)
                         except IntegrityError as err:
                             return problem(info.offset, str(err))
                         if len(events) != info.count:
@@ -248,8 +250,10 @@ def scan_segment(
                                 info.offset,
                                 f"frame holds {len(events)} events, its header says {info.count}",
                             )
+                        if holes:
+                            events = [ev for ev in events if ev is not None]
                         scan.frames += 1
-                        scan.events += info.count
+                        scan.events += len(events)
                         if scan.first_event is None:
                             scan.first_event = info.first_position
                         scan.last_event = info.first_position + info.count - 1

@@ -7,7 +7,7 @@ care about it.  The adapter appends an event, then applies it here; replay on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from eventstore.events import (
@@ -48,6 +48,10 @@ Handler = Callable[[int, Any], None]
 PROJECTION_VERSION = 7
 
 
+def _nothing(position: int, event: None) -> None:
+    return None
+
+
 class Projections:
     """Every read model, plus the position of the last event applied."""
 
@@ -75,6 +79,9 @@ class Projections:
             MessageSaved: self.messages.on_saved,
             MessagesCleared: self.messages.on_cleared,
             UserForgotten: self._on_forgotten,
+            # A position without an event inside a compacted frame (see
+            # EventLog.read_groups): nothing to fold.
+            type(None): _nothing,
         }
 
     def _on_forgotten(self, position: int, event: UserForgotten) -> None:
@@ -95,8 +102,12 @@ class Projections:
         if events:
             self.position = first + len(events) - 1
 
-    def apply_runs(self, runs: Iterable[tuple[int, list[Event]]]) -> None:
-        """Fold runs of events, each (first position, events), as ``apply_run`` each."""
+    def apply_runs(self, runs: Iterable[tuple[int, Sequence[Event | None]]]) -> None:
+        """Fold runs of events, each (first position, events), as ``apply_run`` each.
+
+        A run may hold None at a position without an event (a hole of a
+        compacted frame, see ``EventLog.read_groups``): it is passed over.
+        """
         handlers = self._handlers
         position = self.position
         for first, events in runs:

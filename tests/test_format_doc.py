@@ -33,6 +33,22 @@ async def test_worked_example_bytes(tmp_path: Path) -> None:
     assert "0000  89 45 53 4c 4f 47 0d 0a  01 00 00 00 01 00 00 00" in text
 
 
+def test_holes_example_bytes() -> None:
+    """The compacted frame of "Holes in compacted frames", byte for byte."""
+    from eventstore.events import MessageSaved
+    from eventstore.segment import encode_frames
+
+    text = DOC.read_text()
+    section = text[text.index("### Holes in compacted frames") :]
+    block = section[section.index("```\n") + 4 : section.index("\n```", section.index("```\n"))]
+    dumped = b"".join(bytes.fromhex(line[6:55].replace("  ", " ")) for line in block.splitlines())
+    ((first, count, frame),) = encode_frames(
+        2, [MessageSaved(1, "a", "hi"), None, MessageSaved(9, "b", "yo")]
+    )
+    assert (first, count) == (2, 3)
+    assert dumped == frame
+
+
 def test_event_table_matches_the_schema() -> None:
     rows = re.findall(r"^\| (\d+) \| `(\w+)` v(\d+) \| (.+) \|$", DOC.read_text(), re.M)
     documented = {

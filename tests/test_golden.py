@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from storeutil import record_walks
 
 from eventstore import EventStore
+from eventstore.codec import decode_batch
 from eventstore.recovery import find_damage
 from eventstore.segment import HEADER_SIZE
 from eventstore.snapshot import check_snapshots, list_snapshots
@@ -25,7 +27,10 @@ GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
 from make_golden import reads  # noqa: E402
 
-STORES = sorted(p for p in GOLDEN.iterdir() if (p / "expected.json").exists())
+# By number: v10 is newer than v9.
+STORES = sorted(
+    (p for p in GOLDEN.iterdir() if (p / "expected.json").exists()), key=lambda p: int(p.name[1:])
+)
 
 
 def test_there_is_a_golden_store() -> None:
@@ -104,3 +109,22 @@ def test_the_newest_golden_store_has_a_tail_index_of_several_entries() -> None:
     assert WITH_TAIL_INDEX[-1:] == STORES[-1:]
     data = (STORES[-1] / "store" / TAIL_INDEX).read_bytes()
     assert int.from_bytes(data[60:64], "little") >= 2
+
+
+def test_the_newest_golden_store_has_frames_with_holes() -> None:
+    """Since v10 compaction writes its kept events with nil between them (flag bit 1)."""
+    (compacted,) = [
+        p
+        for p in sorted((STORES[-1] / "store").glob("*.seg"))
+        if int.from_bytes(p.read_bytes()[10:12], "little") == 3
+    ]
+    events = []
+    data = compacted.read_bytes()
+    offset = HEADER_SIZE
+    while offset < len(data):
+        length, _crc, _first, count = struct.unpack_from("<IIQI", data, offset)
+        batch = decode_batch(data[offset + 20 : offset + 20 + length], holes=True)
+        assert len(batch) == count and batch[0] is not None and batch[-1] is not None
+        events += batch
+        offset += 20 + length
+    assert events.count(None) > 20 and len(events) - events.count(None) > 20

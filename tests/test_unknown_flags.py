@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from storeutil import fill, segment_files
 
-from eventstore import EventStore, MigrationError
+from eventstore import EventStore, IntegrityError, MigrationError
 from eventstore.recovery import find_damage, repair
 from eventstore.verify import verify
 
@@ -27,7 +27,7 @@ def set_segment_flags(path: Path, flags: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("flags", [0x0002, 0x8000, 0x0003])
+@pytest.mark.parametrize("flags", [0x0004, 0x8000, 0x0007])
 @pytest.mark.parametrize("read_only", [False, True])
 async def test_a_segment_with_an_unknown_flag_is_refused(
     tmp_path: Path, flags: int, read_only: bool
@@ -41,6 +41,19 @@ async def test_a_segment_with_an_unknown_flag_is_refused(
     report = await asyncio.to_thread(verify, str(tmp_path))
     assert not report.ok
     assert any(f"{flags:#06x}" in p.message for p in report.problems), report.problems
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_holes_without_compaction_are_refused(tmp_path: Path, read_only: bool) -> None:
+    """Bit 1 (frames with holes) only comes with bit 0 (a compacted segment)."""
+    async with EventStore(tmp_path, snapshot_every=None) as store:
+        await fill(store, 5)
+    (seg,) = segment_files(tmp_path)
+    set_segment_flags(seg, 0x0002)
+    with pytest.raises(IntegrityError, match=r"flags 0x0002: holes in frames \(bit 1\) without"):
+        await EventStore(tmp_path, read_only=read_only).connect()
+    report = await asyncio.to_thread(verify, str(tmp_path))
+    assert any("holes in frames" in p.message for p in report.problems), report.problems
 
 
 async def test_a_snapshot_with_flags_is_not_loaded(
@@ -66,7 +79,7 @@ async def test_repair_refuses_a_segment_of_newer_code_instead_of_cutting(tmp_pat
         await fill(store, 200)
     segments = segment_files(tmp_path)
     assert len(segments) >= 3
-    set_segment_flags(segments[1], 0x0002)
+    set_segment_flags(segments[1], 0x0004)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     with pytest.raises(MigrationError, match="include bits this code does not know"):
         repair(str(tmp_path))

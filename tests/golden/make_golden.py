@@ -9,7 +9,9 @@ snapshot) and tests/golden/<name>/expected.json (what every read returns).
 Since v4 the store is copied while its writer is still open (after a
 snapshot), as a crash would leave it: the last segment then ends in the
 zeros an "fsync" writer fills ahead of its writes.  Since v9 it also holds
-the tail.index that the writer's close saved.
+the tail.index that the writer's close saved.  Since v10 the frames of its
+compacted segments hold their events with holes (nil) between them
+(segment flag bit 1).
 Committed golden stores are never rewritten: tests/test_golden.py opens each
 of them with the current code and compares.
 """
