@@ -79,7 +79,13 @@ from bench.common import (
 )
 from eventstore import EventStore
 from eventstore.events import Event
-from eventstore.segment import FLAG_HOLES, FRAME_HEADER, FRAME_HEADER_SIZE, HEADER_SIZE
+from eventstore.segment import (
+    FLAG_COMPACTED,
+    FLAG_HOLES,
+    FRAME_HEADER,
+    FRAME_HEADER_SIZE,
+    HEADER_SIZE,
+)
 from eventstore.segmentlog import READ_CHUNK, SegmentLog
 from projections import Projections
 
@@ -93,6 +99,12 @@ STEPS = ["read", "decode", "decode+crc", "read_groups", "read_groups+apply", "co
 
 def _segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.seg"))
+
+
+def _flags(path: Path) -> int:
+    """A segment's header flags."""
+    with path.open("rb") as f:
+        return int.from_bytes(f.read(12)[10:12], "little")
 
 
 def read_only(directory: Path) -> int:
@@ -120,7 +132,7 @@ def decode_only(directory: Path, crc: bool) -> int:
     events = 0
     for path in _segments(directory):
         data = path.read_bytes()
-        holes = bool(int.from_bytes(data[10:12], "little") & FLAG_HOLES)
+        holes = bool(_flags(path) & FLAG_HOLES)
         decode = (HOLES_DECODER if holes else DECODER).decode
         view = memoryview(data)
         i, end = HEADER_SIZE, len(data)
@@ -136,6 +148,9 @@ def decode_only(directory: Path, crc: bool) -> int:
 
 
 async def read_groups(directory: Path, apply: bool) -> int:
+    # Holes are counted only where there can be some: a count(None) over
+    # every run costs about 9 ns an event, 5% of a read_groups step.
+    holes = any(_flags(path) & FLAG_HOLES for path in _segments(directory))
     log = SegmentLog(str(directory), read_only=True)
     await log.open()
     proj = Projections()
@@ -144,7 +159,9 @@ async def read_groups(directory: Path, apply: bool) -> int:
         async for group in log.read_groups(1):
             if apply:
                 proj.apply_runs(group)  # as EventStore.connect() does
-            events += sum(len(run) - run.count(None) for _, run in group)
+            events += sum(len(run) for _, run in group)
+            if holes:
+                events -= sum(run.count(None) for _, run in group)
     finally:
         await log.close()
     return events
@@ -176,9 +193,12 @@ def _step(name: str, directory: Path) -> Callable[[], Any]:
 def build_compacted(source: Path, where: Path, source_stamp: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``source`` compacted (or the one kept from an earlier run of the same stamp)."""
     stamp_path = where.with_name(where.name + ".json")
+    # What this code's compaction writes (segment flags): a store compacted
+    # by code that wrote other frames is compacted again.
+    flags = FLAG_COMPACTED | FLAG_HOLES
     if where.is_dir() and stamp_path.exists():
         have = json.loads(stamp_path.read_text())
-        if have.get("source") == source_stamp:
+        if have.get("source") == source_stamp and have.get("segment_flags") == flags:
             return dict(have)
     shutil.rmtree(where, ignore_errors=True)
     shutil.copytree(source, where)
@@ -197,6 +217,7 @@ def build_compacted(source: Path, where: Path, source_stamp: dict[str, Any]) -> 
         **source_stamp,
         "source": source_stamp,
         "events_held": report.events_after,
+        "segment_flags": flags,
         "segments": len(segments),
         "log_bytes": sum(p.stat().st_size for p in segments),
     }
