@@ -257,7 +257,8 @@ def measure(directory: Path, n: int, runs: int) -> dict[str, Any]:
                     raise RuntimeError(f"{name} on {label} saw {out}, expected {want}")
                 seconds[label][name].append(took)
                 print(
-                    f"  run {run + 1}/{runs} {label:14} {name:16} {fmt_rate(n / took):>7} ev/s",
+                    f"  run {run + 1}/{runs} {label:14} {name:16} "
+                    f"{fmt_rate(store['events'] / took):>7} ev/s",
                     flush=True,
                 )
     return {

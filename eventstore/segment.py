@@ -7,7 +7,8 @@ Header, 48 bytes, little-endian::
 
     0   8  magic            b"\x89ESLOG\r\n"
     8   2  format version   u16 (1)
-    10  2  flags            u16: bit 0 set = written by compaction (gaps allowed)
+    10  2  flags            u16: bit 0 = written by compaction (gaps allowed);
+                            bit 1 = frames may hold holes (only with bit 0)
     12  8  first position   u64, equals the number in the file name
     20  8  schema fingerprint  eventstore.events.SCHEMA_FINGERPRINT
     28  16 store id         random bytes chosen when the store was created
@@ -22,7 +23,9 @@ Then frames, back to back, each::
     20  n  payload          one msgpack array of ``count`` events (codec.py)
 
 The events of a frame have consecutive positions.  After compaction frames
-may leave gaps between them, never inside.
+may leave gaps between them; and in a segment with flag bit 1 (what
+compaction writes since golden store v10) an element of a frame's array may
+be nil, a hole: a position without an event, never the first or the last.
 
 Zero bytes may follow the last frame, up to the end of the file: a writer in
 "fsync" mode fills space with zeros before it writes frames into it (see

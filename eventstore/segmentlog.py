@@ -1528,6 +1528,8 @@ class SegmentLog(EventLog):
         self, from_position: int, to_position: int | None, thread: LogThread | None
     ) -> AsyncIterator[Group]:
         stop = self._head if to_position is None else min(to_position, self._head)
+        if max(from_position, 1) > stop:
+            return  # an empty range (a frame holding both ends would cut it wrong)
         # Take the boundary and the batches above it at the same moment: the
         # writer may move batches from memory to disk while this generator
         # is suspended, and they must be read from one place or the other.
@@ -2039,6 +2041,13 @@ class SegmentLog(EventLog):
                     raise IntegrityError(
                         f"{seg.path}: frame at offset {info.offset} holds {len(raws)} "
                         f"events, its header says {info.count}"
+                    )
+                if seg.holes and (raws[0] == _NIL or raws[-1] == _NIL):
+                    # As decode_batch rules: a hole is inside a frame, or the
+                    # frame is damaged (and a read of it says so, not "no event").
+                    raise IntegrityError(
+                        f"{seg.path}: frame at offset {info.offset} begins or ends "
+                        "with a hole (nil)"
                     )
                 window.append((info.first_position, raws))
         except FrameError as err:

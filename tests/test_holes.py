@@ -125,7 +125,7 @@ async def test_a_frame_beginning_or_ending_with_a_hole_is_damage(
     for snap in d.glob("*.snap"):
         snap.unlink()  # so that opening replays the compacted frames
     seg = _compacted(d)
-    offset, _first, count, payload = _frames(seg)[0]
+    offset, first, count, payload = _frames(seg)[0]
     events = decode_batch(payload, holes=True)
     # The frame's first or last event becomes nil; another message grows by
     # the bytes that frees, so that the frame keeps its length.
@@ -150,6 +150,16 @@ async def test_a_frame_beginning_or_ending_with_a_hole_is_damage(
     assert damage is not None and damage.offset == offset and "hole" in damage.reason
     report = await asyncio.to_thread(verify, str(d))
     assert any("begins or ends with a hole" in p.message for p in report.problems)
+    # A read of a row from the frame says the same, rather than "no event
+    # there" (the frame's first and last positions are in it).
+    log = SegmentLog(str(d), read_only=True)
+    await log.open()
+    try:
+        for position in (first, first + count - 1):
+            with pytest.raises(IntegrityError, match=f"offset {offset} begins or ends with a hole"):
+                await log.fetch([position])
+    finally:
+        await log.close()
 
 
 async def test_nil_in_a_segment_without_holes_is_damage(tmp_path: Path) -> None:

@@ -111,6 +111,24 @@ async def test_groups_hold_the_runs_of_read_runs(tmp_path: Path) -> None:
         await log.close()
 
 
+async def test_a_range_ending_before_it_starts_is_empty(tmp_path: Path) -> None:
+    """Regression: both ends in one frame, the cut at the end made a negative
+    slice, and read(10, 8) returned positions 10 to 20."""
+    d = tmp_path / "s"
+    async with EventStore(d, durability="flush", snapshot_every=None) as store:
+        await store.append([MessageSaved(i, "u", f"m{i}") for i in range(20)])  # one frame
+        assert [p async for p, _ in store.read(10, 8)] == []
+    log = SegmentLog(str(d), read_only=True)
+    await log.open()
+    try:
+        for lo, hi in [(10, 8), (20, 19), (2, 1), (21, 20), (5, 0)]:
+            assert [run async for run in log.read_runs(lo, hi)] == [], (lo, hi)
+            assert [group async for group in log.read_groups(lo, hi)] == [], (lo, hi)
+        assert [p async for p, _ in log.read(10, 10)] == [10]
+    finally:
+        await log.close()
+
+
 async def test_a_read_left_early_lets_go_of_the_log(tmp_path: Path) -> None:
     d = tmp_path / "s"
     await _compacted_store(d)
