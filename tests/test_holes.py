@@ -115,6 +115,26 @@ def _rewrite(path: Path, offset: int, payload: bytes, count: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def _put_nil(seg: Path, offset: int, payload: bytes, count: int, i: int, holes: bool) -> None:
+    """Nil for element ``i`` of the frame at ``offset``, checksum fixed.
+
+    Another message of the frame grows by the bytes the nil frees, so that
+    the frame keeps its length.
+    """
+    events = decode_batch(payload, holes=holes)
+    assert isinstance(events[i], MessageSaved)
+    others = [j for j, ev in enumerate(events) if isinstance(ev, MessageSaved) and j != i]
+    j = others[len(others) // 2]
+    target = events[j]
+    changed = list(events)
+    changed[i] = None
+    freed = len(encode_batch([events[i]])) - len(encode_batch([None]))
+    changed[j] = MessageSaved(target.timestamp, target.username, target.message + "x" * freed)
+    new = encode_batch(changed)
+    assert len(new) == len(payload)
+    _rewrite(seg, offset, new, count)
+
+
 @pytest.mark.parametrize("where", ["first", "last"])
 async def test_a_frame_beginning_or_ending_with_a_hole_is_damage(
     tmp_path: Path, where: str
@@ -127,22 +147,8 @@ async def test_a_frame_beginning_or_ending_with_a_hole_is_damage(
     seg = _compacted(d)
     offset, first, count, payload = _frames(seg)[0]
     events = decode_batch(payload, holes=True)
-    # The frame's first or last event becomes nil; another message grows by
-    # the bytes that frees, so that the frame keeps its length.
     i = 0 if where == "first" else len(events) - 1
-    victim = events[i]
-    assert isinstance(victim, MessageSaved)
-    others = [j for j, ev in enumerate(events) if isinstance(ev, MessageSaved) and j != i]
-    changed = list(events)
-    changed[i] = None
-    grown = len(encode_batch([victim])) - len(encode_batch([None]))
-    j = others[len(others) // 2]
-    target = changed[j]
-    assert isinstance(target, MessageSaved)
-    changed[j] = MessageSaved(target.timestamp, target.username, target.message + "x" * grown)
-    new = encode_batch(changed)
-    assert len(new) == len(payload)
-    _rewrite(seg, offset, new, count)
+    _put_nil(seg, offset, payload, count, i, holes=True)
     with pytest.raises(IntegrityError, match="begins or ends with a hole"):
         async with EventStore(d, read_only=True):
             pass
@@ -168,16 +174,7 @@ async def test_nil_in_a_segment_without_holes_is_damage(tmp_path: Path) -> None:
         await store.append([MessageSaved(i, "u", f"m{i}") for i in range(5)])
     (seg,) = segment_files(d)
     offset, _first, count, payload = _frames(seg)[0]
-    events = decode_batch(payload)
-    changed: list[MessageSaved | None] = list(events)
-    changed[2] = None
-    # Keep the length: the last message takes the bytes the nil frees.
-    freed = len(encode_batch([events[2]])) - len(encode_batch([None]))
-    last = events[4]
-    changed[4] = MessageSaved(last.timestamp, last.username, last.message + "y" * freed)
-    new = encode_batch(changed)
-    assert len(new) == len(payload)
-    _rewrite(seg, offset, new, count)
+    _put_nil(seg, offset, payload, count, 2, holes=False)
     with pytest.raises(IntegrityError, match="undecodable event batch"):
         async with EventStore(d, read_only=True):
             pass
