@@ -70,7 +70,7 @@ from .errors import (
     StorageError,
     ValidationError,
 )
-from .events import Event, UserForgotten
+from .events import Event, UserForgotten, event_tag
 from .framing import FrameWalker, Scanned, is_torn_tail
 from .fsutil import fsync_dir, write_all
 from .lockfile import WriterLock, lock_holder
@@ -421,6 +421,23 @@ def _decode_runs(
     return runs
 
 
+def _may_hold(buf: bytes, needle: bytes, start: int, end: int) -> bool:
+    """Can ``buf[start:end]`` hold an event that begins with ``needle`` (its
+    tag, then its first field)?
+
+    An event is a msgpack array of its tag and its fields, a fixarray (at
+    most 15 elements): so ``needle`` right after such a header.  Anything
+    else that matches (an int ending in the tag's byte, then the same
+    string) is let through too; decoding tells.
+    """
+    i = buf.find(needle, start, end)
+    while i != -1:
+        if 0x92 <= buf[i - 1] <= 0x9F:
+            return True
+        i = buf.find(needle, i + 1, end)
+    return False
+
+
 def _split_at_holes(first: int, events: Sequence[Event | None]) -> list[tuple[int, list[Event]]]:
     """The runs of events in ``events`` (at positions from ``first``), without its Nones."""
     runs: list[tuple[int, list[Event]]] = []
@@ -556,11 +573,18 @@ class SegmentLog(EventLog):
 
     async def holds_forget_of(self, username: str) -> bool:
         # Compacted segments never hold one (compaction drops it with the
-        # user's events), so only the log after them is read.
-        async for _, events in self.read_runs((self.compacted_through() or 0) + 1):
-            for event in events:
-                if type(event) is UserForgotten and event.username == username:
-                    return True
+        # user's events), so only the log after them is read: up to all of
+        # it, for a store never compacted.  forget_user asks this of every
+        # name no read knows, so frames are decoded only where their bytes
+        # may hold a UserForgotten of that name (see _may_hold).
+        needle = bytes([event_tag(UserForgotten)]) + msgspec.msgpack.encode(username)
+        start = (self.compacted_through() or 0) + 1
+        async with contextlib.aclosing(self._groups(start, None, needle)) as groups:
+            async for group in groups:
+                for _, events in group:
+                    for event in events:
+                        if type(event) is UserForgotten and event.username == username:
+                            return True
         return False
 
     async def open(self) -> None:
@@ -1493,9 +1517,16 @@ class SegmentLog(EventLog):
                     else:
                         yield first, events  # type: ignore[misc]
 
-    async def read_groups(
+    def read_groups(
         self, from_position: int = 0, to_position: int | None = None
     ) -> AsyncGenerator[Group, None]:
+        return self._groups(from_position, to_position, None)
+
+    async def _groups(
+        self, from_position: int, to_position: int | None, needle: bytes | None
+    ) -> AsyncGenerator[Group, None]:
+        """read_groups; with ``needle``, only frames whose bytes hold it are
+        decoded (a batch of frames without it yields nothing)."""
         if not self._open:
             raise ConnectionError(f"{self.directory}: the log is not open")
         # The thread stands for this open: a read left paused across close()
@@ -1504,7 +1535,7 @@ class SegmentLog(EventLog):
         thread = self._thread
         self._readers += 1
         try:
-            async for group in self._read_groups(from_position, to_position, thread):
+            async for group in self._read_groups(from_position, to_position, thread, needle):
                 yield group
         finally:
             self._reader_done(thread)
@@ -1525,7 +1556,11 @@ class SegmentLog(EventLog):
             _close_quietly(fds)
 
     async def _read_groups(
-        self, from_position: int, to_position: int | None, thread: LogThread | None
+        self,
+        from_position: int,
+        to_position: int | None,
+        thread: LogThread | None,
+        needle: bytes | None = None,
     ) -> AsyncIterator[Group]:
         stop = self._head if to_position is None else min(to_position, self._head)
         if max(from_position, 1) > stop:
@@ -1555,7 +1590,9 @@ class SegmentLog(EventLog):
                         f"{seg.path}: segment starts at position {seg.first}, but the previous "
                         f"segment ends at {prev.next_position - 1} (events missing)"
                     )
-                async for group in self._read_segment(seg, from_position, disk_stop, thread):
+                async for group in self._read_segment(
+                    seg, from_position, disk_stop, thread, needle
+                ):
                     # The runs of a group come from one segment, whose walk
                     # saw their positions rise; only its first can go back.
                     first = group[0][0]
@@ -1592,7 +1629,7 @@ class SegmentLog(EventLog):
         return self._unwritten[0][0] - 1 if self._unwritten else self._head
 
     async def _read_segment(
-        self, seg: Segment, lo: int, hi: int, thread: LogThread | None
+        self, seg: Segment, lo: int, hi: int, thread: LogThread | None, needle: bytes | None
     ) -> AsyncIterator[Group]:
         end = seg.end
         start, first_pos = HEADER_SIZE, seg.first
@@ -1629,7 +1666,10 @@ class SegmentLog(EventLog):
                     n_events += counts[j]
                     j += 1
                     if n_events >= RUN_EVENTS or j == b:
-                        yield _decode_runs(seg.path, frames, a, j, lo, hi, seg.holes)
+                        if needle is None or _may_hold(
+                            frames.buf, needle, frames.starts[a], frames.ends[j - 1]
+                        ):
+                            yield _decode_runs(seg.path, frames, a, j, lo, hi, seg.holes)
                         a, n_events = j, 0
                 if b < k:
                     return  # past hi: what follows is not asked for, bad or not

@@ -24,7 +24,7 @@ from storeutil import frames_only, segment_files
 
 from eventstore import ConnectionError, EventStore, IntegrityError, StorageError
 from eventstore import compaction as compaction_mod
-from eventstore.events import UserCountsTrimmed
+from eventstore.events import MessageSaved, UserCountsTrimmed, UserForgotten
 from eventstore.lockfile import WriterLock
 from eventstore.recovery import find_damage, repair
 from eventstore.snapshot import check_snapshots, encode_state
@@ -1425,3 +1425,53 @@ def test_same_state_sees_every_difference_state_sees() -> None:
     twice.apply_all(enumerate(common, 1))
     assert twice.same_state(built[0])
     assert sum(a.same_state(b) for a in built for b in built) == len(built)
+
+
+async def test_a_forget_left_unfinished_is_found_without_decoding_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """forget_user asks the log about every name no read knows: the scan
+    decodes only frames whose bytes hold a UserForgotten of that name."""
+    from eventstore import segmentlog
+
+    d = tmp_path / "s"
+    async with EventStore(d, durability="flush", segment_size=64 * 1024) as store:
+        await store.append([MessageSaved(100 + i, f"u{i % 9}", f"m{i}") for i in range(3000)])
+        # A message at time 0x930a encodes as [8, 0x930a, "zed", "hi"]:
+        # bytes 93 0a a3 "zed", the start of a forget of zed.
+        await store.append([MessageSaved(0x930A, "zed", "hi")])
+        await store.append([UserForgotten("carol", 3001)])
+        await store.append([MessageSaved(4000 + i, "u1", f"later {i}") for i in range(3000)])
+    decoded: list[int] = []
+    real = segmentlog._decode_runs
+
+    def counting(*args: Any) -> Any:
+        runs = real(*args)
+        decoded.append(sum(len(events) for _, events in runs))
+        return runs
+
+    monkeypatch.setattr(segmentlog, "_decode_runs", counting)
+    async with EventStore(d, read_only=True) as store:
+        assert await store.erasure_unfinished("carol")
+        assert decoded and sum(decoded) < 6002 // 4
+        decoded.clear()
+        assert not await store.erasure_unfinished("nobody")
+        assert decoded == []
+        # A known user (forget_user does not ask for one): the ints before
+        # each name rarely look like an event's header and tag either.
+        assert not await store.erasure_unfinished("u1")
+        assert sum(decoded) < 6002 // 4
+        decoded.clear()
+        # The frames the filter lets through are decoded, and hold no forget.
+        assert not await store.erasure_unfinished("zed")
+        assert decoded
+
+
+def test_a_forget_encodes_as_its_tag_then_the_name() -> None:
+    """What SegmentLog.holds_forget_of looks for in the bytes."""
+    from eventstore.events import event_tag
+
+    encoded = msgspec.msgpack.encode(UserForgotten("dave", 7))
+    assert encoded[1:].startswith(
+        bytes([event_tag(UserForgotten)]) + msgspec.msgpack.encode("dave")
+    )
