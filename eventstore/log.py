@@ -95,16 +95,17 @@ class EventLog(ABC):
     ) -> AsyncIterator[Group]:
         """Yield the runs of ``read_runs``, several at a time, as lists.
 
+        Replay folds a group per async step.  Where runs are short (after a
+        compaction, whose kept events are rarely neighbours), a step per
+        run took more time than folding its events.
+
         A run here may also hold None at a position without an event: the
         segment log's compacted frames hold their events with such holes
-        between them, and splitting its runs at every hole would bring back
-        what groups are for.  ``read_runs`` never yields a None.
+        between them, and splitting the runs at every hole would make them
+        short again.  ``read_runs`` never yields a None.
 
-        After a compaction most runs are one event long: the events it keeps
-        are rarely neighbours.  Replay then took more time stepping through
-        the runs, one async iteration each, than folding their events; a
-        group costs one step.  This default yields one run per group; logs
-        that decode many runs at once yield them together.
+        This default yields one run per group; logs that decode many runs
+        at once yield them together.
         """
         async for first, events in self.read_runs(from_position, to_position):
             yield [(first, events)]
