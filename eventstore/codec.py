@@ -33,6 +33,7 @@ __all__ = [
     "decode_frames",
     "encode_batch",
     "encode_batch_into",
+    "has_upcasters",
     "known_tags",
     "remove_upcaster",
     "upcaster",
@@ -85,6 +86,11 @@ def remove_upcaster(old: type[BaseEvent]) -> None:
     """Unregister ``old`` (tests use this to leave the registry as they found it)."""
     if _upcasters.pop(old, None) is not None:
         _rebuild()
+
+
+def has_upcasters() -> bool:
+    """Is any upcaster registered (events of old types may be in the log)?"""
+    return bool(_upcasters)
 
 
 def known_tags() -> set[int]:

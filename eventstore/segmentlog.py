@@ -61,7 +61,7 @@ from operator import attrgetter, itemgetter
 
 import msgspec
 
-from .codec import decode_batch, decode_event, decode_frames, split_batch
+from .codec import decode_batch, decode_event, decode_frames, has_upcasters, split_batch
 from .compaction import pending_commit, recover_compaction
 from .errors import (
     ConnectionError,
@@ -70,7 +70,7 @@ from .errors import (
     StorageError,
     ValidationError,
 )
-from .events import Event, UserForgotten, event_tag
+from .events import Event, UserForgotten
 from .framing import FrameWalker, Scanned, is_torn_tail
 from .fsutil import fsync_dir, write_all
 from .lockfile import WriterLock, lock_holder
@@ -421,23 +421,6 @@ def _decode_runs(
     return runs
 
 
-def _may_hold(buf: bytes, needle: bytes, start: int, end: int) -> bool:
-    """Can ``buf[start:end]`` hold an event that begins with ``needle`` (its
-    tag, then its first field)?
-
-    An event is a msgpack array of its tag and its fields, a fixarray (at
-    most 15 elements): so ``needle`` right after such a header.  Anything
-    else that matches (an int ending in the tag's byte, then the same
-    string) is let through too; decoding tells.
-    """
-    i = buf.find(needle, start, end)
-    while i != -1:
-        if 0x92 <= buf[i - 1] <= 0x9F:
-            return True
-        i = buf.find(needle, i + 1, end)
-    return False
-
-
 def _split_at_holes(first: int, events: Sequence[Event | None]) -> list[tuple[int, list[Event]]]:
     """The runs of events in ``events`` (at positions from ``first``), without its Nones."""
     runs: list[tuple[int, list[Event]]] = []
@@ -575,9 +558,11 @@ class SegmentLog(EventLog):
         # Compacted segments never hold one (compaction drops it with the
         # user's events), so only the log after them is read: up to all of
         # it, for a store never compacted.  forget_user asks this of every
-        # name no read knows, so frames are decoded only where their bytes
-        # may hold a UserForgotten of that name (see _may_hold).
-        needle = bytes([event_tag(UserForgotten)]) + msgspec.msgpack.encode(username)
+        # name no read knows, so only the frames whose bytes hold the name's
+        # (UTF-8, as any msgpack string holds it) are decoded.  Unless an
+        # upcaster is registered: an old event it turns into a forget may
+        # keep the name otherwise.
+        needle = None if has_upcasters() else username.encode("utf-8")
         start = (self.compacted_through() or 0) + 1
         async with contextlib.aclosing(self._groups(start, None, needle)) as groups:
             async for group in groups:
@@ -1666,8 +1651,9 @@ class SegmentLog(EventLog):
                     n_events += counts[j]
                     j += 1
                     if n_events >= RUN_EVENTS or j == b:
-                        if needle is None or _may_hold(
-                            frames.buf, needle, frames.starts[a], frames.ends[j - 1]
+                        if (
+                            needle is None
+                            or frames.buf.find(needle, frames.starts[a], frames.ends[j - 1]) != -1
                         ):
                             yield _decode_runs(seg.path, frames, a, j, lo, hi, seg.holes)
                         a, n_events = j, 0

@@ -789,10 +789,11 @@ class EventStore(StorageAdapter):
         if its compaction never ran (the process died, or close() came
         first): the user is gone from every read, but their events are still
         on disk.  Calling forget_user again then compacts and returns True.
-        Telling this takes a read of the log after the last compaction (of
-        its bytes: only frames that may hold such a forget are decoded; 32
-        ms for a million events never compacted, against 0.2 s decoding
-        them all).
+        Telling this takes a read of the log after the last compaction:
+        of its bytes, decoding only the frames that hold the name's.  For a
+        million events never compacted, 39 ms for a name found nowhere, and
+        up to the 0.2 s of decoding them all for one whose letters are in
+        every frame ("x").
         """
         self._check_write()
         check_name("username", username)
