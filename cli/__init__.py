@@ -7,3 +7,20 @@ stderr and an exit code.  The commands live by group in :mod:`cli.inspect`
 (compact, snapshot, forget-user), :mod:`cli.transfer` (import-sqlite,
 export) and :mod:`cli.demo`; :mod:`cli.main` assembles the app.
 """
+
+
+def run() -> None:
+    """The ``eventstore`` console script: import the app, then run it.
+
+    A Ctrl-C in the first tenth of a second or so lands while Python is
+    still importing the app (typer, the library) or typer is still building
+    the commands from their signatures, outside the command, where typer
+    would turn it into exit 130.  It should stop the command as quietly as
+    one a moment later, not print a traceback of whatever it interrupted.
+    """
+    try:
+        from .main import main
+
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

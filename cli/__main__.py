@@ -1,5 +1,5 @@
 """``python -m cli``: the same as the ``eventstore`` console script."""
 
-from .main import main
+from . import run
 
-main()
+run()

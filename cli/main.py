@@ -1,7 +1,8 @@
 """The ``eventstore`` app: every command, in the order ``--help`` lists them.
 
 Exit codes: 0 success; 1 a problem was found (damage, a store locked by
-the bot) or a library call refused; 2 bad usage.
+the bot) or a library call refused; 2 bad usage; 130 Ctrl-C (see
+:func:`cli.run` for its first moments).
 """
 
 from __future__ import annotations

@@ -1283,3 +1283,42 @@ def test_a_socket_reader_that_goes_away_is_not_a_failure(tmp_path: Path, command
             timeout=60,
         )
     assert (proc.returncode, proc.stderr) == (0, b"")
+
+
+class _InterruptedImport:
+    """A meta path finder that is Ctrl-C arriving while ``cli.main`` imports."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> None:
+        if name == "cli.main":
+            raise KeyboardInterrupt
+        return None
+
+
+def test_ctrl_c_while_the_app_imports_exits_130_quietly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The console script's first tenth of a second is spent importing: a
+    Ctrl-C then is no traceback, but the 130 typer gives one a moment later."""
+    import cli
+
+    monkeypatch.delitem(sys.modules, "cli.main")
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedImport(), *sys.meta_path])
+    with pytest.raises(SystemExit) as done:
+        cli.run()
+    assert done.value.code == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_while_typer_builds_the_commands_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Typer reads every command's signature before its own Ctrl-C handler
+    runs; an interrupt there is the same quiet 130."""
+    import cli
+    import cli.main
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.main, "app", interrupted)
+    with pytest.raises(SystemExit) as done:
+        cli.run()
+    assert done.value.code == 130

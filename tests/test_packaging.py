@@ -56,6 +56,7 @@ def test_the_wheel_holds_every_module_and_the_plugin(wheel: Path) -> None:
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "eventstore = eventstore.testing.plugin" in text
+    assert "eventstore = cli:run" in text
     assert "eventstore/testing/plugin.py" in names
 
 
