@@ -12,7 +12,14 @@ from typing import Annotated, Any
 import typer
 
 from eventstore import EventStore
-from eventstore.fsutil import fsync_dir
+from eventstore.errors import StorageError
+from eventstore.importmarker import (
+    IMPORTING,
+    IMPORTING_MORE,
+    position_before,
+    remove_marker,
+    write_marker,
+)
 from eventstore.legacy import (
     ImportReport,
     LegacyReader,
@@ -23,7 +30,7 @@ from eventstore.legacy import (
 from eventstore.legacy import import_sqlite as import_legacy
 from eventstore.lockfile import lock_holder
 from eventstore.pglog import is_dsn
-from eventstore.segmentlog import IMPORTING
+from eventstore.recovery import cut_after
 
 from . import output as out
 from .inspect import Directory, Json
@@ -46,8 +53,9 @@ def import_sqlite(
     not keep (current_status, outbound_messages, api_tokens) are reported.
     A store that already holds events is refused unless --force.  A
     PostgreSQL URL gets the store's tables if it has none yet.  An import
-    that stops half-way (Ctrl-C, a full disk) into a directory it created or
-    found empty removes what it wrote; elsewhere it says what the store holds.
+    into a directory that stops half-way (Ctrl-C, a full disk; a kill is
+    undone by the next import there) removes what it wrote, so the store
+    holds what it held before; into a database it says what the store holds.
 
     Example: eventstore import-sqlite bot.db data/bot
     """
@@ -66,37 +74,31 @@ def import_sqlite(
     out.call(check_file)
 
     # A directory this run creates (or finds empty) is removed again if the
-    # import stops half-way: the file is then imported anew, with no
-    # half-import in the way.
-    marker = os.path.join(directory, IMPORTING)
-    if not is_dsn(directory) and os.path.isfile(marker) and lock_holder(directory) is None:
-        # A run killed outright (SIGKILL, a power cut) could not remove the
-        # store it had begun: its marker says so, and that store holds only
-        # part of the file.  Start again as into an empty directory.
-        _remove_partial(directory, made=False)
-        typer.echo(
-            f"warning: {out.shown(directory)} held an import a killed run left unfinished; "
-            "removed it, importing anew",
-            err=True,
-        )
+    # import stops half-way, and what it added to a store that held events
+    # is cut away: the file is then imported anew, with no half-import in
+    # the way.
+    where = out.shown(directory)
+    if not is_dsn(directory) and os.path.isdir(directory) and lock_holder(directory) is None:
+        _undo_killed_import(directory, where)
     fresh = not is_dsn(directory) and (
         not os.path.exists(directory) or (os.path.isdir(directory) and not os.listdir(directory))
     )
     made = not os.path.exists(directory)
     opened: list[EventStore] = []
+    marker: list[str] = []  # the marker this run wrote, if it did
     before = acked = 0  # the store's position first; the file's events acknowledged
-    refused = False
+    refused = whole = False
 
     async def main() -> ImportReport:
-        nonlocal before, refused
+        nonlocal before, refused, whole
         call = f"await import_sqlite(store, {db!r}{', force=True' if force else ''})"
         async with out.open_writer(directory, call, create=True) as store:
             opened.append(store)
             before = store.position
-            if fresh:
+            if not is_dsn(directory) and (fresh or force or not before):
                 # Until the import is whole: a run killed before then (no
-                # chance to remove what it wrote) is recognised by the next.
-                _write_marker(marker)
+                # chance to undo what it wrote) is recognised by the next.
+                marker.append(write_marker(directory, None if fresh else before))
             with out.progress_bar("importing") as bar:
 
                 def progress(done: int) -> None:
@@ -107,9 +109,10 @@ def import_sqlite(
 
                 try:
                     report = await import_legacy(store, db, force=force, progress=progress)
-                    if fresh:
-                        os.unlink(marker)
-                        fsync_dir(directory)
+                    whole = True
+                    if marker:
+                        remove_marker(marker[0])
+                        marker.clear()
                     return report
                 except StoreNotEmptyError:
                     refused = True
@@ -120,7 +123,6 @@ def import_sqlite(
                         "to add the file's data to it"
                     )
 
-    where = out.shown(directory)
     try:
         report = out.run(main())
     except (KeyboardInterrupt, typer.Exit) as err:
@@ -128,6 +130,15 @@ def import_sqlite(
         # already; this one says what the store holds now.
         if refused:
             raise
+        if whole:
+            # Every event is durable ("fsync"): what failed came after (the
+            # marker's removal, closing the store), and nothing is undone.
+            if marker:
+                out.fail(
+                    f"the import is whole, but {marker[0]} could not be removed, and keeps "
+                    "writers out of the store: delete it"
+                )
+            out.fail(f"the import is whole: {where} holds every event of the file")
         stopped = "was interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         if is_dsn(directory):
             # Other processes write the same log: its position says nothing
@@ -148,6 +159,8 @@ def import_sqlite(
                 # empty first segment) may be this run's: a new store that
                 # could not even be created (a full disk) is not left behind.
                 _remove_partial(directory, made)
+            elif marker:
+                out.call(remove_marker, marker[0])
             if isinstance(err, KeyboardInterrupt):
                 out.fail(f"the import was interrupted; nothing was written to {where}")
             raise
@@ -164,11 +177,23 @@ def import_sqlite(
                 f"in {where} was removed, so nothing of the file is kept"
             )
         if held == before:
+            if marker:
+                out.call(remove_marker, marker[0])
             out.fail(f"the import {stopped}; nothing of the file was written to {where}")
+        try:
+            cut_after(directory, before)
+            if marker:
+                remove_marker(marker[0])
+        except (OSError, StorageError) as cut_err:
+            out.fail(
+                f"the import {stopped}: {where} holds the part of the file written before "
+                f"that (positions {before + 1}..{held}), and it could not be removed "
+                f"({out.describe(cut_err)}); {IMPORTING_MORE} stays, so writers refuse the "
+                "store until the next import-sqlite into it removes that part"
+            )
         out.fail(
-            f"the import {stopped}: {where} now holds the part of the file written before "
-            f"that (positions {before + 1}..{held}), not the rest; to have the file whole, "
-            "import it into a new directory"
+            f"the import {stopped} after {held - before} events; they were removed again, "
+            f"so {where} holds what it held before (up to position {before})"
         )
     if json:
         out.print_json(report)
@@ -183,14 +208,31 @@ def import_sqlite(
         typer.echo(f"  {line}")
 
 
-def _write_marker(path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, b"an import-sqlite into this directory has not finished\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(os.path.dirname(path) or ".")
+def _undo_killed_import(directory: str, where: str) -> None:
+    """Undo what an import killed outright (SIGKILL, a power cut) left, as its marker says.
+
+    Such a run could not undo it itself.  A new store it had begun holds
+    only part of the file: removed, to start again as into an empty
+    directory.  What it added to a store that held events is cut away.
+    """
+    if os.path.isfile(os.path.join(directory, IMPORTING)):
+        _remove_partial(directory, made=False)
+        typer.echo(
+            f"warning: {where} held an import a killed run left unfinished; "
+            "removed it, importing anew",
+            err=True,
+        )
+        return
+    before = out.call(position_before, directory)
+    if before is None:
+        return
+    cut = out.call(cut_after, directory, before)
+    out.call(remove_marker, os.path.join(directory, IMPORTING_MORE))
+    typer.echo(
+        f"warning: {where} held part of a file that an import killed before it finished "
+        f"had added after position {before}; removed it ({cut.bytes_cut} bytes), importing anew",
+        err=True,
+    )
 
 
 def _remove_partial(directory: str, made: bool) -> None:

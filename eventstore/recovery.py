@@ -5,6 +5,8 @@ a crash mid-write leaves an incomplete frame).  Damage anywhere else makes
 ``connect()`` raise IntegrityError and stop: the log never skips a frame on
 its own.  ``repair()`` is the operator's explicit decision to give up the
 damaged frame and everything after it, keeping a copy of what it removes.
+``cut_after()`` takes back the last events of a log, those an import that
+did not finish added.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from .segment import (
     list_segments,
     unpack_header,
 )
+from .snapshot import SNAPSHOT_RE
+from .tailindex import TAIL_INDEX
 
-__all__ = ["Damage", "RepairReport", "find_damage", "repair"]
+__all__ = ["CutReport", "Damage", "RepairReport", "cut_after", "find_damage", "repair"]
 
 _CHUNK = 4 * 1024 * 1024
 
@@ -249,3 +253,115 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
         return report
     finally:
         lock.release()
+
+
+@dataclass
+class CutReport:
+    #: The position the log was cut after: its last event now.
+    position: int
+    bytes_cut: int = 0
+    #: Files removed whole: segments after the cut, snapshots past it, the tail index.
+    removed: list[str] = field(default_factory=list)
+
+
+def cut_after(directory: str, position: int, logger: logging.Logger | None = None) -> CutReport:
+    """Remove every event after ``position`` from the log, for good.
+
+    For an import that did not finish (``eventstore import-sqlite`` into a
+    store that held events): its events are the log's last, and the file
+    they came from still holds them, so no copy is kept.  Snapshots past
+    ``position`` and the tail index go too.  Takes the writer lock, so it
+    refuses while a writer is open.
+
+    The cut must fall between two frames: a frame holding both ``position``
+    and the event after it means those events were written together, not
+    by an import that began after ``position``, and StorageError is raised
+    with nothing changed.  So is damage before the cut (IntegrityError;
+    ``verify`` and ``repair`` are for that); anything after it, a torn tail
+    included, is cut away.  A log that ends at or before ``position`` is
+    left as it is.  A crash part-way leaves a log that holds a prefix of
+    what it held, and a second call finishes the cut: segments go last
+    first, and the one the cut falls in is truncated last.
+    """
+    if type(position) is not int or position < 0:
+        raise ValueError(f"position must be an int >= 0, got {position!r}")
+    log = logger or logging.getLogger("eventstore")
+    lock = WriterLock(directory)
+    lock.acquire()
+    try:
+        recover_compaction(directory, log, read_only=False)
+        report = CutReport(position)
+        names, _ = list_segments(directory)
+        # The segment the cut falls in: the last one starting at or before
+        # the first position to remove.
+        keep = [seg for seg in names if seg[0] <= position + 1] or names[:1]
+        if not keep:
+            return report
+        first, name = keep[-1]
+        path = os.path.join(directory, name)
+        offset = _cut_offset(path, first, position)
+        later = [os.path.join(directory, name) for _, name in names[len(keep) :]]
+        if offset is None and not later:
+            return report  # the log ends at or before ``position``
+        for name in sorted(os.listdir(directory), reverse=True):
+            m = SNAPSHOT_RE.match(name)
+            if m and int(m.group(1)) > position:
+                os.unlink(os.path.join(directory, name))
+                report.removed.append(os.path.join(directory, name))
+        tail = os.path.join(directory, TAIL_INDEX)
+        if os.path.exists(tail):
+            os.unlink(tail)
+            report.removed.append(tail)
+        for seg in reversed(later):
+            report.bytes_cut += os.path.getsize(seg)
+            os.unlink(seg)
+            report.removed.append(seg)
+            fsync_dir(directory)
+        if offset is not None:
+            with open(path, "r+b") as f:
+                report.bytes_cut += os.fstat(f.fileno()).st_size - offset
+                f.truncate(offset)
+                os.fsync(f.fileno())
+        fsync_dir(directory)
+        log.info(
+            "%s: cut the log after position %d (%d bytes)", directory, position, report.bytes_cut
+        )
+        return report
+    finally:
+        lock.release()
+
+
+def _cut_offset(path: str, first: int, position: int) -> int | None:
+    """Offset of the first frame of segment ``path`` past ``position``; None if none.
+
+    Bad bytes where the events after ``position`` would begin (the torn
+    frame of a killed writer) are cut there too; before that they are
+    damage, and nothing is cut.
+    """
+    with open(path, "rb") as f:
+        header = unpack_header(f.read(HEADER_SIZE), path)
+        check_fingerprint(header, path)
+        walker = FrameWalker(HEADER_SIZE, first, gaps_allowed=bool(header.flags & FLAG_COMPACTED))
+        try:
+            while data := f.read(max(_CHUNK, walker.wanted())):
+                for info, _payload in walker.feed(data):
+                    if info.first_position > position:
+                        return info.offset
+                    last = info.first_position + info.count - 1
+                    if last > position:
+                        raise StorageError(
+                            f"{path}: the frame at offset {info.offset} holds positions "
+                            f"{info.first_position}..{last}, so the log cannot be cut "
+                            f"after {position}; nothing was cut"
+                        )
+            bad = walker.finish()
+        except FrameError as err:
+            bad = err
+    if bad is None:
+        return None
+    if walker.next_position > position:
+        return bad.offset
+    raise IntegrityError(
+        f"{path}: {bad.reason} at offset {bad.offset}, before position {position + 1}; "
+        "nothing was cut (see eventstore verify)"
+    )

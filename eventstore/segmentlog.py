@@ -73,6 +73,7 @@ from .errors import (
 from .events import Event, UserForgotten
 from .framing import FrameWalker, Scanned, is_torn_tail
 from .fsutil import fsync_dir, write_all
+from .importmarker import unfinished_import
 from .lockfile import WriterLock, lock_holder
 from .log import EventLog, Group
 from .logthread import LogThread
@@ -148,10 +149,6 @@ _ZEROS = bytes(PREFILL_BYTES)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
-#: In a directory while the CLI's ``import-sqlite`` fills it (cli/transfer.py):
-#: found later, the import was killed half-way and the store holds only part
-#: of the file, so writers refuse it (the next import starts the store anew).
-IMPORTING = "IMPORTING"
 
 
 @dataclass
@@ -632,13 +629,10 @@ class SegmentLog(EventLog):
                     raise ConnectionError(f"{d}: cannot create the store directory: {err}") from err
                 fsync_dir(parent)
             self._lock.acquire()
-            if os.path.exists(os.path.join(d, IMPORTING)):
+            unfinished = unfinished_import(d)
+            if unfinished is not None:
                 self._lock.release()
-                raise ConnectionError(
-                    f"{d}: an import into it did not finish ({IMPORTING} is there), so it "
-                    "holds only part of the file: run the import again (it starts anew), "
-                    f"or delete {IMPORTING} to keep this part"
-                )
+                raise ConnectionError(unfinished)
         try:
             self._load_segments()
         except BaseException:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from storeutil import copy_store
 from typer.testing import CliRunner, Result
 
 import cli.output
 from cli.main import app
-from eventstore import ConnectionError, EventStore
+from eventstore import ConnectionError, EventStore, StorageError
 from eventstore.demo import MAX_MINUTES
 from eventstore.legacy import LEGACY_SCHEMA
 from eventstore.lockfile import WriterLock
@@ -837,16 +838,24 @@ def test_an_import_that_fails_half_way_into_a_store_says_what_it_holds(
     db = legacy_db(tmp_path / "bot.db")
     d = tmp_path / "store"
     assert invoke("import-sqlite", db, d).exit_code == 0
+    held = invoke("dump", d).stdout
     _stop_after_first_batch(monkeypatch, OSError(28, "No space left on device"))
     result = invoke("import-sqlite", db, d, "--force")
     assert result.exit_code == 1, result.output
     assert result.stderr == (
         "Error: [Errno 28] No space left on device\n"
-        f"Error: the import failed: {d} now holds the part of the file written before that "
-        "(positions 6..7), not the rest; to have the file whole, import it into a new directory\n"
+        f"Error: the import failed after 2 events; they were removed again, so {d} holds "
+        "what it held before (up to position 5)\n"
     )
-    dumped = [json.loads(line) for line in invoke("dump", d).stdout.splitlines()]
-    assert [e["position"] for e in dumped] == list(range(1, 8))
+    assert invoke("dump", d).stdout == held
+    assert not (d / "IMPORTING-MORE").exists()
+    assert asyncio.run(_position_after_connect(d)) == 5
+
+
+async def _position_after_connect(d: Path) -> int:
+    """Open ``d`` for writing (as the bot would) and return its position."""
+    async with EventStore(d) as store:
+        return store.position
 
 
 def _disk_full_after_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -871,6 +880,7 @@ def test_an_import_that_fills_the_disk_says_what_the_store_holds(
     d = tmp_path / "store"
     if existing:
         assert invoke("import-sqlite", db, d).exit_code == 0
+    held = invoke("dump", d).stdout if existing else ""
     _disk_full_after_first_batch(monkeypatch)
     result = invoke("import-sqlite", db, d, *(["--force"] if existing else []))
     monkeypatch.undo()
@@ -879,12 +889,10 @@ def test_an_import_that_fills_the_disk_says_what_the_store_holds(
     assert lines[0].startswith("Error: ") and lines[0].endswith("No space left on device")
     if existing:
         assert lines[1:] == [
-            f"Error: the import failed: {d} now holds the part of the file written before "
-            "that (positions 6..7), not the rest; to have the file whole, import it into a "
-            "new directory"
+            f"Error: the import failed after 2 events; they were removed again, so {d} "
+            "holds what it held before (up to position 5)"
         ]
-        dumped = [json.loads(line) for line in invoke("dump", d).stdout.splitlines()]
-        assert [e["position"] for e in dumped] == list(range(1, 8))
+        assert invoke("dump", d).stdout == held
     else:
         assert lines[1:] == [
             f"Error: the import failed after 2 events; the store it had begun in {d} was "
@@ -976,6 +984,183 @@ app(["import-sqlite", {str(db)!r}, {str(d)!r}])
     assert again.exit_code == 0, again.output
     assert "left unfinished" in again.stderr
     assert invoke("dump", d).stdout == invoke("dump", whole).stdout
+
+
+def test_an_import_into_a_store_interrupted_half_way_leaves_it_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = legacy_db(tmp_path / "bot.db")
+    d = busy_store(tmp_path)
+    held = invoke("dump", d).stdout
+    _stop_after_first_batch(monkeypatch, KeyboardInterrupt())
+    result = invoke("import-sqlite", db, d, "--force")
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"Error: the import was interrupted after 2 events; they were removed again, so {d} "
+        "holds what it held before (up to position 123)\n"
+    )
+    assert invoke("dump", d).stdout == held
+    assert sorted(p.name for p in d.iterdir() if "IMPORTING" in p.name) == []
+    assert invoke("verify", d).exit_code == 0
+    assert asyncio.run(_position_after_connect(d)) == 123
+
+
+_KILLED_IMPORT = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import cli.transfer
+from cli.main import app
+from eventstore.legacy import import_sqlite
+async def killed(store, db, **kwargs):
+    def progress(done):
+        if done >= {after}:
+            os._exit(9)  # killed once a batch is acknowledged
+    kwargs.update(batch_size=2, progress=progress)
+    return await import_sqlite(store, db, **kwargs)
+cli.transfer.import_legacy = killed
+app(["import-sqlite", {db!r}, {d!r}, *{more!r}])
+"""
+
+
+def test_an_import_into_a_store_killed_half_way_is_removed_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL gives an import with --force no chance to take back what it
+    added: the store keeps writers out, says which events are the file's,
+    and the next run removes them before importing the file whole, once."""
+    db = legacy_db(tmp_path / "bot.db")
+    d = busy_store(tmp_path)
+    whole = copy_store(d, tmp_path / "whole")
+    assert invoke("import-sqlite", db, whole, "--force").exit_code == 0
+    held = invoke("dump", d).stdout
+    script = _KILLED_IMPORT.format(repo=str(REPO), after=4, db=str(db), d=str(d), more=["--force"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    assert (d / "IMPORTING-MORE").exists()
+    assert len(invoke("dump", d).stdout.splitlines()) == 123 + 4  # part of the file
+    with pytest.raises(ConnectionError, match="the events after position 123 are part of a file"):
+        asyncio.run(EventStore(d).connect())
+    compact = invoke("compact", d)
+    assert compact.exit_code == 1 and "(IMPORTING-MORE is there)" in compact.stderr
+    # Without --force the part is removed all the same, and the store, which
+    # holds events, is refused as ever.
+    again = invoke("import-sqlite", db, d)
+    assert again.exit_code == 1, again.output
+    assert again.stderr.startswith(
+        f"warning: {d} held part of a file that an import killed before it finished had "
+        "added after position 123; removed it ("
+    )
+    assert "pass --force" in again.stderr
+    assert invoke("dump", d).stdout == held
+    assert invoke("import-sqlite", db, d, "--force").exit_code == 0
+    assert invoke("dump", d).stdout == invoke("dump", whole).stdout
+    assert not (d / "IMPORTING-MORE").exists()
+
+
+def test_an_import_into_a_store_sigkilled_mid_write_is_removed_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """The same with a real SIGKILL at an arbitrary moment of a long import,
+    which can leave a torn frame at the end of the log."""
+    db = _chat_db(tmp_path / "bot.db", 100_000)
+    d = busy_store(tmp_path)
+    whole = copy_store(d, tmp_path / "whole")
+    assert invoke("import-sqlite", db, whole, "--force").exit_code == 0
+    size = sum(p.stat().st_size for p in d.glob("*.seg"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "import-sqlite", str(db), str(d), "--force"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while sum(p.stat().st_size for p in d.glob("*.seg")) < size + 64 * 1024:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert (d / "IMPORTING-MORE").exists()
+    again = invoke("import-sqlite", db, d, "--force")
+    assert again.exit_code == 0, again.output
+    assert "added after position 123; removed it" in again.stderr
+    assert invoke("dump", d).stdout == invoke("dump", whole).stdout
+    assert invoke("verify", d).exit_code == 0
+
+
+def test_an_import_into_an_empty_store_killed_half_way_is_removed_too(tmp_path: Path) -> None:
+    """A store with no events yet is not "new" (it has its files): its
+    marker names position 0, and the next run cuts the log back to nothing."""
+    db = legacy_db(tmp_path / "bot.db")
+    d = empty_store(tmp_path)
+    script = _KILLED_IMPORT.format(repo=str(REPO), after=2, db=str(db), d=str(d), more=[])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    assert (d / "IMPORTING-MORE").read_text().endswith("position before the import: 0\n")
+    again = invoke("import-sqlite", db, d)
+    assert again.exit_code == 0, again.output
+    assert "added after position 0; removed it" in again.stderr
+    assert len(invoke("dump", d).stdout.splitlines()) == 5
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new directory", "store"])
+def test_an_import_that_fails_after_it_is_whole_keeps_every_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    """A failure after the last event is durable (removing the marker,
+    closing the store) must not undo the import as if it had stopped half-way."""
+    db = legacy_db(tmp_path / "bot.db")
+    d, d2, whole = tmp_path / "first", tmp_path / "again", tmp_path / "whole"
+    if existing:
+        base = busy_store(tmp_path)
+        for copy in (d, d2, whole):
+            copy_store(base, copy)
+    assert invoke("import-sqlite", db, whole, "--force").exit_code == 0
+    real_close = EventStore.close
+
+    async def close_fails(self: EventStore) -> None:
+        await real_close(self)
+        raise StorageError("the snapshot could not be written")
+
+    monkeypatch.setattr(EventStore, "close", close_fails)
+    result = invoke("import-sqlite", db, d, "--force")
+    monkeypatch.undo()
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        "Error: the snapshot could not be written\n"
+        f"Error: the import is whole: {d} holds every event of the file\n"
+    )
+    assert invoke("dump", d).stdout == invoke("dump", whole).stdout
+
+    def unlink_fails(path: str) -> None:
+        raise OSError(5, "Input/output error", path)
+
+    monkeypatch.setattr(cli.transfer, "remove_marker", unlink_fails)
+    result = invoke("import-sqlite", db, d2, "--force")
+    monkeypatch.undo()
+    marker = d2 / ("IMPORTING-MORE" if existing else "IMPORTING")
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"Error: {marker}: Input/output error\n"
+        f"Error: the import is whole, but {marker} could not be removed, and keeps writers "
+        "out of the store: delete it\n"
+    )
+    assert marker.exists()
+    marker.unlink()
+    assert invoke("dump", d2).stdout == invoke("dump", whole).stdout
+
+
+def test_a_marker_that_names_no_position_is_refused_not_guessed(tmp_path: Path) -> None:
+    db = legacy_db(tmp_path / "bot.db")
+    d = busy_store(tmp_path)
+    held = invoke("dump", d).stdout
+    (d / "IMPORTING-MORE").write_text("position before the im")
+    result = invoke("import-sqlite", db, d, "--force")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {d}/IMPORTING-MORE: names no position")
+    assert invoke("dump", d).stdout == held
+    with pytest.raises(ConnectionError, match="the events at its end are part of a file"):
+        asyncio.run(EventStore(d).connect())
 
 
 def test_library_warnings_are_prefixed_lines(tmp_path: Path) -> None:
