@@ -352,8 +352,11 @@ _fields = msgspec.json.Encoder()
 
 
 def _line(position: int, event: Event) -> str:
+    # JSON escapes only the C0 controls; DEL, the C1 controls (an 8-bit CSI
+    # moves the cursor too), line separators and direction overrides that
+    # viewers wrote would reach the terminal as they are.
     fields = msgspec.structs.asdict(event)
     return (
         f"{position:>8}  {out.when(event_time(event))}  {event_name(event):<20}  "
-        f"{_fields.encode(fields).decode()}"
+        f"{out.printable(_fields.encode(fields).decode())}"
     )

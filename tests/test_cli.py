@@ -603,6 +603,28 @@ def test_replay_shows_control_characters_in_chat_as_escapes(tmp_path: Path) -> N
     assert not any(c in result.stdout for c in "\x1b\x07\r\u202e")
 
 
+def test_tail_shows_what_json_leaves_raw_as_escapes(tmp_path: Path) -> None:
+    """tail's text lines hold JSON, which escapes only the C0 controls: DEL,
+    the C1 controls, line separators and direction overrides need escapes too."""
+    nasty = "hi\u202e\u2028\x7f\x9b2J\x85\x1b[31m there"
+
+    async def write() -> None:
+        async with EventStore(tmp_path / "s", clock=FakeClock(T0)) as store:
+            await store.save_message("mal\u2066lory", nasty)
+
+    asyncio.run(write())
+    result = invoke("tail", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith(
+        '{"timestamp":1700000000,"username":"mal\\u2066lory","message":'
+        '"hi\\u202e\\u2028\\u007f\\u009b2J\\u0085\\u001b[31m there"}\n'
+    )
+    assert not any(c in result.stdout for c in "\u202e\u2028\x7f\x9b\x85\x1b\u2066")
+    # The JSON output keeps the text as it is, for programs.
+    (line,) = invoke("tail", tmp_path / "s", "--json").stdout.removesuffix("\n").split("\n")
+    assert json.loads(line)["message"] == nasty
+
+
 def test_replay_limit_0_does_not_claim_empty_lists(tmp_path: Path) -> None:
     d = busy_store(tmp_path)
     result = invoke("replay", d, "--limit", 0)
