@@ -178,8 +178,10 @@ def forget_user(
     Appends a UserForgotten event (reads stop returning the user at once) and
     compaction then removes the user's events from the files.  Needs the bot
     stopped, or call await store.forget_user(name) from the bot.  A user the
-    store knows nothing of is reported and nothing is written; run again, it
-    finishes a forget whose compaction was interrupted.  On a
+    store keeps nothing of is reported and nothing is written.  A user no
+    read returns may still be in the files (chat lines cleared from the
+    reads, a forget whose compaction was interrupted): compaction erases
+    them.  On a
     PostgreSQL URL compaction deletes every row of the user, the
     UserForgotten row too, and the bots may keep running.
 

@@ -118,13 +118,14 @@ class EventLog(ABC):
             for i, event in enumerate(events):
                 yield first + i, event
 
-    async def holds_forget_of(self, username: str) -> bool:
-        """Does the log still hold a ``UserForgotten`` of ``username``?
+    async def holds_user(self, username: str) -> bool:
+        """Does the log still store an event whose user is ``username``?
 
-        Compaction removes a forgotten user's events and then the
-        ``UserForgotten`` itself, so one still held is a forget whose
-        compaction has not run: the user's events are still stored.  Logs
-        that keep nothing on disk, and so have nothing to erase, say False.
+        For ``forget_user`` of a name no read knows: events of that user may
+        still be stored where no read returns them (chat lines
+        ``clear_old_messages`` removed from the reads, or a forget whose
+        compaction never ran), until a compaction drops them.  Logs that
+        keep nothing on disk, and so have nothing to erase, say False.
         """
         return False
 

@@ -137,7 +137,6 @@ from .events import (
     READABLE_FINGERPRINTS,
     SCHEMA_FINGERPRINT,
     Event,
-    UserForgotten,
     event_tag,
 )
 from .log import EventLog, Group
@@ -442,6 +441,10 @@ def decode_rows(payloads: Sequence[bytes], positions: Sequence[int], where: str)
         for position, payload in zip(positions, payloads, strict=True):
             decode_batch(_ARRAY32.pack(0xDD, 1) + payload, f"{where} position {position}")
         raise
+
+
+#: The tags of the events that have a user (a ``username`` field).
+_USER_TAGS = [event_tag(cls) for cls in EVENT_TYPES if "username" in cls.__struct_fields__]
 
 
 def username_column(event: Event) -> str | None:
@@ -1105,22 +1108,27 @@ class PostgresLog(EventLog):
             raise RowsMissing(f"{self.where}: no event at position {missing[0]}{more}")
         return self._decode([found[pos] for pos in positions], positions)
 
-    async def holds_forget_of(self, username: str) -> bool:
-        # Any such row: a compaction deletes it once the user's rows before
-        # it are gone, and a row appended while a compaction ran may sit
-        # below the head that compaction recorded without being compacted.
-        # (A name holding NUL has no username column: those rows are read too.
-        # Nor can such a name be a text parameter, so it is sent as NULL, and
-        # only those rows are read.)
+    async def holds_user(self, username: str) -> bool:
+        if "\x00" not in username:
+            # The column holds every event's user exactly (username_column).
+            return bool(
+                await self._query(
+                    "fetchval",
+                    "SELECT EXISTS (SELECT 1 FROM eventstore_events WHERE username = $1)",
+                    username,
+                )
+            )
+        # A name holding NUL has no username column, nor can it be a text
+        # parameter: the rows of events with a user but without the column
+        # are read.
         rows = await self._query(
             "fetch",
             "SELECT position, payload FROM eventstore_events "
-            "WHERE tag = $1 AND (username = $2 OR username IS NULL) ORDER BY position",
-            event_tag(UserForgotten),
-            None if "\x00" in username else username,
+            "WHERE username IS NULL AND tag = ANY($1::smallint[]) ORDER BY position",
+            _USER_TAGS,
         )
         events = self._decode([row[1] for row in rows], [row[0] for row in rows])
-        return any(type(ev) is UserForgotten and ev.username == username for ev in events)
+        return any(getattr(ev, "username", None) == username for ev in events)
 
     async def compacted_through(self) -> int | None:
         """The head when the last compaction committed (None: never compacted).

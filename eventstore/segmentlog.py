@@ -70,7 +70,7 @@ from .errors import (
     StorageError,
     ValidationError,
 )
-from .events import Event, UserForgotten
+from .events import Event
 from .framing import FrameWalker, Scanned, is_torn_tail
 from .fsutil import fsync_dir, write_all
 from .importmarker import unfinished_import
@@ -551,21 +551,19 @@ class SegmentLog(EventLog):
                 end = segments[i + 1].first - 1 if i + 1 < len(segments) else self._head
         return end
 
-    async def holds_forget_of(self, username: str) -> bool:
-        # Compacted segments never hold one (compaction drops it with the
-        # user's events), so only the log after them is read: up to all of
-        # it, for a store never compacted.  forget_user asks this of every
-        # name no read knows, so only the frames whose bytes hold the name's
-        # (UTF-8, as any msgpack string holds it) are decoded.  Unless an
-        # upcaster is registered: an old event it turns into a forget may
-        # keep the name otherwise.
+    async def holds_user(self, username: str) -> bool:
+        # The whole log, compacted segments too: a chat line a compaction
+        # kept may have been cleared from the reads since.  forget_user asks
+        # this of every name no read knows, so only the frames whose bytes
+        # hold the name's (UTF-8, as any msgpack string holds it) are
+        # decoded.  Unless an upcaster is registered: an old event it turns
+        # into one of the user's may keep the name otherwise.
         needle = None if has_upcasters() else username.encode("utf-8")
-        start = (self.compacted_through() or 0) + 1
-        async with contextlib.aclosing(self._groups(start, None, needle)) as groups:
+        async with contextlib.aclosing(self._groups(1, None, needle)) as groups:
             async for group in groups:
                 for _, events in group:
                     for event in events:
-                        if type(event) is UserForgotten and event.username == username:
+                        if getattr(event, "username", None) == username:
                             return True
         return False
 

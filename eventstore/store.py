@@ -784,16 +784,13 @@ class EventStore(StorageAdapter):
         just written is forgotten too) and compacts, which deletes the user's
         rows (``eventstore/pgcompaction.py``).
 
-        Returns False, and writes nothing, if no read returns anything of that
-        user and no earlier forget of them is unfinished.  One is unfinished
-        if its compaction never ran (the process died, or close() came
-        first): the user is gone from every read, but their events are still
-        on disk.  Calling forget_user again then compacts and returns True.
-        Telling this takes a read of the log after the last compaction:
-        of its bytes, decoding only the frames that hold the name's.  For a
-        million events never compacted, 39 ms for a name found nowhere, and
-        up to the 0.2 s of decoding them all for one whose letters are in
-        every frame ("x").
+        Returns False, and writes nothing, if the store keeps nothing of
+        that user.  A user no read returns may still have events on disk
+        (see ``erasure_unfinished``): an earlier forget whose compaction
+        never ran, or chat lines ``clear_old_messages`` removed from the
+        reads.  Then nothing is appended, the compaction erases them, and it
+        returns True.  Telling this takes a read of the log: of its bytes,
+        decoding only the frames that hold the name's.
         """
         self._check_write()
         check_name("username", username)
@@ -831,16 +828,19 @@ class EventStore(StorageAdapter):
         return True
 
     async def erasure_unfinished(self, username: str) -> bool:
-        """True if an earlier ``forget_user(username)`` has not erased the stored events yet.
+        """True if the store keeps events of ``username`` that no read returns.
 
-        That is, the log still holds its ``UserForgotten``: compaction drops
-        it with the user's events, so one still held was never compacted.
-        The segment log reads what it holds after its compacted segments to
-        tell; PostgreSQL looks for the row.  A store in memory says False.
+        ``forget_user`` then has something to erase although ``knows_user``
+        says False: a forget whose compaction never ran (the process died,
+        or close() came first), or chat lines ``clear_old_messages`` removed
+        from the reads and no compaction has dropped yet.  The segment log
+        reads its files to tell, decoding only the frames that hold the
+        name's bytes; PostgreSQL looks for a row.  A store in memory says
+        False.
         """
         self._check()
         check_name("username", username)
-        return await self._log.holds_forget_of(username)
+        return not self.knows_user(username) and await self._log.holds_user(username)
 
     async def compact(
         self,

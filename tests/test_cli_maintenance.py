@@ -297,6 +297,26 @@ def test_forget_user(tmp_path: Path) -> None:
     assert again.stdout == f"nothing to forget: {d} holds nothing of 'bob'; nothing written\n"
 
 
+def test_forget_user_erases_chat_lines_cleared_from_the_reads(tmp_path: Path) -> None:
+    """No read returns eve's cleared line, but the files still hold it."""
+    d = tmp_path / "s"
+
+    async def write() -> None:
+        async with EventStore(d, clock=FakeClock(T0)) as store:
+            await store.save_message("eve", "my phone is 555-0100")
+            await store.save_message("bob", "hello")
+            await store.clear_old_messages(1)
+
+    asyncio.run(write())
+    assert any(b"555-0100" in p.read_bytes() for p in segment_files(d))
+    result = invoke("forget-user", d, "eve")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"forgot 'eve': no read of {d} returns anything of them any more\n"
+    assert not any(b"555-0100" in p.read_bytes() for p in d.iterdir() if p.is_file())
+    assert invoke("dump", d, "--user", "eve").stdout == ""
+    assert invoke("verify", d).exit_code == 0
+
+
 def test_forget_user_finishes_a_forget_cut_short_before_its_compaction(tmp_path: Path) -> None:
     from eventstore.events import UserForgotten
 

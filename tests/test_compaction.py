@@ -296,6 +296,40 @@ async def test_forget_user_again_finishes_an_erasure_whose_compaction_never_ran(
     assert find_damage(str(d)) is None
 
 
+@pytest.mark.parametrize(
+    "compacted", [False, True], ids=["never compacted", "kept by a compaction"]
+)
+async def test_forget_user_erases_cleared_chat_lines_no_read_returns(
+    tmp_path: Path, compacted: bool
+) -> None:
+    """clear_old_messages takes a user's lines out of every read, but they
+    stay in the files until a compaction: a forget of that user (whom no
+    read knows any more) must erase them, not report nothing to forget."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 2)
+        await store.save_message("eve", "eve-private-555-0100", timestamp=20_000)
+        await store.save_message("bob", "bob was here", timestamp=20_001)
+        if compacted:
+            await store.compact()  # keeps eve's line: a read still returns it
+            assert _bytes_hold(d, b"eve-private-555-0100")
+        await store.clear_old_messages(1)
+        assert not store.knows_user("eve")
+        assert await store.erasure_unfinished("eve")
+        assert not await store.erasure_unfinished("bob")  # a read knows bob
+        assert not await store.erasure_unfinished("nobody")
+        position = store.position
+        before = await reads(store)
+        assert await store.forget_user("eve")
+        assert store.position == position  # no read had eve: nothing appended
+        assert await reads(store) == before
+        assert not await store.erasure_unfinished("eve")
+        assert not await store.forget_user("eve")
+    assert _bytes_hold(d, b"eve-private-555-0100") == []
+    assert _bytes_hold(d, b"eve") == []
+    assert find_damage(str(d)) is None
+
+
 async def test_a_forget_whose_compaction_runs_out_of_space_says_so_and_can_be_finished(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -370,17 +404,18 @@ async def test_a_user_whose_messages_were_all_cleared_leaves_no_name_on_disk(
     tmp_path: Path,
 ) -> None:
     """clear_old_messages can take a user's last row away: nothing of theirs is
-    read any more, so forget_user has nothing to do (False), and compaction
-    drops the cleared messages.  The messages view must not keep the name
-    either, or every snapshot would carry it for ever."""
+    read any more, but the files keep the cleared line until a compaction
+    (which forget_user runs for it).  The messages view must not keep the
+    name either, or every snapshot would carry it for ever."""
     d = tmp_path / "s"
     name = "zebra_unicorn_43"
     async with EventStore(d, segment_size=4096) as store:
         await store.save_message(name, "said once", timestamp=1)
         await store.save_message("other", "said later", timestamp=2)
         assert await store.clear_old_messages(keep_count=1) == 1
+        assert not store.knows_user(name)
+        assert await store.forget_user(name)  # the cleared line, still on disk
         assert not await store.forget_user(name)
-        await store.compact()
         assert _bytes_hold(d, name.encode()) == []
         # Back again (under a new code), and cleared again.
         await store.save_message(name, "back again", timestamp=0)

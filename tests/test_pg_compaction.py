@@ -232,6 +232,25 @@ async def test_forget_user_again_finishes_an_erasure_whose_compaction_never_ran(
     assert await _rows_of_alice(pg_schema) == 0
 
 
+@pytest.mark.parametrize("name", ["eve", "e\x00ve"], ids=["name", "name holding NUL"])
+async def test_forget_user_erases_cleared_chat_lines_no_read_returns(
+    pg_schema: str, name: str
+) -> None:
+    async with EventStore(pg_schema) as store:
+        await busy_history(store, 1)
+        await store.save_message(name, "eve-private-555-0100", timestamp=20_000)
+        await store.save_message("bob", "bob was here", timestamp=20_001)
+        await store.clear_old_messages(1)
+        assert not store.knows_user(name)
+        assert await store.erasure_unfinished(name)
+        assert not await store.erasure_unfinished("e\x00other")
+        assert await store.forget_user(name)
+        assert not await store.erasure_unfinished(name)
+        assert not await store.forget_user(name)
+        assert [m["message"] for m in await store.get_recent_messages()] == ["bob was here"]
+    assert not [row for row in (await rows(pg_schema)).values() if b"eve-private" in row[1]]
+
+
 async def test_forget_user_of_a_name_holding_nul(
     pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
