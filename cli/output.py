@@ -122,7 +122,7 @@ def need_store(target: str) -> None:
     if not os.path.isdir(target):
         not_a_directory(target)
         fail(f"{target}: no such store directory")
-    if not list_segments(target)[0]:
+    if not call(list_segments, target)[0]:
         below = _stores_below(target)
         hint = f"; stores below it: {', '.join(below)}" if below else ""
         fail(f"{target}: no event store here (no segment files){hint}")
@@ -143,7 +143,7 @@ def _stores_below(target: str, most: int = 3) -> list[str]:
         try:
             if entry.is_dir() and list_segments(entry.path)[0]:
                 found.append(entry.path)
-        except OSError:
+        except (OSError, StorageError):
             continue
         if len(found) == most:
             break

@@ -315,14 +315,25 @@ def check_fingerprint(header: SegmentHeader, path: str) -> None:
 
 
 def list_segments(directory: str) -> tuple[list[tuple[int, str]], list[str]]:
-    """(first position, file name) of every segment, sorted; and stray names."""
+    """(first position, file name) of every segment, sorted; and stray names.
+
+    Raises IntegrityError for an entry named like a segment that is not a
+    file (a directory): every reader would fail on it with an error that
+    names no file, and a writer rolling to that name could not create it.
+    """
     segments: list[tuple[int, str]] = []
     stray: list[str] = []
-    for name in os.listdir(directory):
-        m = SEGMENT_RE.match(name)
-        if m:
-            segments.append((int(m.group(1)), name))
-        else:
-            stray.append(name)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            m = SEGMENT_RE.match(entry.name)
+            if m is None:
+                stray.append(entry.name)
+                continue
+            if not entry.is_file():
+                raise IntegrityError(
+                    f"{entry.path}: named like a segment, but not a regular file; "
+                    "move it out of the store directory"
+                )
+            segments.append((int(m.group(1)), entry.name))
     segments.sort()
     return segments, stray

@@ -1529,3 +1529,16 @@ def test_ctrl_c_while_typer_builds_the_commands_exits_130(monkeypatch: pytest.Mo
     with pytest.raises(SystemExit) as done:
         cli.run()
     assert done.value.code == 130
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "dump", "tail", "replay", "compact"])
+def test_a_directory_named_like_a_segment_is_named(tmp_path: Path, command: str) -> None:
+    d = busy_store(tmp_path)
+    odd = d / "00000000000000000500.seg"
+    odd.mkdir()
+    result = invoke(command, d)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"Error: {odd}: named like a segment, but not a regular file; move it out of the "
+        "store directory\n"
+    )

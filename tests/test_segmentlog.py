@@ -2082,3 +2082,16 @@ async def test_a_new_segment_is_durable_before_it_is_used(
     assert calls[made : made + 3] == [f"fsync {new}.tmp", f"rename {new}.tmp {new}", "fsync_dir"]
     assert f"pwrite {new}" not in calls[:made]
     assert f"pwrite {new}" in calls[made + 3 :]
+
+
+async def test_a_directory_named_like_a_segment_is_named_in_the_error(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await store.save_message("bob", "hi", timestamp=1)
+    odd = d / "00000000000000000500.seg"
+    odd.mkdir()
+    for read_only in (False, True):
+        with pytest.raises(IntegrityError, match=f"{odd}: named like a segment, but not a regular"):
+            await EventStore(d, read_only=read_only).connect()
+    odd.rmdir()
+    assert len(await all_events(d)) == 1
