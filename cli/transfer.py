@@ -226,11 +226,11 @@ def _undo_killed_import(directory: str, where: str) -> None:
     before = out.call(position_before, directory)
     if before is None:
         return
-    cut = out.call(cut_after, directory, before)
+    out.call(cut_after, directory, before)
     out.call(remove_marker, os.path.join(directory, IMPORTING_MORE))
     typer.echo(
         f"warning: {where} held part of a file that an import killed before it finished "
-        f"had added after position {before}; removed it ({cut.bytes_cut} bytes), importing anew",
+        f"had added after position {before}; removed it, importing anew",
         err=True,
     )
 

@@ -259,6 +259,7 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
 class CutReport:
     #: The position the log was cut after: its last event now.
     position: int
+    #: Bytes removed from the segment files, zeros a writer filled ahead included.
     bytes_cut: int = 0
     #: Files removed whole: segments after the cut, snapshots past it, the tail index.
     removed: list[str] = field(default_factory=list)
