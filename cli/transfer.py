@@ -230,7 +230,7 @@ def _undo_killed_import(directory: str, where: str) -> None:
     out.call(remove_marker, os.path.join(directory, IMPORTING_MORE))
     typer.echo(
         f"warning: {where} held part of a file that an import killed before it finished "
-        f"had added after position {before}; removed it, importing anew",
+        f"had added after position {before}; removed it",
         err=True,
     )
 
