@@ -16,7 +16,6 @@ from eventstore.errors import StorageError
 from eventstore.importmarker import (
     IMPORTING,
     IMPORTING_MORE,
-    position_before,
     remove_marker,
     write_marker,
 )
@@ -30,7 +29,7 @@ from eventstore.legacy import (
 from eventstore.legacy import import_sqlite as import_legacy
 from eventstore.lockfile import lock_holder
 from eventstore.pglog import is_dsn
-from eventstore.recovery import cut_after
+from eventstore.recovery import undo_import
 
 from . import output as out
 from .inspect import Directory, Json
@@ -133,7 +132,7 @@ def import_sqlite(
         if whole:
             # Every event is durable ("fsync"): what failed came after (the
             # marker's removal, closing the store), and nothing is undone.
-            if marker:
+            if marker and os.path.exists(marker[0]):
                 out.fail(
                     f"the import is whole, but {marker[0]} could not be removed, and keeps "
                     "writers out of the store: delete it"
@@ -160,7 +159,8 @@ def import_sqlite(
                 # could not even be created (a full disk) is not left behind.
                 _remove_partial(directory, made)
             elif marker:
-                out.call(remove_marker, marker[0])
+                # Cuts nothing, unless the log kept part of a failed write.
+                out.call(undo_import, directory, before)
             if isinstance(err, KeyboardInterrupt):
                 out.fail(f"the import was interrupted; nothing was written to {where}")
             raise
@@ -178,18 +178,24 @@ def import_sqlite(
             )
         if held == before:
             if marker:
-                out.call(remove_marker, marker[0])
+                out.call(undo_import, directory, before)
             out.fail(f"the import {stopped}; nothing of the file was written to {where}")
         try:
-            cut_after(directory, before)
-            if marker:
-                remove_marker(marker[0])
+            undone = undo_import(directory, before)
         except (OSError, StorageError) as cut_err:
+            why = out.describe(cut_err)
+            if lock_holder(directory) == os.getpid():
+                why = "this process still holds the store: it was interrupted again as it closed"
             out.fail(
                 f"the import {stopped}: {where} holds the part of the file written before "
                 f"that (positions {before + 1}..{held}), and it could not be removed "
-                f"({out.describe(cut_err)}); {IMPORTING_MORE} stays, so writers refuse the "
-                "store until the next import-sqlite into it removes that part"
+                f"({why}); {IMPORTING_MORE} stays, so writers refuse the store until the "
+                "next import-sqlite into it removes that part"
+            )
+        if undone is None:
+            out.fail(
+                f"the import {stopped} after {held - before} events, and another import-sqlite "
+                f"into {where} has undone them since"
             )
         out.fail(
             f"the import {stopped} after {held - before} events; they were removed again, "
@@ -223,11 +229,11 @@ def _undo_killed_import(directory: str, where: str) -> None:
             err=True,
         )
         return
-    before = out.call(position_before, directory)
+    if not os.path.isfile(os.path.join(directory, IMPORTING_MORE)):
+        return  # (looked at before the lock is taken: that makes a LOCK file)
+    before = out.call(undo_import, directory)
     if before is None:
-        return
-    out.call(cut_after, directory, before)
-    out.call(remove_marker, os.path.join(directory, IMPORTING_MORE))
+        return  # another run undid it meanwhile
     typer.echo(
         f"warning: {where} held part of a file that an import killed before it finished "
         f"had added after position {before}; removed it",

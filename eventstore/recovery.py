@@ -22,6 +22,7 @@ from .compaction import pending_commit, recover_compaction
 from .errors import IntegrityError, StorageError
 from .framing import FrameWalker
 from .fsutil import fsync_dir
+from .importmarker import IMPORTING_MORE, position_before, remove_marker
 from .lockfile import WriterLock
 from .segment import (
     FLAG_COMPACTED,
@@ -35,7 +36,15 @@ from .segment import (
 from .snapshot import SNAPSHOT_RE
 from .tailindex import TAIL_INDEX
 
-__all__ = ["CutReport", "Damage", "RepairReport", "cut_after", "find_damage", "repair"]
+__all__ = [
+    "CutReport",
+    "Damage",
+    "RepairReport",
+    "cut_after",
+    "find_damage",
+    "repair",
+    "undo_import",
+]
 
 _CHUNK = 4 * 1024 * 1024
 
@@ -257,7 +266,7 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
 
 @dataclass
 class CutReport:
-    #: The position the log was cut after: its last event now.
+    #: The position the log was cut after: it holds no event after it now.
     position: int
     #: Bytes removed from the segment files, zeros a writer filled ahead included.
     bytes_cut: int = 0
@@ -269,18 +278,20 @@ def cut_after(directory: str, position: int, logger: logging.Logger | None = Non
     """Remove every event after ``position`` from the log, for good.
 
     For an import that did not finish (``eventstore import-sqlite`` into a
-    store that held events): its events are the log's last, and the file
-    they came from still holds them, so no copy is kept.  Snapshots past
-    ``position`` and the tail index go too.  Takes the writer lock, so it
-    refuses while a writer is open.
+    store that held events; see ``undo_import``): its events are the log's
+    last, and the file they came from still holds them, so no copy is
+    kept.  Snapshots past ``position`` and the tail index go too.  Takes
+    the writer lock, so it refuses while a writer is open.  A reader open
+    meanwhile is told to open the store again at its next refresh().
 
     The cut must fall between two frames: a frame holding both ``position``
     and the event after it means those events were written together, not
     by an import that began after ``position``, and StorageError is raised
-    with nothing changed.  So is damage before the cut (IntegrityError;
-    ``verify`` and ``repair`` are for that); anything after it, a torn tail
-    included, is cut away.  A log that ends at or before ``position`` is
-    left as it is.  A crash part-way leaves a log that holds a prefix of
+    with nothing changed.  So is damage in the segment the cut falls in,
+    before the cut (IntegrityError; ``verify`` and ``repair`` are for
+    damage; earlier segments are not read).  Anything after the cut, a torn
+    tail included, is cut away.  A log that ends at or before ``position``
+    is left as it is.  A crash part-way leaves a log that holds a prefix of
     what it held, and a second call finishes the cut: segments go last
     first, and the one the cut falls in is truncated last.
     """
@@ -290,46 +301,76 @@ def cut_after(directory: str, position: int, logger: logging.Logger | None = Non
     lock = WriterLock(directory)
     lock.acquire()
     try:
-        recover_compaction(directory, log, read_only=False)
-        report = CutReport(position)
-        names, _ = list_segments(directory)
-        # The segment the cut falls in: the last one starting at or before
-        # the first position to remove.
-        keep = [seg for seg in names if seg[0] <= position + 1] or names[:1]
-        if not keep:
-            return report
-        first, name = keep[-1]
-        path = os.path.join(directory, name)
-        offset = _cut_offset(path, first, position)
-        later = [os.path.join(directory, name) for _, name in names[len(keep) :]]
-        if offset is None and not later:
-            return report  # the log ends at or before ``position``
-        for name in sorted(os.listdir(directory), reverse=True):
-            m = SNAPSHOT_RE.match(name)
-            if m and int(m.group(1)) > position:
-                os.unlink(os.path.join(directory, name))
-                report.removed.append(os.path.join(directory, name))
-        tail = os.path.join(directory, TAIL_INDEX)
-        if os.path.exists(tail):
-            os.unlink(tail)
-            report.removed.append(tail)
-        for seg in reversed(later):
-            report.bytes_cut += os.path.getsize(seg)
-            os.unlink(seg)
-            report.removed.append(seg)
-            fsync_dir(directory)
-        if offset is not None:
-            with open(path, "r+b") as f:
-                report.bytes_cut += os.fstat(f.fileno()).st_size - offset
-                f.truncate(offset)
-                os.fsync(f.fileno())
-        fsync_dir(directory)
-        log.info(
-            "%s: cut the log after position %d (%d bytes)", directory, position, report.bytes_cut
-        )
-        return report
+        return _cut(directory, position, log)
     finally:
         lock.release()
+
+
+def undo_import(
+    directory: str, before: int | None = None, logger: logging.Logger | None = None
+) -> int | None:
+    """Undo an unfinished import into a store that held events, as ``IMPORTING-MORE`` says.
+
+    Under the writer lock: reads the position the marker names, cuts the
+    log after it (``cut_after``) and removes the marker.  Returns that
+    position; None, with nothing done, if there is no marker, or if
+    ``before`` is given and the marker names another position (the run
+    that wrote it was undone by another, which may since have imported
+    anew: cutting then would remove that import).  IntegrityError if the
+    marker names no position.
+    """
+    log = logger or logging.getLogger("eventstore")
+    lock = WriterLock(directory)
+    lock.acquire()
+    try:
+        position = position_before(directory)
+        if position is None or (before is not None and position != before):
+            return None
+        _cut(directory, position, log)
+        remove_marker(os.path.join(directory, IMPORTING_MORE))
+        return position
+    finally:
+        lock.release()
+
+
+def _cut(directory: str, position: int, log: logging.Logger) -> CutReport:
+    """``cut_after``, with the writer lock held."""
+    recover_compaction(directory, log, read_only=False)
+    report = CutReport(position)
+    names, _ = list_segments(directory)
+    # The segment the cut falls in: the last one starting at or before
+    # the first position to remove.
+    keep = [seg for seg in names if seg[0] <= position + 1] or names[:1]
+    if not keep:
+        return report
+    first, name = keep[-1]
+    path = os.path.join(directory, name)
+    offset = _cut_offset(path, first, position)
+    later = [os.path.join(directory, name) for _, name in names[len(keep) :]]
+    if offset is None and not later:
+        return report  # the log ends at or before ``position``
+    for name in sorted(os.listdir(directory), reverse=True):
+        m = SNAPSHOT_RE.match(name)
+        if m and int(m.group(1)) > position:
+            os.unlink(os.path.join(directory, name))
+            report.removed.append(os.path.join(directory, name))
+    tail = os.path.join(directory, TAIL_INDEX)
+    if os.path.exists(tail):
+        os.unlink(tail)
+        report.removed.append(tail)
+    for seg in reversed(later):
+        report.bytes_cut += os.path.getsize(seg)
+        os.unlink(seg)
+        report.removed.append(seg)
+        fsync_dir(directory)
+    if offset is not None:
+        with open(path, "r+b") as f:
+            report.bytes_cut += os.fstat(f.fileno()).st_size - offset
+            f.truncate(offset)
+            os.fsync(f.fileno())
+    fsync_dir(directory)
+    log.info("%s: cut the log after position %d (%d bytes)", directory, position, report.bytes_cut)
+    return report
 
 
 def _cut_offset(path: str, first: int, position: int) -> int | None:

@@ -482,6 +482,9 @@ class SegmentLog(EventLog):
         self._gap_looks = 0
         self._looking: asyncio.Future[None] | None = None
         self._lost = False
+        # Set when a follower takes up new files: the position it had read
+        # to, which the new files must reach (see _refresh_files).
+        self._must_reach: int | None = None
         # Segments being indexed in the thread (see _index_in_thread), by id(),
         # and the task indexing all of them after connect (index_in_background).
         self._indexing: dict[int, asyncio.Future[Segment | None]] = {}
@@ -1004,6 +1007,7 @@ class SegmentLog(EventLog):
         # The next open builds its state anew: a loss found by this one (a
         # rebuild that failed, or never ran) is not that state's.
         self._lost = False
+        self._must_reach = None
         self._gap_looks = 0
         self._unchecked, self._tail_ok = None, True
         if failure is not None:
@@ -2249,6 +2253,7 @@ class SegmentLog(EventLog):
     def _take_segments(self, fresh: list[Segment]) -> None:
         """Hold ``fresh`` (from _rewritten_segments) in place of the old segments; on the loop."""
         read_to = self._head  # the end of the old files, read by now
+        self._must_reach = read_to
         old, self._segments = self._segments, fresh
         through = self.compacted_through()
         if through is not None and through > read_to:
@@ -2312,7 +2317,21 @@ class SegmentLog(EventLog):
             return
         seg = self._segments[-1]
         self._continue_scan(seg)
-        self._head = seg.next_position - 1
+        head = seg.next_position - 1
+        if self._must_reach is not None:
+            if head < self._must_reach:
+                # Compaction keeps the head (its new last segment starts
+                # after it), so files that end before what was read were
+                # cut: by repair, or an import undone.  New events would
+                # take positions whose old events this reader has applied.
+                raise IntegrityError(
+                    f"{self.directory}: the log now ends at position {head}, before position "
+                    f"{self._must_reach} this reader has read (it was cut: repaired, or an "
+                    "unfinished import undone); open the store again to read the log as it "
+                    "is now"
+                )
+            self._must_reach = None
+        self._head = head
 
     def _check_unchanged(self, seg: Segment) -> None:
         """Refuse to go on if the last frame this reader walked has changed.

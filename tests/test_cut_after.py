@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from storeutil import all_events, copy_store, fill, frames_end, segment_files
 
-from eventstore import EventStore, IntegrityError, StorageError
+from eventstore import ConnectionError, EventStore, IntegrityError, StorageError
 from eventstore.events import MessageSaved
 from eventstore.importmarker import (
     IMPORTING,
@@ -18,7 +18,7 @@ from eventstore.importmarker import (
     unfinished_import,
     write_marker,
 )
-from eventstore.recovery import cut_after, find_damage
+from eventstore.recovery import cut_after, find_damage, repair, undo_import
 from eventstore.segment import FRAME_HEADER_SIZE, HEADER_SIZE
 
 pytestmark = pytest.mark.asyncio
@@ -229,3 +229,72 @@ async def test_a_marker_that_cannot_be_made_durable_is_not_left(
         write_marker(str(d), 3)
     monkeypatch.undo()
     assert unfinished_import(str(d)) is None
+
+
+@pytest.mark.parametrize("where", ["an earlier segment", "the last segment"])
+async def test_a_follower_open_across_a_cut_is_told_to_open_again(
+    tmp_path: Path, where: str
+) -> None:
+    """Positions after the cut will hold other events: a follower that has
+    read them must not go on as if the log had been compacted."""
+    d = tmp_path / "s"
+    async with EventStore(d, durability="flush", segment_size=1024) as store:
+        await fill(store, 100)
+    follower = EventStore(d, read_only=True)
+    await follower.connect()
+    try:
+        assert follower.position == 100
+        position = 30 if where == "an earlier segment" else 99
+        cut_after(str(d), position)
+        with pytest.raises(IntegrityError, match="open the store again"):
+            await follower.refresh()
+        with pytest.raises(IntegrityError, match="open the store again"):
+            await follower.refresh()  # and again, not a log gone quiet
+    finally:
+        await follower.close()
+    async with EventStore(d, read_only=True) as again:
+        assert again.position == position
+
+
+async def test_a_follower_open_across_a_repair_is_told_to_open_again(tmp_path: Path) -> None:
+    """The same for repair, which sets the segments after the damage aside."""
+    d = tmp_path / "s"
+    async with EventStore(d, durability="flush", segment_size=1024) as store:
+        await fill(store, 100)
+    follower = EventStore(d, read_only=True)
+    await follower.connect()
+    try:
+        second = segment_files(d)[1]
+        data = bytearray(second.read_bytes())
+        data[HEADER_SIZE + 30] ^= 0x40
+        second.write_bytes(bytes(data))
+        assert repair(str(d)).repaired
+        with pytest.raises(IntegrityError, match="open the store again"):
+            await follower.refresh()
+    finally:
+        await follower.close()
+
+
+async def test_undo_import_acts_on_the_marker_it_reads_under_the_lock(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    events = await make(d, 40)
+    before = digest(d)
+    assert undo_import(str(d)) is None  # no marker: nothing to undo
+    assert digest(d) == before
+    write_marker(str(d), 25)
+    marked = digest(d)
+    # Another run's marker (it names another position): left to that run.
+    assert undo_import(str(d), before=24) is None
+    assert digest(d) == marked
+    with pytest.raises(ConnectionError, match="IMPORTING-MORE is there"):
+        await EventStore(d).connect()  # no writer while the marker is there
+    assert undo_import(str(d), before=25) == 25
+    assert not (d / IMPORTING_MORE).exists()
+    assert await all_events(d) == events[:25]
+    # A second run that read the marker before the first removed it finds
+    # none under the lock, and cuts nothing (the store may hold a new
+    # import by then).
+    async with EventStore(d) as store:
+        await fill(store, 5, prefix="new")
+    assert undo_import(str(d)) is None
+    assert len(await all_events(d)) == 30
