@@ -280,7 +280,7 @@ def export(
     name and renamed when complete.  Neither overwrites an existing file.
     Read-only: works beside a running bot.  From a PostgreSQL URL it exports
     the log as it was when the export began; what the bots append meanwhile
-    is left out.
+    is left out, and a compaction committed meanwhile fails it (export again).
 
     Example: eventstore export data/demo --format sqlite backup.db
     """

@@ -359,13 +359,23 @@ async def postgres_info(dsn: str) -> PostgresInfo:
             "SELECT relnamespace::regnamespace::text FROM pg_class "
             "WHERE oid = to_regclass('eventstore_schema')"
         )
-        if schema is None or not await conn.fetchval(
-            "SELECT to_regclass('eventstore_events') IS NOT NULL "
-            "AND to_regclass('eventstore_head') IS NOT NULL"
-        ):
+        if schema is None:
             raise ConnectionError(
                 f"{where}: no event store here (no table eventstore_schema on the search_path)"
             )
+        tables = await conn.fetchrow(
+            "SELECT to_regclass('eventstore_head') IS NOT NULL, "
+            "to_regclass('eventstore_events') IS NOT NULL"
+        )
+        missing = [
+            n
+            for n, ok in zip(("eventstore_head", "eventstore_events"), tables, strict=True)
+            if not ok
+        ]
+        if missing:
+            # A store whose tables were dropped: not "no store here".  (As
+            # eventstore verify says it.)
+            raise IntegrityError(f"{where}: table {' and '.join(missing)} missing")
         meta = await conn.fetchrow(
             "SELECT (SELECT version FROM eventstore_schema LIMIT 1), "
             "(SELECT fingerprint FROM eventstore_schema LIMIT 1), "

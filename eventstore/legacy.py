@@ -718,7 +718,10 @@ async def export_sqlite(
     directory, flushed to disk and only then given its name, so a crash never
     leaves a half-written file under ``out_path``.  It is created owner-only
     (0600): it holds chat.  The store must not be written to meanwhile; if it
-    is, :class:`QueryError` is raised and nothing is left behind.
+    is, :class:`QueryError` is raised and nothing is left behind.  So it is
+    if another process's compaction of a PostgreSQL log commits meanwhile
+    (a store whose log is pinned at a head is not written to, but the
+    compaction deletes rows it reads).
 
     ``progress`` is called with the number of rows written so far.
     """
@@ -727,7 +730,8 @@ async def export_sqlite(
         raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing file", out)
     if not store.is_connected:
         raise ConnectionError("the store is not connected; connect() it before exporting")
-    start = store.position
+    start, models = store.position, store.projections
+    compactions = await _compactions_before(store)
     directory = os.path.dirname(os.path.abspath(out))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
     os.close(fd)
@@ -740,10 +744,16 @@ async def export_sqlite(
                 f"the store changed during the export (position {start} -> "
                 f"{store.position}); {out} was not written. Export a store nobody writes to"
             )
+        if store.projections is not models:
+            # A read found rows another process's compaction had deleted,
+            # and the store built its read models again from what is left.
+            _compacted_meanwhile(out)
 
     try:
         counts = await _fill(store, tmp, unchanged, progress)
         unchanged()
+        if await store.log.compactions() != compactions:
+            _compacted_meanwhile(out)
         _fsync_file(tmp)
         _publish(tmp, out)
     except BaseException as err:
@@ -757,6 +767,26 @@ async def export_sqlite(
             ) from err
         raise
     return counts
+
+
+async def _compactions_before(store: EventStore) -> int | None:
+    """The compactions an export compares with at its end (see EventLog.compactions).
+
+    Those committed when its log was pinned, if it was: one committed since
+    changed the rows below the head too.
+    """
+    pinned = store.log.pinned_compactions
+    return pinned if pinned is not None else await store.log.compactions()
+
+
+def _compacted_meanwhile(out: str) -> NoReturn:
+    # Rows read before the compaction and after it are no one state of the
+    # log (a clear or a trim it applied to half of them; statistics it
+    # folded into rows past the head the export reads to).
+    raise QueryError(
+        f"a compaction in another process committed during the export, so what was read "
+        f"is no one state of the store; {out} was not written. Export again"
+    )
 
 
 async def _fill(
@@ -912,7 +942,10 @@ async def export_jsonl(store: EventStore, out: _BinaryOut | _TextOut) -> int:
 
     Each line is ``{"position": p, "type": "<event name>", <fields>}`` with
     the names of :func:`eventstore.events.event_name`.  ``out`` is a binary
-    or a text file (``sys.stdout`` works); it is written, not closed.
+    or a text file (``sys.stdout`` works); it is written, not closed.  On
+    PostgreSQL, a compaction another process commits meanwhile raises
+    :class:`QueryError` at the end: the lines written are then no one state
+    of the log.
     """
     write: Callable[[bytes], object]
     if isinstance(out, io.TextIOBase):
@@ -922,6 +955,7 @@ async def export_jsonl(store: EventStore, out: _BinaryOut | _TextOut) -> int:
         write = cast(_BinaryOut, out).write
     buf = bytearray()
     count = 0
+    compactions = await _compactions_before(store)
     async for position, event in store.read():
         record: dict[str, Any] = {"position": position, "type": event_name(event)}
         record.update(msgspec.structs.asdict(event))
@@ -933,4 +967,11 @@ async def export_jsonl(store: EventStore, out: _BinaryOut | _TextOut) -> int:
             buf.clear()
     if buf:
         write(bytes(buf))
+    if await store.log.compactions() != compactions:
+        # A compaction deleted rows while they were paged through: the lines
+        # hold some events it dropped and lack others (see export_sqlite).
+        raise QueryError(
+            "a compaction in another process committed during the export, so the lines "
+            "written are no one state of the log; export again"
+        )
     return count

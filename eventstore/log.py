@@ -118,6 +118,21 @@ class EventLog(ABC):
             for i, event in enumerate(events):
                 yield first + i, event
 
+    #: A log pinned at a head (a PostgreSQL reader for an export): how many
+    #: compactions had committed when it was pinned; None otherwise.
+    pinned_compactions: int | None = None
+
+    async def compactions(self) -> int | None:
+        """How many compactions have committed, for a reader that must notice a new one.
+
+        On a log other processes compact (PostgreSQL), a compaction deletes
+        rows while a reader pages through them, and an export read across
+        it would be no one state of the log.  None where readers are not
+        affected: a directory's read-only log keeps reading the files it
+        opened.
+        """
+        return None
+
     async def holds_user(self, username: str) -> bool:
         """Does the log still store an event whose user is ``username``?
 

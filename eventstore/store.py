@@ -802,29 +802,31 @@ class EventStore(StorageAdapter):
                 await self._write(UserForgotten(username, ts))
             elif not await self.erasure_unfinished(username):
                 return False
+        if not (self._snapshots_enabled() or self._log.shared):
+            return True  # in memory, or read-only: nothing stored to erase
+        try:
+            # On PostgreSQL this deletes the user's rows.
+            await self.compact()
+        except (StorageError, OSError) as err:
+            # The UserForgotten is in the log: the error of the compaction
+            # alone ("nothing was changed") would read as a forget that
+            # did not happen, and one that did as nothing left to do.
+            where = "rows" if self._log.shared else "files"
+            why = (
+                f"{username!r} is forgotten in every read, but erasing them from the "
+                f"{where} may be unfinished: {err}; call forget_user({username!r}) again "
+                "(once there is room on the disk, or after connect() if the store "
+                "stopped) to finish"
+            )
+            cls = type(err) if isinstance(err, StorageError) else StorageError
+            raise cls(why) from err
         if self._snapshots_enabled():
-            try:
-                await self.compact()
-            except (StorageError, OSError) as err:
-                # The UserForgotten is in the log: the error of the compaction
-                # alone ("nothing was changed") would read as a forget that
-                # did not happen, and one that did as nothing left to do.
-                why = (
-                    f"{username!r} is forgotten in every read, but erasing them from the "
-                    f"files may be unfinished: {err}; call forget_user({username!r}) again "
-                    "(once there is room on the disk, or after connect() if the store "
-                    "stopped) to finish"
-                )
-                cls = type(err) if isinstance(err, StorageError) else StorageError
-                raise cls(why) from err
             # Keep only a fresh snapshot.  (The compaction already removed
             # every snapshot from before the forget, which held the user.)
             try:
                 await self.write_snapshot(keep=1)
             except (StorageError, OSError) as err:
                 self.logger.warning("forgot %r, but no snapshot written: %s", username, err)
-        elif self._log.shared:  # PostgreSQL: delete the user's rows
-            await self.compact()
         return True
 
     async def erasure_unfinished(self, username: str) -> bool:

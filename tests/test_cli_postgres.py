@@ -488,3 +488,13 @@ def test_an_import_that_stops_half_way_into_postgres_counts_its_own_events(
         f"the batch then in flight); {redact_dsn(pg_schema)} holds that part of the file, not "
         "the rest; to have the file whole, import it into an empty database or schema"
     )
+
+
+@pytest.mark.parametrize("table", ["eventstore_head", "eventstore_events"])
+def test_info_on_a_store_missing_a_table_names_it(busy: str, table: str) -> None:
+    """Not "no event store here": the store is there, damaged (as verify says)."""
+    sql(busy, f"DROP TABLE {table}")
+    for command in ("info", "verify"):
+        result = invoke(command, busy)
+        assert result.exit_code == 1, result.output
+        assert result.stderr == f"Error: {redact_dsn(busy)}: table {table} missing\n"

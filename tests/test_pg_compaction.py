@@ -869,3 +869,72 @@ async def _all_events(dsn: str) -> list[Any]:
         return [event async for _, event in log.read()]
     finally:
         await log.close()
+
+
+@pytest.mark.parametrize("form", ["sqlite", "jsonl"])
+async def test_an_export_across_another_process_s_compaction_fails(
+    pg_schema: str, tmp_path: Path, form: str
+) -> None:
+    """The export reads the log pinned at its head, but a compaction deletes
+    rows under it (and folds statistics into rows past the head): what it
+    read is no one state of the store, so it must not pass for a backup."""
+    import io
+
+    from cli.output import open_reader
+    from eventstore.legacy import export_jsonl, export_sqlite
+
+    async with EventStore(pg_schema) as writer:
+        for i in range(50):
+            await writer.save_user_stats(f"user{i % 5}", chat_lines=1, last_seen=1000 + i)
+            await writer.save_message(f"user{i % 5}", f"msg{i}", timestamp=1000 + i)
+        reader = open_reader(pg_schema)
+        await reader.connect()
+        try:
+            assert len(await reader.get_recent_messages(limit=1000)) == 50
+            await writer.clear_old_messages(keep_count=10)
+            await writer.compact()
+            out = tmp_path / "backup.db"
+            with pytest.raises(QueryError, match="a compaction in another process committed"):
+                if form == "sqlite":
+                    await export_sqlite(reader, out)
+                else:
+                    await export_jsonl(reader, io.BytesIO())
+            assert not out.exists() and list(tmp_path.iterdir()) == []
+        finally:
+            await reader.close()
+        # With no compaction meanwhile, the same export goes through.
+        reader = open_reader(pg_schema)
+        await reader.connect()
+        try:
+            if form == "sqlite":
+                counts = await export_sqlite(reader, tmp_path / "again.db")
+                assert counts["recent_chat"] == 10
+            else:
+                assert await export_jsonl(reader, io.BytesIO()) == len(await rows(pg_schema))
+        finally:
+            await reader.close()
+
+
+async def test_a_forget_whose_compaction_fails_says_the_user_is_forgotten(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The UserForgotten has committed: the compaction's own error ("nothing
+    was changed") would read as a forget that did not happen."""
+
+    async def fails(self: EventStore, **kwargs: Any) -> Any:
+        raise QueryError("connection lost; nothing was changed")
+
+    async with EventStore(pg_schema) as store:
+        await store.save_message("finn", "finn-private-line", timestamp=20_000)
+        monkeypatch.setattr(EventStore, "compact", fails)
+        with pytest.raises(QueryError) as failed:
+            await store.forget_user("finn")
+        monkeypatch.undo()
+        assert str(failed.value).startswith(
+            "'finn' is forgotten in every read, but erasing them from the rows may be "
+            "unfinished: connection lost; nothing was changed; call forget_user('finn') again"
+        )
+        assert not store.knows_user("finn")
+        assert await store.erasure_unfinished("finn")
+        assert await store.forget_user("finn")
+        assert not await store.erasure_unfinished("finn")
