@@ -211,6 +211,26 @@ def _same_file(path: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
+def _by_compaction(held: list[Segment], fresh: list[Segment]) -> bool:
+    """Did a compaction put ``fresh`` in place of ``held``?
+
+    Every compaction writes its segments anew, flagged compacted: one the
+    reader does not hold yet says so.  A cut (repair, an import undone)
+    only removes and truncates files, and what is appended after it makes
+    plain ones.
+    """
+    ids = set()
+    for seg in held:
+        st = os.fstat(seg.fd)
+        ids.add((st.st_dev, st.st_ino))
+    for seg in fresh:
+        if seg.gaps_allowed:
+            st = os.fstat(seg.fd)
+            if (st.st_dev, st.st_ino) not in ids:
+                return True
+    return False
+
+
 def _open_sealed(path: str, first: int) -> tuple[Segment, SegmentHeader]:
     """Open a segment whose frames are all written, to be walked when first read."""
     fd = os.open(path, os.O_RDONLY)
@@ -2200,7 +2220,17 @@ class SegmentLog(EventLog):
             return
         if pending_commit(self.directory) is not None:
             return  # still moving files: the next look takes them
-        self._fresh = self._rewritten_segments(names)
+        fresh = self._rewritten_segments(names)
+        if fresh is not None and not _by_compaction(self._segments, fresh):
+            _close_quietly([seg.fd for seg in fresh])
+            raise IntegrityError(
+                f"{self.directory}: segment files this reader holds were removed or "
+                "replaced, and not by a compaction (it writes new compacted segments): the "
+                "log was cut (repaired, or an unfinished import undone), and its later "
+                "positions may hold other events now; open the store again to read the "
+                "log as it is now"
+            )
+        self._fresh = fresh
         if self._fresh is not None:
             self._rewrite_seen = False
 

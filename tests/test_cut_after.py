@@ -298,3 +298,22 @@ async def test_undo_import_acts_on_the_marker_it_reads_under_the_lock(tmp_path: 
         await fill(store, 5, prefix="new")
     assert undo_import(str(d)) is None
     assert len(await all_events(d)) == 30
+
+
+async def test_a_follower_is_told_even_when_new_events_refill_the_cut(tmp_path: Path) -> None:
+    """By the follower's next look the cut positions may hold new events
+    again, past what it had read: the head alone cannot tell."""
+    d = tmp_path / "s"
+    async with EventStore(d, durability="flush", segment_size=1024) as store:
+        await fill(store, 100)
+    follower = EventStore(d, read_only=True)
+    await follower.connect()
+    try:
+        cut_after(str(d), 30)
+        async with EventStore(d, durability="flush", segment_size=1024) as store:
+            await fill(store, 120, prefix="other")
+        with pytest.raises(IntegrityError, match="not by a compaction"):
+            await follower.refresh()
+            await follower.refresh()  # the second look takes up new files
+    finally:
+        await follower.close()
