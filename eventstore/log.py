@@ -1,8 +1,8 @@
 """The log seam: what the adapter needs from an event log.
 
 Three implementations plug in here: :class:`~eventstore.memlog.MemoryLog`
-(tests, the test kit), the segment-file log (the embedded default) and,
-later, a PostgreSQL log.  The seam is deliberately narrow: append a batch,
+(tests, the test kit), the segment-file log (the embedded default) and
+the PostgreSQL log, which many processes share.  The seam is deliberately narrow: append a batch,
 read from a position, fetch a few positions, close.
 
 Positions start at 1 and increase by one per event in append order.  They

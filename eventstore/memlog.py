@@ -1,4 +1,4 @@
-"""An event log held in memory: for tests, the test kit and the demo's dry runs.
+"""An event log held in memory: for tests and the test kit (``EventStore(":memory:")``).
 
 It keeps its events across ``close()`` and ``open()``, so a test can reconnect
 an adapter and watch it rebuild its projections, exactly as with a log on disk.
@@ -18,6 +18,8 @@ __all__ = ["MemoryLog"]
 
 
 class MemoryLog(EventLog):
+    """Events in a list, gone with the process; what ``EventStore(":memory:")`` opens."""
+
     def __init__(self) -> None:
         # events[i] is at position i + 1; None marks an event compacted away.
         self.events: list[Event | None] = []

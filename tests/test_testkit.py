@@ -301,6 +301,28 @@ def test_match_does_not_take_a_bool_for_an_int() -> None:
     assert Match(UserCountLogged, chat_users=1) != UserCountLogged(0, True, 1)
 
 
+def test_match_asks_a_matcher_with_its_own_eq() -> None:
+    from unittest.mock import ANY
+
+    class Between:
+        def __init__(self, lo: int, hi: int) -> None:
+            self.lo, self.hi = lo, hi
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, int) and self.lo <= other <= self.hi
+
+        def __repr__(self) -> str:
+            return f"Between({self.lo}, {self.hi})"
+
+    event = UserStatsSaved("alice", 1_700_000_000, chat_lines=1)
+    assert Match(UserStatsSaved, username="alice", now=ANY) == event
+    assert Match(UserStatsSaved, username="bob", now=ANY) != event
+    assert Match(UserStatsSaved, now=Between(1_699_999_999, 1_700_000_001)) == event
+    assert Match(UserStatsSaved, now=Between(0, 5)).differences(event) == [
+        "now: expected Between(0, 5), recorded 1700000000"
+    ]
+
+
 def test_match_rejects_unknown_fields_and_non_events() -> None:
     with pytest.raises(TypeError, match="MessageSaved has no field user"):
         Match(MessageSaved, user="alice")
@@ -558,3 +580,55 @@ async def test_on_chat_logs_a_command_instead_of_keeping_it(
     assert stats is not None
     assert (stats["total_chat_lines"], stats["last_seen"]) == (8, fake_clock.now)
     assert await memory_store.get_recent_messages() == []
+
+
+def test_an_assertion_left_unawaited_in_a_fixture_fails_the_test(tmp_path: Path) -> None:
+    """Setup and teardown too: a fixture that checks the stream after the test."""
+    (tmp_path / "test_fixture_unawaited.py").write_text(
+        textwrap.dedent(
+            """\
+            import pytest
+            import pytest_asyncio
+            from eventstore.testing import assert_events
+
+            @pytest_asyncio.fixture
+            async def checked_after(memory_store):
+                yield memory_store
+                assert_events(memory_store, [])
+
+            @pytest_asyncio.fixture
+            async def checked_before(memory_store):
+                assert_events(memory_store, [1])
+                yield memory_store
+
+            @pytest.mark.asyncio
+            async def test_after(checked_after):
+                await checked_after.save_message("a", "b")
+
+            @pytest.mark.asyncio
+            async def test_before(checked_before):
+                pass
+            """
+        )
+    )
+    options = ["-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function"]
+    done = _run_downstream(tmp_path, "-rE", *options)
+    out = done.stdout + done.stderr
+    assert "1 passed, 2 warnings, 2 errors" in out, out  # the warnings: Python's own
+    assert "never awaited in a fixture's teardown, so it checked nothing" in out, out
+    assert "never awaited in a fixture's setup, so it checked nothing" in out, out
+    assert "test_fixture_unawaited.py:8" in out and "test_fixture_unawaited.py:12" in out, out
+
+
+def test_the_plugin_leaves_a_project_s_own_projections_module_alone(tmp_path: Path) -> None:
+    """It loads in every pytest run of an environment with eventstore
+    installed: importing the store there would import eventstore's top-level
+    ``projections`` package, and a project's own module of that name would
+    break (or be shadowed) in tests that never use the kit."""
+    (tmp_path / "projections.py").write_text("def leaderboard():\n    return []\n")
+    (tmp_path / "test_own.py").write_text(
+        "import projections\n\n\ndef test_own():\n    assert projections.leaderboard() == []\n"
+    )
+    done = _run_downstream(tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "1 passed" in out, out

@@ -22,13 +22,19 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, NoReturn, TypeVar, cast
 
 import pytest
 
-from ..store import EventStore
 from . import streams
 from .clock import DEFAULT_START, FakeClock
+
+if TYPE_CHECKING:
+    # Imported by the fixtures when they run: this plugin loads in every
+    # pytest run of an environment that has eventstore installed, and the
+    # store imports the top-level ``projections`` package, whose name a
+    # project's own module may have.
+    from ..store import EventStore
 
 __all__ = ["disk_store", "fake_clock", "memory_store"]
 
@@ -42,7 +48,7 @@ except ImportError:
 else:
     _asyncio_plugin = pytest_asyncio
 
-F = TypeVar("F", bound=Callable[..., AsyncIterator[EventStore]])
+F = TypeVar("F", bound=Callable[..., AsyncIterator["EventStore"]])
 
 
 def store_fixture(fn: F) -> F:
@@ -99,20 +105,37 @@ def _check_loop_scope(request: pytest.FixtureRequest) -> None:
         )
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    """Fail a test that made an event assertion and never awaited it."""
+def _awaited_all(where: str) -> Generator[None, object, object]:
+    """Around one phase of a test: fail it if it dropped an event assertion unawaited."""
     streams.unawaited.clear()
-    result = yield  # re-raises the test's own failure, which comes first
+    result = yield  # re-raises the phase's own failure, which comes first
     dropped, streams.unawaited[:] = list(streams.unawaited), []
     if dropped:
         pytest.fail(
-            "an event assertion was never awaited, so it checked nothing: "
+            f"an event assertion was never awaited{where}, so it checked nothing: "
             + "; ".join(dropped)
             + " (put `await` before it)",
             pytrace=False,
         )
     return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
+    """Fail a test whose fixtures made an event assertion and never awaited it."""
+    return (yield from _awaited_all(" in a fixture's setup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """Fail a test that made an event assertion and never awaited it."""
+    return (yield from _awaited_all(""))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object]:
+    """Fail a test whose fixtures' teardown made an event assertion and never awaited it."""
+    return (yield from _awaited_all(" in a fixture's teardown"))
 
 
 @pytest.fixture
@@ -129,6 +152,8 @@ async def memory_store(fake_clock: FakeClock) -> AsyncIterator[EventStore]:
     loop: unlike ``disk_store`` it is not refused to a test on a wider
     ``loop_scope`` (tests/test_testkit.py runs one such test).
     """
+    from ..store import EventStore
+
     store = EventStore(":memory:", clock=fake_clock)
     await store.connect()
     try:
@@ -147,6 +172,8 @@ async def disk_store(
     it, so a test on a wider ``loop_scope`` opens its own store instead.
     """
     _check_loop_scope(request)
+    from ..store import EventStore
+
     store = EventStore(tmp_path / "store", clock=fake_clock)
     await store.connect()
     try:

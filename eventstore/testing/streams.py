@@ -52,12 +52,20 @@ class EventSource(Protocol):
     ) -> AsyncIterator[tuple[int, Event]]: ...
 
 
+#: Values a Match compares strictly (the types event fields hold, and bool).
+_PLAIN = (str, int, bool, type(None))
+
+
 class Match:
     """A partial expectation: an event of ``event_type`` whose named fields equal these.
 
     ``Match(MessageSaved, username="alice")`` matches any ``MessageSaved`` by
     alice, whatever its timestamp and text.  Naming a field the event type
     does not have is a TypeError at once, so a typo cannot make a check vacuous.
+
+    A str, int, bool or None must equal the field and be of its type (True
+    is not 1).  Any other value is a matcher, asked with ``==``:
+    ``unittest.mock.ANY``, or an object of the test's own with an ``__eq__``.
     """
 
     __slots__ = ("event_type", "fields")
@@ -83,7 +91,11 @@ class Match:
         out = []
         for name, want in self.fields.items():
             got = getattr(event, name)
-            if got != want or type(got) is not type(want):
+            if type(want) in _PLAIN:
+                same = got == want and type(got) is type(want)
+            else:
+                same = bool(want == got)  # a matcher's own __eq__ decides
+            if not same:
                 out.append(_mismatch(name, want, got))
         return out
 
