@@ -974,8 +974,9 @@ class EventStore(StorageAdapter):
         """Save the projections now, so the next connect() replays only what follows.
 
         Returns the snapshot's path.  Also done on ``close()`` and every
-        ``snapshot_every`` events.  Stores in memory and read-only stores
-        keep no snapshots.
+        ``snapshot_every`` events.  Only a writer of a store in a directory
+        keeps snapshots: elsewhere this raises (StorageError in memory or on
+        PostgreSQL, ConnectionError on a read-only store).
         """
         self._check_write()
         async with self._snap_lock:
