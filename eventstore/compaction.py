@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import shutil
+import zlib
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from .segment import (
     FLAG_HOLES,
     FRAME_EVENTS,
     HEADER_SIZE,
+    SEGMENT_RE,
     encode_frames,
     pack_header,
     segment_name,
@@ -162,7 +164,7 @@ def recover_compaction(directory: str, logger: logging.Logger, *, read_only: boo
         fsync_dir(directory)
         done = "removed an unfinished compaction (not committed)"
     else:
-        old_names, new_names = _read_commit(commit)
+        old_names, new_names = _read_commit(commit, directory)
         _switch(directory, work, old_names, new_names)
         done = "finished a committed compaction"
     logger.warning("%s: %s", directory, done)
@@ -185,6 +187,15 @@ def _switch(directory: str, work: str, old_names: list[str], new_names: list[str
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
     fsync_dir(directory)
+    # COMMIT goes last, once nothing else is left in compacting/: removed
+    # earlier, a failure here would leave new segments there that the next
+    # open, finding no COMMIT, would delete as an unfinished compaction's.
+    left = sorted(n for n in os.listdir(work) if n != COMMIT)
+    if left:
+        raise IntegrityError(
+            f"{work}: {', '.join(left)} left after the switch COMMIT lists; nothing "
+            "more was changed"
+        )
     os.unlink(os.path.join(work, COMMIT))
     os.rmdir(work)
     fsync_dir(directory)
@@ -193,25 +204,64 @@ def _switch(directory: str, work: str, old_names: list[str], new_names: list[str
 def _write_commit(work: str, old_names: list[str], new_names: list[str]) -> None:
     """Write the commit marker: from here on, the compaction will be finished."""
     commit = os.path.join(work, COMMIT)
-    lines = [f"old {n}\n" for n in old_names] + [f"new {n}\n" for n in new_names]
-    with open(commit + ".tmp", "w", encoding="ascii") as f:
-        f.write("".join(lines))
+    body = "".join([f"old {n}\n" for n in old_names] + [f"new {n}\n" for n in new_names])
+    data = body.encode("ascii")
+    with open(commit + ".tmp", "wb") as f:
+        # The checksum line makes a damaged COMMIT refused, not obeyed.
+        f.write(data + b"crc32 %08x\n" % zlib.crc32(data))
         f.flush()
         os.fsync(f.fileno())
     os.rename(commit + ".tmp", commit)
     fsync_dir(work)
 
 
-def _read_commit(commit: str) -> tuple[list[str], list[str]]:
+def _read_commit(commit: str, directory: str) -> tuple[list[str], list[str]]:
+    """The old and new segment names COMMIT lists, checked before any file moves.
+
+    Raises IntegrityError, with nothing changed, unless it is whole (its
+    checksum line; a COMMIT of a release before it has none) and describes a
+    switch these files can finish: names of segments only, each new one in
+    ``compacting/`` or (moved before a crash) in the store directory, and no
+    segment in ``compacting/`` it does not list.  Acting on a damaged one
+    would delete the old segments for new ones that are not there.
+    """
+    work = os.path.dirname(commit)
+    with open(commit, "rb") as f:
+        data = f.read()
+
+    def damaged(why: str) -> IntegrityError:
+        return IntegrityError(
+            f"{commit}: {why}; nothing was changed (the old segments still in the store "
+            f"directory, the new ones in {work}), see docs/format.md, Compaction files"
+        )
+
+    body, crc_line = data, None
+    if data.endswith(b"\n"):
+        head, _, last = data[:-1].rpartition(b"\n")
+        if last.startswith(b"crc32 "):
+            body, crc_line = (head + b"\n" if head else b""), last
+    if crc_line is not None and crc_line != b"crc32 %08x" % zlib.crc32(body):
+        raise damaged("its checksum does not match")
+    if body and not body.endswith(b"\n"):
+        raise damaged("its last line is cut short")
     old: list[str] = []
     new: list[str] = []
-    with open(commit, encoding="ascii") as f:
-        for line in f:
-            kind, _, name = line.strip().partition(" ")
-            if kind == "old":
-                old.append(name)
-            elif kind == "new":
-                new.append(name)
+    for line in body.split(b"\n")[:-1]:
+        kind, _, raw = line.partition(b" ")
+        name = raw.decode("ascii", "replace")
+        if kind not in (b"old", b"new") or not SEGMENT_RE.match(name):
+            raise damaged(f"a line is not 'old NAME' or 'new NAME' of a segment: {line!r}")
+        (old if kind == b"old" else new).append(name)
+    for name in new:
+        if not (
+            os.path.exists(os.path.join(work, name))
+            or os.path.exists(os.path.join(directory, name))
+        ):
+            raise damaged(f"new segment {name} is neither in {work} nor in the store directory")
+    listed = set(new)
+    extra = sorted(n for n in os.listdir(work) if SEGMENT_RE.match(n) and n not in listed)
+    if extra:
+        raise damaged(f"{work} holds segment(s) it does not list: {', '.join(extra)}")
     return old, new
 
 

@@ -720,6 +720,15 @@ class SegmentLog(EventLog):
             # A new store: its id ties every segment and snapshot to it.
             self.store_id = os.urandom(STORE_ID_SIZE)
             self._create_segment(1)
+        oldest = self._segments[0]
+        if oldest.first != 1 and not oldest.gaps_allowed:
+            # Only compaction's segments may begin after a gap (its first one
+            # is named after the first event it kept): here a file is lost.
+            raise IntegrityError(
+                f"{oldest.path}: the first segment starts at position {oldest.first}, so "
+                f"positions 1..{oldest.first - 1} are missing (a segment file lost?); see "
+                "eventstore verify"
+            )
         if not self.read_only:
             self._drop_orphan_segment()
         for before, after in zip(self._segments, self._segments[1:], strict=False):

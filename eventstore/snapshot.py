@@ -375,6 +375,19 @@ async def check_snapshots(
             if info.store_id != log.store_id:
                 problems.append((info.path, 32, "snapshot of another store (store id differs)"))
                 continue
+            m = SNAPSHOT_RE.match(os.path.basename(info.path))
+            if m is not None and int(m.group(1)) != info.position:
+                # Written under the name of its position: the header's is damaged
+                # (it has no checksum of its own), not a snapshot past a cut.
+                problems.append(
+                    (
+                        info.path,
+                        16,
+                        f"its header says position {info.position}, its name "
+                        f"{int(m.group(1))}: the header is damaged",
+                    )
+                )
+                continue
             why = unusable_reason(info, log)
             if why is not None:
                 if ignored is not None:

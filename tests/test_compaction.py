@@ -1555,3 +1555,86 @@ async def test_a_forget_an_upcaster_makes_is_found(tmp_path: Path) -> None:
         assert not _bytes_hold(d, b"a secret")
     finally:
         remove_upcaster(ForgetV0)
+
+
+_DIES_AFTER_COMMIT = """
+import asyncio, os, sys
+sys.path.insert(0, {repo!r})
+import eventstore.compaction as c
+c._switch = lambda *a: os._exit(9)  # killed once COMMIT is durable, before any file moves
+from eventstore import EventStore
+async def main():
+    async with EventStore({d!r}, segment_size=1024, snapshot_every=None) as s:
+        await s.compact()
+asyncio.run(main())
+"""
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "LOCK"
+    }
+
+
+async def _committed_not_switched(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A store whose compaction was killed right after its COMMIT; and its reads."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
+        for i in range(100):
+            await store.save_message("alice", f"m{i}", timestamp=i)
+            await store.save_user_stats("alice", chat_lines=1, last_seen=i)
+        before = await reads(store)
+    repo = str(Path(__file__).resolve().parent.parent)
+    child = _DIES_AFTER_COMMIT.format(repo=repo, d=str(d))
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    assert compaction_mod.pending_commit(str(d)) is not None
+    return d, before
+
+
+async def test_a_damaged_commit_is_refused_and_moves_no_file(tmp_path: Path) -> None:
+    """Obeyed, a COMMIT naming a new segment that is not there deleted the
+    old segments all the same, and the next open rolled the rest back: the
+    whole log was lost.  Every flipped bit is refused, changing nothing."""
+    d, before = await _committed_not_switched(tmp_path)
+    commit = d / compaction_mod.COMPACT_DIR / compaction_mod.COMMIT
+    good = commit.read_bytes()
+    assert good.endswith(b"crc32 %08x\n" % zlib.crc32(good[: good.rindex(b"crc32")]))
+    files = _tree(d)
+    for offset in range(len(good)):
+        bad = bytearray(good)
+        bad[offset] ^= 1 << (offset % 8)
+        commit.write_bytes(bytes(bad))
+        with pytest.raises(IntegrityError, match=r"COMMIT: .*nothing was changed"):
+            await EventStore(d, segment_size=1024, snapshot_every=None).connect()
+        commit.write_bytes(good)
+        assert _tree(d) == files, offset
+    commit.write_bytes(good[:-10])  # cut short
+    with pytest.raises(IntegrityError, match="nothing was changed"):
+        await EventStore(d, segment_size=1024, snapshot_every=None).connect()
+    commit.write_bytes(good)
+    async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
+        assert await reads(store) == before
+    assert verify(d).ok and not (d / compaction_mod.COMPACT_DIR).exists()
+
+
+async def test_a_commit_that_names_a_missing_segment_is_refused(tmp_path: Path) -> None:
+    """One written by a release before the checksum line: its names are checked."""
+    d, before = await _committed_not_switched(tmp_path)
+    commit = d / compaction_mod.COMPACT_DIR / compaction_mod.COMMIT
+    good = commit.read_bytes()
+    lines = good.splitlines(keepends=True)[:-1]  # as an earlier release wrote it
+    new = [line for line in lines if line.startswith(b"new ")]
+    renamed = new[0].replace(b"0.seg", b"7.seg").replace(b"1.seg", b"7.seg")
+    assert renamed != new[0]
+    commit.write_bytes(b"".join(renamed if line == new[0] else line for line in lines))
+    files = _tree(d)
+    with pytest.raises(IntegrityError, match=r"is neither in .* nor in the store directory"):
+        await EventStore(d, segment_size=1024, snapshot_every=None).connect()
+    assert _tree(d) == files
+    commit.write_bytes(b"".join(lines))  # whole, without the checksum line: finished
+    async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
+        assert await reads(store) == before
+    assert verify(d).ok

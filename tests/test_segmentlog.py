@@ -2095,3 +2095,17 @@ async def test_a_directory_named_like_a_segment_is_named_in_the_error(tmp_path: 
             await EventStore(d, read_only=read_only).connect()
     odd.rmdir()
     assert len(await all_events(d)) == 1
+
+
+async def test_a_lost_first_segment_is_refused(tmp_path: Path) -> None:
+    """Only compaction's segments may start after a gap: a plain first
+    segment that does not start at 1 means a file is missing."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
+        await fill(store, 100)
+    (d / "tail.index").unlink(missing_ok=True)
+    first, second = segment_files(d)[:2]
+    first.unlink()
+    for read_only in (False, True):
+        with pytest.raises(IntegrityError, match=f"{second}: the first segment starts at"):
+            await EventStore(d, read_only=read_only).connect()

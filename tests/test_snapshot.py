@@ -475,3 +475,21 @@ async def test_a_cancelled_snapshot_keeps_its_lock_until_its_file_is_written(
         ]
         assert await again.get_user_stats("alice") is None
         assert await again.get_user_actions() == []
+
+
+async def test_verify_finds_a_damaged_position_in_a_snapshot_header(tmp_path: Path) -> None:
+    """The header has no checksum of its own: a flipped bit in its position
+    made the snapshot read as one past the log's end, a mere note."""
+    from eventstore.verify import verify
+
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        for i in range(50):
+            await store.save_message("alice", f"m{i}", timestamp=i)
+    (snap,) = d.glob("snapshot-*.snap")
+    data = bytearray(snap.read_bytes())
+    data[18] ^= 1  # position 50 -> 65586
+    snap.write_bytes(bytes(data))
+    report = verify(d)
+    assert not report.ok
+    assert any("its header says position 65586, its name 50" in str(p) for p in report.problems)
