@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import zlib
 
 from .errors import IntegrityError
 from .fsutil import fsync_dir
@@ -58,6 +59,9 @@ def write_marker(directory: str, before: int | None) -> str:
             b"removes them first\n"
             b"position before the import: %d\n" % before
         )
+        # The next import cuts the log after that position: a flipped digit
+        # must be refused, not obeyed (it would cut the store's own history).
+        text += b"crc32 %08x\n" % zlib.crc32(text)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         try:
@@ -86,8 +90,9 @@ def remove_marker(path: str) -> None:
 def position_before(directory: str) -> int | None:
     """The position ``IMPORTING-MORE`` names; None if there is no such file.
 
-    Raises IntegrityError if the file is there but names none (cut short, or
-    edited): no position is guessed, since the next import cuts the log
+    Raises IntegrityError if the file is there but damaged (its last line,
+    ``crc32 XXXXXXXX``, is the CRC-32 of the bytes before it) or names no
+    position: no position is guessed, since the next import cuts the log
     after it.
     """
     path = os.path.join(directory, IMPORTING_MORE)
@@ -96,12 +101,13 @@ def position_before(directory: str) -> int | None:
             text = f.read(4096)
     except FileNotFoundError:
         return None
-    m = _POSITION_LINE.search(text)
-    if m is None:
+    body, _, last = text.removesuffix(b"\n").rpartition(b"\n")
+    m = _POSITION_LINE.search(body + b"\n")
+    if m is None or last != b"crc32 %08x" % zlib.crc32(body + b"\n"):
         raise IntegrityError(
-            f"{path}: names no position (a line 'position before the import: N' is "
-            "expected); write the store's last position before the import there, or "
-            "delete the file to keep every event the store holds"
+            f"{path}: damaged (its checksum line does not match, or it names no "
+            "position); delete the file to keep every event the store holds, or cut "
+            "the log back yourself (eventstore.recovery.cut_after)"
         )
     return int(m.group(1))
 

@@ -1118,7 +1118,7 @@ def test_an_import_into_an_empty_store_killed_half_way_is_removed_too(tmp_path: 
     script = _KILLED_IMPORT.format(repo=str(REPO), after=2, db=str(db), d=str(d), more=[])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 9, done.stderr
-    assert (d / "IMPORTING-MORE").read_text().endswith("position before the import: 0\n")
+    assert "\nposition before the import: 0\n" in (d / "IMPORTING-MORE").read_text()
     again = invoke("import-sqlite", db, d)
     assert again.exit_code == 0, again.output
     assert "added after position 0; removed it\n" in again.stderr
@@ -1172,16 +1172,27 @@ def test_an_import_that_fails_after_it_is_whole_keeps_every_event(
     assert invoke("dump", d2).stdout == invoke("dump", whole).stdout
 
 
-def test_a_marker_that_names_no_position_is_refused_not_guessed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["a digit flipped", "cut short"])
+def test_a_damaged_marker_is_refused_not_obeyed(tmp_path: Path, damage: str) -> None:
+    """Obeyed, a flipped digit of its position would cut the store's own history."""
+    from eventstore.importmarker import write_marker
+
     db = legacy_db(tmp_path / "bot.db")
     d = busy_store(tmp_path)
     held = invoke("dump", d).stdout
-    (d / "IMPORTING-MORE").write_text("position before the im")
+    marker = Path(write_marker(str(d), 123))
+    text = marker.read_bytes()
+    assert b"position before the import: 123\n" in text
+    if damage == "a digit flipped":
+        marker.write_bytes(text.replace(b": 123\n", b": 023\n"))
+    else:
+        marker.write_bytes(text[: text.index(b"position")])
     result = invoke("import-sqlite", db, d, "--force")
     assert result.exit_code == 1
-    assert result.stderr.startswith(f"Error: {d}/IMPORTING-MORE: names no position")
+    assert result.stderr.startswith(f"Error: {d}/IMPORTING-MORE: damaged (its checksum line")
     assert invoke("dump", d).stdout == held
-    with pytest.raises(ConnectionError, match="the events at its end are part of a file"):
+    expected = "the events at its end are part of a file"
+    with pytest.raises(ConnectionError, match=expected):
         asyncio.run(EventStore(d).connect())
 
 
