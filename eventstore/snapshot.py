@@ -5,7 +5,7 @@ A snapshot file ``snapshot-<position, 20 digits>.snap`` sits beside the
 segments.  Layout, little-endian (also in docs/format.md)::
 
     0   8  magic               b"\\x89ESSNAP\\n"
-    8   2  format version      u16 (1)
+    8   2  format version      u16 (2; 1 is still read)
     10  2  flags               u16 (0)
     12  4  projection version  u32 (projections.PROJECTION_VERSION)
     16  8  position            u64, the last event the state includes
@@ -13,7 +13,8 @@ segments.  Layout, little-endian (also in docs/format.md)::
     32  16 store id            the store's id, as in its segment headers
     48  4  frame checksum      the crc32 field of the last log frame that starts at
                                or before ``position``; 0 if compaction left none
-    52  4  payload checksum    crc32 of the payload
+    52  4  checksum            crc32 of bytes 8..51, then 56 to the end (format 2:
+                               the header too); of the payload alone (format 1)
     56  8  payload length      u64
     64  n  payload             msgpack of projections.Projections.dump()
 
@@ -58,7 +59,10 @@ __all__ = [
 ]
 
 MAGIC = b"\x89ESSNAP\n"
-FORMAT_VERSION = 1
+#: What write_snapshot writes.  Format 1 (checksum of the payload alone, so a
+#: damaged header field passed for another version or a cut log) is read too.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HEADER = struct.Struct("<8sHHIQ8s16sIIQ")
 HEADER_SIZE = HEADER.size  # 64
 KEEP = 2
@@ -87,6 +91,8 @@ class SnapshotInfo:
     fingerprint: str
     store_id: bytes
     frame_checksum: int
+    #: 2 since its checksum covers the header too (see FORMAT_VERSION).
+    format_version: int = FORMAT_VERSION
 
 
 def snapshot_name(position: int) -> str:
@@ -136,14 +142,22 @@ def _parse_header(head: bytes, path: str) -> SnapshotInfo:
     )
     if magic != MAGIC:
         raise IntegrityError(f"{path}: not a snapshot file")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise IntegrityError(
-            f"{path}: snapshot format version {version}, expected {FORMAT_VERSION}"
+            f"{path}: snapshot format version {version}, this code reads "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}"
         )
     if flags != 0:
         raise IntegrityError(f"{path}: snapshot flags {flags:#06x}, this code knows none")
     return SnapshotInfo(
-        path, position, HEADER_SIZE + length, pversion, fingerprint.hex(), store_id, frame_crc
+        path,
+        position,
+        HEADER_SIZE + length,
+        pversion,
+        fingerprint.hex(),
+        store_id,
+        frame_crc,
+        version,
     )
 
 
@@ -178,18 +192,30 @@ def read_snapshot(path: str) -> tuple[SnapshotInfo, Projections]:
     return info, proj
 
 
+def _checksum(data: bytes | memoryview, version: int) -> int:
+    """What the checksum field of a snapshot of ``data`` (its whole file) should hold."""
+    view = memoryview(data)
+    if version == 1:
+        return zlib.crc32(view[HEADER_SIZE:])
+    return zlib.crc32(view[56:], zlib.crc32(view[8:52]))
+
+
 def _payload_damage(data: bytes) -> str | None:
-    pcrc, length = HEADER.unpack_from(data)[-2:]
+    version = HEADER.unpack_from(data)[1]
+    crc, length = HEADER.unpack_from(data)[-2:]
     payload = memoryview(data)[HEADER_SIZE:]
-    if len(payload) != length or zlib.crc32(payload) != pcrc:
-        return "payload checksum mismatch (truncated or damaged)"
+    if len(payload) != length or _checksum(data, version) != crc:
+        covers = "payload" if version == 1 else "header or payload"
+        return f"checksum mismatch (truncated, or its {covers} damaged)"
     return None
 
 
 def payload_damage(path: str) -> str | None:
-    """What is wrong with the payload of the snapshot at ``path``, or None.
+    """What its checksum finds wrong with the snapshot at ``path``, or None.
 
     The header alone (``list_snapshots``) does not tell a damaged snapshot.
+    The checksum of format 2 covers the header too, that of format 1 only
+    the payload.
     """
     with open(path, "rb") as f:
         data = f.read()
@@ -245,7 +271,7 @@ def write_snapshot(
     keep: int = KEEP,
 ) -> str:
     """Write a snapshot atomically and drop all but the newest ``keep``; return its path."""
-    head = HEADER.pack(
+    fields = [
         MAGIC,
         FORMAT_VERSION,
         0,
@@ -254,9 +280,13 @@ def write_snapshot(
         SCHEMA_FINGERPRINT,
         store_id,
         frame_checksum,
-        zlib.crc32(payload),
+        0,  # the checksum, once the rest is known
         len(payload),
-    )
+    ]
+    unsigned = HEADER.pack(*fields)
+    # As _checksum reads it: bytes 8..51, then 56 to the end of the file.
+    fields[8] = zlib.crc32(payload, zlib.crc32(unsigned[56:], zlib.crc32(unsigned[8:52])))
+    head = HEADER.pack(*fields)
     path = os.path.join(directory, snapshot_name(position))
     tmp = path + ".tmp"
     try:
@@ -372,6 +402,13 @@ async def check_snapshots(
     await log.open()
     try:
         for info in sorted(snaps, key=lambda i: i.position):
+            if info.format_version >= 2:
+                # Its checksum covers the header: a damaged field is found
+                # here, not taken for another version or a cut log below.
+                damage = payload_damage(info.path)
+                if damage is not None:
+                    problems.append((info.path, 0, damage))
+                    continue
             if info.store_id != log.store_id:
                 problems.append((info.path, 32, "snapshot of another store (store id differs)"))
                 continue

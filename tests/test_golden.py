@@ -128,3 +128,16 @@ def test_the_newest_golden_store_has_frames_with_holes() -> None:
         events += batch
         offset += 20 + length
     assert events.count(None) > 20 and len(events) - events.count(None) > 20
+
+
+def test_the_newest_golden_store_has_snapshots_of_format_2() -> None:
+    """Since v11 the snapshot's checksum covers its header; v10's are format 1,
+    and still load (test_opens_and_reads_as_recorded)."""
+    formats = {
+        store.name: {
+            struct.unpack_from("<H", snap.read_bytes(), 8)[0]
+            for snap in (store / "store").glob("snapshot-*.snap")
+        }
+        for store in STORES[-2:]
+    }
+    assert formats == {STORES[-2].name: {1}, STORES[-1].name: {2}}

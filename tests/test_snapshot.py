@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -261,11 +262,12 @@ async def test_verify_notes_a_stale_snapshot_and_reports_a_damaged_one(tmp_path:
     Path(newest.path).write_bytes(bytes(data))
     statuses = {snap.name: snap.status for snap in store_info(d).snapshots}
     assert statuses[Path(newest.path).name] == (
-        "ignored: payload checksum mismatch (truncated or damaged)"
+        "ignored: checksum mismatch (truncated, or its header or payload damaged)"
     )
     report = verify(d)
     assert [str(p) for p in report.problems] == [
-        f"{newest.path}: payload checksum mismatch (truncated or damaged) at offset 0"
+        f"{newest.path}: checksum mismatch (truncated, or its header or payload damaged) "
+        "at offset 0"
     ]
     # A file cut below its header is reported too, not passed over.
     Path(newest.path).write_bytes(bytes(data[:10]))
@@ -478,7 +480,7 @@ async def test_a_cancelled_snapshot_keeps_its_lock_until_its_file_is_written(
 
 
 async def test_verify_finds_a_damaged_position_in_a_snapshot_header(tmp_path: Path) -> None:
-    """The header has no checksum of its own: a flipped bit in its position
+    """In format 1 the header had no checksum: a flipped bit in its position
     made the snapshot read as one past the log's end, a mere note."""
     from eventstore.verify import verify
 
@@ -488,8 +490,38 @@ async def test_verify_finds_a_damaged_position_in_a_snapshot_header(tmp_path: Pa
             await store.save_message("alice", f"m{i}", timestamp=i)
     (snap,) = d.glob("snapshot-*.snap")
     data = bytearray(snap.read_bytes())
+    # As format 1 wrote it (its checksum covers the payload alone); format 2's
+    # covers the header too, and finds any flip.
+    struct.pack_into("<H", data, 8, 1)
+    struct.pack_into("<I", data, 52, zlib.crc32(data[64:]))
     data[18] ^= 1  # position 50 -> 65586
     snap.write_bytes(bytes(data))
     report = verify(d)
     assert not report.ok
     assert any("its header says position 65586, its name 50" in str(p) for p in report.problems)
+
+
+async def test_every_flipped_byte_of_a_snapshot_is_found_and_never_used(tmp_path: Path) -> None:
+    """Format 2's checksum covers the header: a flipped bit anywhere is a
+    problem for verify (not a note about another version or a cut log), and
+    connect() replays instead, to the same state."""
+    from eventstore.verify import verify
+
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        for i in range(40):
+            await store.save_message(f"u{i % 3}", f"m{i}", timestamp=i)
+            await store.save_user_stats(f"u{i % 3}", chat_lines=1, last_seen=i)
+        state = store.projections.state()
+    (snap,) = d.glob("snapshot-*.snap")
+    good = snap.read_bytes()
+    assert struct.unpack_from("<H", good, 8) == (2,)
+    for offset in [*range(64), len(good) // 2, len(good) - 1]:
+        bad = bytearray(good)
+        bad[offset] ^= 1 << (offset % 8)
+        snap.write_bytes(bytes(bad))
+        assert not verify(d).ok, offset
+        async with EventStore(d, read_only=True) as store:
+            assert store.projections.state() == state, offset
+    snap.write_bytes(good)
+    assert verify(d).ok
