@@ -301,6 +301,20 @@ def test_match_does_not_take_a_bool_for_an_int() -> None:
     assert Match(UserCountLogged, chat_users=1) != UserCountLogged(0, True, 1)
 
 
+def test_match_does_not_take_another_number_for_an_int() -> None:
+    import enum
+    from decimal import Decimal
+
+    class Two(enum.IntEnum):
+        TWO = 2
+
+    event = UserCountLogged(1000, 2, 3)
+    for near in (1000.0, Decimal(1000)):
+        assert Match(UserCountLogged, timestamp=near) != event
+    assert Match(UserCountLogged, chat_users=Two.TWO) != event
+    assert Match(UserCountLogged, timestamp=1000, chat_users=2) == event
+
+
 def test_match_asks_a_matcher_with_its_own_eq() -> None:
     from unittest.mock import ANY
 

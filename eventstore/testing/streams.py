@@ -14,6 +14,7 @@ An expected item is an event (compared by type and every field), a
 
 from __future__ import annotations
 
+import numbers
 import sys
 import unicodedata
 import warnings
@@ -52,8 +53,10 @@ class EventSource(Protocol):
     ) -> AsyncIterator[tuple[int, Event]]: ...
 
 
-#: Values a Match compares strictly (the types event fields hold, and bool).
-_PLAIN = (str, int, bool, type(None))
+#: Values a Match compares strictly, value and type: what event fields hold,
+#: and what could pass for it by ``==`` (True for 1, 1000.0 for 1000, an
+#: IntEnum member, a Decimal).  Anything else is a matcher.
+_PLAIN = (str, bytes, numbers.Number, type(None))
 
 
 class Match:
@@ -63,9 +66,10 @@ class Match:
     alice, whatever its timestamp and text.  Naming a field the event type
     does not have is a TypeError at once, so a typo cannot make a check vacuous.
 
-    A str, int, bool or None must equal the field and be of its type (True
-    is not 1).  Any other value is a matcher, asked with ``==``:
-    ``unittest.mock.ANY``, or an object of the test's own with an ``__eq__``.
+    A str, a number (bool included) or None must equal the field and be of
+    its type (True is not 1, nor 1000.0 1000).  Any other value is a
+    matcher, asked with ``==``: ``unittest.mock.ANY``, or an object of the
+    test's own with an ``__eq__``.
     """
 
     __slots__ = ("event_type", "fields")
@@ -91,7 +95,7 @@ class Match:
         out = []
         for name, want in self.fields.items():
             got = getattr(event, name)
-            if type(want) in _PLAIN:
+            if isinstance(want, _PLAIN):
                 same = got == want and type(got) is type(want)
             else:
                 same = bool(want == got)  # a matcher's own __eq__ decides
