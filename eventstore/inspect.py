@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 
 from .codec import decode_event
+from .cuts import CUTS
 from .errors import ConnectionError, IntegrityError, ValidationError
 from .events import (
     READABLE_FINGERPRINTS,
@@ -165,7 +166,7 @@ def _store_info(directory: str, progress: Progress | None) -> StoreInfo:
     snaps = list_snapshots(directory)
     snap_names = {os.path.basename(s.path) for s in snaps}
     info.other_files = sorted(
-        n for n in stray if n not in (LOCK_NAME, TAIL_INDEX) and n not in snap_names
+        n for n in stray if n not in (LOCK_NAME, TAIL_INDEX, CUTS) and n not in snap_names
     )
     paths = [os.path.join(directory, name) for _, name in names]
     total = sum(os.path.getsize(p) for p in paths)

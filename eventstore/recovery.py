@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from .codec import decode_batch
 from .compaction import pending_commit, recover_compaction
+from .cuts import count_cut
 from .errors import IntegrityError, StorageError
 from .framing import FrameWalker
 from .fsutil import fsync_dir
@@ -233,6 +234,7 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
         # the bytes repair removes must still be somewhere.
         fsync_dir(directory)
         report.set_aside.append(broken)
+        count_cut(directory)  # before and after, as cut_after does
         size = os.path.getsize(damage.path)
         if damage.offset < HEADER_SIZE:
             # The header itself is bad: the whole file goes aside.
@@ -252,6 +254,7 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
             os.rename(path, aside)
             report.set_aside.append(aside)
         fsync_dir(directory)
+        count_cut(directory)
         log.warning(
             "repaired %s: cut %d bytes at %s; copies in %s",
             directory,
@@ -349,6 +352,9 @@ def _cut(directory: str, position: int, log: logging.Logger) -> CutReport:
     later = [os.path.join(directory, name) for _, name in names[len(keep) :]]
     if offset is None and not later:
         return report  # the log ends at or before ``position``
+    # Counted before and after: a reader that opens during the cut still
+    # sees the count change once it is done.
+    count_cut(directory)
     for name in sorted(os.listdir(directory), reverse=True):
         m = SNAPSHOT_RE.match(name)
         if m and int(m.group(1)) > position:
@@ -369,6 +375,7 @@ def _cut(directory: str, position: int, log: logging.Logger) -> CutReport:
             f.truncate(offset)
             os.fsync(f.fileno())
     fsync_dir(directory)
+    count_cut(directory)
     log.info("%s: cut the log after position %d (%d bytes)", directory, position, report.bytes_cut)
     return report
 

@@ -63,6 +63,7 @@ import msgspec
 
 from .codec import decode_batch, decode_event, decode_frames, has_upcasters, split_batch
 from .compaction import pending_commit, recover_compaction
+from .cuts import CUTS, cuts_seen
 from .errors import (
     ConnectionError,
     IntegrityError,
@@ -505,6 +506,8 @@ class SegmentLog(EventLog):
         # Set when a follower takes up new files: the position it had read
         # to, which the new files must reach (see _refresh_files).
         self._must_reach: int | None = None
+        # CUTS as this log found it at open (see eventstore/cuts.py).
+        self._cuts = b""
         # Segments being indexed in the thread (see _index_in_thread), by id(),
         # and the task indexing all of them after connect (index_in_background).
         self._indexing: dict[int, asyncio.Future[Segment | None]] = {}
@@ -663,6 +666,7 @@ class SegmentLog(EventLog):
     def _load_segments(self) -> None:
         d = self.directory
         recover_compaction(d, self.logger, read_only=self.read_only)
+        self._cuts = cuts_seen(d)
         names, stray = list_segments(d)
         for name in stray:
             if name.endswith(".seg.tmp") and not self.read_only:
@@ -2214,6 +2218,13 @@ class SegmentLog(EventLog):
         if self._fresh is not None:  # left by a look cancelled before it took them
             _close_quietly([seg.fd for seg in self._fresh])
             self._fresh = None
+        if cuts_seen(self.directory) != self._cuts:
+            raise IntegrityError(
+                f"{self.directory}: the log was cut since this reader opened it ({CUTS} "
+                "changed: repaired, or an unfinished import undone), and its later "
+                "positions may hold other events now; open the store again to read the "
+                "log as it is now"
+            )
         # Only the first look asks to be called again at once: while a
         # switch is still moving files, the next look waits its turn.
         self._stopped_short = False

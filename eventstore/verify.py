@@ -44,6 +44,7 @@ import msgspec
 from . import snapshot
 from .codec import decode_batch, decode_event, known_tags
 from .compaction import pending_commit
+from .cuts import CUTS
 from .errors import ConnectionError, IntegrityError, MigrationError, StorageError
 from .events import READABLE_FINGERPRINTS, Event
 from .framing import FrameWalker, is_torn_tail
@@ -414,7 +415,9 @@ def _verify(directory: str, progress: Progress | None) -> VerifyReport:
 
 def _known_file(name: str) -> bool:
     # tail.index is only a hint, checked by the writer that uses it (tailindex.py).
-    return name in ("LOCK", TAIL_INDEX) or (name.startswith("snapshot-") and name.endswith(".snap"))
+    return name in ("LOCK", TAIL_INDEX, CUTS) or (
+        name.startswith("snapshot-") and name.endswith(".snap")
+    )
 
 
 def _check_snapshots(directory: str, notes: list[str]) -> list[Problem]:

@@ -312,8 +312,48 @@ async def test_a_follower_is_told_even_when_new_events_refill_the_cut(tmp_path: 
         cut_after(str(d), 30)
         async with EventStore(d, durability="flush", segment_size=1024) as store:
             await fill(store, 120, prefix="other")
-        with pytest.raises(IntegrityError, match="not by a compaction"):
+        with pytest.raises(IntegrityError, match="open the store again"):
             await follower.refresh()
             await follower.refresh()  # the second look takes up new files
     finally:
         await follower.close()
+
+
+async def test_a_follower_is_told_of_a_cut_a_compaction_followed(tmp_path: Path) -> None:
+    """The compaction's new segments made the cut look like its own doing, and
+    the follower went on with events that are no longer in the log: CUTS tells."""
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=1024) as writer:
+        for i in range(100):
+            await writer.save_user_stats("old", chat_lines=1, last_seen=1000 + i)
+    follower = EventStore(d, read_only=True)
+    await follower.connect()
+    try:
+        cut_after(str(d), 50)
+        assert (d / "CUTS").read_bytes() == b"2\n"  # counted before and after
+        async with EventStore(d, segment_size=1024) as writer:
+            for i in range(30):
+                await writer.save_user_stats("new", chat_lines=1, last_seen=5000 + i)
+            await writer.compact()
+            for i in range(30, 100):
+                await writer.save_user_stats("new", chat_lines=1, last_seen=5000 + i)
+        with pytest.raises(IntegrityError, match="the log was cut since this reader opened"):
+            await follower.refresh()
+    finally:
+        await follower.close()
+    async with EventStore(d, read_only=True) as again:  # opened anew: fine
+        stats = {u["username"]: u["total_chat_lines"] for u in await again.get_all_user_stats()}
+        assert stats == {"old": 50, "new": 100}
+
+
+async def test_cuts_is_a_file_of_the_store_for_verify_and_info(tmp_path: Path) -> None:
+    from eventstore.inspect import store_info
+    from eventstore.verify import verify
+
+    d = tmp_path / "s"
+    await make(d, 20)
+    cut_after(str(d), 10)
+    assert (d / "CUTS").exists()
+    report = verify(d)
+    assert report.ok and not [n for n in report.notes if "CUTS" in n], report.notes
+    assert store_info(d).other_files == []

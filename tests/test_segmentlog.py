@@ -241,6 +241,7 @@ async def test_repair_makes_its_copy_durable_before_it_cuts(
     report = recovery.repair(str(d))
     assert report.damage is not None and report.damage.offset == offset
     whole = len(data)
+    synced = [(name, size) for name, size in synced if not name.startswith("CUTS")]
     assert synced[:3] == [
         (target.name + ".broken", whole),  # the copy, while the original is whole
         ("<dir>", whole),  # and its name
