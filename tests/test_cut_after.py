@@ -231,17 +231,23 @@ async def test_a_marker_that_cannot_be_made_durable_is_not_left(
     assert unfinished_import(str(d)) is None
 
 
+async def follow(tmp_path: Path) -> tuple[Path, EventStore]:
+    """A store of 100 one-event frames over several segments, and a follower of it."""
+    d = tmp_path / "s"
+    async with EventStore(d, durability="flush", segment_size=1024) as store:
+        await fill(store, 100)
+    follower = EventStore(d, read_only=True)
+    await follower.connect()
+    return d, follower
+
+
 @pytest.mark.parametrize("where", ["an earlier segment", "the last segment"])
 async def test_a_follower_open_across_a_cut_is_told_to_open_again(
     tmp_path: Path, where: str
 ) -> None:
     """Positions after the cut will hold other events: a follower that has
     read them must not go on as if the log had been compacted."""
-    d = tmp_path / "s"
-    async with EventStore(d, durability="flush", segment_size=1024) as store:
-        await fill(store, 100)
-    follower = EventStore(d, read_only=True)
-    await follower.connect()
+    d, follower = await follow(tmp_path)
     try:
         assert follower.position == 100
         position = 30 if where == "an earlier segment" else 99
@@ -258,11 +264,7 @@ async def test_a_follower_open_across_a_cut_is_told_to_open_again(
 
 async def test_a_follower_open_across_a_repair_is_told_to_open_again(tmp_path: Path) -> None:
     """The same for repair, which sets the segments after the damage aside."""
-    d = tmp_path / "s"
-    async with EventStore(d, durability="flush", segment_size=1024) as store:
-        await fill(store, 100)
-    follower = EventStore(d, read_only=True)
-    await follower.connect()
+    d, follower = await follow(tmp_path)
     try:
         second = segment_files(d)[1]
         data = bytearray(second.read_bytes())
@@ -303,11 +305,7 @@ async def test_undo_import_acts_on_the_marker_it_reads_under_the_lock(tmp_path: 
 async def test_a_follower_is_told_even_when_new_events_refill_the_cut(tmp_path: Path) -> None:
     """By the follower's next look the cut positions may hold new events
     again, past what it had read: the head alone cannot tell."""
-    d = tmp_path / "s"
-    async with EventStore(d, durability="flush", segment_size=1024) as store:
-        await fill(store, 100)
-    follower = EventStore(d, read_only=True)
-    await follower.connect()
+    d, follower = await follow(tmp_path)
     try:
         cut_after(str(d), 30)
         async with EventStore(d, durability="flush", segment_size=1024) as store:
