@@ -25,7 +25,7 @@ import re
 import zlib
 
 from .errors import IntegrityError
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, write_all
 
 __all__ = [
     "IMPORTING",
@@ -65,9 +65,7 @@ def write_marker(directory: str, before: int | None) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         try:
-            view = memoryview(text)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, text)
             os.fsync(fd)
         finally:
             os.close(fd)
