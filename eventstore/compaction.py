@@ -45,8 +45,10 @@ from projections.channel_stats import ChannelStatsProjection
 from projections.sorted_index import SortedIndex
 from projections.user_stats import UserStatsProjection
 
-from .errors import ConnectionError, IntegrityError, StorageError
+from .errors import ConnectionError, IntegrityError, MigrationError, StorageError
 from .events import (
+    READABLE_FINGERPRINTS,
+    SCHEMA_FINGERPRINT,
     ChannelPeakRaised,
     ChannelStatsSet,
     Event,
@@ -70,11 +72,12 @@ from .segment import (
     encode_frames,
     pack_header,
     segment_name,
+    unpack_header,
 )
 from .snapshot import remove_snapshots
 
 if TYPE_CHECKING:
-    from .segmentlog import SegmentLog
+    from .segmentlog import Segment, SegmentLog
 
 __all__ = [
     "COMPACT_DIR",
@@ -460,6 +463,25 @@ async def _replay(
     return projections
 
 
+def refuse_newer_segments(segments: list[Segment]) -> None:
+    """Raise MigrationError if a segment was written by code of an unknown event schema.
+
+    That is newer code (this is a rollback): this code decodes its events
+    without the fields that code added, and a rewrite would write them back
+    without, for good.  Segments of the schemas this code knows
+    (READABLE_FINGERPRINTS) are rewritten as usual.
+    """
+    for seg in segments:
+        fingerprint = unpack_header(os.pread(seg.fd, HEADER_SIZE, 0), seg.path).fingerprint
+        if fingerprint not in READABLE_FINGERPRINTS:
+            raise MigrationError(
+                f"{seg.path}: written by other code (event schema {fingerprint.hex()}, "
+                f"this code has {SCHEMA_FINGERPRINT.hex()}): compacting it here would drop "
+                "what its events hold beyond this code's fields; compact with the release "
+                "that wrote it; nothing was changed"
+            )
+
+
 async def compact_log(
     log: SegmentLog,
     *,
@@ -502,6 +524,8 @@ async def compact_log(
             f"{directory}: an earlier compaction committed but did not finish moving its "
             "segments; close() and connect() again to finish it; nothing was changed"
         )
+    if not dry_run:
+        refuse_newer_segments(sealed)
     # Segment.end, not the file size: the active segment may end in zeros.
     report.bytes_before = sum(s.end for s in sealed)
     total = last_sealed * 3 + head * 2  # rough steps, for the progress bar

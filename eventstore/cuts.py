@@ -21,7 +21,7 @@ import os
 
 from .fsutil import fsync_dir, write_all
 
-__all__ = ["CUTS", "count_cut", "cuts_seen"]
+__all__ = ["CUTS", "count_cut", "cuts_seen", "settle_cuts"]
 
 CUTS = "CUTS"
 
@@ -35,6 +35,28 @@ def cuts_seen(directory: str) -> bytes:
         return b""
 
 
+def _count(raw: bytes) -> int:
+    try:
+        return int(raw.decode("ascii"))
+    except ValueError:
+        return 0
+
+
+def settle_cuts(directory: str) -> None:
+    """Finish the count of a cut a crash stopped between its two counts.
+
+    The count is then odd, and a reader that opened meanwhile recorded that
+    odd count; the cut itself, run again, finds nothing left to cut, so
+    nothing would ever count again and tell it.  Called, with the writer
+    lock held, by every writer's open and before every cut.
+    """
+    tmp = os.path.join(directory, CUTS + ".tmp")
+    if os.path.exists(tmp):  # a crash in count_cut
+        os.unlink(tmp)
+    if _count(cuts_seen(directory)) % 2:
+        count_cut(directory)
+
+
 def count_cut(directory: str) -> None:
     """Count one more cut, durably (temporary file, fsync, rename, directory fsync).
 
@@ -42,10 +64,7 @@ def count_cut(directory: str) -> None:
     bytes change.
     """
     raw = cuts_seen(directory)
-    try:
-        count = int(raw.decode("ascii"))
-    except ValueError:
-        count = 0
+    count = _count(raw)
     new = b"%d\n" % (count + 1)
     if new == raw:  # cannot be, but a reader must see a change
         new = b"%d\n" % (count + 2)

@@ -278,18 +278,28 @@ class _ScannedLog:
 
 
 def _snapshot_status(snap: SnapshotInfo, log: _ScannedLog) -> str:
-    """Would ``connect()`` use this snapshot?  Its own rules, not a copy of them."""
-    why = unusable_reason(snap, log)
+    """Would ``connect()`` use this snapshot?  Its own rules, not a copy of them.
+
+    Damage first where the checksum covers the header (format 2): a damaged
+    field would otherwise read as another version, store or log.
+    """
+    why = None if snap.format_version < 2 else _damage(snap)
     if why is None:
-        try:
-            why = payload_damage(snap.path)
-        except OSError as err:
-            why = f"unreadable: {err.strerror or err}"
+        why = unusable_reason(snap, log)
+    if why is None:
+        why = _damage(snap)
     if why is not None:
         return f"ignored: {why}"
     if snap.position == log.head:
         return "current"
     return f"behind: {log.head - snap.position} positions before the log's end"
+
+
+def _damage(snap: SnapshotInfo) -> str | None:
+    try:
+        return payload_damage(snap.path)
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------

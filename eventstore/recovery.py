@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from .codec import decode_batch
 from .compaction import pending_commit, recover_compaction
-from .cuts import count_cut
+from .cuts import count_cut, settle_cuts
 from .errors import IntegrityError, StorageError
 from .framing import FrameWalker
 from .fsutil import fsync_dir
@@ -222,6 +222,7 @@ def repair(directory: str, logger: logging.Logger | None = None) -> RepairReport
     lock.acquire()
     try:
         compaction = recover_compaction(directory, log, read_only=False)
+        settle_cuts(directory)
         damage = find_damage(directory)
         report = RepairReport(damage, compaction=compaction)
         if damage is None:
@@ -339,6 +340,7 @@ def undo_import(
 def _cut(directory: str, position: int, log: logging.Logger) -> CutReport:
     """``cut_after``, with the writer lock held."""
     recover_compaction(directory, log, read_only=False)
+    settle_cuts(directory)
     report = CutReport(position)
     names, _ = list_segments(directory)
     # The segment the cut falls in: the last one starting at or before

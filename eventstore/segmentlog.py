@@ -63,7 +63,7 @@ import msgspec
 
 from .codec import decode_batch, decode_event, decode_frames, has_upcasters, split_batch
 from .compaction import pending_commit, recover_compaction
-from .cuts import CUTS, cuts_seen
+from .cuts import CUTS, cuts_seen, settle_cuts
 from .errors import (
     ConnectionError,
     IntegrityError,
@@ -71,7 +71,7 @@ from .errors import (
     StorageError,
     ValidationError,
 )
-from .events import Event
+from .events import SCHEMA_FINGERPRINT, Event
 from .framing import FrameWalker, Scanned, is_torn_tail
 from .fsutil import fsync_dir, write_all
 from .importmarker import unfinished_import
@@ -666,6 +666,8 @@ class SegmentLog(EventLog):
     def _load_segments(self) -> None:
         d = self.directory
         recover_compaction(d, self.logger, read_only=self.read_only)
+        if not self.read_only:
+            settle_cuts(d)
         self._cuts = cuts_seen(d)
         names, stray = list_segments(d)
         for name in stray:
@@ -744,6 +746,39 @@ class SegmentLog(EventLog):
             self._wfd = os.open(self._segments[-1].path, os.O_WRONLY)
             self._wend = self._segments[-1].end
             self._filled = os.fstat(self._wfd).st_size
+            last = self._segments[-1]
+            if unpack_header(os.pread(last.fd, HEADER_SIZE, 0), last.path).fingerprint != (
+                SCHEMA_FINGERPRINT
+            ):
+                self._begin_own_segment()
+
+    def _begin_own_segment(self) -> None:
+        """Write on in a segment stamped with this code's event schema.
+
+        The last segment was written by code of another schema (an upgrade,
+        or a rollback).  Appended to, it would hold this code's events under
+        that code's fingerprint: code that cannot read them would take them
+        for damage instead of refusing the segment by its fingerprint
+        (segment.check_fingerprint), and its repair would cut them away.
+        """
+        last = self._segments[-1]
+        if last.next_position > last.first:
+            # It holds frames: sealed as a roll seals it, and a new one begun
+            # (_roll adds it to the segments).
+            self._seal(self._wend)
+            self._roll(self._head + 1)
+            self._wend = HEADER_SIZE
+            return
+        # Empty, and named after the next position: replaced by one of this
+        # code's (the rename puts it in place whole), with the same flags.
+        assert self._wfd is not None
+        os.close(self._wfd)
+        self._wfd = None
+        self._segments.pop()
+        os.close(last.fd)
+        fresh = self._create_segment(last.first, flags=last.flags)
+        self._wfd = os.open(fresh.path, os.O_WRONLY)
+        self._wend = self._filled = HEADER_SIZE
 
     def _drop_orphan_segment(self) -> None:
         """Remove an empty last segment that does not follow on from the one before.

@@ -35,7 +35,7 @@ from projections.user_actions import DETAILS_IN_LOG, DETAILS_NONE
 
 from .adapter import StorageAdapter
 from .clock import Clock, system_clock
-from .compaction import CompactReport, compact_log
+from .compaction import CompactReport, compact_log, refuse_newer_segments
 from .errors import (
     ConnectionError,
     IntegrityError,
@@ -900,6 +900,8 @@ class EventStore(StorageAdapter):
                 report = await compact_postgres(log, **options)
             else:
                 if not dry_run:
+                    # Before the roll, which changes files: nothing, if refused.
+                    refuse_newer_segments(log.segments)
                     await log.roll()
                 try:
                     report = await compact_log(log, **options)

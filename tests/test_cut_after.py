@@ -355,3 +355,30 @@ async def test_cuts_is_a_file_of_the_store_for_verify_and_info(tmp_path: Path) -
     report = verify(d)
     assert report.ok and not [n for n in report.notes if "CUTS" in n], report.notes
     assert store_info(d).other_files == []
+
+
+@pytest.mark.parametrize("then", ["the cut run again", "a writer's open"])
+async def test_a_cut_killed_between_its_two_counts_is_counted_again(
+    tmp_path: Path, then: str
+) -> None:
+    """The count is left odd, and a follower that opened during the cut
+    recorded it; run again, the cut finds nothing to cut.  Something must
+    still count, or that follower is never told."""
+    d, follower = await follow(tmp_path)
+    try:
+        cut_after(str(d), 30)
+        (d / "CUTS").write_bytes(b"1\n")  # as if killed before the second count
+        (d / "CUTS.tmp").write_bytes(b"2")  # and inside it
+        await follower.close()
+        follower = EventStore(d, read_only=True)
+        await follower.connect()  # opened "during" the cut: it records the odd count
+        if then == "the cut run again":
+            assert cut_after(str(d), 30).bytes_cut == 0
+        else:
+            async with EventStore(d, durability="flush", segment_size=1024):
+                pass
+        assert (d / "CUTS").read_bytes() == b"2\n" and not (d / "CUTS.tmp").exists()
+        with pytest.raises(IntegrityError, match="the log was cut since this reader opened"):
+            await follower.refresh()
+    finally:
+        await follower.close()

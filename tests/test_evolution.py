@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from storeutil import segment_files
+from storeutil import frames_only, segment_files
 
 from eventstore import EventStore, MigrationError
 from eventstore.codec import remove_upcaster, upcaster
@@ -153,3 +153,62 @@ def test_an_event_written_before_a_field_was_added_gets_its_default() -> None:
 def test_upcasters_are_for_old_types_only() -> None:
     with pytest.raises(ValueError, match="current event type"):
         upcaster(MessageSaved)(lambda ev: ev)
+
+
+def _fingerprints(directory: Path) -> list[bytes]:
+    return [bytes(seg.read_bytes()[20:28]) for seg in segment_files(directory)]
+
+
+@pytest.mark.parametrize("last", ["holds frames", "empty"])
+async def test_this_code_writes_on_in_a_segment_of_its_own_schema(
+    tmp_path: Path, last: str
+) -> None:
+    """Appended to a segment of another schema, this code's events would sit
+    under that schema's fingerprint: code that cannot read them (a rollback)
+    then took them for damage, where it refuses a segment by its fingerprint."""
+    from eventstore.events import SCHEMA_FINGERPRINT
+
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=None, segment_size=1024) as store:
+        for i in range(3 if last == "holds frames" else 40):
+            await store.save_message("a", f"m{i}", timestamp=i)
+        if last == "empty":
+            await store.compact()  # seals the active segment: the new last one is empty
+    other = b"\x11" * 8  # the code before: another fingerprint, the same tags
+    _rewrite_fingerprint(d, other)
+    before = {p.name: p.read_bytes() for p in segment_files(d)}
+    async with EventStore(d, snapshot_every=None, segment_size=1024) as store:
+        await store.save_message("b", "after the upgrade", timestamp=100)
+        position = store.position
+    segments = segment_files(d)
+    assert _fingerprints(d)[-1] == SCHEMA_FINGERPRINT
+    assert set(_fingerprints(d)[:-1]) == {other}
+    if last == "holds frames":
+        # The old one is sealed (the zeros after its frames cut), not written to.
+        assert [p.name for p in segments[:-1]] == sorted(before)
+        old = segments[-2]
+        assert before[old.name].startswith(old.read_bytes())
+        assert not before[old.name][len(old.read_bytes()) :].strip(b"\0")
+    else:
+        assert [p.name for p in segments] == sorted(before)  # replaced under its name
+    assert segments[-1].name == f"{position:020d}.seg"
+    async with EventStore(d, snapshot_every=None) as store:
+        assert (await store.get_recent_messages(limit=1))[0]["message"] == "after the upgrade"
+    assert find_damage(str(d)) is None
+
+
+async def test_compaction_refuses_segments_of_newer_code(tmp_path: Path) -> None:
+    """This code decodes a newer release's events without the fields it
+    added: rewritten by its compaction, they would lose them for good."""
+    d = tmp_path / "s"
+    await _write_raw(d, [UserStatsSavedPlus("alice", 10, chat_lines=2, client="tv")])
+    _rewrite_fingerprint(d, b"\x11" * 8)  # newer code: another fingerprint, same tags
+    async with EventStore(d, snapshot_every=None) as store:
+        await store.save_user_stats("alice", chat_lines=1)
+        files = {p.name: frames_only(p) for p in segment_files(d)}
+        with pytest.raises(MigrationError, match=r"written by other code .* compact with the"):
+            await store.compact()
+        report = await store.compact(dry_run=True)  # changes nothing: allowed
+        assert report.dry_run
+        assert {p.name: frames_only(p) for p in segment_files(d)} == files
+    assert b"tv" in segment_files(d)[0].read_bytes()

@@ -525,3 +525,21 @@ async def test_every_flipped_byte_of_a_snapshot_is_found_and_never_used(tmp_path
             assert store.projections.state() == state, offset
     snap.write_bytes(good)
     assert verify(d).ok
+
+
+async def test_info_names_damage_in_a_snapshot_header_as_damage(tmp_path: Path) -> None:
+    """Format 2's checksum covers the header: info says damaged, not "another
+    version" or "another store" as the damaged field would read."""
+    from eventstore.inspect import store_info
+
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await store.save_message("alice", "m", timestamp=1)
+    (snap,) = d.glob("snapshot-*.snap")
+    good = snap.read_bytes()
+    for offset in (12, 16, 24, 32, 48):
+        bad = bytearray(good)
+        bad[offset] ^= 1
+        snap.write_bytes(bytes(bad))
+        (status,) = [s.status for s in store_info(d).snapshots]
+        assert status.startswith("ignored: checksum mismatch"), (offset, status)
