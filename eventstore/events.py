@@ -12,7 +12,10 @@ Rules for changing this module (they keep old logs readable):
 * Events are encoded ``array_like``: fields are written by position, not by
   name, which makes records about a third smaller and decoding faster.  The
   price is that field order *is* the format: new fields go last and must have a
-  default; fields are never reordered, removed or retyped.
+  default; fields are never reordered, removed or retyped.  Nor is a default
+  changed: events written before their field existed decode with it, and the
+  schema fingerprint does not cover defaults (nor ``array_like`` itself), so
+  old snapshots would still be loaded beside a replay that now differs.
 * A change that those rules cannot express (a rename with a new meaning, a
   split) gets a new tag and a new ``version``; the old class stays, and an
   upcaster turns its events into current ones while reading.
