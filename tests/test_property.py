@@ -86,6 +86,10 @@ class Model:
             "max_connected_timestamp": None,
             "last_updated": None,
         }
+        # A store on disk keeps cleared chat lines until a compaction (which
+        # forget_user runs): forget_user erases those of a user no read returns.
+        self.keeps_cleared = False
+        self.cleared_on_disk: set[str] = set()
 
     def _append(self) -> int:
         self.position += 1
@@ -161,6 +165,8 @@ class Model:
         newest = self.recent_messages(None, 0)
         deleted = newest[keep:]
         if deleted:
+            if self.keeps_cleared:
+                self.cleared_on_disk |= {m["username"] for m in deleted}
             gone = {m["id"] for m in deleted}
             self.messages = [m for m in self.messages if m["id"] not in gone]
             self._append()
@@ -177,7 +183,10 @@ class Model:
             self.actions = [a for a in self.actions if a["username"] != name]
             self.messages = [m for m in self.messages if m["username"] != name]
             self._append()
-        return known
+        if known or name in self.cleared_on_disk:
+            self.cleared_on_disk.clear()  # the compaction dropped every cleared line
+            return True
+        return False
 
     # -- reads ----------------------------------------------------------------------
     def user_stats(self, name: str) -> dict[str, Any] | None:
@@ -231,6 +240,9 @@ def _page(rows: list[Any], limit: int | None, offset: int) -> list[Any]:
 
 
 class StoreMachine(RuleBasedStateMachine):
+    #: See Model.keeps_cleared.
+    keeps_cleared = False
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
@@ -238,6 +250,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store = self.make_store(None)
         self.run(self.store.connect())
         self.model = Model()
+        self.model.keeps_cleared = self.keeps_cleared
 
     def make_store(self, previous: EventStore | None) -> EventStore:
         """A new store object, on the same log as ``previous`` if given."""
@@ -391,6 +404,8 @@ class StoreMachine(RuleBasedStateMachine):
 class DiskStoreMachine(StoreMachine):
     """The same, on the segment log: tiny segments and frequent snapshots, so
     reconnects cross segment rolls and load snapshots (ids must not move)."""
+
+    keeps_cleared = True
 
     def make_store(self, previous: EventStore | None) -> EventStore:
         if previous is None:
