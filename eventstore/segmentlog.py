@@ -220,16 +220,29 @@ def _by_compaction(held: list[Segment], fresh: list[Segment]) -> bool:
     only removes and truncates files, and what is appended after it makes
     plain ones.
     """
-    ids = set()
-    for seg in held:
-        st = os.fstat(seg.fd)
-        ids.add((st.st_dev, st.st_ino))
-    for seg in fresh:
-        if seg.gaps_allowed:
-            st = os.fstat(seg.fd)
-            if (st.st_dev, st.st_ino) not in ids:
-                return True
-    return False
+    ids = {_file_id(seg.fd) for seg in held}
+    return any(seg.gaps_allowed and _file_id(seg.fd) not in ids for seg in fresh)
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _empty_last_replaced(held: list[Segment], fresh: list[Segment]) -> bool:
+    """Was only the reader's last segment replaced under its name, while it held no frame?
+
+    A writer of another event schema does that to an empty last segment
+    (SegmentLog._begin_own_segment): nothing this reader has read changed.
+    """
+    last = held[-1]
+    if last.next_position != last.first or len(fresh) < len(held):
+        return False
+    if any(
+        _file_id(old.fd) != _file_id(new.fd) for old, new in zip(held[:-1], fresh, strict=False)
+    ):
+        return False
+    return fresh[len(held) - 1].first == last.first
 
 
 def _open_sealed(path: str, first: int) -> tuple[Segment, SegmentHeader]:
@@ -776,7 +789,7 @@ class SegmentLog(EventLog):
         self._wfd = None
         self._segments.pop()
         os.close(last.fd)
-        fresh = self._create_segment(last.first, flags=last.flags)
+        fresh = self._create_segment(last.first, flags=last.flags, replacing=True)
         self._wfd = os.open(fresh.path, os.O_WRONLY)
         self._wend = self._filled = HEADER_SIZE
 
@@ -917,8 +930,12 @@ class SegmentLog(EventLog):
         """Is ``err`` the shape a crash mid-write leaves at the end of the log?"""
         return is_torn_tail(os.pread(seg.fd, size - err.offset, err.offset), err)
 
-    def _create_segment(self, first: int, flags: int = 0) -> Segment:
-        """Create a segment durably: temp file, fsync, rename, fsync the directory."""
+    def _create_segment(self, first: int, flags: int = 0, *, replacing: bool = False) -> Segment:
+        """Create a segment durably: temp file, fsync, rename, fsync the directory.
+
+        ``replacing``: a segment of that name exists, and the rename puts
+        this one in its place; a failure then removes only the temp file.
+        """
         name = segment_name(first)
         path = os.path.join(self.directory, name)
         tmp = path + ".tmp"
@@ -938,7 +955,9 @@ class SegmentLog(EventLog):
             # those): left behind, an empty segment named after positions the
             # round never wrote would make the next open skip to them.
             with contextlib.suppress(OSError):
-                for leftover in (tmp, path):
+                # Replacing, ``path`` is the old segment or, once renamed, the
+                # whole new one: either way the log's, not a leftover.
+                for leftover in (tmp,) if replacing else (tmp, path):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(leftover)
                 fsync_dir(self.directory)
@@ -2276,7 +2295,9 @@ class SegmentLog(EventLog):
         if pending_commit(self.directory) is not None:
             return  # still moving files: the next look takes them
         fresh = self._rewritten_segments(names)
-        if fresh is not None and not _by_compaction(self._segments, fresh):
+        if fresh is not None and not (
+            _by_compaction(self._segments, fresh) or _empty_last_replaced(self._segments, fresh)
+        ):
             _close_quietly([seg.fd for seg in fresh])
             raise IntegrityError(
                 f"{self.directory}: segment files this reader holds were removed or "

@@ -807,6 +807,12 @@ class EventStore(StorageAdapter):
         try:
             # On PostgreSQL this deletes the user's rows.
             await self.compact()
+        except MigrationError as err:
+            # Segments of a newer release: calling again cannot help here.
+            raise MigrationError(
+                f"{username!r} is forgotten in every read, but this release cannot erase "
+                f"them from the files: {err}"
+            ) from err
         except (StorageError, OSError) as err:
             # The UserForgotten is in the log: the error of the compaction
             # alone ("nothing was changed") would read as a forget that
@@ -874,6 +880,10 @@ class EventStore(StorageAdapter):
         log = self._log
         if not isinstance(log, (SegmentLog, PostgresLog)):
             raise StorageError("only stores in a directory or in PostgreSQL are compacted")
+        if isinstance(log, SegmentLog) and not dry_run:
+            # Before anything is written (the trim, the roll): refused, this
+            # changes nothing.  Checked again under the lock below.
+            refuse_newer_segments(log.segments)
         trim_before = None
         if keep_history_days is not None:
             days = check_int("keep_history_days", keep_history_days)

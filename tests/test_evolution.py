@@ -212,3 +212,92 @@ async def test_compaction_refuses_segments_of_newer_code(tmp_path: Path) -> None
         assert report.dry_run
         assert {p.name: frames_only(p) for p in segment_files(d)} == files
     assert b"tv" in segment_files(d)[0].read_bytes()
+
+
+def _stamp(seg: Path, fingerprint: bytes) -> None:
+    """One segment's header rewritten as code of another schema writes it."""
+    data = bytearray(seg.read_bytes())
+    store_id = bytes(data[28:44])
+    first = int.from_bytes(data[12:20], "little")
+    flags = int.from_bytes(data[10:12], "little")
+    data[:HEADER_SIZE] = pack_header(first, store_id, flags=flags, fingerprint=fingerprint)
+    seg.write_bytes(bytes(data))
+
+
+async def test_a_follower_goes_on_when_an_empty_foreign_last_segment_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """A writer replaces such a segment under its name: a follower that read
+    nothing from it is not told the log was cut."""
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=None) as store:
+        for i in range(5):
+            await store.save_message("a", f"m{i}", timestamp=i)
+        await store.log.roll()  # as compact() leaves it: an empty last segment
+    _stamp(segment_files(d)[-1], b"\x11" * 8)
+    follower = EventStore(d, read_only=True)
+    await follower.connect()
+    try:
+        async with EventStore(d, snapshot_every=None) as store:
+            await store.save_message("b", "after the upgrade", timestamp=10)
+        for _ in range(3):
+            await follower.refresh()
+        assert follower.position == 6
+        messages = await follower.get_recent_messages(limit=1)
+        assert messages[0]["message"] == "after the upgrade"
+    finally:
+        await follower.close()
+
+
+async def test_a_failed_replacement_of_an_empty_foreign_segment_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its name holds the log's head when compaction dropped the last events:
+    removed, the next events would take positions already handed out."""
+    import errno
+
+    import eventstore.segmentlog as segmentlog
+
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=None) as store:
+        for i in range(5):
+            await store.save_message("a", f"m{i}", timestamp=i)
+        await store.save_message("b", "goes", timestamp=9)
+        await store.forget_user("b")  # compacts: the forget itself is dropped
+        head = store.log.head
+    last = segment_files(d)[-1]
+    assert last.stat().st_size == HEADER_SIZE and int(last.name[:20]) == head + 1
+    _stamp(last, b"\x11" * 8)
+
+    def full(fd: int, data: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segmentlog, "write_all", full)
+    with pytest.raises(OSError):
+        await EventStore(d, snapshot_every=None).connect()
+    monkeypatch.undo()
+    assert last.exists()
+    async with EventStore(d, snapshot_every=None) as store:
+        assert store.log.head == head
+        await store.save_message("c", "next", timestamp=20)
+        assert store.position == head + 1
+
+
+async def test_compaction_of_segments_of_newer_code_writes_nothing_first(tmp_path: Path) -> None:
+    """Refused before the retention decision is recorded; and forget_user says
+    this release cannot finish the erasure, not to call again."""
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=None) as store:
+        for i in range(5):
+            await store.log_user_count(i, i, timestamp=i)
+        await store.save_message("bob", "hi", timestamp=9)
+    _rewrite_fingerprint(d, b"\x11" * 8)
+    async with EventStore(d, snapshot_every=None) as store:
+        position = store.position
+        with pytest.raises(MigrationError, match="nothing was changed"):
+            await store.compact(keep_history_days=0)
+        assert store.position == position
+        assert len(await store.get_user_count_history()) == 5
+        with pytest.raises(MigrationError, match="this release cannot erase them from the files"):
+            await store.forget_user("bob")
+        assert not store.knows_user("bob")
