@@ -110,12 +110,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib
 import logging
 import re
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, TypeGuard
@@ -447,6 +448,14 @@ def decode_rows(payloads: Sequence[bytes], positions: Sequence[int], where: str)
 _USER_TAGS = [event_tag(cls) for cls in EVENT_TYPES if "username" in cls.__struct_fields__]
 
 
+async def _count_compactions(fetchval: Callable[[str], Awaitable[Any]]) -> int:
+    """Compactions committed (``eventstore_compactions``; 0 without the table)."""
+    # Two statements: a query naming a missing table fails to parse.
+    if not await fetchval("SELECT to_regclass('eventstore_compactions') IS NOT NULL"):
+        return 0
+    return int(await fetchval("SELECT coalesce(max(id), 0) FROM eventstore_compactions"))
+
+
 def username_column(event: Event) -> str | None:
     """The ``username`` column: the event's user, for operators' SQL.
 
@@ -572,13 +581,7 @@ class PostgresLog(EventLog):
                 # Counted before the head is read: a compaction committing
                 # between the two then counts as one after the pin (an export
                 # fails, and is run again), never the other way round.
-                self.pinned_compactions = 0
-                if await conn.fetchval("SELECT to_regclass('eventstore_compactions') IS NOT NULL"):
-                    self.pinned_compactions = int(
-                        await conn.fetchval(
-                            "SELECT coalesce(max(id), 0) FROM eventstore_compactions"
-                        )
-                    )
+                self.pinned_compactions = await _count_compactions(conn.fetchval)
             self._head = await self._read_head(conn)
             await conn.add_listener(self.channel, self._on_notify)
         except StorageError:
@@ -1142,14 +1145,7 @@ class PostgresLog(EventLog):
         return any(getattr(ev, "username", None) == username for ev in events)
 
     async def compactions(self) -> int | None:
-        # Two statements: a query naming a missing table fails to parse.
-        if not await self._query(
-            "fetchval", "SELECT to_regclass('eventstore_compactions') IS NOT NULL"
-        ):
-            return 0
-        return int(
-            await self._query("fetchval", "SELECT coalesce(max(id), 0) FROM eventstore_compactions")
-        )
+        return await _count_compactions(functools.partial(self._query, "fetchval"))
 
     async def compacted_through(self) -> int | None:
         """The head when the last compaction committed (None: never compacted).

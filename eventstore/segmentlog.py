@@ -202,14 +202,18 @@ class Segment:
             offs.append(offset)
 
 
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def _same_file(path: str, fd: int) -> bool:
     """Is ``path`` still the file ``fd`` holds open (not removed, nor replaced)?"""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return False
-    held = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+    return (st.st_dev, st.st_ino) == _file_id(fd)
 
 
 def _by_compaction(held: list[Segment], fresh: list[Segment]) -> bool:
@@ -222,11 +226,6 @@ def _by_compaction(held: list[Segment], fresh: list[Segment]) -> bool:
     """
     ids = {_file_id(seg.fd) for seg in held}
     return any(seg.gaps_allowed and _file_id(seg.fd) not in ids for seg in fresh)
-
-
-def _file_id(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
 
 
 def _empty_last_replaced(held: list[Segment], fresh: list[Segment]) -> bool:

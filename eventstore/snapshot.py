@@ -192,19 +192,20 @@ def read_snapshot(path: str) -> tuple[SnapshotInfo, Projections]:
     return info, proj
 
 
-def _checksum(data: bytes | memoryview, version: int) -> int:
-    """What the checksum field of a snapshot of ``data`` (its whole file) should hold."""
-    view = memoryview(data)
+def _checksum(head: bytes | memoryview, payload: bytes | memoryview, version: int) -> int:
+    """What the checksum field (bytes 52..55 of ``head``) of a snapshot should hold."""
     if version == 1:
-        return zlib.crc32(view[HEADER_SIZE:])
-    return zlib.crc32(view[56:], zlib.crc32(view[8:52]))
+        return zlib.crc32(payload)
+    # Bytes 8..51, then 56 to the end of the file: all but the magic and the field.
+    return zlib.crc32(payload, zlib.crc32(head[56:HEADER_SIZE], zlib.crc32(head[8:52])))
 
 
 def _payload_damage(data: bytes) -> str | None:
-    version = HEADER.unpack_from(data)[1]
-    crc, length = HEADER.unpack_from(data)[-2:]
-    payload = memoryview(data)[HEADER_SIZE:]
-    if len(payload) != length or _checksum(data, version) != crc:
+    fields = HEADER.unpack_from(data)
+    version, crc, length = fields[1], fields[-2], fields[-1]
+    view = memoryview(data)
+    head, payload = view[:HEADER_SIZE], view[HEADER_SIZE:]
+    if len(payload) != length or _checksum(head, payload, version) != crc:
         covers = "payload" if version == 1 else "header or payload"
         return f"checksum mismatch (truncated, or its {covers} damaged)"
     return None
@@ -283,9 +284,7 @@ def write_snapshot(
         0,  # the checksum, once the rest is known
         len(payload),
     ]
-    unsigned = HEADER.pack(*fields)
-    # As _checksum reads it: bytes 8..51, then 56 to the end of the file.
-    fields[8] = zlib.crc32(payload, zlib.crc32(unsigned[56:], zlib.crc32(unsigned[8:52])))
+    fields[8] = _checksum(HEADER.pack(*fields), payload, FORMAT_VERSION)
     head = HEADER.pack(*fields)
     path = os.path.join(directory, snapshot_name(position))
     tmp = path + ".tmp"

@@ -882,7 +882,8 @@ class EventStore(StorageAdapter):
             raise StorageError("only stores in a directory or in PostgreSQL are compacted")
         if isinstance(log, SegmentLog) and not dry_run:
             # Before anything is written (the trim, the roll): refused, this
-            # changes nothing.  Checked again under the lock below.
+            # changes nothing.  (Only this writer appends from here on, in
+            # its own schema: the segments it would find later are the same.)
             refuse_newer_segments(log.segments)
         trim_before = None
         if keep_history_days is not None:
@@ -910,8 +911,6 @@ class EventStore(StorageAdapter):
                 report = await compact_postgres(log, **options)
             else:
                 if not dry_run:
-                    # Before the roll, which changes files: nothing, if refused.
-                    refuse_newer_segments(log.segments)
                     await log.roll()
                 try:
                     report = await compact_log(log, **options)
