@@ -89,7 +89,8 @@ def compact(
     if not report.segments_rewritten:
         typer.echo(
             f"{'dry run: ' if report.dry_run else ''}nothing to compact: the sealed segments "
-            f"({out.size(report.bytes_before)}) hold nothing to drop; nothing was changed"
+            f"({out.size(report.bytes_before)}) hold nothing to drop; "
+            f"{'nothing was changed' if report.dry_run else 'no segment was rewritten'}"
         )
         return
     verb = "would rewrite" if report.dry_run else "rewrote"

@@ -6,12 +6,12 @@ import contextlib
 import enum
 import os
 import shutil
-import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from eventstore import EventStore
+from eventstore.compaction import pending_commit
 from eventstore.errors import StorageError
 from eventstore.importmarker import (
     IMPORTING,
@@ -30,6 +30,7 @@ from eventstore.legacy import import_sqlite as import_legacy
 from eventstore.lockfile import lock_holder
 from eventstore.pglog import is_dsn
 from eventstore.recovery import undo_import
+from eventstore.segment import list_segments
 
 from . import output as out
 from .inspect import Directory, Json
@@ -63,14 +64,15 @@ def import_sqlite(
             out.fail(f"{db}: is a directory")
         out.fail(f"{db}: not a regular file" if os.path.exists(db) else f"{db}: no such file")
 
-    def check_file() -> None:
+    def check_file() -> int:
         with LegacyReader(db) as legacy:
-            legacy.validate()
+            return legacy.validate()
 
     # Checked before the store is opened: a file that cannot be imported must
     # not leave a new, empty store (or PostgreSQL tables) behind.  The import
     # checks it again, an extra read of about two seconds a million rows.
-    out.call(check_file)
+    with out.progress_bar("checking the file"):
+        events = out.call(check_file)
 
     # A directory this run creates (or finds empty) is removed again if the
     # import stops half-way, and what it added to a store that held events
@@ -88,9 +90,31 @@ def import_sqlite(
     before = acked = 0  # the store's position first; the file's events acknowledged
     refused = whole = False
 
+    def not_empty(position: int) -> NoReturn:
+        new = "an empty database or schema" if is_dsn(directory) else "a new directory"
+        out.fail(
+            f"{where} is not empty (its last event is at position "
+            f"{position}); import into {new}, or pass --force "
+            "to add the file's data to it"
+        )
+
     async def main() -> ImportReport:
         nonlocal before, refused, whole
         call = f"await import_sqlite(store, {db!r}{', force=True' if force else ''})"
+        if (
+            not force
+            and not is_dsn(directory)
+            and os.path.isdir(directory)
+            and list_segments(directory)[0]
+            and pending_commit(directory) is None
+        ):
+            # Asked read-only first, as forget-user and demo do: a writer's
+            # open and close (a torn tail cut, a snapshot written) would
+            # change the files of a store the import then refuses.
+            async with out.open_reader(directory) as reader:
+                if reader.position:
+                    refused = True
+                    not_empty(reader.position)
         async with out.open_writer(directory, call, create=True) as store:
             opened.append(store)
             before = store.position
@@ -98,7 +122,7 @@ def import_sqlite(
                 # Until the import is whole: a run killed before then (no
                 # chance to undo what it wrote) is recognised by the next.
                 marker.append(write_marker(directory, None if fresh else before))
-            with out.progress_bar("importing") as bar:
+            with out.progress_bar("importing", events) as bar:
 
                 def progress(done: int) -> None:
                     nonlocal acked
@@ -115,12 +139,7 @@ def import_sqlite(
                     return report
                 except StoreNotEmptyError:
                     refused = True
-                    new = "an empty database or schema" if is_dsn(directory) else "a new directory"
-                    out.fail(
-                        f"{where} is not empty (its last event is at position "
-                        f"{store.position}); import into {new}, or pass --force "
-                        "to add the file's data to it"
-                    )
+                    not_empty(store.position)
 
     try:
         report = out.run(main())
@@ -331,8 +350,16 @@ class _Counting:
             self._progress(self._lines)
 
 
+class _Stdout:
+    """Binary stdout whose failures read as such: a reader gone is exit 0, a
+    full disk ``Error: cannot write to stdout: ...`` (see out.write_stdout)."""
+
+    def write(self, data: bytes) -> None:
+        out.write_stdout(data)
+
+
 def _stdout() -> Any:
-    return getattr(sys.stdout, "buffer", sys.stdout)
+    return _Stdout()
 
 
 @contextlib.contextmanager

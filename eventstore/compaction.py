@@ -528,18 +528,18 @@ async def compact_log(
         refuse_newer_segments(sealed)
     # Segment.end, not the file size: the active segment may end in zeros.
     report.bytes_before = sum(s.end for s in sealed)
-    total = last_sealed * 3 + head * 2  # rough steps, for the progress bar
-    done = 0
+    # Steps for the progress bar, in events read: the replay of the old log,
+    # the two passes over the sealed range and, unless a dry run, the replay
+    # that proves the new one.
+    total = head + last_sealed * 2 + (0 if dry_run else head)
 
-    def step(n: int) -> None:
-        nonlocal done
-        done += n
+    def reached(done: int) -> None:
         if progress is not None:
             progress(min(done, total), total)
 
     # What every read sees at ``head``, computed from the old log itself.
     before = await _replay(log, head, Projections())
-    step(head)
+    reached(head)
 
     # Pass 1: fold each user's stats, and the channel's, over the sealed range.
     planner = Planner(trim_before)
@@ -547,7 +547,8 @@ async def compact_log(
         for pos, ev in enumerate(events, first):
             planner.observe(pos, ev)
         report.events_before += len(events)
-        step(len(events))
+        # By position, not by event: a compacted range has gaps.
+        reached(head + first + len(events) - 1)
     report.users_folded = planner.fold(before)
 
     # Pass 2: write what is still visible, in position order.
@@ -574,7 +575,7 @@ async def compact_log(
                 else:
                     writer.add(pos, keep)
                     report.events_after += 1
-            step(len(events))
+            reached(head + last_sealed + first + len(events) - 1)
         writer.finish(sealed[0].first)
         report.dropped_by_type = dict(sorted(dropped.items()))
         report.bytes_after = writer.bytes
@@ -587,6 +588,7 @@ async def compact_log(
             report.segments_rewritten = report.segments_written = 0
             if not dry_run:
                 shutil.rmtree(work, ignore_errors=True)
+            reached(total)  # no proof to replay: the bar ends full
             return report
         if dry_run:
             return report
@@ -601,7 +603,7 @@ async def compact_log(
             finally:
                 await new_log.close()
         await _replay(log, head, after, start=last_sealed + 1)
-        step(head)
+        reached(total)
         if not after.same_state(before):
             raise IntegrityError(
                 f"{directory}: compaction refused: the rewritten segments would change "

@@ -32,6 +32,7 @@ unreadable, and a missing table is read as empty and reported.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import heapq
@@ -807,8 +808,13 @@ async def _fill(
         counts = dict.fromkeys(LEGACY_TABLES, 0)
         written = 0
 
-        def done(table: str, n: int) -> None:
+        async def done(table: str, n: int) -> None:
             nonlocal written
+            # The store's reads answer from memory and never suspend, so
+            # without this a Ctrl-C (asyncio.run cancels the task) would
+            # only be seen after the file was published: the whole export
+            # ran on, and the command then exited 130 with OUT written.
+            await asyncio.sleep(0)
             unchanged()
             counts[table] += n
             written += n
@@ -831,7 +837,7 @@ async def _fill(
                 for u in users
             ],
         )
-        done("user_stats", len(users))
+        await done("user_stats", len(users))
 
         ch = await store.get_channel_stats()
         conn.execute(
@@ -845,7 +851,7 @@ async def _fill(
                 ch["last_updated"],
             ),
         )
-        done("channel_stats", 1)
+        await done("channel_stats", 1)
 
         offset = 0
         while page := await store.get_user_actions(limit=EXPORT_PAGE_SIZE, offset=offset):
@@ -858,7 +864,7 @@ async def _fill(
                 ],
             )
             offset += len(page)
-            done("user_actions", len(page))
+            await done("user_actions", len(page))
 
         samples = await store.get_user_count_history()
         conn.executemany(
@@ -866,7 +872,7 @@ async def _fill(
             "VALUES (?, ?, ?, ?)",
             [(c["id"], c["timestamp"], c["chat_users"], c["connected_users"]) for c in samples],
         )
-        done("user_count_history", len(samples))
+        await done("user_count_history", len(samples))
 
         offset = 0
         while page := await store.get_recent_messages(limit=EXPORT_PAGE_SIZE, offset=offset):
@@ -875,7 +881,7 @@ async def _fill(
                 [(m["id"], m["timestamp"], m["username"], m["message"]) for m in page],
             )
             offset += len(page)
-            done("recent_chat", len(page))
+            await done("recent_chat", len(page))
 
         conn.execute("COMMIT")
         return counts

@@ -1465,6 +1465,23 @@ def test_a_stdout_that_cannot_be_written_is_one_error_line(tmp_path: Path, comma
     )
 
 
+def test_an_export_to_a_full_stdout_is_one_error_line(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cli", "export", str(d), "--format", "jsonl", "-"],
+            cwd=REPO,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        "Error: cannot write to stdout: No space left on device\n",
+    )
+
+
 @pytest.mark.parametrize("command", ["info", "dump", "compact"])
 def test_a_closed_stdout_is_refused_before_anything_is_done(tmp_path: Path, command: str) -> None:
     d = busy_store(tmp_path)
@@ -1553,3 +1570,21 @@ def test_a_directory_named_like_a_segment_is_named(tmp_path: Path, command: str)
         f"Error: {odd}: named like a segment, but not a regular file; move it out of the "
         "store directory\n"
     )
+
+
+def test_import_sqlite_refused_leaves_the_store_as_it_was(tmp_path: Path) -> None:
+    """A store without a current snapshot: the refusal writes none (nor cuts anything)."""
+    db = legacy_db(tmp_path / "bot.db")
+    d = tmp_path / "store"
+    assert invoke("import-sqlite", db, d).exit_code == 0
+    for snap in d.glob("snapshot-*"):
+        snap.unlink()
+
+    def contents() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+    before = contents()
+    again = invoke("import-sqlite", db, d)
+    assert again.exit_code == 1
+    assert "is not empty (its last event is at position 5)" in again.stderr
+    assert contents() == before

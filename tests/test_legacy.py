@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -700,6 +701,30 @@ async def test_export_refuses_to_overwrite(tmp_path: Path) -> None:
             await export_sqlite(store, out)
     assert out.read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.db"]
+
+
+async def test_a_cancelled_export_stops_at_its_next_page_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's reads answer from memory without suspending: unless the
+    export yields between pages, a cancel (Ctrl-C under asyncio.run) lands
+    only after the whole file is written and given its name."""
+    import eventstore.legacy as legacy_mod
+
+    monkeypatch.setattr(legacy_mod, "EXPORT_PAGE_SIZE", 10)
+    out = tmp_path / "out.db"
+    async with EventStore(":memory:") as store:
+        for i in range(100):
+            await store.save_message("amy", f"line {i}", timestamp=T0 + i)
+        progress: list[int] = []
+        task = asyncio.create_task(export_sqlite(store, out, progress=progress.append))
+        while not progress and not task.done():
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert progress[-1] < 101
+    assert list(tmp_path.iterdir()) == []
 
 
 async def test_export_writes_an_owner_only_file_with_the_legacy_schema(tmp_path: Path) -> None:
