@@ -17,11 +17,24 @@ from .inspect import Directory, Json
 _DIGITS = re.compile(r"^[0-9]+$")
 
 
+#: 9999-12-31T23:59:59Z, the last moment an ISO 8601 time can name.
+_LAST_SECOND_OF_9999 = 253_402_300_799
+
+
 def parse_time(text: str) -> int:
     """Unix seconds, or an ISO 8601 time (UTC unless it carries an offset)."""
     text = text.strip()
     if _DIGITS.match(text):
-        return int(text)
+        seconds = int(text)
+        if seconds > _LAST_SECOND_OF_9999:
+            # Not refused (a store takes any timestamp up to 2**63 - 1), but
+            # most likely milliseconds, which would replay every event.
+            typer.echo(
+                f"note: --at {text} is after the year 9999 in Unix seconds; if it is in "
+                f"milliseconds, use {seconds // 1000}",
+                err=True,
+            )
+        return seconds
     iso = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
     try:
         moment = datetime.fromisoformat(iso)

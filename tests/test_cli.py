@@ -658,6 +658,20 @@ def test_replay_json_at_a_moment(tmp_path: Path) -> None:
         assert same == data, text
 
 
+def test_replay_at_a_time_in_milliseconds_says_so(tmp_path: Path) -> None:
+    d = busy_store(tmp_path)
+    millis = (T0 + 100) * 1000
+    result = invoke("replay", d, "--at", millis, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["events_applied"] == 123  # every event: it is far ahead
+    assert result.stderr == (
+        f"note: --at {millis} is after the year 9999 in Unix seconds; if it is in "
+        f"milliseconds, use {T0 + 100}\n"
+    )
+    # The last second an ISO 8601 time can name passes without a note.
+    assert invoke("replay", d, "--at", 253_402_300_799, "--json").stderr == ""
+
+
 def test_replay_now(tmp_path: Path) -> None:
     d = busy_store(tmp_path)
     data = json.loads(invoke("replay", d, "--json").stdout)
