@@ -200,7 +200,8 @@ def forget_user(
                 if not reader.knows_user(name) and not await reader.erasure_unfinished(name):
                     return False
         async with out.open_writer(directory, f"await store.forget_user({name!r})") as store:
-            return await store.forget_user(name)
+            with out.progress_bar(f"forgetting {out.printable(name)}") as progress:
+                return await store.forget_user(name, progress=progress)
 
     where = out.shown(directory)
     if out.run(main()):

@@ -456,10 +456,18 @@ class Planner:
 
 
 async def _replay(
-    log: SegmentLog, through: int, projections: Projections, start: int = 1
+    log: SegmentLog,
+    through: int,
+    projections: Projections,
+    start: int = 1,
+    reached: Callable[[int], None] | None = None,
 ) -> Projections:
+    """Fold ``start..through`` into ``projections``; ``reached(position)`` after each group."""
     async for group in log.read_groups(start, through):
         projections.apply_runs(group)
+        if reached is not None and group:
+            last_first, last_events = group[-1]
+            reached(last_first + len(last_events) - 1)
     return projections
 
 
@@ -538,7 +546,7 @@ async def compact_log(
             progress(min(done, total), total)
 
     # What every read sees at ``head``, computed from the old log itself.
-    before = await _replay(log, head, Projections())
+    before = await _replay(log, head, Projections(), reached=reached)
     reached(head)
 
     # Pass 1: fold each user's stats, and the channel's, over the sealed range.
@@ -595,14 +603,18 @@ async def compact_log(
 
         # Prove it: the new log must give exactly the old projections.
         after = Projections()
+
+        def proved(position: int) -> None:
+            reached(head + last_sealed * 2 + position)
+
         if writer.names:
             new_log = SegmentLog(work, read_only=True, logger=logger)
             await new_log.open()
             try:
-                await _replay(new_log, last_sealed, after)
+                await _replay(new_log, last_sealed, after, reached=proved)
             finally:
                 await new_log.close()
-        await _replay(log, head, after, start=last_sealed + 1)
+        await _replay(log, head, after, start=last_sealed + 1, reached=proved)
         reached(total)
         if not after.same_state(before):
             raise IntegrityError(

@@ -37,6 +37,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -379,7 +380,10 @@ def _remove(directory: str, paths: list[str], leftovers_of: str | None = None) -
 
 
 async def check_snapshots(
-    directory: str, *, ignored: list[str] | None = None
+    directory: str,
+    *,
+    ignored: list[str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[tuple[str, int, str]]:
     """Compare every snapshot with a replay of the log up to its position.
 
@@ -390,6 +394,8 @@ async def check_snapshots(
     projections or events, one past the log's end or naming a frame the log
     does not have (written before the log was cut).  The next snapshot
     replaces or removes those; they are described in ``ignored``, if given.
+    ``progress(n)`` is called as the replays go, with the events replayed
+    so far (a replay per snapshot, each from position 1).
     """
     from .segmentlog import SegmentLog
 
@@ -399,6 +405,7 @@ async def check_snapshots(
         return problems
     log = SegmentLog(directory, read_only=True)
     await log.open()
+    done = 0  # events replayed for the snapshots before this one
     try:
         for info in sorted(snaps, key=lambda i: i.position):
             if info.format_version >= 2:
@@ -440,6 +447,10 @@ async def check_snapshots(
             replayed = Projections()
             async for group in log.read_groups(1, info.position):
                 replayed.apply_runs(group)
+                if progress is not None and group:
+                    first, events = group[-1]
+                    progress(done + first + len(events) - 1)
+            done += info.position
             replayed.position = info.position
             if not replayed.same_state(loaded):
                 problems.append(

@@ -772,7 +772,13 @@ class EventStore(StorageAdapter):
         return deleted
 
     # -- beyond the contract ---------------------------------------------------------------
-    async def forget_user(self, username: str, timestamp: int | None = None) -> bool:
+    async def forget_user(
+        self,
+        username: str,
+        timestamp: int | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> bool:
         """Forget ``username``: stats, actions and messages, in every read and on disk.
 
         Appends a ``UserForgotten`` event, after which no read returns
@@ -791,6 +797,8 @@ class EventStore(StorageAdapter):
         reads.  Then nothing is appended, the compaction erases them, and it
         returns True.  Telling this takes a read of the log: of its bytes,
         decoding only the frames that hold the name's.
+
+        ``progress(done, total)`` is passed to the compaction (see ``compact``).
         """
         self._check_write()
         check_name("username", username)
@@ -806,7 +814,7 @@ class EventStore(StorageAdapter):
             return True  # in memory, or read-only: nothing stored to erase
         try:
             # On PostgreSQL this deletes the user's rows.
-            await self.compact()
+            await self.compact(progress=progress)
         except MigrationError as err:
             # Segments of a newer release: calling again cannot help here.
             raise MigrationError(

@@ -315,7 +315,10 @@ def verify(directory: str | os.PathLike[str], progress: Progress | None = None) 
 
     Never holds the writer lock and never writes, so it is safe to run while
     the bot is writing (the frame the writer is in the middle of is then
-    noted, not reported).  ``progress(done, total)`` is called in bytes.
+    noted, not reported).  ``progress(done, total)`` is called as it goes,
+    counting a unit per byte of the segments walked, then one per event
+    replayed to check the snapshots (each is compared with a replay from
+    the first event).
     Raises :class:`~eventstore.errors.ConnectionError` if ``directory`` is not
     a directory; damage is reported, never raised.
 
@@ -355,7 +358,8 @@ def _verify(directory: str, progress: Progress | None) -> VerifyReport:
     names, stray = list_segments(directory)
     writer = lock_holder(directory)
     paths = [os.path.join(directory, name) for _, name in names]
-    total = sum(os.path.getsize(p) for p in paths)
+    walk = sum(os.path.getsize(p) for p in paths)
+    total = walk + sum(info.position for info in list_snapshots(directory))
     done = 0
 
     def on_bytes(n: int) -> None:
@@ -408,8 +412,15 @@ def _verify(directory: str, progress: Progress | None) -> VerifyReport:
     if report.problems:
         report.notes.append("snapshots not checked: the log itself has problems")
     else:
-        report.problems.extend(_check_snapshots(directory, report.notes))
+
+        def replayed(events: int) -> None:
+            if progress is not None:
+                progress(min(walk + events, total), total)
+
+        report.problems.extend(_check_snapshots(directory, report.notes, replayed))
         report.snapshots_checked = len(list_snapshots(directory))
+    if progress is not None:
+        progress(total, total)
     return report
 
 
@@ -420,7 +431,9 @@ def _known_file(name: str) -> bool:
     )
 
 
-def _check_snapshots(directory: str, notes: list[str]) -> list[Problem]:
+def _check_snapshots(
+    directory: str, notes: list[str], progress: Callable[[int], None]
+) -> list[Problem]:
     """Compare every snapshot with a replay of the log up to its position.
 
     The comparison lives in :mod:`eventstore.snapshot` (``check_snapshots``);
@@ -434,7 +447,7 @@ def _check_snapshots(directory: str, notes: list[str]) -> list[Problem]:
     if check is None:  # pragma: no cover - the function ships with the store
         return []
     try:
-        found = _call(lambda d: check(d, ignored=notes), directory)
+        found = _call(lambda d: check(d, ignored=notes, progress=progress), directory)
     except (StorageError, OSError) as err:
         return [Problem(directory, 0, f"snapshot check failed: {err}")]
     return [_as_problem(p) for p in found]

@@ -228,6 +228,19 @@ async def test_the_progress_rises_and_ends_full(tmp_path: Path, dry_run: bool) -
         assert seen[-1][0] == seen[-1][1] > 0
 
 
+async def test_forget_user_passes_its_progress_to_the_compaction(tmp_path: Path) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+
+    async with EventStore(tmp_path / "s", segment_size=4096) as store:
+        await busy_history(store, 3)
+        assert await store.forget_user("user1", progress=progress)
+    done = [n for n, _ in seen]
+    assert len(done) > 2 and done == sorted(done) and done[-1] == seen[-1][1]
+
+
 async def test_compaction_refuses_when_the_new_log_would_read_differently(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -543,3 +543,24 @@ async def test_info_names_damage_in_a_snapshot_header_as_damage(tmp_path: Path) 
         snap.write_bytes(bytes(bad))
         (status,) = [s.status for s in store_info(d).snapshots]
         assert status.startswith("ignored: checksum mismatch"), (offset, status)
+
+
+async def test_verify_counts_the_snapshot_replays_in_its_progress(tmp_path: Path) -> None:
+    """The replays that check snapshots take most of a verify of a long log:
+    a bar that only counted the walk sat full while they ran."""
+    from eventstore.verify import verify
+
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=200) as store:
+        await _busy(store)
+        await store.write_snapshot()
+    positions = [s.position for s in list_snapshots(str(d))]
+    assert len(positions) == 2
+    walk = sum(p.stat().st_size for p in d.glob("*.seg"))
+    seen: list[tuple[int, int]] = []
+    report = verify(d, progress=lambda done, total: seen.append((done, total)))
+    assert report.problems == [] and report.snapshots_checked == 2
+    assert {total for _, total in seen} == {walk + sum(positions)}
+    done = [n for n, _ in seen]
+    assert done == sorted(done) and done[-1] == walk + sum(positions)
+    assert any(walk < n < walk + sum(positions) for n in done)
