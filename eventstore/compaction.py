@@ -517,8 +517,12 @@ async def compact_log(
             sealed = sealed[:-1]
         last_sealed = head
     else:
-        sealed = log.segments[:-1]
-        last_sealed = log.segments[-1].first - 1
+        # One copy of the list: the log's thread may append a rolled segment
+        # to it between two reads (a round in flight), and ``sealed`` and
+        # ``last_sealed`` must describe the same segments.
+        segments = log.segments
+        sealed = segments[:-1]
+        last_sealed = segments[-1].first - 1
     if not sealed or last_sealed == 0:
         return report
     assert log.store_id is not None

@@ -282,6 +282,11 @@ class EventStore(StorageAdapter):
             )
 
     async def close(self) -> None:
+        """Write a snapshot if the newest is behind, flush the log and release the store.
+
+        Cancelled before it has marked the store closed (a timeout around
+        it), it leaves the store open and working as before: call it again.
+        """
         # Closing what a connect() is still opening: let it finish first.
         await _wait_out(self._opening)
         if not self._connected and self._failed is None:
@@ -292,6 +297,19 @@ class EventStore(StorageAdapter):
         closed = self._closed_event = asyncio.get_running_loop().create_future()
         try:
             await self._close_connected()
+        except BaseException:
+            if self._connected and self._failed is None:
+                # Cancelled before it marked the store closed: the store goes
+                # on open, so periodic snapshots go on too (run() and _write
+                # start none while _closing is set and _snap_due is None).
+                self._closing = False
+                if (
+                    self._snapshots_enabled()
+                    and self.snapshot_every is not None
+                    and (self._snap_task is None or self._snap_task.done())
+                ):
+                    self._snap_due = self._snap_pos + self.snapshot_every
+            raise
         finally:
             closed.set_result(None)
 

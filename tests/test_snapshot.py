@@ -3,6 +3,7 @@ they do not belong to the log, and never a source of wrong state."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import struct
@@ -564,3 +565,38 @@ async def test_verify_counts_the_snapshot_replays_in_its_progress(tmp_path: Path
     done = [n for n, _ in seen]
     assert done == sorted(done) and done[-1] == walk + sum(positions)
     assert any(walk < n < walk + sum(positions) for n in done)
+
+
+@pytest.mark.parametrize("steps", range(8))
+async def test_a_close_cancelled_half_way_leaves_periodic_snapshots_on(
+    tmp_path: Path, steps: int
+) -> None:
+    """A timeout around close() may cancel it before it marks the store
+    closed: the store goes on open, and must go on taking snapshots."""
+    import asyncio
+
+    d = tmp_path / "s"
+    store = EventStore(d, durability="flush", snapshot_every=100)
+    await store.connect()
+    try:
+        for i in range(150):
+            await store.save_message("amy", f"m{i}", timestamp=1000 + i)
+        closing = asyncio.create_task(store.close())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+        if not store.is_connected:
+            return  # closed before the cancel arrived: nothing goes on
+        # Writes start snapshots: they go on (at 100 a snapshot may still be
+        # being written, and the next is due 100 events after it).
+        for i in range(3000):
+            await store.save_message("amy", f"n{i}", timestamp=2000 + i)
+            if i % 10 == 9:
+                await asyncio.sleep(0.005)
+            if any(s.position > 150 for s in list_snapshots(str(d))):
+                break
+        assert any(s.position > 150 for s in list_snapshots(str(d)))
+    finally:
+        await store.close()
