@@ -239,7 +239,10 @@ def unusable_reason(info: SnapshotInfo, log: FrameChecks) -> str | None:
     if info.fingerprint != SCHEMA_FINGERPRINT.hex():
         return f"event schema {info.fingerprint}, this code has {SCHEMA_FINGERPRINT.hex()}"
     if log.frame_checksum(info.position) != info.frame_checksum:
-        return "its frame checksum does not match the log (another store's, or the log was cut)"
+        return (
+            "its frame checksum does not match the log (another store's, the log was cut, "
+            "or a compaction by the writer rewrote that frame since)"
+        )
     return None
 
 
@@ -253,6 +256,11 @@ def load_newest(directory: str, log: FrameChecks, logger: logging.Logger) -> Pro
         if why is None:
             try:
                 return read_snapshot(info.path)[1]
+            except FileNotFoundError:
+                # Removed since it was listed: the writer keeps only the
+                # newest (and a compaction removes those it made stale).
+                logger.info("snapshot %s was removed as it was read; trying older", info.path)
+                continue
             except (OSError, IntegrityError) as err:
                 why = str(err)
         logger.warning("ignoring snapshot %s: %s", info.path, why)

@@ -9,6 +9,7 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from storeutil import fill
@@ -600,3 +601,32 @@ async def test_a_close_cancelled_half_way_leaves_periodic_snapshots_on(
         assert any(s.position > 150 for s in list_snapshots(str(d)))
     finally:
         await store.close()
+
+
+async def test_a_snapshot_removed_as_it_is_read_is_passed_over_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader that lists the snapshots just before the writer removes one
+    (it keeps the newest two; compaction removes stale ones): no warning of
+    damage, and the next one is used."""
+    import eventstore.snapshot as snapshot_mod
+
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await _busy(store, 40)
+        await store.write_snapshot()
+        await _busy(store, 40)
+    newest, _older = sorted(list_snapshots(str(d)), key=lambda s: -s.position)
+    real = snapshot_mod.read_snapshot
+
+    def removed_meanwhile(path: str) -> Any:
+        if path == newest.path:
+            Path(path).unlink()
+        return real(path)
+
+    monkeypatch.setattr(snapshot_mod, "read_snapshot", removed_meanwhile)
+    with caplog.at_level(logging.INFO, logger="eventstore"):
+        async with EventStore(d, read_only=True) as reader:
+            assert reader.position == newest.position
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("was removed as it was read" in r.getMessage() for r in caplog.records)
