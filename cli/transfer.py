@@ -371,7 +371,11 @@ def _exclusive(path: str) -> Any:
             yield f
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(path)
+        if type(err) is OSError and err.filename is None:
+            # write() and fsync() name no file: "Error: [Errno 28] No space
+            # left on device" alone does not say which (the store's, or OUT).
+            raise OSError(err.errno, err.strerror, path) from err
         raise

@@ -565,12 +565,6 @@ async def compact_log(
 
     # Pass 2: write what is still visible, in position order.
     work = os.path.join(directory, COMPACT_DIR)
-    if not dry_run:
-        if os.path.exists(work):
-            shutil.rmtree(work)
-        os.mkdir(work, 0o700)
-        # Its name made durable too: COMMIT inside it decides the switch.
-        fsync_dir(directory)
     writer = _SegmentWriter(work, log.store_id, log.segment_size, write=not dry_run)
     dropped: dict[str, int] = {}
     # Set once COMMIT is in place: from then on the switch decides, even
@@ -578,6 +572,14 @@ async def compact_log(
     committed = False
     snapshots_removed = 0
     try:
+        if not dry_run:
+            # Inside the try: on a full disk (no block or inode for the
+            # directory) this fails as the rest does, with StorageError.
+            if os.path.exists(work):
+                shutil.rmtree(work)
+            os.mkdir(work, 0o700)
+            # Its name made durable too: COMMIT inside it decides the switch.
+            fsync_dir(directory)
         async for first, events in log.read_runs(1, last_sealed):
             for pos, ev in enumerate(events, first):
                 keep = planner.decide(pos, ev)
@@ -655,6 +657,12 @@ async def compact_log(
         if dry_run or committed or os.path.exists(os.path.join(work, COMMIT)):
             # Committed (COMMIT may be in place although writing it raised):
             # the switch decides; EventStore.compact() stops the store.
+            if not dry_run and isinstance(err, OSError) and not isinstance(err, StorageError):
+                where = f"{err.filename}: " if err.filename else ""
+                raise StorageError(
+                    f"{directory}: compaction committed, but moving its segments failed "
+                    f"({where}{err.strerror or err}); close() and connect() again finish it"
+                ) from err
             raise
         # Not committed (COMMIT.tmp, or its rename, may have failed): leave
         # the store as it was, and going on, as it can: its segments did not

@@ -70,11 +70,13 @@ def write_marker(directory: str, before: int | None) -> str:
         finally:
             os.close(fd)
         fsync_dir(directory)
-    except OSError:
+    except OSError as err:
         # The import does not start; a marker left behind would keep every
         # writer out of the store for an import that never was.
         with contextlib.suppress(OSError):
             os.unlink(path)
+        if type(err) is OSError and err.filename is None:
+            raise OSError(err.errno, err.strerror, path) from err  # write/fsync name no file
         raise
     return path
 

@@ -630,10 +630,20 @@ class SegmentLog(EventLog):
             thread.stop(wait=False)
             self._thread = None
             raise
-        except BaseException:
+        except BaseException as err:
             self._close_files()
             thread.stop(wait=False)
             self._thread = None
+            if isinstance(err, OSError) and not isinstance(err, StorageError):
+                # A full disk, a file or directory without permission, EIO:
+                # said as the store's error (every error it raises is a
+                # StorageError), naming the file.
+                where = (
+                    f"{err.filename}: "
+                    if err.filename
+                    else f"{self.directory}: cannot open the store: "
+                )
+                raise ConnectionError(f"{where}{err.strerror or err}") from err
             raise
         self._open = True
         self._failed = None
@@ -1484,9 +1494,16 @@ class SegmentLog(EventLog):
             if sync:
                 self._datasync()
         except OSError as err:
-            failure = StorageError(
-                f"{seg.path}: write at offset {offset} failed: {err.strerror or err}"
-            )
+            if err.filename is not None and err.filename != seg.path:
+                # From _roll: the new segment could not be made (pwrite and
+                # fdatasync name no file; _create_segment names its own).
+                failure = StorageError(
+                    f"{err.filename}: cannot start a new segment: {err.strerror or err}"
+                )
+            else:
+                failure = StorageError(
+                    f"{seg.path}: write at offset {offset} failed: {err.strerror or err}"
+                )
             self._take_back(began_in, begin)
             raise failure from err
         self._wend = offset

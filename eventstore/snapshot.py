@@ -318,7 +318,24 @@ def write_snapshot(
         ) from err
     # The new name is made durable before older snapshots go: removed first,
     # a crash could leave the directory with neither (a full replay).
-    fsync_dir(directory)
+    try:
+        fsync_dir(directory)
+    except OSError as err:
+        raise StorageError(
+            f"{path}: written, but the directory could not be synced: {err.strerror or err}; "
+            "the older snapshots are kept"
+        ) from err
+    try:
+        _remove_older(directory, path, position, keep)
+    except OSError as err:
+        raise StorageError(
+            f"{path}: written, but removing older snapshots failed: "
+            f"{err.filename + ': ' if err.filename else ''}{err.strerror or err}"
+        ) from err
+    return path
+
+
+def _remove_older(directory: str, path: str, position: int, keep: int) -> None:
     listed = list_snapshots(directory)
     others = [info for info in listed if info.path != path]
     # One of a later position than the state just saved cannot be of this
@@ -333,7 +350,6 @@ def write_snapshot(
     drop += [info.path for info in older if not _loadable_version(info)]
     drop += [info.path for info in older if _loadable_version(info)][keep - 1 :]
     _remove(directory, drop, leftovers_of=path)
-    return path
 
 
 def _loadable_version(info: SnapshotInfo) -> bool:

@@ -997,13 +997,20 @@ class EventStore(StorageAdapter):
         self._snap_due = None  # until this one is done
 
         async def run() -> None:
+            # After a failure (a full disk) the next try waits another
+            # snapshot_every events: counted from the last snapshot that
+            # succeeded, every following write would retry at once, each
+            # serialising the whole projections on the loop and logging.
+            base = self._snap_pos
             try:
                 await self.write_snapshot()
+                base = self._snap_pos
             except (StorageError, OSError) as err:
                 self.logger.warning("periodic snapshot failed: %s", err)
+                base = max(base, self._proj.position)
             finally:
                 if self.snapshot_every is not None and not self._closing:
-                    self._snap_due = self._snap_pos + self.snapshot_every
+                    self._snap_due = base + self.snapshot_every
 
         self._snap_task = asyncio.get_running_loop().create_task(run(), name="eventstore-snapshot")
 

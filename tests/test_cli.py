@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import queue
@@ -1602,3 +1603,22 @@ def test_import_sqlite_refused_leaves_the_store_as_it_was(tmp_path: Path) -> Non
     assert again.exit_code == 1
     assert "is not empty (its last event is at position 5)" in again.stderr
     assert contents() == before
+
+
+def test_an_export_that_fills_the_disk_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = busy_store(tmp_path)
+    target = tmp_path / "out.jsonl"
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = invoke("export", d, "--format", "jsonl", target)
+    monkeypatch.undo()
+    assert (result.exit_code, result.stderr) == (
+        1,
+        f"Error: {target}: No space left on device\n",
+    )
+    assert not target.exists()

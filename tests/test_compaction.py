@@ -939,7 +939,7 @@ async def _compact_failing_in_its_switch(
         real_unlink(path)
 
     monkeypatch.setattr(compaction_mod.os, "unlink", unlink)
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(StorageError, match="Input/output error"):
         await store.compact()
     monkeypatch.undo()
 
@@ -1129,7 +1129,7 @@ async def test_a_switch_whose_last_directory_fsync_fails_still_stops_the_store(
             real_fsync_dir(path)
 
         monkeypatch.setattr(compaction_mod, "fsync_dir", fsync_dir)
-        with pytest.raises(OSError, match="Input/output error") as info:
+        with pytest.raises(StorageError, match="Input/output error") as info:
             await store.compact()
         monkeypatch.undo()
         assert "nothing was changed" not in str(info.value)

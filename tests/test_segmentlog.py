@@ -2110,3 +2110,42 @@ async def test_a_lost_first_segment_is_refused(tmp_path: Path) -> None:
     for read_only in (False, True):
         with pytest.raises(IntegrityError, match=f"{second}: the first segment starts at"):
             await EventStore(d, read_only=read_only).connect()
+
+
+async def test_an_os_error_at_open_is_the_stores_error_naming_the_file(tmp_path: Path) -> None:
+    """Every error the store raises is a StorageError: a bot that catches
+    those must not be stopped by a bare OSError from a file it cannot open."""
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await store.save_message("amy", "hi", timestamp=1)
+    (d / "LOCK").unlink()
+    (d / "LOCK").mkdir()  # the writer's lock cannot be opened
+    with pytest.raises(ConnectionError, match=re.escape(f"{d / 'LOCK'}: Is a directory")):
+        await EventStore(d).connect()
+    (d / "LOCK").rmdir()
+    async with EventStore(d) as store:  # and nothing was left held
+        assert store.position == 1
+
+
+async def test_a_segment_that_cannot_be_made_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not as a write to the old segment, at an offset where nothing failed."""
+    real = SegmentLog._create_segment
+
+    def no_room(self: SegmentLog, first: int, *args: object, **kwargs: object) -> Segment:
+        if first > 1:
+            path = os.path.join(self.directory, f"{first:020d}.seg.tmp")
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(self, first, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SegmentLog, "_create_segment", no_room)
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096, durability="fsync") as store:
+        with pytest.raises(StorageError, match=r"\.seg\.tmp: cannot start a new segment: "):
+            for i in range(500):
+                await store.save_message("amy", f"line {i} " * 4, timestamp=i)
+        written = store.position - 1  # the failed write was taken back
+    monkeypatch.undo()
+    async with EventStore(d) as store:
+        assert store.position == written > 0

@@ -630,3 +630,54 @@ async def test_a_snapshot_removed_as_it_is_read_is_passed_over_quietly(
             assert reader.position == newest.position
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("was removed as it was read" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_failed_periodic_snapshot_is_not_retried_at_every_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk a periodic snapshot fails; the next try waits another
+    snapshot_every events instead of coming at every following write (each
+    try serialises the whole projections on the loop and logs a warning)."""
+    import asyncio
+
+    import eventstore.store as store_mod
+
+    tries = 0
+
+    def full(*args: object) -> str:
+        nonlocal tries
+        tries += 1
+        raise StorageError("No space left on device")
+
+    monkeypatch.setattr(store_mod, "write_snapshot", full)
+    async with EventStore(tmp_path / "s", snapshot_every=50, clock=lambda: 1) as store:
+        for i in range(200):
+            await store.save_message("a", "hi", timestamp=i)
+            await asyncio.sleep(0)  # let each snapshot task finish, as between a bot's writes
+        assert tries <= 4
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("fails", ["fsync_dir", "_remove"])
+async def test_a_snapshot_written_but_not_synced_or_tidied_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    import errno
+
+    import eventstore.snapshot as snapshot_mod
+
+    def eio(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await _busy(store, 20)
+        await store.write_snapshot()
+        await _busy(store, 20)
+        monkeypatch.setattr(snapshot_mod, fails, eio)
+        with pytest.raises(StorageError, match=r"\.snap: written, but .*Input/output error"):
+            await store.write_snapshot()
+        monkeypatch.undo()
+        position, state = store.position, store.projections.state()
+    async with EventStore(d) as store:
+        assert (store.position, store.projections.state()) == (position, state)
