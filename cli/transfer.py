@@ -107,10 +107,13 @@ def import_sqlite(
             and os.path.isdir(directory)
             and list_segments(directory)[0]
             and pending_commit(directory) is None
+            and lock_holder(directory) is None
         ):
             # Asked read-only first, as forget-user and demo do: a writer's
             # open and close (a torn tail cut, a snapshot written) would
-            # change the files of a store the import then refuses.
+            # change the files of a store the import then refuses.  (Not
+            # while another process holds it: the writer's open then says
+            # who, where this would count a running import's events.)
             async with out.open_reader(directory) as reader:
                 if reader.position:
                     refused = True

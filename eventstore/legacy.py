@@ -808,13 +808,18 @@ async def _fill(
         counts = dict.fromkeys(LEGACY_TABLES, 0)
         written = 0
 
-        async def done(table: str, n: int) -> None:
+        def done(table: str, n: int) -> None:
             nonlocal written
-            # The store's reads answer from memory and never suspend, so
-            # without this a Ctrl-C (asyncio.run cancels the task) would
-            # only be seen after the file was published: the whole export
-            # ran on, and the command then exited 130 with OUT written.
-            await asyncio.sleep(0)
+            # The store's reads answer from memory and never suspend, so a
+            # cancel (asyncio.run's answer to Ctrl-C) would land only after
+            # the file was published: the command then exited 130 with OUT
+            # written.  Looked for here instead of yielding, which would let
+            # the process's other tasks write between two pages and fail the
+            # export (Python 3.10's asyncio.run raises KeyboardInterrupt at
+            # once, and has no cancelling()).
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)
+            if cancelling is not None and cancelling():
+                raise asyncio.CancelledError
             unchanged()
             counts[table] += n
             written += n
@@ -837,7 +842,7 @@ async def _fill(
                 for u in users
             ],
         )
-        await done("user_stats", len(users))
+        done("user_stats", len(users))
 
         ch = await store.get_channel_stats()
         conn.execute(
@@ -851,7 +856,7 @@ async def _fill(
                 ch["last_updated"],
             ),
         )
-        await done("channel_stats", 1)
+        done("channel_stats", 1)
 
         offset = 0
         while page := await store.get_user_actions(limit=EXPORT_PAGE_SIZE, offset=offset):
@@ -864,7 +869,7 @@ async def _fill(
                 ],
             )
             offset += len(page)
-            await done("user_actions", len(page))
+            done("user_actions", len(page))
 
         samples = await store.get_user_count_history()
         conn.executemany(
@@ -872,7 +877,7 @@ async def _fill(
             "VALUES (?, ?, ?, ?)",
             [(c["id"], c["timestamp"], c["chat_users"], c["connected_users"]) for c in samples],
         )
-        await done("user_count_history", len(samples))
+        done("user_count_history", len(samples))
 
         offset = 0
         while page := await store.get_recent_messages(limit=EXPORT_PAGE_SIZE, offset=offset):
@@ -881,7 +886,7 @@ async def _fill(
                 [(m["id"], m["timestamp"], m["username"], m["message"]) for m in page],
             )
             offset += len(page)
-            await done("recent_chat", len(page))
+            done("recent_chat", len(page))
 
         conn.execute("COMMIT")
         return counts

@@ -257,8 +257,8 @@ def load_newest(directory: str, log: FrameChecks, logger: logging.Logger) -> Pro
             try:
                 return read_snapshot(info.path)[1]
             except FileNotFoundError:
-                # Removed since it was listed: the writer keeps only the
-                # newest (and a compaction removes those it made stale).
+                # Removed since it was listed: the writer keeps the newest
+                # two (and a compaction removes those it made stale).
                 logger.info("snapshot %s was removed as it was read; trying older", info.path)
                 continue
             except (OSError, IntegrityError) as err:
@@ -418,8 +418,8 @@ async def check_snapshots(
     projections or events, one past the log's end or naming a frame the log
     does not have (written before the log was cut).  The next snapshot
     replaces or removes those; they are described in ``ignored``, if given.
-    ``progress(n)`` is called as the replays go, with the events replayed
-    so far (a replay per snapshot, each from position 1).
+    ``progress(n)`` is called as the replays go, with the log positions
+    replayed so far (a replay per snapshot, each from position 1).
     """
     from .segmentlog import SegmentLog
 

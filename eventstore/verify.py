@@ -316,9 +316,9 @@ def verify(directory: str | os.PathLike[str], progress: Progress | None = None) 
     Never holds the writer lock and never writes, so it is safe to run while
     the bot is writing (the frame the writer is in the middle of is then
     noted, not reported).  ``progress(done, total)`` is called as it goes,
-    counting a unit per byte of the segments walked, then one per event
-    replayed to check the snapshots (each is compared with a replay from
-    the first event).
+    counting a unit per byte of the segments walked, then one per log
+    position replayed to check the snapshots (each is compared with a
+    replay from the first position).
     Raises :class:`~eventstore.errors.ConnectionError` if ``directory`` is not
     a directory; damage is reported, never raised.
 
@@ -359,14 +359,16 @@ def _verify(directory: str, progress: Progress | None) -> VerifyReport:
     writer = lock_holder(directory)
     paths = [os.path.join(directory, name) for _, name in names]
     walk = sum(os.path.getsize(p) for p in paths)
-    total = walk + sum(info.position for info in list_snapshots(directory))
+    replays = sum(info.position for info in list_snapshots(directory))
+    total = walk + replays
     done = 0
 
     def on_bytes(n: int) -> None:
         nonlocal done
         done += n
         if progress is not None:
-            progress(done, total)
+            # A live writer's segment grows while the walk reads the others.
+            progress(min(done, total), total)
 
     # Compaction may leave gaps inside its segments and at their ends (it
     # drops events); anywhere else a gap means events are missing.
@@ -412,10 +414,13 @@ def _verify(directory: str, progress: Progress | None) -> VerifyReport:
     if report.problems:
         report.notes.append("snapshots not checked: the log itself has problems")
     else:
+        # From what the walk read: never back, if a writer made it longer.
+        walked = max(done, walk)
+        total = walked + replays
 
-        def replayed(events: int) -> None:
+        def replayed(positions: int) -> None:
             if progress is not None:
-                progress(min(walk + events, total), total)
+                progress(min(walked + positions, total), total)
 
         report.problems.extend(_check_snapshots(directory, report.notes, replayed))
         report.snapshots_checked = len(list_snapshots(directory))

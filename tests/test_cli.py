@@ -1603,6 +1603,16 @@ def test_import_sqlite_refused_leaves_the_store_as_it_was(tmp_path: Path) -> Non
     assert again.exit_code == 1
     assert "is not empty (its last event is at position 5)" in again.stderr
     assert contents() == before
+    # Held by another process (the bot, or an import still running, whose
+    # events so far this must not take for the store's): it says so.
+    lock = WriterLock(str(d))
+    lock.acquire()
+    try:
+        held = invoke("import-sqlite", db, d)
+    finally:
+        lock.release()
+    assert held.exit_code == 1
+    assert held.stderr.startswith(f"Error: {d} is open for writing by process {os.getpid()}; ")
 
 
 def test_an_export_that_fills_the_disk_names_its_file(

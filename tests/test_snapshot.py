@@ -681,3 +681,31 @@ async def test_a_snapshot_written_but_not_synced_or_tidied_is_a_storage_error(
         position, state = store.position, store.projections.state()
     async with EventStore(d) as store:
         assert (store.position, store.projections.state()) == (position, state)
+
+
+async def test_verify_progress_never_goes_back_when_a_writer_grew_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify runs beside the bot: the segments it sized first are longer by
+    the time it walks them, and the snapshot replays come after the walk."""
+    import os
+
+    from eventstore.verify import verify
+
+    d = tmp_path / "s"
+    async with EventStore(d, snapshot_every=200) as store:
+        await _busy(store)
+    real = os.path.getsize
+
+    def sized_before_the_last_writes(path: object) -> int:
+        size = real(path)  # type: ignore[arg-type]
+        return size - 500 if str(path).endswith(".seg") else size
+
+    monkeypatch.setattr(os.path, "getsize", sized_before_the_last_writes)
+    seen: list[tuple[int, int]] = []
+    report = verify(d, progress=lambda done, total: seen.append((done, total)))
+    monkeypatch.undo()
+    assert report.problems == [] and report.snapshots_checked
+    done = [n for n, _ in seen]
+    assert done == sorted(done), done
+    assert all(n <= t for n, t in seen) and seen[-1][0] == seen[-1][1]
