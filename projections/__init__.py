@@ -123,7 +123,12 @@ class Projections:
         self.position = position
 
     def dump(self) -> dict[str, Any]:
-        """Everything needed to rebuild these projections (for snapshots)."""
+        """Everything needed to rebuild these projections (for snapshots).
+
+        It holds views of the history arrays, not copies (see
+        ``sorted_index.to_le``): encode it at once, before another event is
+        folded.
+        """
         return {
             "position": self.position,
             "user_stats": self.user_stats.dump(),

@@ -138,7 +138,7 @@ class SortedIndex:
         """Every row as (ts, pos, code), oldest first."""
         return zip(self.ts, self.pos, self.code, strict=True)
 
-    def dump(self) -> list[bytes]:
+    def dump(self) -> list[bytes | memoryview]:
         """The arrays as little-endian bytes (snapshots)."""
         return [to_le(self.ts), to_le(self.pos), to_le(self.code)]
 
@@ -155,10 +155,17 @@ class SortedIndex:
         return idx
 
 
-def to_le(arr: array[int]) -> bytes:
-    """An int array's bytes in little-endian order, whatever this machine's."""
+def to_le(arr: array[int]) -> bytes | memoryview:
+    """An int array's bytes in little-endian order, whatever this machine's.
+
+    On a little-endian machine a view of the array itself, not a copy: a
+    snapshot of years of history holds some hundred megabytes of arrays,
+    and copying them all before encoding doubled what a snapshot took in
+    memory.  So encode the view before the array changes (an array cannot
+    grow while a view of it exists: BufferError).
+    """
     if sys.byteorder == "little":
-        return arr.tobytes()
+        return memoryview(arr)
     swapped = array(arr.typecode, arr)
     swapped.byteswap()
     return swapped.tobytes()

@@ -141,3 +141,16 @@ def test_the_newest_golden_store_has_snapshots_of_format_2() -> None:
         for store in STORES[-2:]
     }
     assert formats == {STORES[-2].name: {1}, STORES[-1].name: {2}}
+
+
+def test_the_newest_snapshot_encodes_again_to_its_own_bytes() -> None:
+    """Snapshots are encoded from views of the live arrays (no copies): the
+    bytes must stay those of the format, byte for byte."""
+    from eventstore.snapshot import encode_state, read_snapshot
+    from projections import PROJECTION_VERSION
+
+    snap = list_snapshots(str(STORES[-1] / "store"))[0]
+    info, projections = read_snapshot(snap.path)
+    assert info.projection_version == PROJECTION_VERSION
+    payload = encode_state(projections)
+    assert len(payload) > 1000 and Path(snap.path).read_bytes().endswith(payload)
