@@ -709,3 +709,40 @@ async def test_verify_progress_never_goes_back_when_a_writer_grew_the_log(
     done = [n for n, _ in seen]
     assert done == sorted(done), done
     assert all(n <= t for n, t in seen) and seen[-1][0] == seen[-1][1]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s["counts"].update(chat="not the bytes of an array"),
+        lambda s: s["actions"].pop("by_user"),
+        lambda s: s["messages"].update(index=[b"\x00" * 8, b"", b""]),
+        lambda s: s.update(position="1"),
+    ],
+    ids=["text-for-bytes", "key-missing", "arrays-of-different-lengths", "position-text"],
+)
+async def test_a_snapshot_of_the_wrong_shape_is_ignored_for_a_full_replay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: Any
+) -> None:
+    """Checksum-valid (written by a buggy writer, say), but not what this
+    code loads: ignored with a warning, never a wrong state or a crash."""
+    import msgspec
+
+    from eventstore import snapshot as snapmod
+
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await _busy(store, 50)
+    snap = list_snapshots(str(d))[0]
+    info, proj = read_snapshot(snap.path)
+    state = msgspec.msgpack.decode(msgspec.msgpack.encode(proj.dump()))
+    damage(state)
+    Path(snap.path).unlink()
+    snapmod.write_snapshot(
+        str(d), info.store_id, info.position, msgspec.msgpack.encode(state), info.frame_checksum
+    )
+    expected = await _full_replay_state(d)
+    with caplog.at_level(logging.WARNING, logger="eventstore"):
+        async with EventStore(d, read_only=True) as store:
+            assert store.projections.state() == expected
+    assert any("ignoring snapshot" in r.getMessage() for r in caplog.records)
