@@ -623,7 +623,14 @@ async def compact_log(
 
         if writer.names:
             new_log = SegmentLog(work, read_only=True, logger=logger)
-            await new_log.open()
+            try:
+                await new_log.open()
+            except ConnectionError as err:
+                # Its own files could not be opened (EMFILE, EIO): not a
+                # store to reconnect, a compaction that changed nothing.
+                raise StorageError(
+                    f"{directory}: compaction failed, nothing was changed: {err}"
+                ) from err
             try:
                 await _replay(new_log, last_sealed, after, reached=proved)
             finally:
@@ -668,7 +675,7 @@ async def compact_log(
             if not dry_run and isinstance(err, OSError) and not isinstance(err, StorageError):
                 where = f"{err.filename}: " if err.filename else ""
                 raise StorageError(
-                    f"{directory}: compaction committed, but moving its segments failed "
+                    f"{directory}: compaction committed, but did not finish its switch "
                     f"({where}{err.strerror or err}); close() and connect() again finish it"
                 ) from err
             raise

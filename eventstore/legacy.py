@@ -808,18 +808,23 @@ async def _fill(
         counts = dict.fromkeys(LEGACY_TABLES, 0)
         written = 0
 
-        def done(table: str, n: int) -> None:
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+        cancels = cancelling() if cancelling is not None else 0
+
+        async def done(table: str, n: int) -> None:
             nonlocal written
             # The store's reads answer from memory and never suspend, so a
             # cancel (asyncio.run's answer to Ctrl-C) would land only after
             # the file was published: the command then exited 130 with OUT
-            # written.  Looked for here instead of yielding, which would let
-            # the process's other tasks write between two pages and fail the
-            # export (Python 3.10's asyncio.run raises KeyboardInterrupt at
-            # once, and has no cancelling()).
-            cancelling = getattr(asyncio.current_task(), "cancelling", None)
-            if cancelling is not None and cancelling():
-                raise asyncio.CancelledError
+            # written.  A cancel requested since the export began is taken
+            # here, by yielding to it (which also clears it, so the cleanup
+            # after is not cancelled again).  Not yielding otherwise: the
+            # process's other tasks would write between two pages and fail
+            # the export.  (Python 3.10 has no cancelling(): a cancel lands
+            # at the end there, and Ctrl-C raises KeyboardInterrupt at once.)
+            if cancelling is not None and cancelling() > cancels:
+                await asyncio.sleep(0)
             unchanged()
             counts[table] += n
             written += n
@@ -842,7 +847,7 @@ async def _fill(
                 for u in users
             ],
         )
-        done("user_stats", len(users))
+        await done("user_stats", len(users))
 
         ch = await store.get_channel_stats()
         conn.execute(
@@ -856,7 +861,7 @@ async def _fill(
                 ch["last_updated"],
             ),
         )
-        done("channel_stats", 1)
+        await done("channel_stats", 1)
 
         offset = 0
         while page := await store.get_user_actions(limit=EXPORT_PAGE_SIZE, offset=offset):
@@ -869,7 +874,7 @@ async def _fill(
                 ],
             )
             offset += len(page)
-            done("user_actions", len(page))
+            await done("user_actions", len(page))
 
         samples = await store.get_user_count_history()
         conn.executemany(
@@ -877,7 +882,7 @@ async def _fill(
             "VALUES (?, ?, ?, ?)",
             [(c["id"], c["timestamp"], c["chat_users"], c["connected_users"]) for c in samples],
         )
-        done("user_count_history", len(samples))
+        await done("user_count_history", len(samples))
 
         offset = 0
         while page := await store.get_recent_messages(limit=EXPORT_PAGE_SIZE, offset=offset):
@@ -886,7 +891,7 @@ async def _fill(
                 [(m["id"], m["timestamp"], m["username"], m["message"]) for m in page],
             )
             offset += len(page)
-            done("recent_chat", len(page))
+            await done("recent_chat", len(page))
 
         conn.execute("COMMIT")
         return counts

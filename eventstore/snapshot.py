@@ -75,32 +75,45 @@ _encoder = msgspec.msgpack.Encoder()
 # The payload's shape, for decoding: the arrays' bytes (msgpack bin) come out
 # as views of the file's bytes, not copies, so a load holds the file and the
 # arrays built from it, not a third copy in between (134 MB of the 10M-event
-# store's snapshot).  The rest is checked by each projection's load().
+# store's snapshot).  A payload of another shape is refused here, before any
+# projection's load() sees it; the values are checked there.
+_Index = tuple[memoryview, memoryview, memoryview]  # a SortedIndex: ts, pos, code
+
+
+class _Channel(TypedDict):
+    max_users: Any
+    max_users_timestamp: Any
+    max_connected: Any
+    max_connected_timestamp: Any
+    last_updated: Any
+
+
 class _Actions(TypedDict):
-    users: list[Any]
-    types: list[Any]
-    details: list[Any]
-    all: list[memoryview]
-    by_type: dict[int, list[memoryview]]
-    slots: list[memoryview]
+    users: list[str]
+    types: list[str]
+    details: list[str]
+    all: _Index
+    by_type: dict[int, _Index]
+    slots: tuple[memoryview, memoryview, memoryview, memoryview, memoryview]
     by_user: memoryview
 
 
 class _Counts(TypedDict):
-    index: list[memoryview]
+    index: _Index
     chat: memoryview
     connected: memoryview
 
 
 class _Messages(TypedDict):
-    users: list[Any]
-    index: list[memoryview]
+    users: list[str]
+    index: _Index
 
 
 class _State(TypedDict):
     position: int
-    user_stats: Any
-    channel: Any
+    # first_seen, last_seen, chat lines, time connected, session start
+    user_stats: dict[str, tuple[Any, Any, Any, Any, Any]]
+    channel: _Channel
     actions: _Actions
     counts: _Counts
     messages: _Messages
@@ -221,7 +234,7 @@ def read_snapshot(path: str) -> tuple[SnapshotInfo, Projections]:
     try:
         state: Any = _decoder.decode(payload)
         proj = Projections.load(state)
-    except (msgspec.DecodeError, KeyError, ValueError, TypeError) as err:
+    except (msgspec.DecodeError, LookupError, ValueError, TypeError, AttributeError) as err:
         raise IntegrityError(f"{path}: undecodable snapshot payload: {err}") from err
     if proj.position != info.position:
         raise IntegrityError(
@@ -440,6 +453,13 @@ def _remove(directory: str, paths: list[str], leftovers_of: str | None = None) -
         fsync_dir(directory)
 
 
+def _removed_meanwhile(path: str, notes: list[str] | None) -> None:
+    # A writer beside the check keeps the newest two and removes the rest
+    # (a compaction removes those it made stale): not damage.
+    if notes is not None:
+        notes.append(f"{path}: removed by the writer while it was being checked")
+
+
 async def check_snapshots(
     directory: str,
     *,
@@ -472,7 +492,11 @@ async def check_snapshots(
             if info.format_version >= 2:
                 # Its checksum covers the header: a damaged field is found
                 # here, not taken for another version or a cut log below.
-                damage = payload_damage(info.path)
+                try:
+                    damage = payload_damage(info.path)
+                except FileNotFoundError:
+                    _removed_meanwhile(info.path, ignored)
+                    continue
                 if damage is not None:
                     problems.append((info.path, 0, damage))
                     continue
@@ -502,6 +526,9 @@ async def check_snapshots(
                 continue
             try:
                 _, loaded = read_snapshot(info.path)
+            except FileNotFoundError:
+                _removed_meanwhile(info.path, ignored)
+                continue
             except (OSError, IntegrityError) as err:
                 problems.append((info.path, 0, str(err).removeprefix(f"{info.path}: ")))
                 continue

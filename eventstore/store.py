@@ -1001,14 +1001,19 @@ class EventStore(StorageAdapter):
             # snapshot_every events: counted from the last snapshot that
             # succeeded, every following write would retry at once, each
             # serialising the whole projections on the loop and logging.
+            # Any failure, not only the store's (a MemoryError serialising
+            # large projections, say).
             base = self._snap_pos
+            failed = True
             try:
                 await self.write_snapshot()
                 base = self._snap_pos
+                failed = False
             except (StorageError, OSError) as err:
                 self.logger.warning("periodic snapshot failed: %s", err)
-                base = max(base, self._proj.position)
             finally:
+                if failed:
+                    base = max(base, self._proj.position)
                 if self.snapshot_every is not None and not self._closing:
                     self._snap_due = base + self.snapshot_every
 

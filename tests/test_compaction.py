@@ -1718,3 +1718,31 @@ async def test_a_commit_that_names_a_missing_segment_is_refused(tmp_path: Path) 
     async with EventStore(d, segment_size=1024, snapshot_every=None) as store:
         assert await reads(store) == before
     assert verify(d).ok
+
+
+async def test_a_proof_that_cannot_open_the_new_segments_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a ConnectionError (a bot would reconnect a store that is fine),
+    but the compaction's own failure, with the store going on as it was."""
+    import errno
+
+    real = os.open
+
+    def no_descriptors(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if "compacting" in str(path) and str(path).endswith(".seg") and flags == os.O_RDONLY:
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        return real(path, flags, *args, **kwargs)
+
+    d = tmp_path / "s"
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        monkeypatch.setattr(os, "open", no_descriptors)
+        with pytest.raises(StorageError, match="compaction failed, nothing was changed") as err:
+            await store.compact()
+        monkeypatch.undo()
+        assert not isinstance(err.value, ConnectionError)
+        assert store.is_connected and await reads(store) == before
+        await store.save_message("amy", "still writing", timestamp=99_999)
+    assert not (d / "compacting").exists()

@@ -33,6 +33,7 @@ from eventstore.legacy import (
     import_sqlite,
     read_legacy,
 )
+from eventstore.lockfile import lock_holder
 
 T0 = 1_760_000_000
 
@@ -724,15 +725,22 @@ async def test_a_cancelled_export_stops_at_its_next_page_and_leaves_no_file(
             assert task is not None
             task.cancel()  # what asyncio.run's SIGINT handler does
 
-    async with EventStore(":memory:") as store:
-        for i in range(100):
-            await store.save_message("amy", f"line {i}", timestamp=T0 + i)
-        task = asyncio.create_task(export_sqlite(store, out, progress=interrupted))
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    store = EventStore(tmp_path / "store")
+
+    async def export_in_the_store() -> None:
+        async with store:
+            for i in range(100):
+                await store.save_message("amy", f"line {i}", timestamp=T0 + i)
+            await export_sqlite(store, out, progress=interrupted)
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(export_in_the_store())
+    # The cancel was taken once: the store's close() after it was not cancelled too.
+    assert not store.is_connected
+    assert lock_holder(str(tmp_path / "store")) is None
     if sys.version_info >= (3, 11):
         assert progress == [1, 11]  # user_stats are none; channel, then one page
-        assert list(tmp_path.iterdir()) == []
+        assert [p.name for p in tmp_path.iterdir()] == ["store"]
     else:
         # No Task.cancelling(): the cancel lands at the end (asyncio.run
         # on 3.10 raises KeyboardInterrupt at once instead).

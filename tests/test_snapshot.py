@@ -632,12 +632,14 @@ async def test_a_snapshot_removed_as_it_is_read_is_passed_over_quietly(
     assert any("was removed as it was read" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("error", [StorageError("No space left on device"), MemoryError()])
 async def test_a_failed_periodic_snapshot_is_not_retried_at_every_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> None:
     """On a full disk a periodic snapshot fails; the next try waits another
     snapshot_every events instead of coming at every following write (each
-    try serialises the whole projections on the loop and logs a warning)."""
+    try serialises the whole projections on the loop and logs a warning).
+    So for any other failure (no memory to serialise large projections)."""
     import asyncio
 
     import eventstore.store as store_mod
@@ -647,7 +649,7 @@ async def test_a_failed_periodic_snapshot_is_not_retried_at_every_write(
     def full(*args: object) -> str:
         nonlocal tries
         tries += 1
-        raise StorageError("No space left on device")
+        raise error
 
     monkeypatch.setattr(store_mod, "write_snapshot", full)
     async with EventStore(tmp_path / "s", snapshot_every=50, clock=lambda: 1) as store:
@@ -718,8 +720,23 @@ async def test_verify_progress_never_goes_back_when_a_writer_grew_the_log(
         lambda s: s["actions"].pop("by_user"),
         lambda s: s["messages"].update(index=[b"\x00" * 8, b"", b""]),
         lambda s: s.update(position="1"),
+        lambda s: s.update(channel=[]),
+        lambda s: s.update(user_stats=[]),
+        lambda s: s["user_stats"].update({next(iter(s["user_stats"])): [1, 2]}),
+        lambda s: s["messages"].update(index=[b"", b""]),
+        lambda s: s["actions"]["by_type"].update({0: [b""]}),
     ],
-    ids=["text-for-bytes", "key-missing", "arrays-of-different-lengths", "position-text"],
+    ids=[
+        "text-for-bytes",
+        "key-missing",
+        "arrays-of-different-lengths",
+        "position-text",
+        "channel-a-list",
+        "user-stats-a-list",
+        "user-record-short",
+        "index-of-two-arrays",
+        "type-view-of-one-array",
+    ],
 )
 async def test_a_snapshot_of_the_wrong_shape_is_ignored_for_a_full_replay(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: Any
@@ -746,3 +763,31 @@ async def test_a_snapshot_of_the_wrong_shape_is_ignored_for_a_full_replay(
         async with EventStore(d, read_only=True) as store:
             assert store.projections.state() == expected
     assert any("ignoring snapshot" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("when", ["payload_damage", "read_snapshot"])
+async def test_verify_beside_a_writer_that_removes_a_snapshot_reports_no_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """verify runs beside the bot, whose snapshots come and go: one removed
+    between the listing and its check is a note, not a problem."""
+    import eventstore.snapshot as snapshot_mod
+    from eventstore.verify import verify
+
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await _busy(store, 40)
+        await store.write_snapshot()
+        await _busy(store, 40)
+    oldest = min(list_snapshots(str(d)), key=lambda s: s.position)
+    real = getattr(snapshot_mod, when)
+
+    def removed_meanwhile(path: str) -> Any:
+        if path == oldest.path:
+            Path(path).unlink()
+        return real(path)
+
+    monkeypatch.setattr(snapshot_mod, when, removed_meanwhile)
+    report = verify(d)
+    assert report.problems == []
+    assert f"{oldest.path}: removed by the writer while it was being checked" in report.notes
