@@ -321,7 +321,19 @@ def export(
 
     async def main() -> dict[str, int]:
         async with out.open_reader(directory) as store:
-            total = store.position if format is Format.jsonl else None
+            if format is Format.jsonl:
+                total = store.position  # a line per event
+            else:
+                # A row per user, the channel's, and one per history row the
+                # reads return.
+                proj = store.projections
+                total = (
+                    len(proj.user_stats.users)
+                    + 1
+                    + len(proj.actions.all)
+                    + len(proj.counts.index)
+                    + len(proj.messages.index)
+                )
             with out.progress_bar("exporting", total=total) as progress:
                 if format is Format.sqlite:
                     return await export_sqlite(store, target, progress=progress)

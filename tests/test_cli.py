@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1632,3 +1633,27 @@ def test_an_export_that_fills_the_disk_names_its_file(
         f"Error: {target}: No space left on device\n",
     )
     assert not target.exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "sqlite"])
+def test_an_exports_bar_knows_its_total_and_ends_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """On a terminal: sqlite's bar showed a count with no total."""
+    from cli import output, transfer
+
+    d = busy_store(tmp_path)
+    calls: list[tuple[str, int | None, list[int]]] = []
+
+    @contextlib.contextmanager
+    def bar(description: str, total: int | None = None) -> Iterator[Any]:
+        seen: list[int] = []
+        calls.append((description, total, seen))
+        yield lambda done, total=None: seen.append(done)
+
+    monkeypatch.setattr(output, "progress_bar", bar)
+    assert transfer.out is output
+    result = invoke("export", d, "--format", fmt, tmp_path / f"out.{fmt}")
+    assert result.exit_code == 0, result.output
+    [(description, total, seen)] = calls
+    assert description == "exporting" and total is not None and seen[-1] == total
