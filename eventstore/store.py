@@ -997,21 +997,18 @@ class EventStore(StorageAdapter):
         self._snap_due = None  # until this one is done
 
         async def run() -> None:
-            # After a failure (a full disk) the next try waits another
-            # snapshot_every events: counted from the last snapshot that
-            # succeeded, every following write would retry at once, each
-            # serialising the whole projections on the loop and logging.
-            # Any failure, not only the store's (a MemoryError serialising
-            # large projections, say).
-            base = self._snap_pos
             failed = True
             try:
                 await self.write_snapshot()
-                base = self._snap_pos
                 failed = False
             except (StorageError, OSError) as err:
                 self.logger.warning("periodic snapshot failed: %s", err)
             finally:
+                # After any failure (a full disk; no memory to serialise the
+                # projections) the next try waits another snapshot_every
+                # events: counted from the last snapshot that succeeded,
+                # every following write would try again at once.
+                base = self._snap_pos
                 if failed:
                     base = max(base, self._proj.position)
                 if self.snapshot_every is not None and not self._closing:
