@@ -486,7 +486,7 @@ async def check_snapshots(
         return problems
     log = SegmentLog(directory, read_only=True)
     await log.open()
-    done = 0  # events replayed for the snapshots before this one
+    done = 0  # positions replayed for the snapshots before this one
     try:
         for info in sorted(snaps, key=lambda i: i.position):
             if info.format_version >= 2:
