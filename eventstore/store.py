@@ -34,6 +34,7 @@ from projections import Projections
 from projections.user_actions import DETAILS_IN_LOG, DETAILS_NONE
 
 from .adapter import StorageAdapter
+from .allocator import release_free_memory
 from .clock import Clock, system_clock
 from .compaction import CompactReport, compact_log, refuse_newer_segments
 from .errors import (
@@ -962,6 +963,9 @@ class EventStore(StorageAdapter):
                         # no room for one).  Raising would report a rewrite
                         # that happened as one that failed.
                         self.logger.warning("compacted, but no snapshot written: %s", err)
+            # Its replays' read models are gone: let the process's memory
+            # go back to what the store holds (see eventstore/allocator.py).
+            release_free_memory()
         report.trimmed_before = trim_before
         return report
 
