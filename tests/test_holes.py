@@ -292,3 +292,31 @@ def test_frames_cut_by_count_leave_holes_out_too() -> None:
         (first, decode_batch(data[FRAME_HEADER_SIZE:], holes=True)) for first, _, data in frames
     ]
     assert decoded == [(5, [events[0]]), (5 + FRAME_EVENTS + 1, [events[1], None, None, events[2]])]
+
+
+async def test_the_fetch_cache_counts_what_its_split_events_cost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compacted frame holds up to 64 positions, most of them holes of a
+    byte each, and each split into an object of its own: counted by their
+    bytes alone, the cache held many times its cap (209 MiB under 8 MiB)."""
+    from eventstore import segmentlog
+
+    cap = 512 * 1024
+    monkeypatch.setattr(segmentlog, "CACHE_BYTES", cap)
+    async with EventStore(tmp_path / "s", durability="none") as store:
+        for i in range(30_000):
+            # Statistics updates that compaction folds away, a line now and then.
+            await store.save_user_stats(f"u{i % 7}", chat_lines=1, last_seen=1_000 + i)
+            if i % 25 == 0:
+                await store.save_message(f"u{i % 7}", f"line {i}", timestamp=1_000 + i)
+        await store.compact()
+        lines = await store.get_recent_messages(limit=10**6)  # fetched from the log
+        assert len(lines) == 1_200
+        log = store.log
+        assert isinstance(log, SegmentLog)
+        windows = list(log._cache.values())
+        split = sum(len(raws) for window, _ in windows for _, raws in window)
+        assert len(windows) > 1 and split > 10 * len(lines) // len(windows)
+        # What the split events cost alone stays under the cap, one window aside.
+        assert segmentlog.RAW_BYTES * split <= cap + max(cost for _, cost in windows)

@@ -104,7 +104,10 @@ class Writer:
 
     def go(self) -> None:
         """Wait until the writer is connected, then let it write (or finish)."""
-        assert self.ready.wait(60), f"writer {self.writer} did not start"
+        # Its connect() replays the whole log first: in the kill test's later
+        # rounds millions of events, which took over a minute on a machine
+        # busy with other work.
+        assert self.ready.wait(300), f"writer {self.writer} did not start"
         assert self.proc.stdin is not None
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
