@@ -26,6 +26,7 @@ def demo(
         typer.Argument(
             help="Where to keep the demo store: a directory or a postgresql:// URL.",
             metavar="DIR|URL",
+            callback=out.store_target,
         ),
     ] = DEMO_DIR,
     minutes: Annotated[

@@ -34,7 +34,11 @@ from . import output as out
 
 Directory = Annotated[
     str,
-    typer.Argument(help="The store: a directory, or a postgresql:// URL.", metavar="DIR|URL"),
+    typer.Argument(
+        help="The store: a directory, or a postgresql:// URL.",
+        metavar="DIR|URL",
+        callback=out.store_target,
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 

@@ -142,7 +142,10 @@ def _plain(report: Any) -> dict[str, Any]:
 
 def snapshot(
     directory: Annotated[
-        str, typer.Argument(help="The store's directory (not a URL).", metavar="DIR")
+        str,
+        typer.Argument(
+            help="The store's directory (not a URL).", metavar="DIR", callback=out.store_target
+        ),
     ] = "data",
 ) -> None:
     """Save the read models now, so the next start replays only what follows.

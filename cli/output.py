@@ -23,9 +23,9 @@ import msgspec
 import typer
 
 from eventstore import EventStore, StorageError
-from eventstore.errors import ConnectionError
+from eventstore.errors import ConnectionError, ValidationError
 from eventstore.lockfile import lock_holder
-from eventstore.pglog import PostgresLog, is_dsn, redact_dsn
+from eventstore.pglog import PostgresLog, is_dsn, redact_dsn, refuse_other_urls
 from eventstore.segment import list_segments
 from eventstore.store import Durability
 
@@ -107,6 +107,19 @@ def _missing_driver(err: ImportError) -> NoReturn:
     if err.name != "asyncpg":
         raise err
     fail(str(err))
+
+
+def store_target(target: str) -> str:
+    """The store argument's check: a URL of another scheme is a usage error (exit 2).
+
+    Left alone it would name a directory, and a writing command would make
+    a store there (see eventstore.pglog.refuse_other_urls).
+    """
+    try:
+        refuse_other_urls(target)
+    except ValidationError as err:
+        usage_error(str(err))
+    return target
 
 
 def need_store(target: str) -> None:

@@ -38,7 +38,7 @@ from .events import (
 )
 from .lockfile import LOCK_NAME, lock_holder
 from .log import EventLog
-from .pglog import SCHEMA_VERSION, PostgresLog, is_dsn, redact_dsn
+from .pglog import SCHEMA_VERSION, PostgresLog, is_dsn, redact_dsn, refuse_other_urls
 from .segment import FRAME_HEADER_SIZE, FrameInfo, list_segments
 from .segmentlog import SegmentLog
 from .snapshot import SnapshotInfo, list_snapshots, payload_damage, unusable_reason
@@ -488,6 +488,7 @@ async def open_log(target: str | os.PathLike[str], *, empty_ok: bool = False) ->
     follower waiting for the bot to create its store there).
     """
     log: EventLog
+    refuse_other_urls(target)
     if is_dsn(target):
         log = PostgresLog(str(target), read_only=True, create=False)
     else:

@@ -151,6 +151,7 @@ __all__ = [
     "decode_rows",
     "is_dsn",
     "redact_dsn",
+    "refuse_other_urls",
     "username_column",
 ]
 
@@ -321,6 +322,27 @@ def is_dsn(target: object) -> TypeGuard[str]:
     directory of that name.
     """
     return isinstance(target, str) and target.lower().startswith(DSN_SCHEMES)
+
+
+#: Any URL's start: a scheme (RFC 3986: a letter, then letters, digits, "+", "-", ".") and ``://``.
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_other_urls(target: object) -> None:
+    """Raise ValidationError for a URL that is not a PostgreSQL store's.
+
+    Anything else that is not an EventLog names a directory, and a URL of
+    another scheme (a misspelt ``postgress://``, SQLAlchemy's
+    ``postgresql+asyncpg://``, ``sqlite:///bot.db``) would quietly become
+    one: a store on local disk, under a path with the password in it, while
+    the operator thinks it is in the database.
+    """
+    if isinstance(target, str) and _URL_START.match(target) and not is_dsn(target):
+        scheme = target.partition("://")[0]
+        raise ValidationError(
+            f"{redact_dsn(target)}: {scheme}:// is not a store's URL; a store is a "
+            f"directory or a {' or '.join(DSN_SCHEMES)} URL"
+        )
 
 
 #: Query parameters that hold a secret (asyncpg's ``password``, and

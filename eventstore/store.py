@@ -115,6 +115,9 @@ class EventStore(StorageAdapter):
                 "path must be a directory (str or os.PathLike), ':memory:', a postgresql:// "
                 f"URL or an EventLog; got {type(path).__name__} {path!r:.60}"
             )
+        from .pglog import refuse_other_urls
+
+        refuse_other_urls(path)
         if durability not in DURABILITY_MODES:
             raise ValidationError(
                 f"durability must be one of {', '.join(DURABILITY_MODES)}; got {durability!r}"

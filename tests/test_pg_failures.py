@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+from typer.testing import CliRunner
 
-from eventstore import ConnectionError, EventStore, QueryError, StorageError
+from cli.main import app
+from eventstore import ConnectionError, EventStore, QueryError, StorageError, ValidationError
 from eventstore.events import MessageSaved
 from eventstore.pglog import PostgresLog, _is_ambiguous, is_dsn, redact_dsn
+from eventstore.replay import replay
 
 # (Import from pgserver inside functions: see test_pglog.py.)
 pytest_plugins = ["pgserver"]
@@ -418,6 +422,32 @@ def test_the_url_scheme_is_matched_in_any_case() -> None:
         store = EventStore(url)
         assert isinstance(store.log, PostgresLog) and store.path is None
     assert not is_dsn("postgresql:/bot") and not is_dsn("data/postgresql://")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgress://bot:s3cret@db.example/bot",  # misspelt
+        "postgresql+asyncpg://bot:s3cret@db/bot",  # SQLAlchemy's spelling
+        "sqlite:///bot.db",
+        "mysql://bot:s3cret@db/bot",
+    ],
+)
+def test_a_url_of_another_scheme_is_refused_not_taken_for_a_directory(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taken as a path, a writer would make a store under ./postgress:/...,
+    # with the password in a directory name, and the bot would "work".
+    monkeypatch.chdir(tmp_path)
+    scheme = url.partition("://")[0]
+    for make in (lambda: EventStore(url), lambda: asyncio.run(replay(url))):
+        with pytest.raises(ValidationError, match=rf"{re.escape(scheme)}:// is not a store's URL"):
+            make()
+    result = CliRunner().invoke(app, ["demo", url])
+    assert result.exit_code == 2
+    assert f"{scheme}:// is not a store's URL" in result.output
+    assert "s3cret" not in result.output
+    assert not list(tmp_path.iterdir())
 
 
 async def test_a_store_opens_with_an_upper_case_scheme(
