@@ -481,16 +481,20 @@ def check_types(types: Collection[str]) -> frozenset[type]:
     return frozenset(TYPES_BY_NAME[t] for t in types)
 
 
-async def open_log(target: str | os.PathLike[str], *, empty_ok: bool = False) -> EventLog:
+async def open_log(
+    target: str | os.PathLike[str], *, empty_ok: bool = False, pin_head: bool = False
+) -> EventLog:
     """Open the log of a store directory or a ``postgresql://`` URL read-only.
 
     A directory without segment files is refused, unless ``empty_ok`` (a
-    follower waiting for the bot to create its store there).
+    follower waiting for the bot to create its store there).  ``pin_head``
+    (PostgreSQL) reads only up to the head found on opening, and records the
+    compactions committed by then (``pinned_compactions``).
     """
     log: EventLog
     refuse_other_urls(target)
     if is_dsn(target):
-        log = PostgresLog(str(target), read_only=True, create=False)
+        log = PostgresLog(str(target), read_only=True, create=False, pin_head=pin_head)
     else:
         d = os.fspath(target)
         # As the CLI says it (cli/output.need_store): a read-only open of

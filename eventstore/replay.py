@@ -30,8 +30,11 @@ A store in PostgreSQL (``replay("postgresql://...")``) replays the same way,
 through a read-only PostgresLog: ``head`` is the last position committed
 when the replay opened the log, and ``compacted_through`` the head the last
 compaction covered (see ``eventstore/pgcompaction.py``).  A compaction
-that another process commits while the result is open may delete rows it
-shows: fetching them then raises QueryError saying to replay again.
+that another process commits while the log is read raises QueryError
+saying to replay again: it deleted rows below the head between two pages
+(a ``forget_user``'s would leave the user's statistics read before it, and
+its ``UserForgotten`` gone after).  One committed while the result is open
+may delete rows it shows: fetching them raises the same.
 """
 
 from __future__ import annotations
@@ -218,7 +221,7 @@ async def replay(
         if value is not None and (type(value) is not int or value < 0):
             raise ValidationError(f"{name} must be an int >= 0, got {value!r}")
     d = redact_dsn(str(target)) if is_dsn(target) else os.fspath(target)
-    log = await open_log(target)
+    log = await open_log(target, pin_head=True)
     try:
         proj = Projections()
         head = log.head
@@ -243,6 +246,14 @@ async def replay(
                 progress(first + len(events) - 1, stop)
         compacted = None
         if isinstance(log, PostgresLog):
+            if await log.compactions() != log.pinned_compactions:
+                # It deleted rows below the head while they were paged
+                # through: a forgotten user's statistics read before it,
+                # their UserForgotten gone after it.  No one state.
+                raise QueryError(
+                    f"{d}: a compaction in another process committed during the replay, "
+                    "so what was read is no one state of the store; replay again"
+                )
             compacted = await log.compacted_through()
         elif isinstance(log, SegmentLog):
             compacted = log.compacted_through()

@@ -36,7 +36,7 @@ from eventstore.events import (
     UserStatsSet,
 )
 from eventstore.pgcompaction import PostgresCompactReport, merge_ranges
-from eventstore.pglog import PostgresLog
+from eventstore.pglog import PAGE_ROWS, PostgresLog
 from eventstore.replay import replay
 from eventstore.verify import verify_postgres
 from projections import Projections
@@ -465,6 +465,40 @@ async def test_a_replay_whose_rows_a_compaction_removed_says_so(pg_schema: str) 
                 match=r"position 4 \(and 3 more\): a compaction removed rows .* replay again",
             ):
                 await result.recent_messages(limit=6)
+
+
+async def test_a_replay_during_another_process_compaction_is_refused(
+    pg_schema: str,
+) -> None:
+    """A forget_user committed between two pages of a replay deleted the
+    user's rows and its UserForgotten: the replay would show a user the
+    store had erased, so it says to replay again instead."""
+    async with EventStore(pg_schema) as bot:
+        await bot.save_user_stats("victim", chat_lines=42, last_seen=1)
+        # Two pages of PAGE_ROWS.
+        await bot.append([MessageSaved(2, "other", f"m{i}") for i in range(PAGE_ROWS)])
+
+    def forget_elsewhere() -> None:
+        async def forget() -> None:
+            async with EventStore(pg_schema) as other:
+                assert await other.forget_user("victim")
+
+        thread = threading.Thread(target=asyncio.run, args=(forget(),))
+        thread.start()
+        thread.join()
+
+    calls: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if not calls:  # after the first page was folded
+            forget_elsewhere()
+        calls.append(done)
+
+    with pytest.raises(QueryError, match=r"committed during the replay.*replay again"):
+        await replay(pg_schema, progress=progress)
+    assert len(calls) > 1  # it read on after the compaction, then refused
+    async with await replay(pg_schema) as again:
+        assert "victim" not in again.projections.user_stats.users
 
 
 async def test_concurrent_compactions_take_turns(pg_schema: str) -> None:
