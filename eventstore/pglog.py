@@ -61,7 +61,10 @@ joins a page's payloads into one bytea, which decodes in one call.
 Connections.  Two per process: one for reads and LISTEN (reads take turns on
 it), and the writer task's own, opened at the first append.  A connection
 that fails, or whose query is cancelled, is dropped and opened again on next
-use; the statement that failed raises ConnectionError.  ``close()`` lets the
+use; the statement that failed raises ConnectionError.  A server that stops
+answering altogether (its host gone: no FIN, no RST) counts as lost after
+about DEAD_PEER_SECONDS, by TCP keepalive (see _detect_dead_peer); without
+it a query waited for ever, and every append queued behind it.  ``close()`` lets the
 writer commit what was queued, then closes both; it runs in a task of its
 own, so a caller cancelled or timed out half-way leaves nothing open, and a
 second ``close()`` waits for the same work.  If that task is cancelled too
@@ -115,6 +118,7 @@ import hashlib
 import importlib
 import logging
 import re
+import socket
 import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -172,6 +176,12 @@ INSERT_ROWS = 10_000
 ROUND_EVENTS = 10_000
 #: Seconds to wait for a connection to the server.
 CONNECT_TIMEOUT = 10.0
+#: A connection whose server stops answering (its host gone, a failover, a
+#: NAT entry expired: no FIN, no RST) is given up after about this many
+#: seconds, by TCP keepalive and TCP_USER_TIMEOUT (see _detect_dead_peer).
+#: Without them a query waits for its answer for ever, and with it every
+#: append of the process (they queue behind the one writer) and close().
+DEAD_PEER_SECONDS = 30
 #: A transaction that holds the head row (or the append lock) across several
 #: round trips sets ``idle_in_transaction_session_timeout`` to this: the
 #: server ends the session of a client that stalls between two statements,
@@ -322,6 +332,36 @@ def is_dsn(target: object) -> TypeGuard[str]:
     directory of that name.
     """
     return isinstance(target, str) and target.lower().startswith(DSN_SCHEMES)
+
+
+def _detect_dead_peer(conn: Any) -> None:
+    """Make the kernel give up a TCP connection to a server that stopped answering.
+
+    Keepalive probes an idle connection (one waiting for an answer is idle
+    once its query was acknowledged) after DEAD_PEER_SECONDS / 2 and then
+    every DEAD_PEER_SECONDS / 6 seconds, three times; TCP_USER_TIMEOUT drops
+    a connection whose data stays unacknowledged for DEAD_PEER_SECONDS.
+    The query then fails as on any lost connection.  A query that is merely
+    slow (waiting for a lock) is not cut: the server's kernel answers the
+    probes.  libpq has the same knobs (keepalives_idle, tcp_user_timeout);
+    asyncpg has none, so they are set on its socket.  Unix sockets have
+    no network to lose, and a platform without an option goes without it.
+    """
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), DEAD_PEER_SECONDS // 2),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), DEAD_PEER_SECONDS // 6),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), DEAD_PEER_SECONDS * 1000),
+    ]
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 #: Any URL's start: a scheme (RFC 3986: a letter, then letters, digits, "+", "-", ".") and ``://``.
@@ -629,7 +669,9 @@ class PostgresLog(EventLog):
 
     async def _connect(self) -> Any:
         try:
-            return await self._pg.connect(self.dsn, timeout=self.connect_timeout)
+            conn = await self._pg.connect(self.dsn, timeout=self.connect_timeout)
+            _detect_dead_peer(conn)
+            return conn
         except (ValueError, OverflowError, OSError, asyncio.TimeoutError) as err:
             # ValueError: asyncpg could not read the URL (ClientConfigurationError
             # is one too); OverflowError: a port past 65535; OSError, TimeoutError:

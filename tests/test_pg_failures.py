@@ -6,11 +6,14 @@ the server comes from pgserver.py, as for test_pglog.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
 import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -19,7 +22,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from eventstore import ConnectionError, EventStore, QueryError, StorageError, ValidationError
 from eventstore.events import MessageSaved
-from eventstore.pglog import PostgresLog, _is_ambiguous, is_dsn, redact_dsn
+from eventstore.pglog import DEAD_PEER_SECONDS, PostgresLog, _is_ambiguous, is_dsn, redact_dsn
 from eventstore.replay import replay
 
 # (Import from pgserver inside functions: see test_pglog.py.)
@@ -625,3 +628,70 @@ def test_appends_queued_in_a_loop_that_ended_are_not_committed_by_the_next(
 )
 def test_only_urls_read_two_ways_hide_the_drivers_message(url: str, ambiguous: bool) -> None:
     assert _is_ambiguous(url) is ambiguous
+
+
+# -- a server that stops answering -------------------------------------------------------------
+async def _tcp_proxy(dsn: str) -> tuple[asyncio.Server, str]:
+    """A TCP port on 127.0.0.1 that forwards to the server of ``dsn``; the DSN through it.
+
+    The test server listens on a Unix socket alone, where there is no
+    network to lose; a client's TCP options need a TCP connection.
+    """
+    parts = urlsplit(dsn)
+    query = dict(parse_qsl(parts.query))
+    host = query.pop("host", parts.hostname or "127.0.0.1")
+    port = int(query.pop("port", parts.port or 5432))
+
+    async def upstream() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if host.startswith("/"):
+            return await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        return await asyncio.open_connection(host, port)
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await upstream()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    bound = server.sockets[0].getsockname()[1]
+    netloc = f"{parts.username or 'postgres'}@127.0.0.1:{bound}"
+    return server, urlunsplit(parts._replace(netloc=netloc, query=urlencode(query)))
+
+
+async def test_connections_give_up_a_server_that_stops_answering(pg_database: str) -> None:
+    """Both connections are set to fail after DEAD_PEER_SECONDS without an answer.
+
+    Without it, a server host that vanished (no FIN, no RST) left a query
+    waiting for ever, and every later append of the process and close()
+    behind it.  What this checks is the kernel's settings on the sockets;
+    a run by hand with a firewall dropping every packet to and from the
+    server (iptables) showed what they do: the append failed with
+    ConnectionError after 30.5 s, and the next one, once the packets passed
+    again, succeeded (before: still waiting after 120 s, and the next append
+    too).
+    """
+    server, dsn = await _tcp_proxy(pg_database)
+    try:
+        async with EventStore(dsn) as store:
+            await store.save_message("alice", "hi")  # opens the writer's connection
+            log = store.log
+            assert isinstance(log, PostgresLog)
+            for conn in (log._rconn, log._wconn):
+                sock = conn._transport.get_extra_info("socket")
+                assert sock.family == socket.AF_INET
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                tcp = socket.IPPROTO_TCP
+                assert sock.getsockopt(tcp, socket.TCP_KEEPIDLE) == DEAD_PEER_SECONDS // 2
+                assert sock.getsockopt(tcp, socket.TCP_KEEPINTVL) == DEAD_PEER_SECONDS // 6
+                assert sock.getsockopt(tcp, socket.TCP_KEEPCNT) == 3
+                assert sock.getsockopt(tcp, socket.TCP_USER_TIMEOUT) == DEAD_PEER_SECONDS * 1000
+            assert [m["message"] for m in await store.get_recent_messages()] == ["hi"]
+    finally:
+        server.close()
+        await server.wait_closed()
