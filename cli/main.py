@@ -35,6 +35,23 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _version(value: bool) -> None:
+    if value:
+        from eventstore import __version__
+
+        typer.echo(f"eventstore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
+    ),
+) -> None:
+    """Inspect, check, replay, maintain and move the bot's event store."""
+
+
 def _stdout_checked(command: F) -> F:
     """Every command prints; a stdout that cannot take it is reported.
 

@@ -81,6 +81,24 @@ def test_no_arguments_shows_help() -> None:
     assert "info" in result.output
 
 
+def test_version_prints_the_package_version() -> None:
+    from eventstore import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"eventstore {__version__}\n"
+
+
+def test_dev_refuses_an_unknown_task() -> None:
+    # A misspelt task in CI (./dev tset) must not exit 0 as if it had run.
+    dev = Path(__file__).resolve().parent.parent / "dev"
+    wrong = subprocess.run([str(dev), "tset"], capture_output=True, text=True, check=False)
+    assert wrong.returncode == 2
+    assert "unknown task 'tset'" in wrong.stderr
+    helped = subprocess.run([str(dev), "help"], capture_output=True, text=True, check=False)
+    assert helped.returncode == 0 and "./dev test" in helped.stdout
+
+
 def test_the_readme_test_kit_example_passes_as_copied(tmp_path: Path) -> None:
     """Run as a user would: a file of its own, pytest-asyncio's default
     (strict) mode, none of this project's pytest settings."""
