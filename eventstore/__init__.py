@@ -46,7 +46,31 @@ def __getattr__(name: str) -> Any:
     # that imports ``projections`` before ``eventstore`` would fail on the
     # circle.
     if name == "EventStore":
+        _check_projections()
         from .store import EventStore
 
+        globals()["EventStore"] = EventStore  # checked once
         return EventStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_projections() -> None:
+    """Refuse, by name, a module of the caller's that shadows the ``projections`` package.
+
+    The read models are the top-level package ``projections``, installed
+    beside this one.  A bot project's own ``projections.py`` (a common name)
+    found first on sys.path made the store's import fail with "cannot import
+    name 'Projections'", which names neither eventstore nor the cure.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("projections")
+    ours = os.path.join(os.path.dirname(os.path.dirname(__file__)), "projections")
+    found = spec.origin if spec is not None else None
+    if found is None or os.path.dirname(os.path.realpath(found)) != os.path.realpath(ours):
+        raise ImportError(
+            f"eventstore needs its package 'projections' ({ours}), but Python finds "
+            f"{found or 'none'} first: a module of that name in your project shadows it; "
+            "rename that module"
+        )

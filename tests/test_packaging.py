@@ -84,6 +84,9 @@ def test_the_installed_test_kit_loads_without_pytest_asyncio(wheel: Path, tmp_pa
 
             def test_installed_copy_is_used():
                 assert eventstore.__file__.startswith({str(target)!r})
+                from eventstore import EventStore  # its projections found beside it
+
+                assert EventStore.__module__ == "eventstore.store"
 
             def test_fake_clock_fixture(fake_clock):
                 assert isinstance(fake_clock, FakeClock)
