@@ -86,7 +86,18 @@ def demo(
         size = (await postgres_info(directory)).total_size if postgres else 0
         return summary, state, size
 
-    summary, state, total = out.run(main())
+    try:
+        summary, state, total = out.run(main())
+    except KeyboardInterrupt:
+        # The store was closed on the way out (its snapshot written): what was
+        # played is kept, and the next run continues after it.  Say so, or
+        # the operator is left guessing whether the store is half written.
+        typer.echo(
+            f"interrupted: {where} keeps what was played so far; eventstore demo "
+            f"{shlex.quote(where)} continues after it",
+            err=True,
+        )
+        raise SystemExit(130) from None
     if not postgres:
         total = directory_size(directory)
     if json:

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import sqlite3
@@ -984,6 +985,30 @@ def test_ctrl_c_during_an_import_leaves_no_store(tmp_path: Path) -> None:
     assert err.startswith("Error: the import was interrupted after "), err
     assert "Traceback" not in err
     assert not d.exists()
+
+
+def test_ctrl_c_during_the_demo_says_what_the_store_keeps(tmp_path: Path) -> None:
+    d = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "demo", str(d), "--minutes", "500000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size > HEADER_SIZE for p in d.glob("*.seg")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert err == (
+        f"interrupted: {d} keeps what was played so far; eventstore demo {d} continues after it\n"
+    )
+    result = invoke("verify", d)
+    assert result.exit_code == 0, result.output
+    assert int(re.search(r"(\d+) events", result.stdout)[1]) > 0  # type: ignore[index]
 
 
 def test_an_import_killed_half_way_is_imported_anew_by_the_next_run(tmp_path: Path) -> None:
