@@ -176,7 +176,7 @@ def verify(directory: Directory = "data", json: Json = False) -> None:
     Lists each problem with its file and byte offset; after a bad frame it
     carries on with the next segment, so one run shows all the damage it can
     reach.  Exit code 1 if anything is wrong.  Safe while the bot is writing.
-    To cut a damaged log back to its last good frame, see eventstore.recovery.repair.
+    To cut a damaged log back to its last good frame: eventstore repair.
 
     A PostgreSQL URL is checked row by row, in one snapshot: every payload
     decodes, its tag and username agree with the row's columns, positions run

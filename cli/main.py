@@ -93,6 +93,7 @@ for name, command in [
     ("compact", maintenance.compact),
     ("snapshot", maintenance.snapshot),
     ("forget-user", maintenance.forget_user),
+    ("repair", maintenance.repair),
     ("import-sqlite", transfer.import_sqlite),
     ("export", transfer.export),
     ("demo", demo.demo),

@@ -1,4 +1,4 @@
-"""Commands that write: compact, snapshot, forget-user.
+"""Commands that write: compact, snapshot, forget-user, repair.
 
 Each opens the store as its writer, so on a directory each refuses while the
 bot has it open (one writer per store, held by a lock): the message names the
@@ -16,8 +16,10 @@ import msgspec
 import typer
 
 from eventstore.compaction import pending_commit
+from eventstore.lockfile import lock_holder
 from eventstore.pgcompaction import PostgresCompactReport
 from eventstore.pglog import is_dsn
+from eventstore.recovery import repair as repair_store
 from eventstore.validation import MAX_INT
 
 from . import output as out
@@ -211,3 +213,70 @@ def forget_user(
         typer.echo(f"forgot {name!r}: no read of {where} returns anything of them any more")
     else:
         typer.echo(f"nothing to forget: {where} holds nothing of {name!r}; nothing written")
+
+
+# -- repair ------------------------------------------------------------------------------------
+
+
+def repair(
+    directory: Annotated[
+        str,
+        typer.Argument(
+            help="The store's directory (not a URL).", metavar="DIR", callback=out.store_target
+        ),
+    ] = "data",
+    json: Json = False,
+) -> None:
+    """Cut a damaged log back to its last good frame, keeping copies of what is cut.
+
+    The store refuses to open past damage (a flipped byte, a bad sector): it
+    never skips events.  This is the explicit way on.  The segment holding
+    the first damage verify reports is copied to NAME.broken and cut at its
+    last good frame; the segments after it are renamed to NAME.broken (their
+    positions would follow a gap).  Their events are then no longer in the
+    store: keep the copies until you have looked at them.  A store without
+    damage is left as it is.  Needs the bot stopped (it takes the writer
+    lock).  A PostgreSQL store has no segments to cut; on a URL this refuses
+    with exit code 1.
+
+    Example: eventstore repair data/demo
+    """
+    if is_dsn(directory):
+        out.fail(
+            "PostgreSQL stores are not repaired by cutting: eventstore verify names the "
+            "rows that do not decode"
+        )
+    out.need_store(directory)
+    pid = lock_holder(directory)
+    if pid is not None:
+        # Not "run this from the bot", as the other writing commands say:
+        # a store that needs repair does not open, so no bot holds it open
+        # by it; this one is another writer, to stop first.
+        who = f"process {pid}" if pid > 0 else "another process"
+        out.fail(f"{directory} is open for writing by {who}; stop it first; nothing was changed")
+    report = out.call(repair_store, directory)
+    if json:
+        out.print_json(
+            {
+                "directory": directory,
+                "repaired": report.repaired,
+                "damage": dataclasses.asdict(report.damage) if report.damage else None,
+                "bytes_cut": report.bytes_cut,
+                "set_aside": report.set_aside,
+                "compaction": report.compaction,
+            }
+        )
+        return
+    if report.compaction:
+        typer.echo(f"first {report.compaction}")
+    damage = report.damage
+    if damage is None:
+        typer.echo(f"{directory}: no damage found; nothing was cut")
+        return
+    typer.echo(f"damage: {damage}")
+    typer.echo(
+        f"cut {out.size(report.bytes_cut)}: the log now ends at position "
+        f"{damage.last_good_position}"
+    )
+    for path in report.set_aside:
+        typer.echo(f"  kept a copy: {path}")

@@ -1,4 +1,4 @@
-"""The commands that write: compact, snapshot, forget-user."""
+"""The commands that write: compact, snapshot, forget-user, repair."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import REPO, T0, busy_store, invoke, legacy_db, segment_files
+from test_cli import REPO, T0, busy_store, frame_offsets, invoke, legacy_db, segment_files
 
 from eventstore import EventStore, IntegrityError
 from eventstore.lockfile import WriterLock
@@ -380,3 +380,72 @@ asyncio.run(main())
     assert not (d / "compacting").exists()
     after = reads(d)
     assert [u for u in before["users"] if u["username"] != "u2"] == after["users"]
+
+
+# -- repair --------------------------------------------------------------------------------
+
+
+def test_repair_leaves_a_store_without_damage_as_it_is(tmp_path: Path) -> None:
+    d = churned(tmp_path)
+    before = every_file(d)
+    result = invoke("repair", d)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{d}: no damage found; nothing was cut\n"
+    assert every_file(d) == before
+
+
+def test_repair_cuts_at_a_flipped_byte_and_keeps_copies(tmp_path: Path) -> None:
+    d = churned(tmp_path)  # several segments (segment_size 1024)
+    segments = segment_files(d)
+    assert len(segments) >= 3
+    damaged = segments[1]
+    whole = {p.name: p.read_bytes() for p in segments}
+    offsets = frame_offsets(damaged)
+    data = bytearray(whole[damaged.name])
+    data[offsets[2] + 24] ^= 0xFF  # inside the third frame's payload
+    damaged.write_bytes(bytes(data))
+    assert invoke("verify", d).exit_code == 1
+
+    result = invoke("repair", d, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["repaired"] is True
+    assert report["damage"]["path"] == str(damaged)
+    assert report["damage"]["offset"] == offsets[2]
+    # The damaged segment keeps its first two frames; every later one is set aside.
+    assert damaged.read_bytes() == bytes(data[: offsets[2]])
+    kept = [Path(p) for p in report["set_aside"]]
+    assert kept[0] == damaged.with_name(damaged.name + ".broken")
+    assert kept[0].read_bytes() == bytes(data)
+    assert [p.read_bytes() for p in kept[1:]] == [whole[p.name] for p in segments[2:]]
+    assert report["bytes_cut"] == len(data) - offsets[2] + sum(
+        len(whole[p.name]) for p in segments[2:]
+    )
+    assert invoke("verify", d).exit_code == 0
+
+    # And the store opens again, ending at the last good position.
+    async def position() -> int:
+        async with EventStore(d, read_only=True) as store:
+            return store.position
+
+    assert asyncio.run(position()) == report["damage"]["last_good_position"]
+
+
+def test_repair_refuses_beside_a_writer_and_a_url(tmp_path: Path) -> None:
+    d = churned(tmp_path)
+    before = every_file(d)
+    lock = WriterLock(str(d))
+    lock.acquire()
+    try:
+        result = invoke("repair", d)
+    finally:
+        lock.release()
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {d} is open for writing by process {os.getpid()}; stop it first; "
+        "nothing was changed\n"
+    )
+    assert every_file(d) == before
+    result = invoke("repair", "postgresql://bot@db.example/bot")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: PostgreSQL stores are not repaired by cutting")

@@ -34,6 +34,7 @@ def test_the_expected_commands_exist() -> None:
             "compact",
             "snapshot",
             "forget-user",
+            "repair",
             "import-sqlite",
             "export",
             "demo",
