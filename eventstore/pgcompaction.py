@@ -308,7 +308,7 @@ async def compact_postgres(
     logger = logger or logging.getLogger("eventstore")
     if log.read_only and not dry_run:
         raise StorageError(f"{log.where}: the log is open read-only; nothing compacted")
-    committing = False
+    lock = _AppendLock()
     try:
         async with log.dedicated() as conn:
             for _attempt in range(ATTEMPTS):
@@ -321,9 +321,8 @@ async def compact_postgres(
                     return report
                 if not plan.after.same_state(plan.before):
                     raise _refused(log)
-                committing = True
-                committed = await _commit(conn, log, plan, ranges)
-                committing = False
+                committed = await _commit(conn, log, plan, ranges, lock)
+                lock.held = False  # its transaction ended
                 if committed is None:
                     logger.info(
                         "%s: another compaction committed meanwhile; planning again", log.where
@@ -339,15 +338,16 @@ async def compact_postgres(
                 )
                 return report
     except ConnectionError as err:
-        if not committing:
-            raise
-        # Most likely the idle limit (LOCK_IDLE_TIMEOUT) at work: say so,
-        # rather than leave a bare "connection closed".
+        if not lock.held:
+            raise  # before the lock: nothing was changed, and the error says why
+        # Perhaps the idle limit (LOCK_IDLE_TIMEOUT) at work, perhaps not:
+        # asyncpg reports the server's ending of the session as a bare
+        # "connection was closed", so the limit is named as a possibility.
         raise ConnectionError(
-            f"{err}; the compaction lost its connection while it held the append lock: "
-            "the server ends a compaction's session that sits idle in its transaction "
-            f"for over {LOCK_IDLE_TIMEOUT:g} s (this process stalled), so that the other "
-            "writers go on. Unless the connection went during the COMMIT itself, nothing "
+            f"{err}; the compaction lost its connection while it held the append lock "
+            "(the server ends a compaction's session that sits idle in its transaction "
+            f"for over {LOCK_IDLE_TIMEOUT:g} s, if its process stalls, so that the other "
+            "writers go on). Unless the connection went during the COMMIT itself, nothing "
             "was changed; compacting again is safe either way"
         ) from err
     raise StorageError(
@@ -403,8 +403,14 @@ async def _measure(conn: Any, plan: _Plan, dry_run: bool) -> PostgresCompactRepo
     )
 
 
+class _AppendLock:
+    """Whether a compaction's transaction holds the append lock (for its error)."""
+
+    held = False
+
+
 async def _commit(
-    conn: Any, log: PostgresLog, plan: _Plan, ranges: list[tuple[int, int]]
+    conn: Any, log: PostgresLog, plan: _Plan, ranges: list[tuple[int, int]], lock: _AppendLock
 ) -> int | None:
     """Prove and apply ``plan`` in one transaction; the head it covered, or None if stale."""
     # Before the lock: the books read with the plan are the books under the
@@ -428,6 +434,7 @@ async def _commit(
         # (and no other compaction commits).  See "The lock" above for why a
         # table lock rather than the head row's.
         await conn.execute("LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
+        lock.held = True  # until the transaction ends: see compact_postgres's error
         head = int(await conn.fetchval("SELECT position FROM eventstore_head"))
         epoch, _ = await _books(conn)
         if epoch != plan.epoch:

@@ -1245,6 +1245,17 @@ class PostgresLog(EventLog):
             OSError,
             asyncio.TimeoutError,
         ) as err:
+            cause = err.__context__
+            if (
+                isinstance(err, self._pg.InterfaceError)
+                and isinstance(cause, (self._pg.PostgresError, self._pg.InterfaceError, OSError))
+                and self._lost(cause)
+            ):
+                # A transaction's rollback on the way out, refused by the
+                # connection that had just died ("cannot call
+                # Transaction.__aexit__(): the underlying connection is
+                # closed"): the error that killed it is the one to show.
+                err = cause
             if self._lost(err):
                 conn.terminate()
                 raise ConnectionError(f"{self.where}: connection lost: {err}") from err

@@ -640,6 +640,45 @@ async def test_a_compaction_whose_process_stalls_does_not_stall_the_other_writer
         assert (await store.compact()).events_dropped > 0  # the next one goes through
 
 
+async def test_a_compaction_ended_while_it_waits_for_the_lock_says_what_happened(
+    pg_schema: str,
+) -> None:
+    """Its session ended (by an operator, a server restart) before it had the
+    append lock: the error is the server's reason, not "cannot call
+    Transaction.__aexit__()" from the rollback after it, nor a claim that it
+    held the lock and stalled."""
+    async with EventStore(pg_schema) as store:
+        for i in range(50):
+            await store.save_user_stats("u", chat_lines=1, last_seen=i)
+        blocker = await asyncpg.connect(pg_schema)  # an append that takes its time
+        admin = await asyncpg.connect(pg_schema)
+        try:
+            await blocker.execute("BEGIN; UPDATE eventstore_head SET position = position")
+
+            async def end_the_waiter() -> None:
+                for _ in range(500):
+                    ended = await admin.fetch(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE%'"
+                    )
+                    if ended:
+                        return
+                    await asyncio.sleep(0.02)
+                raise AssertionError("the compaction never waited for the lock")
+
+            ender = asyncio.create_task(end_the_waiter())
+            with pytest.raises(ConnectionError) as raised:
+                await store.compact()
+            await ender
+        finally:
+            await blocker.close()
+            await admin.close()
+        message = str(raised.value)
+        assert "terminating connection due to administrator command" in message, message
+        assert "__aexit__" not in message and "held the append lock" not in message, message
+        assert (await store.compact()).events_dropped > 0  # the next one goes through
+
+
 async def test_the_books_are_merged_before_the_append_lock(
     pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
