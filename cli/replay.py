@@ -121,4 +121,13 @@ def replay(
             "show only what compaction kept up to them (rows still stored; a user's "
             "final statistics, from their last update on), not the past as it was"
         )
+    records = state["records_skipped"]
+    if records:
+        verb = "is" if records == 1 else "are"
+        typer.echo(
+            f"note: {out.plural(records, 'statistics record')} (a user's or the channel's "
+            f"whole history, written by an import or a compaction) {verb} dated by its "
+            "latest moment, after --at, and left out: those users and peaks show as "
+            "unknown before it"
+        )
     out.print_state(state, limit)

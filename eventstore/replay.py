@@ -48,13 +48,23 @@ from typing import Any
 from projections import Projections
 
 from .errors import QueryError, ValidationError
-from .events import Event, MessageSaved, UserActionLogged, event_time
+from .events import (
+    ChannelStatsSet,
+    Event,
+    MessageSaved,
+    UserActionLogged,
+    UserStatsSet,
+    event_time,
+)
 from .inspect import open_log
 from .log import EventLog
 from .pglog import PostgresLog, RowsMissing, is_dsn, redact_dsn
 from .segmentlog import SegmentLog
 
 __all__ = ["ReplayResult", "replay"]
+
+#: Events that hold a whole history's statistics (see ReplayResult.records_skipped).
+_RECORDS = (UserStatsSet, ChannelStatsSet)
 
 #: Called with (positions read, the log's last position).
 Progress = Callable[[int, int], None]
@@ -79,6 +89,11 @@ class ReplayResult:
     #: The last position covered by a compacted segment (PostgreSQL: the
     #: head the last compaction covered), None if nothing was compacted.
     compacted_through: int | None = None
+    #: ``at``: how many of the skipped events were absolute statistics
+    #: (UserStatsSet, ChannelStatsSet: written by an import or a compaction
+    #: for a whole history, and dated by its latest moment).  A user whose
+    #: only record is one is unknown before that moment.
+    records_skipped: int = 0
 
     @property
     def position(self) -> int:
@@ -181,6 +196,7 @@ class ReplayResult:
             "events_applied": self.applied,
             "events_skipped": self.skipped,
             "compacted_through": self.compacted_through,
+            "records_skipped": self.records_skipped,
             "users": len(self.projections.user_stats.users),
             "top_chatters": self.top_chatters(limit),
             "channel_peaks": self.channel_peaks(),
@@ -226,7 +242,7 @@ async def replay(
         proj = Projections()
         head = log.head
         stop = head if until is None else min(until, head)
-        applied = skipped = 0
+        applied = skipped = records = 0
         async for group in log.read_groups(1, stop):
             if at is None:
                 proj.apply_runs(group)
@@ -241,6 +257,8 @@ async def replay(
                             applied += 1
                         else:
                             skipped += 1
+                            if type(event) in _RECORDS:
+                                records += 1
             if progress is not None:
                 first, events = group[-1]
                 progress(first + len(events) - 1, stop)
@@ -264,4 +282,4 @@ async def replay(
     except BaseException:
         await log.close()
         raise
-    return ReplayResult(d, proj, until, at, head, applied, skipped, log, compacted)
+    return ReplayResult(d, proj, until, at, head, applied, skipped, log, compacted, records)

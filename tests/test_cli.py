@@ -784,6 +784,26 @@ def legacy_db(path: Path) -> Path:
     return path
 
 
+def test_replay_at_on_an_imported_store_notes_the_records_it_leaves_out(tmp_path: Path) -> None:
+    """An import writes each user's whole history as one UserStatsSet, dated
+    by its last moment: a point before it shows the user unknown, and says why."""
+    d = tmp_path / "store"
+    assert invoke("import-sqlite", legacy_db(tmp_path / "bot.db"), d).exit_code == 0
+    result = invoke("replay", d, "--at", T0 + 10)
+    assert result.exit_code == 0, result.output
+    assert (
+        "note: 1 statistics record (a user's or the channel's whole history, written by an "
+        "import or a compaction) is dated by its latest moment, after --at, and left out: "
+        "those users and peaks show as unknown before it"
+    ) in result.stdout
+    data = json.loads(invoke("replay", d, "--at", T0 + 10, "--json").stdout)
+    assert data["records_skipped"] == 1 and data["users"] == 0
+    # Once past ada's last moment her record is in, and nothing is noted.
+    later = invoke("replay", d, "--at", T0 + 50)
+    assert "note:" not in later.stdout
+    assert json.loads(invoke("replay", d, "--at", T0 + 50, "--json").stdout)["users"] == 1
+
+
 def test_import_sqlite(tmp_path: Path) -> None:
     db = legacy_db(tmp_path / "bot.db")
     d = tmp_path / "store"
