@@ -171,9 +171,16 @@ PAGE_BYTES = 8 * 1024 * 1024
 #: A round of up to this many events commits as one statement (APPEND); a
 #: larger one as a transaction of several, one INSERT per this many rows.
 INSERT_ROWS = 10_000
+#: ... or the rows' payloads pass this many bytes.  PostgreSQL takes no value
+#: (a bytea[] parameter) and no message over 1 GiB: an INSERT of 10,000 rows
+#: of 1 MiB chat lines (an import of a legacy database, a flood of long
+#: lines) failed whole, and every caller in its round with it.
+INSERT_BYTES = 64 * 1024 * 1024
 #: A writer round takes queued batches until it holds about this many events
 #: (a larger batch goes alone: a batch is never split across transactions).
 ROUND_EVENTS = 10_000
+#: ... or about this many payload bytes (see INSERT_BYTES).
+ROUND_BYTES = INSERT_BYTES
 #: Seconds to wait for a connection to the server.
 CONNECT_TIMEOUT = 10.0
 #: A connection whose server stops answering (its host gone, a failover, a
@@ -238,11 +245,12 @@ CREATE TABLE IF NOT EXISTS eventstore_deleted (
 );
 """
 
-#: Appends one round of at most ``insert_rows`` events in one statement, and so
-#: in one implicit transaction: takes the next $1 positions, inserts the rows
-#: ($2, $3, $4 are the tags, payloads and usernames; row i gets position
-#: last - $1 + i), notifies the listeners on channel $5 (delivered at commit,
-#: and only if it commits) and returns the last position taken.
+#: Appends one round of at most ``insert_rows`` events (and ``insert_bytes``)
+#: in one statement, and so in one implicit transaction: takes the next $1
+#: positions, inserts the rows ($2, $3, $4 are the tags, payloads and
+#: usernames; row i gets position last - $1 + i), notifies the listeners on
+#: channel $5 (delivered at commit, and only if it commits) and returns the
+#: last position taken.
 #:
 #: Why a counter row.  A reader that tails the log remembers the last
 #: position it read and asks for what follows.  If positions came from a
@@ -284,9 +292,9 @@ WITH head AS (
 SELECT position, pg_notify($5, position::text) FROM head
 """
 
-#: A round larger than ``insert_rows`` (one huge batch, or a test's setting)
-#: runs as a transaction of several statements: TAKE, one INSERT per chunk of
-#: rows, then NOTIFY.
+#: A round larger than ``insert_rows`` or ``insert_bytes`` (one huge batch, long
+#: chat lines, or a test's setting) runs as a transaction of several
+#: statements: TAKE, one INSERT per chunk of rows, then NOTIFY.
 TAKE = "UPDATE eventstore_head SET position = position + $1 RETURNING position"
 #: Inserts one chunk: row i gets position $1 + i - 1.
 INSERT = """
@@ -332,6 +340,20 @@ def is_dsn(target: object) -> TypeGuard[str]:
     directory of that name.
     """
     return isinstance(target, str) and target.lower().startswith(DSN_SCHEMES)
+
+
+def _statements(payloads: Sequence[bytes], rows: int, size: int) -> list[tuple[int, int]]:
+    """Cut a round's rows into statements: (start, stop) slices of at most
+    ``rows`` rows and, but for a single larger row, ``size`` payload bytes."""
+    cuts: list[tuple[int, int]] = []
+    start = taken = 0
+    for i, payload in enumerate(payloads):
+        if i > start and (i - start == rows or taken + len(payload) > size):
+            cuts.append((start, i))
+            start, taken = i, 0
+        taken += len(payload)
+    cuts.append((start, len(payloads)))
+    return cuts
 
 
 def _detect_dead_peer(conn: Any) -> None:
@@ -550,6 +572,8 @@ class _Batch:
     tags: list[int]
     payloads: list[bytes]
     usernames: list[str | None]
+    #: The payloads' bytes.
+    size: int
     future: asyncio.Future[int] = field(repr=False)
 
 
@@ -566,6 +590,7 @@ class PostgresLog(EventLog):
         logger: logging.Logger | None = None,
         page_rows: int = PAGE_ROWS,
         insert_rows: int = INSERT_ROWS,
+        insert_bytes: int = INSERT_BYTES,
         connect_timeout: float = CONNECT_TIMEOUT,
         create: bool = True,
         pin_head: bool = False,
@@ -577,9 +602,10 @@ class PostgresLog(EventLog):
         move it, so a store on this log holds still while others append (the
         CLI's ``export``, which must read one consistent state).
         """
-        if page_rows < 1 or insert_rows < 1:
+        if page_rows < 1 or insert_rows < 1 or insert_bytes < 1:
             raise ValueError(
-                f"page_rows and insert_rows must be at least 1, got {page_rows}, {insert_rows}"
+                "page_rows, insert_rows and insert_bytes must be at least 1, got "
+                f"{page_rows}, {insert_rows}, {insert_bytes}"
             )
         self._pg = _import_asyncpg()
         self.dsn = dsn
@@ -589,8 +615,10 @@ class PostgresLog(EventLog):
         self.read_only = read_only
         self.logger = logger or logging.getLogger("eventstore")
         self.page_rows = page_rows
-        #: Rounds of more events than this are several statements in one transaction.
+        #: Rounds of more events than this, or more payload bytes, are several
+        #: statements in one transaction.
         self.insert_rows = insert_rows
+        self.insert_bytes = insert_bytes
         self.connect_timeout = connect_timeout
         self.create = create
         self.pin_head = pin_head
@@ -935,17 +963,18 @@ class PostgresLog(EventLog):
                 "(EventStore: close() and connect())"
             )
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Batch(tags, payloads, usernames, future))
+        self._queue.append(_Batch(tags, payloads, usernames, sum(map(len, payloads)), future))
         self._wake.set()
         # Cancelling this await does not take the batch back: it is committed anyway.
         return await future
 
     def _take_round(self) -> list[_Batch]:
-        taken = 0
+        taken = size = 0
         for i, batch in enumerate(self._queue):
-            if i and taken + len(batch.tags) > ROUND_EVENTS:
+            if i and (taken + len(batch.tags) > ROUND_EVENTS or size + batch.size > ROUND_BYTES):
                 break
             taken += len(batch.tags)
+            size += batch.size
         else:
             i = len(self._queue)
         round_, self._queue = self._queue[:i], self._queue[i:]
@@ -1000,7 +1029,8 @@ class PostgresLog(EventLog):
         try:
             if conn is None or conn.is_closed():
                 conn = self._wconn = await self._connect()
-            if n <= self.insert_rows:
+            cuts = _statements(payloads, self.insert_rows, self.insert_bytes)
+            if len(cuts) == 1:
                 row = await conn.fetchrow(APPEND, n, tags, payloads, usernames, self.channel)
                 last = int(row[0])
             else:
@@ -1016,8 +1046,7 @@ class PostgresLog(EventLog):
                     multi_statement = True
                     last = int(await conn.fetchval(TAKE, n))
                     first = last - n + 1
-                    for start in range(0, n, self.insert_rows):
-                        stop = start + self.insert_rows
+                    for start, stop in cuts:
                         chunk = (tags[start:stop], payloads[start:stop], usernames[start:stop])
                         await self._insert(conn, first + start, chunk)
                     await conn.execute(NOTIFY, self.channel, str(last))

@@ -494,6 +494,50 @@ async def test_big_batches_and_small_rounds_keep_batches_whole(
         await log.close()
 
 
+def test_a_round_is_cut_into_statements_by_rows_and_by_bytes() -> None:
+    from eventstore.pglog import _statements
+
+    sizes = [b"x" * n for n in (10, 10, 10, 50, 10, 200, 10, 10, 10, 10, 10)]
+    # At most 4 rows and 40 bytes a statement; a row over 40 bytes goes alone.
+    assert _statements(sizes, 4, 40) == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 10), (10, 11)]
+    assert _statements(sizes, 100, 10**9) == [(0, 11)]
+    assert _statements([b"x"], 1, 1) == [(0, 1)]
+
+
+async def test_long_chat_lines_are_appended_in_statements_of_bounded_size(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL takes no parameter over 1 GiB: a round of 10,000 chat lines
+    of 1 MiB in one INSERT failed whole.  Rounds and statements are bounded
+    by bytes too (here 64 KiB for the 64 MiB of the default)."""
+    from eventstore import pglog
+
+    monkeypatch.setattr(pglog, "ROUND_BYTES", 64 * 1024)
+    log = PostgresLog(pg_database, insert_bytes=64 * 1024)
+    statements: list[int] = []
+    real_insert = log._insert
+
+    async def counted(conn: Any, first: int, chunk: Any) -> None:
+        statements.append(sum(len(p) for p in chunk[1]))
+        await real_insert(conn, first, chunk)
+
+    monkeypatch.setattr(log, "_insert", counted)
+    await log.open()
+    try:
+        line = "y" * 20_000
+        batches = [
+            [MessageSaved(i, "u", f"{line}{i}-{j}") for j in range(i % 5 + 1)] for i in range(30)
+        ]
+        firsts = await asyncio.gather(*(log.append(batch) for batch in batches))
+        for first, batch in zip(firsts, batches, strict=True):
+            assert await log.fetch(range(first, first + len(batch))) == batch
+        assert statements, "no round was cut into statements"
+        assert all(size <= 64 * 1024 for size in statements), statements
+        assert log.head == sum(len(b) for b in batches)
+    finally:
+        await log.close()
+
+
 async def test_an_append_of_several_statements_that_stalls_does_not_stall_the_others(
     pg_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
