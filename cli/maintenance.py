@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
+from eventstore import EventStore
 from eventstore.compaction import pending_commit
 from eventstore.lockfile import lock_holder
 from eventstore.pgcompaction import PostgresCompactReport
@@ -62,10 +63,20 @@ def compact(
     out.need_store(directory)
 
     async def main() -> Any:
-        if dry_run and not is_dsn(directory):
+        if dry_run:
             # Read-only: no lock taken (it runs beside the bot), no recovery,
-            # no snapshot written on close: a dry run changes no file.
-            async with out.open_reader(directory) as store:
+            # no snapshot written on close: a dry run changes no file.  On
+            # PostgreSQL no writer's open either (it may record its schema's
+            # fingerprint), and no pinned head: the plan reads up to the head
+            # it finds in the table.
+            reader = (
+                EventStore(
+                    out.postgres_log(directory, read_only=True, create=False), read_only=True
+                )
+                if is_dsn(directory)
+                else out.open_reader(directory)
+            )
+            async with reader as store:
                 with out.progress_bar("compacting (dry run)") as progress:
                     return await store.compact(
                         dry_run=True, keep_history_days=keep_history, progress=progress

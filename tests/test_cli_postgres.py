@@ -24,7 +24,7 @@ import pytest
 from test_cli import NAMES, T0, _stop_after_first_batch, dumped, invoke, legacy_db
 
 from eventstore import EventStore
-from eventstore.pglog import redact_dsn
+from eventstore.pglog import PostgresLog, redact_dsn
 from eventstore.testing import FakeClock
 
 pytest_plugins = ["pgserver"]
@@ -411,11 +411,21 @@ def test_forget_user_leaves_no_row_with_the_name(busy: str) -> None:
     )
 
 
-def test_compact_dry_run_then_for_real(busy: str) -> None:
+def test_compact_dry_run_then_for_real(busy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_clear(busy, 10))
     before = reads(busy)
     rows_before = sql(busy, "SELECT position, tag, payload FROM eventstore_events")
+    opened: list[bool] = []
+    real_init = PostgresLog.__init__
+
+    def spied(self: PostgresLog, dsn: str, **options: Any) -> None:
+        opened.append(bool(options.get("read_only")))
+        real_init(self, dsn, **options)
+
+    monkeypatch.setattr(PostgresLog, "__init__", spied)
     dry = invoke("compact", busy, "--dry-run")
+    monkeypatch.undo()
+    assert opened == [True]  # a dry run opens no writer
     assert dry.exit_code == 0, dry.output
     lines = dry.stdout.splitlines()
     assert lines[0].startswith("dry run: positions 1..124: would delete 107 rows, rewrite 4 ")
