@@ -110,7 +110,7 @@ def demo(
                     "minutes": summary.minutes,
                     "start": summary.start,
                     "end": summary.end,
-                    "first_position": summary.first_position + 1,
+                    "first_position": summary.position_before + 1,
                     "last_position": summary.last_position,
                     "events": summary.events,
                     "joins": summary.joins,
@@ -137,7 +137,7 @@ def demo(
     )
     echo(
         f"  {summary.events} events appended, positions "
-        f"{summary.first_position + 1}..{summary.last_position}"
+        f"{summary.position_before + 1}..{summary.last_position}"
     )
     echo("")
     echo(f"what the store answers now ({state['position']} events, {state['users']} users):")

@@ -63,8 +63,9 @@ class DemoSummary:
     #: Simulated start and end (Unix seconds).
     start: int
     end: int
-    #: The store's position before and after.
-    first_position: int
+    #: The store's position before and after (the first event played is at
+    #: ``position_before + 1``).
+    position_before: int
     last_position: int
     joins: int = 0
     leaves: int = 0
@@ -76,7 +77,7 @@ class DemoSummary:
 
     @property
     def events(self) -> int:
-        return self.last_position - self.first_position
+        return self.last_position - self.position_before
 
 
 async def play(
