@@ -92,9 +92,10 @@ def demo(
         # The store was closed on the way out (its snapshot written): what was
         # played is kept, and the next run continues after it.  Say so, or
         # the operator is left guessing whether the store is half written.
+        # A URL is shown without its password, so not as a command to paste.
+        again = "the demo on the same URL" if postgres else f"eventstore demo {shlex.quote(where)}"
         typer.echo(
-            f"interrupted: {where} keeps what was played so far; eventstore demo "
-            f"{shlex.quote(where)} continues after it",
+            f"interrupted: {where} keeps what was played so far; {again} continues after it",
             err=True,
         )
         raise SystemExit(130) from None

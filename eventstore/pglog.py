@@ -914,6 +914,23 @@ class PostgresLog(EventLog):
         if not self._open:
             raise ConnectionError(f"{self.where}: the log is not open")
 
+    def _first_error(self, err: BaseException) -> BaseException:
+        """The error to report for ``err`` raised out of a transaction block.
+
+        A transaction's rollback on the way out is refused by a connection
+        that has just died ("cannot call Transaction.__aexit__(): the
+        underlying connection is closed"); the error that killed it, which
+        that one hides, is the one to show.
+        """
+        cause = err.__context__
+        if (
+            isinstance(err, self._pg.InterfaceError)
+            and isinstance(cause, (self._pg.PostgresError, self._pg.InterfaceError, OSError))
+            and self._lost(cause)
+        ):
+            return cause
+        return err
+
     def _lost(self, err: BaseException) -> bool:
         """Must the connection be replaced after ``err``?
 
@@ -1052,19 +1069,22 @@ class PostgresLog(EventLog):
                     await conn.execute(NOTIFY, self.channel, str(last))
         except StorageError:
             raise
-        except BaseException as err:
+        except BaseException as raised:
+            err = self._first_error(raised)
             if self._lost(err):
                 if conn is not None:
                     conn.terminate()
                 self._wconn = None
-            if not isinstance(err, Exception):  # cancelled: the outcome is unknown
+            if not isinstance(raised, Exception):  # cancelled: the outcome is unknown
                 raise
             if self._lost(err):
+                # Perhaps the idle limit, perhaps not: asyncpg reports the
+                # server's ending of the session as a bare "connection was
+                # closed", so the limit is named as a possibility.
                 idle = (
-                    "; most likely the idle limit: the server ends the session of an append "
-                    "of several statements that sits idle in its transaction for over "
-                    f"{LOCK_IDLE_TIMEOUT:g} s (this process stalled), so that the other "
-                    "writers go on"
+                    "; if this process stalled inside it, the server ends the session of an "
+                    "append of several statements that sits idle in its transaction for over "
+                    f"{LOCK_IDLE_TIMEOUT:g} s, so that the other writers go on"
                     if multi_statement
                     else ""
                 )
@@ -1274,17 +1294,7 @@ class PostgresLog(EventLog):
             OSError,
             asyncio.TimeoutError,
         ) as err:
-            cause = err.__context__
-            if (
-                isinstance(err, self._pg.InterfaceError)
-                and isinstance(cause, (self._pg.PostgresError, self._pg.InterfaceError, OSError))
-                and self._lost(cause)
-            ):
-                # A transaction's rollback on the way out, refused by the
-                # connection that had just died ("cannot call
-                # Transaction.__aexit__(): the underlying connection is
-                # closed"): the error that killed it is the one to show.
-                err = cause
+            err = self._first_error(err)
             if self._lost(err):
                 conn.terminate()
                 raise ConnectionError(f"{self.where}: connection lost: {err}") from err

@@ -522,6 +522,14 @@ async def test_long_chat_lines_are_appended_in_statements_of_bounded_size(
         await real_insert(conn, first, chunk)
 
     monkeypatch.setattr(log, "_insert", counted)
+    rounds: list[int] = []
+    real_commit = log._commit
+
+    async def measured(round_: Any) -> int:
+        rounds.append(sum(batch.size for batch in round_))
+        return await real_commit(round_)
+
+    monkeypatch.setattr(log, "_commit", measured)
     await log.open()
     try:
         line = "y" * 20_000
@@ -533,8 +541,54 @@ async def test_long_chat_lines_are_appended_in_statements_of_bounded_size(
             assert await log.fetch(range(first, first + len(batch))) == batch
         assert statements, "no round was cut into statements"
         assert all(size <= 64 * 1024 for size in statements), statements
+        # A round takes batches up to the bound (its first, whatever its size).
+        biggest = max(sum(len(m.message) for m in b) + 100 * len(b) for b in batches)
+        assert len(rounds) > 1 and all(size <= 64 * 1024 + biggest for size in rounds), rounds
         assert log.head == sum(len(b) for b in batches)
     finally:
+        await log.close()
+
+
+async def test_an_append_of_several_statements_whose_session_ends_says_why(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's reason, not the rollback's "cannot call
+    Transaction.__aexit__()" that followed it on the dead connection."""
+    log = PostgresLog(pg_database, insert_rows=1)  # three INSERTs for three events
+    await log.open()
+    real_insert = log._insert
+    admin = await asyncpg.connect(pg_database)
+    calls: list[int] = []
+
+    async def ended_before_the_second(conn: Any, first: int, chunk: Any) -> None:
+        calls.append(first)
+        if len(calls) == 2:
+            pid = conn.get_server_pid()
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            # Gone before the INSERT is sent: asyncpg, mid-send, may report
+            # only its own state ("another operation is in progress").
+            while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+        await real_insert(conn, first, chunk)
+
+    monkeypatch.setattr(log, "_insert", ended_before_the_second)
+    try:
+        with pytest.raises(ConnectionError) as raised:
+            await log.append([MessageSaved(i, "u", "x") for i in range(3)])
+        message = str(raised.value)
+        # The server's word when asyncpg kept it (it does for an answer it
+        # was waiting for; a session ended between two statements it reports
+        # as closed), never the rollback's.
+        assert "__aexit__" not in message, message
+        assert re.search(
+            r"events \(if it was lost during COMMIT they may be in the log\): "
+            r"(terminating connection due to administrator command|connection is closed)",
+            message,
+        ), message
+        assert log.head == 0 and await log.append([MessageSaved(9, "u", "y")]) == 1
+    finally:
+        await admin.close()
         await log.close()
 
 
