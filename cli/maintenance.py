@@ -26,6 +26,14 @@ from eventstore.validation import MAX_INT
 from . import output as out
 from .inspect import Directory, Json
 
+#: The store argument of the commands that work on a directory only.
+StoreDirectory = Annotated[
+    str,
+    typer.Argument(
+        help="The store's directory (not a URL).", metavar="DIR", callback=out.store_target
+    ),
+]
+
 
 def compact(
     directory: Directory = "data",
@@ -154,12 +162,7 @@ def _plain(report: Any) -> dict[str, Any]:
 
 
 def snapshot(
-    directory: Annotated[
-        str,
-        typer.Argument(
-            help="The store's directory (not a URL).", metavar="DIR", callback=out.store_target
-        ),
-    ] = "data",
+    directory: StoreDirectory = "data",
 ) -> None:
     """Save the read models now, so the next start replays only what follows.
 
@@ -230,12 +233,7 @@ def forget_user(
 
 
 def repair(
-    directory: Annotated[
-        str,
-        typer.Argument(
-            help="The store's directory (not a URL).", metavar="DIR", callback=out.store_target
-        ),
-    ] = "data",
+    directory: StoreDirectory = "data",
     json: Json = False,
 ) -> None:
     """Cut a damaged log back to its last good frame, keeping copies of what is cut.

@@ -984,16 +984,14 @@ def test_an_import_whose_store_cannot_be_created_leaves_nothing(
     assert d.exists() == existing and not (existing and any(d.iterdir()))
 
 
-def test_ctrl_c_during_an_import_leaves_no_store(tmp_path: Path) -> None:
-    db = _chat_db(tmp_path / "bot.db", 300_000)
-    d = tmp_path / "store"
+def _ctrl_c_once_written(d: Path, *args: str) -> tuple[int, str, str]:
+    """Run ``eventstore ARGS`` and send it SIGINT once a segment of ``d`` holds a frame."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "import-sqlite", str(db), str(d)],
+        [sys.executable, "-m", "cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Interrupt once the import has appended something (the file is checked first).
     deadline = time.monotonic() + 60
     while not any(p.stat().st_size > HEADER_SIZE for p in d.glob("*.seg")):
         assert proc.poll() is None, proc.communicate()
@@ -1001,7 +999,15 @@ def test_ctrl_c_during_an_import_leaves_no_store(tmp_path: Path) -> None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1, (out, err)
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_during_an_import_leaves_no_store(tmp_path: Path) -> None:
+    db = _chat_db(tmp_path / "bot.db", 300_000)
+    d = tmp_path / "store"
+    # Interrupted once the import has appended something (the file is checked first).
+    code, out, err = _ctrl_c_once_written(d, "import-sqlite", str(db), str(d))
+    assert code == 1, (out, err)
     assert err.startswith("Error: the import was interrupted after "), err
     assert "Traceback" not in err
     assert not d.exists()
@@ -1009,20 +1015,8 @@ def test_ctrl_c_during_an_import_leaves_no_store(tmp_path: Path) -> None:
 
 def test_ctrl_c_during_the_demo_says_what_the_store_keeps(tmp_path: Path) -> None:
     d = tmp_path / "demo"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "demo", str(d), "--minutes", "500000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not any(p.stat().st_size > HEADER_SIZE for p in d.glob("*.seg")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (out, err)
+    code, out, err = _ctrl_c_once_written(d, "demo", str(d), "--minutes", "500000")
+    assert code == 130, (out, err)
     assert err == (
         f"interrupted: {d} keeps what was played so far; eventstore demo {d} continues after it\n"
     )
