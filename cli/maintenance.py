@@ -258,9 +258,9 @@ def repair(
     out.need_store(directory)
     pid = lock_holder(directory)
     if pid is not None:
-        # Not "run this from the bot", as the other writing commands say:
-        # a store that needs repair does not open, so no bot holds it open
-        # by it; this one is another writer, to stop first.
+        # Not "run this from the bot", as the other writing commands say: a
+        # store that needs repair does not open, so its holder is some other
+        # writer, to stop first.
         who = f"process {pid}" if pid > 0 else "another process"
         out.fail(f"{directory} is open for writing by {who}; stop it first; nothing was changed")
     report = out.call(repair_store, directory)

@@ -578,10 +578,10 @@ async def compact_log(
     async for group in log.read_groups(1, head):
         before.apply_runs(group)
         for first, events in group:
+            # A group's runs come from one segment (read_groups), and
+            # last_sealed ends one: a run is wholly inside the range or past it.
             if first > last_sealed:
                 break
-            if first + len(events) - 1 > last_sealed:
-                events = events[: last_sealed - first + 1]
             for pos, ev in _present(first, events):
                 observe(pos, ev)
                 report.events_before += 1
