@@ -16,9 +16,9 @@ from __future__ import annotations
 import sys
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-__all__ = ["SortedIndex"]
+__all__ = ["SortedIndex", "ones", "without"]
 
 
 class SortedIndex:
@@ -111,20 +111,38 @@ class SortedIndex:
 
     def drop_code(self, code: int) -> list[int]:
         """Remove rows carrying ``code``; return their positions."""
-        return self._drop([i for i, c in enumerate(self.code) if c != code])
+        return self._drop_at(ones(bytes(map(code.__eq__, self.code))))
 
-    def drop_positions(self, positions: set[int]) -> list[int]:
-        """Remove the rows at ``positions``; return the positions removed."""
-        return self._drop([i for i, p in enumerate(self.pos) if p not in positions])
+    def drop_rows(self, rows: Iterable[tuple[int, int]]) -> list[int]:
+        """Remove the rows (timestamp, position) given; return the positions removed.
 
-    def _drop(self, keep: list[int]) -> list[int]:
-        if len(keep) == len(self.pos):
+        Rows not held are passed over.  Each is found by bisection, so the
+        cost is a copy of the arrays (in C), not a pass over the rows.
+        """
+        tss, poss = self.ts, self.pos
+        at = []
+        for ts, pos in rows:
+            # The rows of one timestamp are few: a scan among them.
+            for i in range(bisect_left(tss, ts), bisect_right(tss, ts)):
+                if poss[i] == pos:
+                    at.append(i)
+                    break
+        return self._drop_at(sorted(set(at)))
+
+    def _drop_at(self, at: list[int]) -> list[int]:
+        """Remove the rows at the (ascending) indexes ``at``; return their positions.
+
+        Forgetting a user runs this on indexes of a million rows and more
+        (every action after a year of a busy channel), on the event loop:
+        the rows kept are copied a slice at a time, where a list of kept
+        indexes built in Python stalled the loop for about a second.
+        """
+        if not at:
             return []
-        kept = set(keep)
-        dropped = [p for i, p in enumerate(self.pos) if i not in kept]
-        self.ts = array("q", [self.ts[i] for i in keep])
-        self.pos = array("q", [self.pos[i] for i in keep])
-        self.code = array("i", [self.code[i] for i in keep])
+        dropped = [self.pos[i] for i in at]
+        self.ts = without(self.ts, at)
+        self.pos = without(self.pos, at)
+        self.code = without(self.code, at)
         return dropped
 
     def same_rows(self, other: SortedIndex) -> bool:
@@ -177,3 +195,24 @@ def from_le(typecode: str, data: bytes) -> array[int]:
     if sys.byteorder != "little":
         arr.byteswap()
     return arr
+
+
+def ones(mask: bytes | bytearray) -> list[int]:
+    """The indexes of the bytes equal to 1 in ``mask``, ascending.
+
+    A search in C (memchr) between them: cheap when they are few.
+    """
+    out = []
+    i = mask.find(1)
+    while i >= 0:
+        out.append(i)
+        i = mask.find(1, i + 1)
+    return out
+
+
+def without(arr: array[int], at: list[int]) -> array[int]:
+    """A copy of ``arr`` without the items at the (ascending, distinct) indexes ``at``."""
+    out = arr[: at[0]]
+    for i, j in zip(at, [*at[1:], len(arr)], strict=True):
+        out += arr[i + 1 : j]
+    return out

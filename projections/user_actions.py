@@ -29,12 +29,13 @@ actions, be answered without a log read: short details (commands such as
 from __future__ import annotations
 
 from array import array
+from itertools import accumulate
 from typing import Any
 
 from eventstore.events import UserActionLogged, UserForgotten
 
 from .interning import Interner
-from .sorted_index import SortedIndex, from_le, to_le
+from .sorted_index import SortedIndex, from_le, to_le, without
 
 __all__ = ["DETAILS_IN_LOG", "DETAILS_NONE", "UserActionsProjection"]
 
@@ -149,47 +150,58 @@ class UserActionsProjection:
         ucode = self.users.get(ev.username)
         if ucode is None:
             return
-        gone = {self.slot_pos[s] for s in self._chain(self.by_user[ucode])}
+        slots = self._chain(self.by_user[ucode])
         self.by_user[ucode] = NONE
         self.users.forget(ev.username)
-        self.all.drop_positions(gone)
-        for tidx in self.by_type.values():
-            tidx.drop_code(ucode)
-        self._drop_dead_slots()
+        slot_ts, slot_pos, slot_type = self.slot_ts, self.slot_pos, self.slot_type
+        self.all.drop_rows([(slot_ts[s], slot_pos[s]) for s in slots])
+        rows_by_type: dict[int, list[tuple[int, int]]] = {}
+        for s in slots:
+            rows_by_type.setdefault(slot_type[s], []).append((slot_ts[s], slot_pos[s]))
+        for tcode, rows in rows_by_type.items():
+            self.by_type[tcode].drop_rows(rows)
+        self._drop_slots(slots)
 
-    def _drop_dead_slots(self) -> None:
-        """Renumber the slots of the users still known, dropping the others.
+    def _drop_slots(self, slots: list[int]) -> None:
+        """Remove ``slots`` (a forgotten user's) and renumber the others.
 
-        Forgetting is rare and already costs a pass over every row; without
-        this the forgotten user's slots would stay in memory, unreachable.
+        Without this the forgotten user's slots would stay in memory,
+        unreachable.  The slots kept keep their order, so a slot's new
+        number is the count of slots kept before it.  This runs on the event
+        loop over every action (a million after a year of a busy channel):
+        every pass over them is in C, where a loop in Python took about two
+        seconds.
         """
-        old_ts, old_pos, old_type = self.slot_ts, self.slot_pos, self.slot_type
-        old_details = self.slot_details
-        ts, pos, types, details = array("q"), array("q"), array("i"), array("i")
-        prev = array("i")
-        by_user = self.by_user
-        for ucode, newest in enumerate(by_user):
-            chain = self._chain(newest)
-            last = NONE
-            for old in reversed(chain):  # oldest first
-                ts.append(old_ts[old])
-                pos.append(old_pos[old])
-                types.append(old_type[old])
-                details.append(old_details[old])
-                prev.append(last)
-                last = len(prev) - 1
-            by_user[ucode] = last
-        self.slot_ts, self.slot_pos, self.slot_type = ts, pos, types
-        self.slot_details, self.slot_prev = details, prev
+        if not slots:
+            return
+        gone = sorted(slots)
+        old_details = {self.slot_details[s] for s in gone}
+        keep = bytearray(b"\x01") * len(self.slot_ts)
+        for slot in gone:
+            keep[slot] = 0
+        # renumber[old] is the new number of a kept slot ``old``; the last
+        # item is NONE, so that renumber[NONE], a chain's end, is NONE too.
+        counts = accumulate(keep, initial=NONE)
+        next(counts)
+        renumber = list(counts)
+        renumber.append(NONE)
+        new_number = renumber.__getitem__
+        self.slot_prev = array("i", map(new_number, without(self.slot_prev, gone)))
+        self.by_user = array("i", map(new_number, self.by_user))
+        self.slot_ts = without(self.slot_ts, gone)
+        self.slot_pos = without(self.slot_pos, gone)
+        self.slot_type = without(self.slot_type, gone)
+        self.slot_details = without(self.slot_details, gone)
         # Details and action types that only the forgotten user's actions
         # had are theirs too: blank them, so no snapshot keeps them.
-        used_types = set(types)
-        for interner, used in ((self.details, set(details)), (self.types, used_types)):
-            for code, name in enumerate(interner.names):
-                if name and code not in used:
-                    interner.forget(name)
-        for code in [c for c in self.by_type if c not in used_types]:
-            del self.by_type[code]
+        for tcode in [t for t, tidx in self.by_type.items() if not tidx.ts]:
+            del self.by_type[tcode]
+            self.types.forget(self.types.names[tcode])
+        old_details.difference_update((DETAILS_NONE, DETAILS_IN_LOG))
+        if old_details:
+            old_details.difference_update(self.slot_details)
+            for code in old_details:
+                self.details.forget(self.details.names[code])
 
     # -- reads ------------------------------------------------------------
     def _chain(self, slot: int) -> list[int]:

@@ -7,9 +7,12 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eventstore import EventStore
 from eventstore.events import UserActionLogged, UserForgotten
+from projections.sorted_index import SortedIndex
 from projections.user_actions import DETAILS_IN_LOG, DETAILS_NONE, UserActionsProjection
 
 
@@ -105,3 +108,76 @@ def test_a_snapshot_with_columns_of_different_lengths_is_refused() -> None:
     data["slots"][4] = b""
     with pytest.raises(ValueError, match="different lengths"):
         UserActionsProjection.load(data)
+
+
+_USERS = ["ann", "bo", "cy", "dee"]
+_ops = st.lists(
+    st.one_of(
+        # (user, timestamp, kind, details): an action, often back-dated.
+        st.tuples(
+            st.sampled_from(_USERS),
+            st.integers(0, 40),
+            st.sampled_from(["join", "leave", "pm"]),
+            st.sampled_from([None, "!stats", "!top", "x" * 70]),
+        ),
+        st.sampled_from(_USERS),  # forget this user
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ops)
+def test_forgetting_leaves_what_folding_only_the_other_actions_makes(ops: list[Any]) -> None:
+    """After any actions and forgets, the slots (numbers, chains) and views are
+    those of a projection that folded only the actions of users not
+    forgotten since: a forget removes the user's slots and keeps the others'
+    order.  Details and types only forgotten users had are blanked."""
+    proj = UserActionsProjection()
+    kept: list[tuple[int, Any]] = []
+    for pos, op in enumerate(ops, 1):
+        if isinstance(op, str):
+            proj.on_forgotten(pos, UserForgotten(op, 0))
+            kept = [(p, ev) for p, ev in kept if ev.username != op]
+        else:
+            user, ts, kind, details = op
+            ev = UserActionLogged(ts, user, kind, details)
+            proj.on_logged(pos, ev)
+            kept.append((pos, ev))
+    fresh = UserActionsProjection()
+    for pos, ev in kept:
+        fresh.on_logged(pos, ev)
+    assert proj.slot_ts == fresh.slot_ts and proj.slot_pos == fresh.slot_pos
+    assert proj.slot_prev == fresh.slot_prev
+
+    def rows(p: UserActionsProjection, user: str) -> list[Any]:
+        # Details codes are the interner's: compare what they stand for.
+        return [
+            (pos, ts, kind, p.details.names[code] if code >= 0 else code)
+            for pos, ts, kind, code in p.user_rows(user, None, 100, 0)
+        ]
+
+    for user in _USERS:
+        assert rows(proj, user) == rows(fresh, user)
+        for kind in ("join", "leave", "pm", None):
+            assert _newest(proj, user, kind) == _newest(fresh, user, kind)
+    for kind in ("join", "leave", "pm", None):
+        assert _newest(proj, None, kind) == _newest(fresh, None, kind)
+    assert proj.all.same_rows(fresh.all)
+    assert set(filter(None, proj.types.names)) == set(fresh.types.names)
+    assert set(filter(None, proj.details.names)) == set(fresh.details.names)
+    assert set(filter(None, proj.users.names)) >= {ev.username for _, ev in kept}
+
+
+def test_sorted_index_drops_rows_by_timestamp_and_position() -> None:
+    idx = SortedIndex()
+    rows = [(5, 1, 7), (5, 2, 8), (5, 3, 7), (6, 4, 8), (9, 5, 7), (9, 6, 7)]
+    for ts, pos, code in rows:
+        idx.add(ts, pos, code)
+    # A row not held (wrong timestamp for its position, or unknown) is passed over.
+    assert idx.drop_rows([(9, 6), (5, 2), (6, 5), (4, 1), (5, 2)]) == [2, 6]
+    assert list(idx.rows()) == [(5, 1, 7), (5, 3, 7), (6, 4, 8), (9, 5, 7)]
+    assert idx.drop_code(7) == [1, 3, 5]
+    assert list(idx.rows()) == [(6, 4, 8)]
+    assert idx.drop_code(7) == [] and idx.drop_rows([]) == []
+    assert idx.drop_rows([(6, 4)]) == [4] and len(idx) == 0
