@@ -280,8 +280,22 @@ def _visible(index: SortedIndex, ts: int, pos: int) -> bool:
     return False
 
 
+#: Bytes of new segments the compaction's writer queues before it hands them
+#: to a thread (see _SegmentWriter.drain).
+DRAIN_BYTES = 1 << 20
+
+
 class _SegmentWriter:
-    """Writes events (with their positions) as compacted segments in a directory."""
+    """Writes events (with their positions) as compacted segments in a directory.
+
+    ``add`` and ``finish`` only encode, on the caller's thread; the file work
+    they queue (open, write, fsync, close) runs in a worker thread at each
+    ``drain``.  Compaction runs in the bot's process, beside its chat: done
+    on the event loop, writes of the new segments stalled it for up to a
+    second at a time behind the disk's writeback (a year of a busy channel,
+    half a minute in all).  The queue holds at most what the caller added
+    since its last drain (a group of runs, a few megabytes).
+    """
 
     def __init__(self, directory: str, store_id: bytes, segment_size: int, write: bool) -> None:
         self.directory = directory
@@ -290,10 +304,15 @@ class _SegmentWriter:
         self.write = write
         self.names: list[str] = []
         self.bytes = 0
-        self._fd: int | None = None
         self._size = 0
         self._run: list[Event | None] = []
         self._run_first = 0
+        # File work not done yet: a new segment's name and header, bytes to
+        # append to the segment last begun, or None to sync and close it.
+        self._queued: list[tuple[str, bytes] | bytearray | None] = []
+        self._queued_bytes = 0
+        # Only the worker thread uses it while a drain runs.
+        self._fd: int | None = None
 
     def add(self, position: int, event: Event) -> None:
         # The events kept are rarely neighbours (a busy channel's chat lines
@@ -317,23 +336,60 @@ class _SegmentWriter:
         for first, _count, frame in encode_frames(self._run_first, self._run):
             if self._size == 0 or self._size + len(frame) > self.segment_size:
                 self._new_segment(first)
-            if self._fd is not None:
-                write_all(self._fd, frame)
+            if self.write:
+                queued = self._queued
+                if queued and isinstance(queued[-1], bytearray):
+                    queued[-1] += frame
+                else:
+                    queued.append(bytearray(frame))
+                self._queued_bytes += len(frame)
             self._size += len(frame)
             self.bytes += len(frame)
         self._run = []
 
     def _new_segment(self, first: int) -> None:
-        self._close_segment()
         name = segment_name(first)
-        self.names.append(name)
-        header = pack_header(first, self.store_id, flags=FLAG_COMPACTED | FLAG_HOLES)
         if self.write:
-            path = os.path.join(self.directory, name)
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            write_all(self._fd, header)
+            if self.names:
+                self._queued.append(None)
+            header = pack_header(first, self.store_id, flags=FLAG_COMPACTED | FLAG_HOLES)
+            self._queued.append((name, header))
+        self.names.append(name)
         self._size = HEADER_SIZE
         self.bytes += HEADER_SIZE
+
+    async def drain(self, *, everything: bool = False) -> None:
+        """Do the file work queued so far, in a worker thread; OSError as it failed.
+
+        Unless ``everything``, only once DRAIN_BYTES are queued: a hand-over
+        to the thread per group of runs (tens of thousands of them) made a
+        compaction's CPU time half as long again.
+        """
+        if not self._queued or (self._queued_bytes < DRAIN_BYTES and not everything):
+            return
+        queued, self._queued = self._queued, []
+        self._queued_bytes = 0
+        work = asyncio.get_running_loop().run_in_executor(None, self._do, queued)
+        try:
+            await asyncio.shield(work)
+        finally:
+            if not work.done():
+                # Cancelled: the thread goes on regardless.  Let it end, so
+                # that abandon() does not close the file under it.
+                await asyncio.wait({work})
+
+    def _do(self, queued: list[tuple[str, bytes] | bytearray | None]) -> None:
+        for item in queued:
+            if item is None:
+                self._close_segment()
+            elif isinstance(item, bytearray):
+                assert self._fd is not None
+                write_all(self._fd, item)
+            else:
+                name, header = item
+                path = os.path.join(self.directory, name)
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                write_all(self._fd, header)
 
     def _close_segment(self) -> None:
         if self._fd is not None:
@@ -350,21 +406,26 @@ class _SegmentWriter:
         file held open keeps its space (up to a whole segment) for as long
         as the process lives, on a disk that may just have run full.
         """
+        self._queued = []
+        self._queued_bytes = 0
         if self._fd is not None:
             fd, self._fd = self._fd, None
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def finish(self, first_position: int) -> None:
+    async def finish(self, first_position: int) -> None:
+        """Write the last run, sync and close the last segment, then the directory."""
         if self._run:
             self._flush_run()
         if not self.names:
             # Everything was dropped.  An empty compacted segment still
             # records that the gap up to the next segment is intended.
             self._new_segment(first_position)
-        self._close_segment()
         if self.write:
-            fsync_dir(self.directory)
+            self._queued.append(None)
+        await self.drain(everything=True)
+        if self.write:
+            await asyncio.get_running_loop().run_in_executor(None, fsync_dir, self.directory)
 
 
 class Planner:
@@ -621,8 +682,9 @@ async def compact_log(
                         add(pos, keep)
                         report.events_after += 1
             last_first, last_events = group[-1]
+            await writer.drain()
             reached(head + last_sealed + last_first + len(last_events) - 1)
-        writer.finish(sealed[0].first)
+        await writer.finish(sealed[0].first)
         report.dropped_by_type = dict(sorted(dropped.items()))
         report.bytes_after = writer.bytes
         report.segments_rewritten = len(sealed)

@@ -1225,6 +1225,69 @@ async def test_a_compaction_cancelled_in_its_switch_leaves_the_store_consistent(
     assert verify(d).ok
 
 
+async def test_compaction_writes_its_segments_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new segments are written, synced and closed in a worker thread:
+    on the event loop they stalled the bot behind the disk's writeback."""
+    d = tmp_path / "s"
+    writers: set[int] = set()
+    real_write_all = compaction_mod.write_all
+
+    def write_all(fd: int, data: Any) -> None:
+        writers.add(threading.get_ident())
+        real_write_all(fd, data)
+
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        monkeypatch.setattr(compaction_mod, "write_all", write_all)
+        assert (await store.compact()).segments_written
+        assert writers and threading.get_ident() not in writers
+        assert await reads(store) == before
+    assert verify(d).ok
+
+
+async def test_a_compaction_cancelled_while_its_thread_writes_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the worker thread writes a new segment: the compaction
+    waits for the thread before it closes the file and removes its work, so
+    no write lands on a closed (or reused) descriptor and nothing is left."""
+    d = tmp_path / "s"
+    real_write_all = compaction_mod.write_all
+    writing, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(compaction_mod, "DRAIN_BYTES", 1)
+
+    def slow_write_all(fd: int, data: Any) -> None:
+        writing.set()
+        release.wait(10)
+        real_write_all(fd, data)
+
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        monkeypatch.setattr(compaction_mod, "write_all", slow_write_all)
+        task = asyncio.ensure_future(store.compact())
+        while not writing.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # waiting for the thread's write
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(compaction_mod, "write_all", real_write_all)
+        assert not (d / compaction_mod.COMPACT_DIR).exists()
+        assert deleted_files_open(d) == []
+        assert await reads(store) == before
+        assert (await store.compact()).segments_rewritten
+        after = await reads(store)
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as again:
+        assert await reads(again) == after
+    assert verify(d).ok
+
+
 @pytest.mark.parametrize("then", ["open", "repair"])
 @pytest.mark.parametrize("fail_at", ["write", "verify", "commit", "switch"])
 async def test_an_interrupted_compaction_opens_old_or_new_never_a_mix(
