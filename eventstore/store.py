@@ -1053,6 +1053,9 @@ class EventStore(StorageAdapter):
         # still be writing up to it, so wait for that before naming its frame.
         payload = encode_state(proj)
         await log.flush()
+        # Right after a compaction the segment holding ``position`` is new,
+        # and naming its frame would first walk it, here on the loop.
+        await log.index_for([position])
         checksum = log.frame_checksum(position)
         if checksum is None:
             raise StorageError(f"position {position} is not in the log; no snapshot written")

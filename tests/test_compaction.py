@@ -1248,6 +1248,32 @@ async def test_compaction_writes_its_segments_off_the_event_loop(
     assert verify(d).ok
 
 
+async def test_the_snapshot_after_a_compaction_indexes_the_new_segment_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot a compaction writes names a frame of a segment nobody has
+    walked yet: the walk runs in the log's thread, not on the event loop."""
+    from eventstore.segmentlog import SegmentLog
+
+    d = tmp_path / "s"
+    on_loop: list[str] = []
+    real_index_segment = SegmentLog._index_segment
+
+    def index_segment(self: SegmentLog, seg: Any) -> None:
+        on_loop.append(seg.path)
+        real_index_segment(self, seg)
+
+    async with EventStore(d, segment_size=4096) as store:
+        await busy_history(store, 3)
+        monkeypatch.setattr(SegmentLog, "_index_segment", index_segment)
+        assert (await store.compact()).segments_written
+        assert list(d.glob("snapshot-*")) and on_loop == []
+        monkeypatch.undo()
+        before = await reads(store)
+    async with EventStore(d, segment_size=4096) as again:
+        assert await reads(again) == before
+
+
 async def test_a_compaction_cancelled_while_its_thread_writes_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,14 +8,17 @@ still reported at its own offset.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import struct
 import zlib
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from storeutil import frames_end, segment_files
 
+import eventstore.segmentlog as segmentlog_mod
 from eventstore import EventStore, IntegrityError
 from eventstore.codec import decode_frames, encode_batch
 from eventstore.events import MessageSaved, UserCountLogged
@@ -229,3 +232,39 @@ def test_decode_frames_joins_payloads_and_checks_their_counts() -> None:
     assert decode_frames(payloads, [3, 19, 1]) is None  # a count that does not match
     assert decode_frames([b"\x92\xc1", payloads[0]], [2, 3]) is None  # undecodable
     assert decode_frames([b"", payloads[0]], [0, 3]) is None
+
+
+async def test_a_long_read_hands_the_event_loop_back_between_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The groups of one chunk were yielded without a pause: a consumer that
+    folds them (compaction, a follower's rebuild) held the loop for the whole
+    chunk, up to a million positions.  A read pauses once READ_SLICE has
+    passed since its last pause; with 0, after every group."""
+    d = tmp_path / "s"
+    async with EventStore(d, durability="none", snapshot_every=None) as store:
+        await store.append(
+            [MessageSaved(i, "ann", f"line {i}") for i in range(1, 20 * RUN_EVENTS + 1)]
+        )
+    monkeypatch.setattr(segmentlog_mod, "READ_SLICE", 0.0)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    log = SegmentLog(str(d), read_only=True)
+    await log.open()
+    ticker = asyncio.ensure_future(tick())
+    seen = []
+    try:
+        async for _group in log.read_groups(1):
+            seen.append(ticks)
+    finally:
+        ticker.cancel()
+        await log.close()
+    assert len(seen) >= 20
+    # The ticker ran between (nearly) every two groups, not once a chunk.
+    assert sum(b > a for a, b in pairwise(seen)) >= len(seen) - 2
