@@ -1,0 +1,234 @@
+"""Benchmark: how long the event loop stalls while the store does its upkeep.
+
+Command (from the repository root; about six minutes with ``--against``,
+plus about 50 s the first time to build the 10M-event store under the bench
+directory, kept for the other benchmarks)::
+
+    python -m bench.bench_stalls                          # the 10M store, 3 runs
+    python -m bench.bench_stalls --store DIR              # a copy of another store
+    python -m bench.bench_stalls --against ../old-checkout  # the same, beside other code
+    python -m bench.bench_stalls --quick                  # 50,000 events, 1 run: checks the script
+
+A bot runs compaction, ``forget_user`` and snapshots in its own process,
+beside its chat: the event loop that answers the chat is the one the store
+works on.  Every await of the store's lets the chat's tasks run; the time
+between two such moments, a *stall*, is how long the bot cannot answer.
+
+Each run, in a fresh interpreter, copies the store (by default the first
+10M events of the busy channel, ``bench.common.build_store``, never
+compacted; ``--store`` names another, for instance the ``soak-store`` that
+bench_soak leaves, a year old and compacted every week), connects to the
+copy, then times four steps, one after the other, while a heartbeat task
+loops on ``asyncio.sleep(0.001)`` and records the time between its wakeups:
+
+* ``connect()`` (from the store's snapshot);
+* ``compact(keep_history_days=90)`` (in the store's own clock, that of its
+  last event);
+* ``forget_user`` of the user with the most actions (a compaction of its own);
+* ``write_snapshot()``.
+
+Reported per step: its wall time, the longest gap between two heartbeats
+(the longest stall, heartbeat's own millisecond included), the 99th
+percentile of the gaps, and how many gaps passed 100 ms; medians over the
+runs, with their range.  With ``--against TREE`` every run is made twice,
+alternating, once with the code of this checkout and once with
+``PYTHONPATH=TREE`` (another checkout, say of the commit before a change):
+both columns come from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    ROOT,
+    Target,
+    add_common_args,
+    bench_dir,
+    build_store,
+    finish,
+    fmt_seconds,
+    machine_info,
+    md_table,
+    summarize,
+)
+
+STEPS = ["connect", "compact", "forget_user", "write_snapshot"]
+#: A gap between heartbeats above this counts as a stall a person would notice.
+NOTICEABLE = 0.1
+
+
+def child(store: str, copy: str) -> None:
+    """One run, in this interpreter: print the result as one line of JSON.
+
+    Imports only the standard library and ``eventstore``, so that it runs
+    against another checkout (PYTHONPATH) whose ``bench`` package may differ.
+    """
+    import asyncio
+    import time
+
+    from eventstore import EventStore
+
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(store, copy)
+
+    async def step(work: Any) -> dict[str, float]:
+        gaps: list[float] = []
+        done = False
+
+        async def heartbeat() -> None:
+            last = time.perf_counter()
+            while not done:
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        beating = asyncio.ensure_future(heartbeat())
+        await asyncio.sleep(0.01)
+        began = time.perf_counter()
+        await work
+        seconds = time.perf_counter() - began
+        done = True
+        await beating
+        gaps.sort()
+        return {
+            "seconds": seconds,
+            "longest": gaps[-1],
+            "p99": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))],
+            "noticeable": sum(g > NOTICEABLE for g in gaps),
+        }
+
+    # The store's clock reads the time of its newest event once connected:
+    # keep_history_days counts back from the simulated present, not today.
+    now = [int(time.time())]
+
+    async def run() -> dict[str, Any]:
+        store_ = EventStore(copy, clock=lambda: now[0])
+        out: dict[str, Any] = {"connect": await step(store_.connect())}
+        proj = store_.projections
+        now[0] = max(
+            index.ts[-1]
+            for index in (proj.actions.all, proj.counts.index, proj.messages.index)
+            if len(index)
+        )
+        actions = proj.actions
+        users = sorted(store_.projections.user_stats.users)
+        most = max(users, key=lambda u: len(actions.positions(u, None, 10**9, 0)))
+        out["forgotten_actions"] = len(actions.positions(most, None, 10**9, 0))
+        out["held_actions"] = len(actions.all)
+        out["compact"] = await step(store_.compact(keep_history_days=90))
+        out["forget_user"] = await step(store_.forget_user(most))
+        out["write_snapshot"] = await step(store_.write_snapshot())
+        await store_.close()
+        return out
+
+    result = asyncio.run(run())
+    shutil.rmtree(copy, ignore_errors=True)
+    print(json.dumps(result))
+
+
+def measure(store: Path, scratch: Path, trees: dict[str, Path | None], runs: int) -> dict[str, Any]:
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for i in range(runs):
+        order = list(trees.items())
+        if i % 2:
+            order.reverse()  # neither code always runs first
+        for name, tree in order:
+            env = dict(os.environ)
+            # The child runs as a file, so its directory, not the checkout,
+            # starts sys.path: name the checkout whose code it is to run.
+            env["PYTHONPATH"] = f"{tree or ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+            proc = subprocess.run(
+                [sys.executable, str(Path(__file__)), "--child", str(store), str(scratch)],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"run with {name} failed ({proc.returncode}):\n{proc.stderr}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[name].append(result)
+            print(
+                f"bench_stalls: run {i + 1} {name}: "
+                + ", ".join(f"{s} {result[s]['longest'] * 1000:.0f} ms" for s in STEPS),
+                flush=True,
+            )
+    return {"store": str(store), "runs": runs, "results": results}
+
+
+def targets(data: dict[str, Any]) -> list[Target]:
+    return []  # the issue names no target for stalls: the figures stand on their own
+
+
+def report(data: dict[str, Any]) -> str:
+    rows = []
+    for name, results in data["results"].items():
+        for s in STEPS:
+            secs = summarize([r[s]["seconds"] for r in results])
+            longest = summarize([r[s]["longest"] * 1000 for r in results])
+            p99 = summarize([r[s]["p99"] * 1000 for r in results])
+            noticed = summarize([r[s]["noticeable"] for r in results])
+            rows.append(
+                [
+                    name,
+                    s,
+                    secs.spread(fmt_seconds),
+                    longest.spread(lambda x: f"{x:.0f} ms"),
+                    p99.spread(lambda x: f"{x:.1f} ms"),
+                    noticed.spread(lambda x: f"{x:.0f}"),
+                ]
+            )
+    first = next(iter(data["results"].values()))[0]
+    table = md_table(
+        ["code", "step", "wall time", "longest stall", "p99 gap", "gaps > 100 ms"], rows
+    )
+    return (
+        f"{table}\n\nStore: {data['store']} ({first['held_actions']:,} actions held; "
+        f"the user forgotten had {first['forgotten_actions']:,}); {data['runs']} runs.\n"
+    )
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--store", type=Path, help="measure on copies of this store")
+    parser.add_argument(
+        "--against", type=Path, help="another checkout to run beside this one (PYTHONPATH)"
+    )
+    args = parser.parse_args()
+    directory = bench_dir(args.dir)
+    if args.store is not None:
+        store = args.store.resolve()
+        if not store.is_dir():
+            parser.error(f"--store {store}: not a directory")
+    else:
+        n = 50_000 if args.quick else 10_000_000
+        store = directory / f"store-{n}"
+        build_store(store, n)
+    if args.against is not None and not (args.against / "eventstore").is_dir():
+        parser.error(f"--against {args.against}: no eventstore package in it")
+    trees: dict[str, Path | None] = {"this checkout": None}
+    if args.against is not None:
+        trees[str(args.against)] = args.against.resolve()
+    runs = args.runs or (1 if args.quick else 3)
+    info = machine_info(directory)
+    print(f"bench_stalls: {store}, {runs} runs, load {info['loadavg']}", flush=True)
+    data = measure(store, directory / "stalls-copy", trees, runs)
+    finish(data, info, targets, report, args.json)
+
+
+if __name__ == "__main__":
+    main()
