@@ -19,7 +19,8 @@ Each run, in a fresh interpreter, copies the store (by default the first
 compacted; ``--store`` names another, for instance the ``soak-store`` that
 bench_soak leaves, a year old and compacted every week), connects to the
 copy, then times four steps, one after the other, while a heartbeat task
-loops on ``asyncio.sleep(0.001)`` and records the time between its wakeups:
+loops on ``asyncio.sleep(HEARTBEAT)`` (5 ms) and records the time between
+its wakeups:
 
 * ``connect()`` (from the store's snapshot);
 * ``compact(keep_history_days=90)`` (in the store's own clock, that of its
@@ -27,13 +28,14 @@ loops on ``asyncio.sleep(0.001)`` and records the time between its wakeups:
 * ``forget_user`` of the user with the most actions (a compaction of its own);
 * ``write_snapshot()``.
 
-Reported per step: its wall time, the longest gap between two heartbeats
-(the longest stall, heartbeat's own millisecond included), the 99th
-percentile of the gaps, and how many gaps passed 100 ms; medians over the
-runs, with their range.  With ``--against TREE`` every run is made twice,
-alternating, once with the code of this checkout and once with
-``PYTHONPATH=TREE`` (another checkout, say of the commit before a change):
-both columns come from the same run.
+Reported per step: its wall and CPU time (of the process: the heartbeat's
+wakeups count too, and there are more of them the less the loop stalls),
+the longest gap between two heartbeats (the longest stall, the heartbeat's
+own 5 ms included), the 99th percentile of the gaps, and how many gaps
+passed 100 ms; medians over the runs, with their range.  With ``--against
+TREE`` every run is made twice, alternating, once with the code of this
+checkout and once with ``PYTHONPATH=TREE`` (another checkout, say of the
+commit before a change): both columns come from the same run.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ from bench.common import (
 STEPS = ["connect", "compact", "forget_user", "write_snapshot"]
 #: A gap between heartbeats above this counts as a stall a person would notice.
 NOTICEABLE = 0.1
+#: The heartbeat's sleep: short against the stalls that matter, long enough
+#: that its own wakeups cost little of the step's CPU.
+HEARTBEAT = 0.005
 
 
 def child(store: str, copy: str) -> None:
@@ -86,21 +91,22 @@ def child(store: str, copy: str) -> None:
         async def heartbeat() -> None:
             last = time.perf_counter()
             while not done:
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(HEARTBEAT)
                 now = time.perf_counter()
                 gaps.append(now - last)
                 last = now
 
         beating = asyncio.ensure_future(heartbeat())
         await asyncio.sleep(0.01)
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         await work
-        seconds = time.perf_counter() - began
+        seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
         done = True
         await beating
         gaps.sort()
         return {
             "seconds": seconds,
+            "cpu": cpu,
             "longest": gaps[-1],
             "p99": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))],
             "noticeable": sum(g > NOTICEABLE for g in gaps),
@@ -175,6 +181,7 @@ def report(data: dict[str, Any]) -> str:
     for name, results in data["results"].items():
         for s in STEPS:
             secs = summarize([r[s]["seconds"] for r in results])
+            cpu = summarize([r[s]["cpu"] for r in results])
             longest = summarize([r[s]["longest"] * 1000 for r in results])
             p99 = summarize([r[s]["p99"] * 1000 for r in results])
             noticed = summarize([r[s]["noticeable"] for r in results])
@@ -183,6 +190,7 @@ def report(data: dict[str, Any]) -> str:
                     name,
                     s,
                     secs.spread(fmt_seconds),
+                    cpu.spread(fmt_seconds),
                     longest.spread(lambda x: f"{x:.0f} ms"),
                     p99.spread(lambda x: f"{x:.1f} ms"),
                     noticed.spread(lambda x: f"{x:.0f}"),
@@ -190,7 +198,8 @@ def report(data: dict[str, Any]) -> str:
             )
     first = next(iter(data["results"].values()))[0]
     table = md_table(
-        ["code", "step", "wall time", "longest stall", "p99 gap", "gaps > 100 ms"], rows
+        ["code", "step", "wall time", "CPU time", "longest stall", "p99 gap", "gaps > 100 ms"],
+        rows,
     )
     return (
         f"{table}\n\nStore: {data['store']} ({first['held_actions']:,} actions held; "
