@@ -34,7 +34,7 @@ the longest gap between two heartbeats (the longest stall, the heartbeat's
 own 5 ms included), the 99th percentile of the gaps, and how many gaps
 passed 100 ms; medians over the runs, with their range.  With ``--against
 TREE`` every run is made twice, alternating, once with the code of this
-checkout and once with ``PYTHONPATH=TREE`` (another checkout, say of the
+checkout and once with the ``eventstore`` package of TREE (another checkout, say of the
 commit before a change): both columns come from the same run.
 """
 
@@ -42,15 +42,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    ROOT,
     Target,
     add_common_args,
     bench_dir,
@@ -59,6 +56,7 @@ from bench.common import (
     fmt_seconds,
     machine_info,
     md_table,
+    run_child,
     summarize,
 )
 
@@ -70,15 +68,18 @@ NOTICEABLE = 0.1
 HEARTBEAT = 0.005
 
 
-def child(store: str, copy: str) -> None:
+def child(store: str, copy: str, tree: str) -> None:
     """One run, in this interpreter: print the result as one line of JSON.
 
-    Imports only the standard library and ``eventstore``, so that it runs
-    against another checkout (PYTHONPATH) whose ``bench`` package may differ.
+    With ``tree``, the ``eventstore`` package of that checkout is the one
+    imported (nothing imported it before: bench.common does so only inside
+    its functions).
     """
     import asyncio
     import time
 
+    if tree:
+        sys.path.insert(0, tree)
     from eventstore import EventStore
 
     shutil.rmtree(copy, ignore_errors=True)
@@ -148,21 +149,9 @@ def measure(store: Path, scratch: Path, trees: dict[str, Path | None], runs: int
         if i % 2:
             order.reverse()  # neither code always runs first
         for name, tree in order:
-            env = dict(os.environ)
-            # The child runs as a file, so its directory, not the checkout,
-            # starts sys.path: name the checkout whose code it is to run.
-            env["PYTHONPATH"] = f"{tree or ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-            proc = subprocess.run(
-                [sys.executable, str(Path(__file__)), "--child", str(store), str(scratch)],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
+            result = run_child(
+                ["bench.bench_stalls", "--child", str(store), str(scratch), str(tree or "")]
             )
-            if proc.returncode != 0:
-                raise RuntimeError(f"run with {name} failed ({proc.returncode}):\n{proc.stderr}")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
             results[name].append(result)
             print(
                 f"bench_stalls: run {i + 1} {name}: "
@@ -208,14 +197,16 @@ def report(data: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], sys.argv[4])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--store", type=Path, help="measure on copies of this store")
     parser.add_argument(
-        "--against", type=Path, help="another checkout to run beside this one (PYTHONPATH)"
+        "--against",
+        type=Path,
+        help="another checkout whose eventstore package to run beside this one",
     )
     args = parser.parse_args()
     directory = bench_dir(args.dir)

@@ -293,8 +293,8 @@ class _SegmentWriter:
     ``drain``.  Compaction runs in the bot's process, beside its chat: done
     on the event loop, writes of the new segments stalled it for up to a
     second at a time behind the disk's writeback (a year of a busy channel,
-    half a minute in all).  The queue holds at most what the caller added
-    since its last drain (a group of runs, a few megabytes).
+    half a minute in all).  The queue holds about DRAIN_BYTES: a drain
+    that finds less leaves it for the next.
     """
 
     def __init__(self, directory: str, store_id: bytes, segment_size: int, write: bool) -> None:
