@@ -280,6 +280,13 @@ def _visible(index: SortedIndex, ts: int, pos: int) -> bool:
     return False
 
 
+async def _outlive_cancels(work: asyncio.Future[Any]) -> None:
+    """Wait for ``work`` (a thread's) to end, through any number of cancels."""
+    while not work.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({work})
+
+
 #: Bytes of new segments the compaction's writer queues before it hands them
 #: to a thread (see _SegmentWriter.drain).
 DRAIN_BYTES = 1 << 20
@@ -372,11 +379,13 @@ class _SegmentWriter:
         work = asyncio.get_running_loop().run_in_executor(None, self._do, queued)
         try:
             await asyncio.shield(work)
-        finally:
-            if not work.done():
-                # Cancelled: the thread goes on regardless.  Let it end, so
-                # that abandon() does not close the file under it.
-                await asyncio.wait({work})
+        except asyncio.CancelledError:
+            # The thread goes on regardless.  Let it end, however often the
+            # caller is cancelled meanwhile: abandon() must not close the
+            # file under it (its descriptor number may name another file by
+            # then), nor may it open a segment after the work is removed.
+            await _outlive_cancels(work)
+            raise
 
     def _do(self, queued: list[tuple[str, bytes] | bytearray | None]) -> None:
         for item in queued:
@@ -754,10 +763,9 @@ async def compact_log(
         try:
             await asyncio.shield(switch)
         finally:
-            if not switch.done():
-                # Cancelled: the thread moves files on regardless.  Let it
-                # end, so that what follows sees the files as they will stay.
-                await asyncio.wait({switch})
+            # Cancelled: the thread moves files on regardless.  Let it end,
+            # so that what follows sees the files as they will stay.
+            await _outlive_cancels(switch)
             if not switch.cancelled() and switch.exception() is None:
                 log.replace_sealed(len(sealed))
                 log.switch_unfinished = False

@@ -1744,6 +1744,7 @@ class SegmentLog(EventLog):
                 if thread is None or self._thread is not thread:
                     raise ConnectionError(f"{self.directory}: the log was closed during a read")
                 data = await thread.call(os.pread, seg.fd, want, offset)
+                pause_at = time.monotonic() + READ_SLICE  # that await was a pause
                 if not data:
                     break
                 offset += len(data)

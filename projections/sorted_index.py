@@ -122,11 +122,12 @@ class SortedIndex:
         tss, poss = self.ts, self.pos
         at = []
         for ts, pos in rows:
-            # The rows of one timestamp are few: a scan among them.
-            for i in range(bisect_left(tss, ts), bisect_right(tss, ts)):
-                if poss[i] == pos:
-                    at.append(i)
-                    break
+            lo, hi = bisect_left(tss, ts), bisect_right(tss, ts)
+            # The rows of one timestamp are in position order (see add), and
+            # may be many (a mass rejoin, an import): bisect among them.
+            i = bisect_left(poss, pos, lo, hi)
+            if i < hi and poss[i] == pos:
+                at.append(i)
         return self._drop_at(sorted(set(at)))
 
     def _drop_at(self, at: list[int]) -> list[int]:

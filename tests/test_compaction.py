@@ -1314,6 +1314,49 @@ async def test_a_compaction_cancelled_while_its_thread_writes_leaves_nothing_beh
     assert verify(d).ok
 
 
+async def test_a_compaction_cancelled_twice_still_outlives_its_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second cancel (a timeout, then shutdown) while the compaction waits
+    for its writer's thread must not end the wait: the file would be closed
+    under the thread, whose next write then lands in whatever file took the
+    descriptor number."""
+    d = tmp_path / "s"
+    real_write_all = compaction_mod.write_all
+    writing, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(compaction_mod, "DRAIN_BYTES", 1)
+
+    def slow_write_all(fd: int, data: Any) -> None:
+        if len(data) > 100 and not writing.is_set():
+            writing.set()
+            release.wait(10)
+        real_write_all(fd, data)
+
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        monkeypatch.setattr(compaction_mod, "write_all", slow_write_all)
+        task = asyncio.ensure_future(store.compact())
+        while not writing.is_set():
+            await asyncio.sleep(0.01)
+        for _ in range(2):
+            task.cancel()
+            await asyncio.sleep(0.05)
+            assert not task.done()  # still waiting for the thread's write
+        victim = tmp_path / "victim"
+        fd = os.open(victim, os.O_RDWR | os.O_CREAT, 0o600)  # would take a closed number
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        os.close(fd)
+        assert victim.stat().st_size == 0
+        monkeypatch.setattr(compaction_mod, "write_all", real_write_all)
+        assert not (d / compaction_mod.COMPACT_DIR).exists()
+        assert deleted_files_open(d) == []
+        assert await reads(store) == before
+    assert verify(d).ok
+
+
 @pytest.mark.parametrize("then", ["open", "repair"])
 @pytest.mark.parametrize("fail_at", ["write", "verify", "commit", "switch"])
 async def test_an_interrupted_compaction_opens_old_or_new_never_a_mix(

@@ -181,3 +181,17 @@ def test_sorted_index_drops_rows_by_timestamp_and_position() -> None:
     assert list(idx.rows()) == [(6, 4, 8)]
     assert idx.drop_code(7) == [] and idx.drop_rows([]) == []
     assert idx.drop_rows([(6, 4)]) == [4] and len(idx) == 0
+
+
+def test_sorted_index_drops_rows_among_many_of_one_timestamp() -> None:
+    """A mass rejoin or an import puts many rows in one second: each row to
+    drop is found by bisection on its position among them."""
+    idx = SortedIndex()
+    for pos in range(1, 20_001):
+        idx.add(1_700_000_000 + (pos > 15_000), pos, pos % 7)
+    gone = [(1_700_000_000, p) for p in range(400, 15_001, 400)] + [(1_700_000_001, 20_000)]
+    assert idx.drop_rows(gone) == [p for _, p in gone]
+    assert len(idx) == 20_000 - len(gone)
+    assert not {p for _, p in gone} & set(idx.pos)
+    # A position held, but under another timestamp, is not that row.
+    assert idx.drop_rows([(1_700_000_001, 1), (1_700_000_000, 15_001)]) == []
