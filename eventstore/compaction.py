@@ -65,6 +65,7 @@ from .events import (
 )
 from .fsutil import fsync_dir, write_all
 from .lockfile import lock_holder
+from .logthread import outlive_cancels
 from .segment import (
     FLAG_COMPACTED,
     FLAG_HOLES,
@@ -280,13 +281,6 @@ def _visible(index: SortedIndex, ts: int, pos: int) -> bool:
     return False
 
 
-async def _outlive_cancels(work: asyncio.Future[Any]) -> None:
-    """Wait for ``work`` (a thread's) to end, through any number of cancels."""
-    while not work.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({work})
-
-
 #: Bytes of new segments the compaction's writer queues before it hands them
 #: to a thread (see _SegmentWriter.drain).
 DRAIN_BYTES = 1 << 20
@@ -384,7 +378,7 @@ class _SegmentWriter:
             # caller is cancelled meanwhile: abandon() must not close the
             # file under it (its descriptor number may name another file by
             # then), nor may it open a segment after the work is removed.
-            await _outlive_cancels(work)
+            await outlive_cancels(work)
             raise
 
     def _do(self, queued: list[tuple[str, bytes] | bytearray | None]) -> None:
@@ -765,7 +759,7 @@ async def compact_log(
         finally:
             # Cancelled: the thread moves files on regardless.  Let it end,
             # so that what follows sees the files as they will stay.
-            await _outlive_cancels(switch)
+            await outlive_cancels(switch)
             if not switch.cancelled() and switch.exception() is None:
                 log.replace_sealed(len(sealed))
                 log.switch_unfinished = False

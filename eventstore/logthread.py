@@ -28,7 +28,20 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["LogThread"]
+__all__ = ["LogThread", "outlive_cancels"]
+
+
+async def outlive_cancels(work: asyncio.Future[Any]) -> None:
+    """Wait for ``work``, a thread's, to end, through any number of cancels.
+
+    For a caller cancelled while a thread works for it: the thread goes on
+    regardless, and what the caller does next (close the file the thread
+    writes, let another writer in) must not happen under it.
+    """
+    while not work.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({work})
+
 
 T = TypeVar("T")
 

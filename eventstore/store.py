@@ -57,6 +57,7 @@ from .events import (
     UserStatsSaved,
 )
 from .log import EventLog
+from .logthread import outlive_cancels
 from .memlog import MemoryLog
 from .snapshot import encode_state, load_newest, write_snapshot
 from .validation import (
@@ -1072,9 +1073,7 @@ class EventStore(StorageAdapter):
             # is done.  Let go early, and a compaction could run meanwhile
             # (a forget_user's, say): this snapshot of the old log would then
             # land after it and remove the compaction's own, newer one.
-            while not job.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({job})
+            await outlive_cancels(job)
             if not job.cancelled():
                 job.exception()  # retrieved: the caller was cancelled, and hears that
             raise
