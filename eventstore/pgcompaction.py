@@ -126,7 +126,13 @@ from .events import (
     event_name,
     event_tag,
 )
-from .pglog import BOOKKEEPING_DDL, LOCK_IDLE_TIMEOUT, PostgresLog, decode_rows
+from .pglog import (
+    BOOKKEEPING_DDL,
+    LOCK_IDLE_TIMEOUT,
+    PostgresLog,
+    _count_compactions,
+    decode_rows,
+)
 
 __all__ = ["PostgresCompactReport", "compact_postgres", "merge_ranges"]
 
@@ -278,13 +284,13 @@ def merge_ranges(
 
 async def _books(conn: Any) -> tuple[int, list[tuple[int, int]]]:
     """The number of compactions so far, and the deleted ranges recorded."""
-    if not await conn.fetchval("SELECT to_regclass('eventstore_compactions') IS NOT NULL"):
-        return 0, []
-    epoch = await conn.fetchval("SELECT coalesce(max(id), 0) FROM eventstore_compactions")
+    epoch = await _count_compactions(conn.fetchval)
+    if not epoch:
+        return 0, []  # only a compaction records deleted ranges
     rows = await conn.fetch(
         "SELECT first_position, last_position FROM eventstore_deleted ORDER BY first_position"
     )
-    return int(epoch), [(int(r[0]), int(r[1])) for r in rows]
+    return epoch, [(int(r[0]), int(r[1])) for r in rows]
 
 
 # -- compaction ------------------------------------------------------------------------------
@@ -442,7 +448,11 @@ async def _commit(
         await conn.execute("LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
         lock.held = True  # until the transaction ends: see compact_postgres's error
         head = int(await conn.fetchval("SELECT position FROM eventstore_head"))
-        epoch, _ = await _books(conn)
+        # The epoch alone: the books themselves (a range per run of deleted
+        # positions, hundreds of thousands after a first compaction) were
+        # read with the plan, and reading them again here kept every
+        # writer waiting.
+        epoch = await _count_compactions(conn.fetchval)
         if epoch != plan.epoch:
             return None  # rows up to plan.through may have changed: plan again
         rows = await conn.fetch(

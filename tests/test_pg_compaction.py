@@ -613,27 +613,27 @@ async def test_a_compaction_whose_process_stalls_does_not_stall_the_other_writer
     monkeypatch.setattr(pgc, "LOCK_IDLE_TIMEOUT", 0.3)
     stalled = threading.Event()
     waited: list[float] = []
-    real_books = pgc._books
+    real_count = pgc._count_compactions
     calls = 0
 
-    async def stalled_books(conn: Any) -> Any:
+    async def stalled_count(fetchval: Any) -> Any:
         nonlocal calls
         calls += 1
-        if calls == 2:  # the second look, under the append lock
+        if calls == 2:  # the second look at the epoch, under the append lock
             stalled.set()
             time.sleep(3)  # the compacting process's loop is blocked
-        return await real_books(conn)
+        return await real_count(fetchval)
 
     async with EventStore(pg_schema) as store:
         await busy_history(store, 1)
         before = await rows(pg_schema)
-        monkeypatch.setattr(pgc, "_books", stalled_books)
+        monkeypatch.setattr(pgc, "_count_compactions", stalled_count)
         thread = _another_bot(pg_schema, stalled, waited)
         with pytest.raises(ConnectionError, match=r"sits idle in its transaction for over 0\.3 s"):
             await store.compact()
         await asyncio.to_thread(thread.join, 20)
         assert waited and waited[0] < 2, waited
-        monkeypatch.setattr(pgc, "_books", real_books)
+        monkeypatch.setattr(pgc, "_count_compactions", real_count)
         after = await rows(pg_schema)
         assert len(after) == len(before) + 1  # bob's line; nothing deleted or rewritten
         assert {p: after[p] for p in before} == before
@@ -701,6 +701,29 @@ async def test_the_books_are_merged_before_the_append_lock(
         await asyncio.to_thread(thread.join, 20)
         assert report.events_dropped > 0
         assert waited and waited[0] < 0.75, waited
+
+
+async def test_the_books_are_read_once_and_not_under_the_append_lock(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the lock the commit checks only the epoch: the books (a range per
+    run of deleted positions, hundreds of thousands after a first compaction)
+    were read with the plan, and reading them again kept every writer waiting."""
+    real_books = pgc._books
+    reads: list[int] = []
+
+    async def books(conn: Any) -> Any:
+        reads.append(1)
+        return await real_books(conn)
+
+    async with EventStore(pg_schema) as store:
+        await busy_history(store, 1)
+        monkeypatch.setattr(pgc, "_books", books)
+        assert (await store.compact()).events_dropped > 0
+        assert len(reads) == 1
+        await busy_history(store, 1)
+        assert (await store.compact()).events_dropped > 0
+        assert len(reads) == 2
 
 
 async def test_the_books_are_merged_off_the_event_loop(
