@@ -130,7 +130,7 @@ from .pglog import (
     BOOKKEEPING_DDL,
     LOCK_IDLE_TIMEOUT,
     PostgresLog,
-    _count_compactions,
+    count_compactions,
     decode_rows,
 )
 
@@ -284,7 +284,7 @@ def merge_ranges(
 
 async def _books(conn: Any) -> tuple[int, list[tuple[int, int]]]:
     """The number of compactions so far, and the deleted ranges recorded."""
-    epoch = await _count_compactions(conn.fetchval)
+    epoch = await count_compactions(conn.fetchval)
     if not epoch:
         return 0, []  # only a compaction records deleted ranges
     rows = await conn.fetch(
@@ -452,7 +452,7 @@ async def _commit(
         # positions, hundreds of thousands after a first compaction) were
         # read with the plan, and reading them again here kept every
         # writer waiting.
-        epoch = await _count_compactions(conn.fetchval)
+        epoch = await count_compactions(conn.fetchval)
         if epoch != plan.epoch:
             return None  # rows up to plan.through may have changed: plan again
         rows = await conn.fetch(

@@ -152,6 +152,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "PostgresLog",
     "RowsMissing",
+    "count_compactions",
     "decode_rows",
     "is_dsn",
     "redact_dsn",
@@ -532,7 +533,7 @@ def decode_rows(payloads: Sequence[bytes], positions: Sequence[int], where: str)
 _USER_TAGS = [event_tag(cls) for cls in EVENT_TYPES if "username" in cls.__struct_fields__]
 
 
-async def _count_compactions(fetchval: Callable[[str], Awaitable[Any]]) -> int:
+async def count_compactions(fetchval: Callable[[str], Awaitable[Any]]) -> int:
     """Compactions committed (``eventstore_compactions``; 0 without the table)."""
     # Two statements: a query naming a missing table fails to parse.
     if not await fetchval("SELECT to_regclass('eventstore_compactions') IS NOT NULL"):
@@ -671,7 +672,7 @@ class PostgresLog(EventLog):
                 # Counted before the head is read: a compaction committing
                 # between the two then counts as one after the pin (an export
                 # fails, and is run again), never the other way round.
-                self.pinned_compactions = await _count_compactions(conn.fetchval)
+                self.pinned_compactions = await count_compactions(conn.fetchval)
             self._head = await self._read_head(conn)
             await conn.add_listener(self.channel, self._on_notify)
         except StorageError:
@@ -1258,7 +1259,7 @@ class PostgresLog(EventLog):
         return any(getattr(ev, "username", None) == username for ev in events)
 
     async def compactions(self) -> int | None:
-        return await _count_compactions(functools.partial(self._query, "fetchval"))
+        return await count_compactions(functools.partial(self._query, "fetchval"))
 
     async def compacted_through(self) -> int | None:
         """The head when the last compaction committed (None: never compacted).

@@ -18,7 +18,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 
-__all__ = ["SortedIndex", "ones", "without"]
+__all__ = ["SortedIndex", "without"]
 
 
 class SortedIndex:
@@ -111,7 +111,7 @@ class SortedIndex:
 
     def drop_code(self, code: int) -> list[int]:
         """Remove rows carrying ``code``; return their positions."""
-        return self._drop_at(ones(bytes(map(code.__eq__, self.code))))
+        return self._drop_at(_ones(bytes(map(code.__eq__, self.code))))
 
     def drop_rows(self, rows: Iterable[tuple[int, int]]) -> list[int]:
         """Remove the rows (timestamp, position) given; return the positions removed.
@@ -198,7 +198,7 @@ def from_le(typecode: str, data: bytes) -> array[int]:
     return arr
 
 
-def ones(mask: bytes | bytearray) -> list[int]:
+def _ones(mask: bytes | bytearray) -> list[int]:
     """The indexes of the bytes equal to 1 in ``mask``, ascending.
 
     A search in C (memchr) between them: cheap when they are few.

@@ -613,7 +613,7 @@ async def test_a_compaction_whose_process_stalls_does_not_stall_the_other_writer
     monkeypatch.setattr(pgc, "LOCK_IDLE_TIMEOUT", 0.3)
     stalled = threading.Event()
     waited: list[float] = []
-    real_count = pgc._count_compactions
+    real_count = pgc.count_compactions
     calls = 0
 
     async def stalled_count(fetchval: Any) -> Any:
@@ -627,13 +627,13 @@ async def test_a_compaction_whose_process_stalls_does_not_stall_the_other_writer
     async with EventStore(pg_schema) as store:
         await busy_history(store, 1)
         before = await rows(pg_schema)
-        monkeypatch.setattr(pgc, "_count_compactions", stalled_count)
+        monkeypatch.setattr(pgc, "count_compactions", stalled_count)
         thread = _another_bot(pg_schema, stalled, waited)
         with pytest.raises(ConnectionError, match=r"sits idle in its transaction for over 0\.3 s"):
             await store.compact()
         await asyncio.to_thread(thread.join, 20)
         assert waited and waited[0] < 2, waited
-        monkeypatch.setattr(pgc, "_count_compactions", real_count)
+        monkeypatch.setattr(pgc, "count_compactions", real_count)
         after = await rows(pg_schema)
         assert len(after) == len(before) + 1  # bob's line; nothing deleted or rewritten
         assert {p: after[p] for p in before} == before
