@@ -43,7 +43,7 @@ from typing import Any, Protocol, TypedDict
 
 import msgspec
 
-from projections import PROJECTION_VERSION, Projections
+from projections import LOADABLE_PROJECTION_VERSIONS, PROJECTION_VERSION, Projections
 
 from .errors import IntegrityError, StorageError
 from .events import SCHEMA_FINGERPRINT
@@ -217,11 +217,8 @@ def read_snapshot(path: str) -> tuple[SnapshotInfo, Projections]:
     with open(path, "rb") as f:
         data = f.read()
     info = _parse_header(data[:HEADER_SIZE], path)
-    if info.projection_version != PROJECTION_VERSION:
-        raise IntegrityError(
-            f"{path}: projection version {info.projection_version}, "
-            f"this code has {PROJECTION_VERSION}"
-        )
+    if info.projection_version not in LOADABLE_PROJECTION_VERSIONS:
+        raise IntegrityError(f"{path}: {_other_version(info)}")
     if info.fingerprint != SCHEMA_FINGERPRINT.hex():
         raise IntegrityError(
             f"{path}: written for event schema {info.fingerprint}, "
@@ -284,8 +281,8 @@ def unusable_reason(info: SnapshotInfo, log: FrameChecks) -> str | None:
         return f"it belongs to another store (id {info.store_id.hex()})"
     if info.position > log.head:
         return f"it covers position {info.position}, past the log's end {log.head}"
-    if info.projection_version != PROJECTION_VERSION:
-        return f"projection version {info.projection_version}, this code has {PROJECTION_VERSION}"
+    if info.projection_version not in LOADABLE_PROJECTION_VERSIONS:
+        return _other_version(info)
     if info.fingerprint != SCHEMA_FINGERPRINT.hex():
         return f"event schema {info.fingerprint}, this code has {SCHEMA_FINGERPRINT.hex()}"
     if log.frame_checksum(info.position) != info.frame_checksum:
@@ -404,8 +401,15 @@ def _remove_older(directory: str, path: str, position: int, keep: int) -> None:
 
 def _loadable_version(info: SnapshotInfo) -> bool:
     return (
-        info.projection_version == PROJECTION_VERSION
+        info.projection_version in LOADABLE_PROJECTION_VERSIONS
         and info.fingerprint == SCHEMA_FINGERPRINT.hex()
+    )
+
+
+def _other_version(info: SnapshotInfo) -> str:
+    return (
+        f"projection version {info.projection_version}, this code has {PROJECTION_VERSION} "
+        f"(and loads {', '.join(map(str, sorted(LOADABLE_PROJECTION_VERSIONS)))})"
     )
 
 

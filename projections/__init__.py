@@ -36,6 +36,7 @@ from .user_counts import UserCountsProjection
 from .user_stats import UserStatsProjection
 
 __all__ = [
+    "LOADABLE_PROJECTION_VERSIONS",
     "PROJECTION_VERSION",
     "ChannelStatsProjection",
     "MessagesProjection",
@@ -48,8 +49,12 @@ __all__ = [
 Handler = Callable[[int, Any], None]
 
 #: Bump whenever a fold changes what it computes from the same events, or the
-#: shape of ``dump()`` changes: snapshots of another version are not loaded.
-PROJECTION_VERSION = 7
+#: shape of ``dump()`` changes: snapshots of another version are not loaded,
+#: but for those in LOADABLE_PROJECTION_VERSIONS.
+PROJECTION_VERSION = 8
+#: The versions whose snapshots this code loads.  Version 7's are version 8's
+#: without tombstones (a forget removed its user's action slots at once).
+LOADABLE_PROJECTION_VERSIONS = frozenset({7, PROJECTION_VERSION})
 
 _encode = msgspec.msgpack.Encoder().encode
 

@@ -18,7 +18,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 
-__all__ = ["SortedIndex", "without"]
+__all__ = ["SortedIndex", "find_all", "find_any", "without"]
 
 
 class SortedIndex:
@@ -111,7 +111,7 @@ class SortedIndex:
 
     def drop_code(self, code: int) -> list[int]:
         """Remove rows carrying ``code``; return their positions."""
-        return self._drop_at(_ones(bytes(map(code.__eq__, self.code))))
+        return self._drop_at(find_all(self.code, code))
 
     def drop_rows(self, rows: Iterable[tuple[int, int]]) -> list[int]:
         """Remove the rows (timestamp, position) given; return the positions removed.
@@ -198,17 +198,32 @@ def from_le(typecode: str, data: bytes) -> array[int]:
     return arr
 
 
-def _ones(mask: bytes | bytearray) -> list[int]:
-    """The indexes of the bytes equal to 1 in ``mask``, ascending.
+def find_all(arr: array[int], value: int) -> list[int]:
+    """The indexes of the items of the int array ``arr`` equal to ``value``, ascending.
 
-    A search in C (memchr) between them: cheap when they are few.
+    A search in C of the array's bytes for the value's, from one match to
+    the next: cheap when the matches are few.  A Python call per item
+    (``map(value.__eq__, arr)``) took about 0.3 s at millions of rows.
     """
-    out = []
-    i = mask.find(1)
+    return list(_matches(arr, value))
+
+
+def find_any(arr: array[int], value: int) -> bool:
+    """Whether an item of the int array ``arr`` equals ``value`` (as ``find_all``)."""
+    return next(_matches(arr, value), None) is not None
+
+
+def _matches(arr: array[int], value: int) -> Iterator[int]:
+    data = arr.tobytes()
+    size = arr.itemsize
+    pattern = array(arr.typecode, [value]).tobytes()
+    i = data.find(pattern)
     while i >= 0:
-        out.append(i)
-        i = mask.find(1, i + 1)
-    return out
+        if i % size:  # the bytes of two neighbouring items: look on
+            i = data.find(pattern, i + 1)
+            continue
+        yield i // size
+        i = data.find(pattern, i + size)
 
 
 def without(arr: array[int], at: list[int]) -> array[int]:

@@ -35,7 +35,7 @@ from typing import Any
 from eventstore.events import UserActionLogged, UserForgotten
 
 from .interning import Interner
-from .sorted_index import SortedIndex, from_le, to_le, without
+from .sorted_index import SortedIndex, find_any, from_le, to_le, without
 
 __all__ = ["DETAILS_IN_LOG", "DETAILS_NONE", "UserActionsProjection"]
 
@@ -48,6 +48,10 @@ DETAILS_INTERN_CHARS = 64
 DETAILS_INTERN_MAX = 65_536
 #: The end of a chain.
 NONE = -1
+#: The type code of a tombstone: the slot of a forgotten user's action.
+GONE = -1
+#: Tombstones are purged once they are more than this share of the slots.
+GONE_SHARE = 0.25
 
 
 class UserActionsProjection:
@@ -56,6 +60,7 @@ class UserActionsProjection:
         "by_type",
         "by_user",
         "details",
+        "gone",
         "slot_details",
         "slot_pos",
         "slot_prev",
@@ -79,6 +84,8 @@ class UserActionsProjection:
         self.slot_prev = array("i")  # the same user's previous action
         # By user code: the slot of the newest action (NONE: none).
         self.by_user = array("i")
+        # How many slots are tombstones (see _bury).
+        self.gone = 0
 
     # -- the fold ---------------------------------------------------------
     def on_logged(self, pos: int, ev: UserActionLogged) -> None:
@@ -160,25 +167,58 @@ class UserActionsProjection:
             rows_by_type.setdefault(slot_type[s], []).append((slot_ts[s], slot_pos[s]))
         for tcode, rows in rows_by_type.items():
             self.by_type[tcode].drop_rows(rows)
-        self._drop_slots(slots)
+        self._bury(slots)
 
-    def _drop_slots(self, slots: list[int]) -> None:
-        """Remove ``slots`` (a forgotten user's) and renumber the others.
+    def _bury(self, slots: list[int]) -> None:
+        """Blank ``slots`` (a forgotten user's) where they are, as tombstones.
 
-        Without this the forgotten user's slots would stay in memory,
-        unreachable.  The slots kept keep their order, so a slot's new
-        number is the count of slots kept before it.  This runs on the event
-        loop over every action (a million after a year of a busy channel):
-        every pass over them is in C, where a loop in Python took about two
-        seconds.
+        Removing them would renumber every slot after the first: a pass over
+        every action (a million after a year of a busy channel), about 0.25 s
+        on the event loop for each forget, and again in the compaction that
+        follows it.  No chain leads to a tombstone (their user's head is
+        NONE), so reads never meet one, and one holds nothing of its user:
+        zeros, type GONE.  ``purge()`` removes them once they are more than
+        GONE_SHARE of the slots.  Until then snapshots keep them as they are
+        (see docs/format.md): how many actions a forgotten user had, and
+        between which others, but not what, when or whose.
         """
         if not slots:
             return
-        gone = sorted(slots)
-        old_details = {self.slot_details[s] for s in gone}
-        keep = bytearray(b"\x01") * len(self.slot_ts)
-        for slot in gone:
-            keep[slot] = 0
+        slot_ts, slot_pos, slot_type = self.slot_ts, self.slot_pos, self.slot_type
+        slot_details, slot_prev = self.slot_details, self.slot_prev
+        old_details = {slot_details[s] for s in slots}
+        for s in slots:
+            slot_ts[s] = slot_pos[s] = 0
+            slot_type[s] = GONE
+            slot_details[s] = DETAILS_NONE
+            slot_prev[s] = NONE
+        self.gone += len(slots)
+        # Details and action types that only the forgotten user's actions
+        # had are theirs too: blank them, so no snapshot keeps them.
+        for tcode in [t for t, tidx in self.by_type.items() if not tidx.ts]:
+            del self.by_type[tcode]
+            self.types.forget(self.types.names[tcode])
+        old_details.difference_update((DETAILS_NONE, DETAILS_IN_LOG))
+        for code in _unused(slot_details, old_details):
+            self.details.forget(self.details.names[code])
+        if self.gone > len(slot_ts) * GONE_SHARE:
+            self.purge()
+
+    def purge(self) -> None:
+        """Remove the tombstones ``_bury`` left, and renumber the slots kept.
+
+        The slots kept keep their order, so a slot's new number is the count
+        of slots kept before it, and the arrays are those a fold of only the
+        actions kept makes.  Every pass over the slots is in C: a loop in
+        Python took about two seconds at a million actions.
+        """
+        if not self.gone:
+            return
+        keep = bytes(map(GONE.__ne__, self.slot_type))
+        gone = _zeros(keep)
+        self.gone = 0
+        if not gone:
+            return
         # renumber[old] is the new number of a kept slot ``old``; the last
         # item is NONE, so that renumber[NONE], a chain's end, is NONE too.
         counts = accumulate(keep, initial=NONE)
@@ -192,16 +232,6 @@ class UserActionsProjection:
         self.slot_pos = without(self.slot_pos, gone)
         self.slot_type = without(self.slot_type, gone)
         self.slot_details = without(self.slot_details, gone)
-        # Details and action types that only the forgotten user's actions
-        # had are theirs too: blank them, so no snapshot keeps them.
-        for tcode in [t for t, tidx in self.by_type.items() if not tidx.ts]:
-            del self.by_type[tcode]
-            self.types.forget(self.types.names[tcode])
-        old_details.difference_update((DETAILS_NONE, DETAILS_IN_LOG))
-        if old_details:
-            old_details.difference_update(self.slot_details)
-            for code in old_details:
-                self.details.forget(self.details.names[code])
 
     # -- reads ------------------------------------------------------------
     def _chain(self, slot: int) -> list[int]:
@@ -272,7 +302,8 @@ class UserActionsProjection:
 
     def dump(self) -> Any:
         # Every view is saved as it is: rebuilding them row by row would take
-        # most of a snapshot load at millions of actions.
+        # most of a snapshot load at millions of actions.  Tombstones too:
+        # purging them here would cost the forget's snapshot what _bury saved.
         return {
             "users": self.users.names,
             "types": self.types.names,
@@ -306,13 +337,14 @@ class UserActionsProjection:
         proj.slot_prev = from_le("i", prev)
         proj.by_user = from_le("i", data["by_user"])
         n = len(proj.slot_ts)
+        proj.gone = proj.slot_type.count(GONE)
         if not (
             len(proj.slot_pos)
             == len(proj.slot_type)
             == len(proj.slot_details)
             == len(proj.slot_prev)
             == n
-            == len(proj.all)
+            == len(proj.all) + proj.gone
         ):
             raise ValueError("action slot arrays of different lengths")
         if len(proj.by_user) != len(proj.users.names):
@@ -323,3 +355,25 @@ class UserActionsProjection:
         if sum(map(len, proj.by_type.values())) != len(proj.all):
             raise ValueError("action views of different sizes")
         return proj
+
+
+def _zeros(mask: bytes) -> list[int]:
+    """The indexes of the zero bytes in ``mask``, ascending (a search in C between them)."""
+    out = []
+    i = mask.find(0)
+    while i >= 0:
+        out.append(i)
+        i = mask.find(0, i + 1)
+    return out
+
+
+def _unused(arr: array[int], codes: set[int]) -> set[int]:
+    """Those of ``codes`` that no item of the int array ``arr`` equals.
+
+    A forget asks this of the details codes of the user's actions.  A set
+    of every item (a million after a year) takes about 20 ms, a search of
+    the array's bytes about 3 ms a code: for a few codes, the search.
+    """
+    if len(codes) > 4:
+        return codes - set(arr)
+    return {code for code in codes if not find_any(arr, code)}

@@ -12,6 +12,7 @@ import shutil
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from storeutil import record_walks
@@ -138,9 +139,11 @@ def test_the_newest_golden_store_has_snapshots_of_format_2() -> None:
             struct.unpack_from("<H", snap.read_bytes(), 8)[0]
             for snap in (store / "store").glob("snapshot-*.snap")
         }
-        for store in STORES[-2:]
+        for store in STORES
+        if int(store.name[1:]) >= 10
     }
-    assert formats == {STORES[-2].name: {1}, STORES[-1].name: {2}}
+    assert formats == {store: {1} if store == "v10" else {2} for store in formats}
+    assert formats[STORES[-1].name] == {2}
 
 
 def test_the_newest_snapshot_encodes_again_to_its_own_bytes() -> None:
@@ -154,3 +157,43 @@ def test_the_newest_snapshot_encodes_again_to_its_own_bytes() -> None:
     assert info.projection_version == PROJECTION_VERSION
     payload = encode_state(projections)
     assert len(payload) > 1000 and Path(snap.path).read_bytes().endswith(payload)
+
+
+def test_the_newest_golden_store_has_tombstones_in_its_snapshots() -> None:
+    """Since v12 (projection version 8) a forget leaves its user's action
+    slots as tombstones, and snapshots keep them; v11's are of version 7,
+    which this code loads too (test_a_snapshot_of_projection_version_7_is_loaded)."""
+    from eventstore.snapshot import read_snapshot
+    from projections.user_actions import GONE
+
+    for snap in list_snapshots(str(STORES[-1] / "store")):
+        info, projections = read_snapshot(snap.path)
+        assert info.projection_version == 8
+        assert projections.actions.gone == projections.actions.slot_type.count(GONE) > 0
+
+
+async def test_a_snapshot_of_projection_version_7_is_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Version 7's snapshots (v8 to v11) are version 8's without tombstones:
+    a writer connects from one, with no warning and no replay from the start."""
+    source = GOLDEN / "v11"
+    directory = tmp_path / "store"
+    shutil.copytree(source / "store", directory)
+    expected = json.loads((source / "expected.json").read_text())
+    (newest, *_) = list_snapshots(str(directory))
+    assert struct.unpack_from("<I", Path(newest.path).read_bytes(), 12)[0] == 7
+    loaded = []
+    real_load = EventStore._load_snapshot
+
+    def load_snapshot(self: EventStore) -> Any:
+        proj = real_load(self)
+        loaded.append(None if proj is None else proj.position)
+        return proj
+
+    monkeypatch.setattr(EventStore, "_load_snapshot", load_snapshot)
+    caplog.set_level(logging.WARNING)
+    async with EventStore(directory) as store:
+        assert await reads(store) == expected
+    assert loaded == [newest.position]
+    assert caplog.records == []

@@ -12,8 +12,14 @@ from hypothesis import strategies as st
 
 from eventstore import EventStore
 from eventstore.events import UserActionLogged, UserForgotten
-from projections.sorted_index import SortedIndex
-from projections.user_actions import DETAILS_IN_LOG, DETAILS_NONE, UserActionsProjection
+from projections.sorted_index import SortedIndex, find_all, find_any
+from projections.user_actions import (
+    DETAILS_IN_LOG,
+    DETAILS_NONE,
+    GONE,
+    GONE_SHARE,
+    UserActionsProjection,
+)
 
 
 @pytest.mark.parametrize("where", ["memory", "disk"])
@@ -74,7 +80,8 @@ def test_chains_follow_back_dated_rows_forgotten_users_and_newcomers() -> None:
 
     proj.on_forgotten(24, UserForgotten("bo", 300))
     rows = [r for r in rows if r[2] != "bo"]
-    assert len(proj.slot_ts) == len(rows)  # the forgotten user's slots are gone
+    # bo had half the slots, past GONE_SHARE: purged at once.
+    assert len(proj.slot_ts) == len(rows) and proj.gone == 0
     log(25, 301, "bo", "join")  # back again, under a new code
     log(26, 150, "ann", "pm")
     for user in ("ann", "bo", "cy", None):
@@ -110,6 +117,19 @@ def test_a_snapshot_with_columns_of_different_lengths_is_refused() -> None:
         UserActionsProjection.load(data)
 
 
+def test_a_snapshot_with_more_slots_than_rows_and_tombstones_is_refused() -> None:
+    proj = UserActionsProjection()
+    for pos in range(1, 9):
+        proj.on_logged(pos, _action(pos, "ann" if pos > 1 else "bo"))
+    proj.on_forgotten(9, UserForgotten("bo", 0))
+    data = msgspec.msgpack.decode(msgspec.msgpack.encode(proj.dump()))
+    assert UserActionsProjection.load(data).gone == 1
+    # The tombstone's type turned into a live one: one slot too many.
+    data["slots"][2] = data["slots"][2].replace(b"\xff\xff\xff\xff", bytes(4))
+    with pytest.raises(ValueError, match="different lengths"):
+        UserActionsProjection.load(data)
+
+
 _USERS = ["ann", "bo", "cy", "dee"]
 _ops = st.lists(
     st.one_of(
@@ -129,10 +149,12 @@ _ops = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(_ops)
 def test_forgetting_leaves_what_folding_only_the_other_actions_makes(ops: list[Any]) -> None:
-    """After any actions and forgets, the slots (numbers, chains) and views are
-    those of a projection that folded only the actions of users not
-    forgotten since: a forget removes the user's slots and keeps the others'
-    order.  Details and types only forgotten users had are blanked."""
+    """After any actions and forgets, the reads and views are those of a
+    projection that folded only the actions of users not forgotten since.
+    A forget leaves its user's slots as tombstones, at most GONE_SHARE of
+    them, which a dump keeps; once purged, the slots (numbers, chains) are
+    the fresh fold's too: the others keep their order.  Details and types
+    only forgotten users had are blanked."""
     proj = UserActionsProjection()
     kept: list[tuple[int, Any]] = []
     for pos, op in enumerate(ops, 1):
@@ -147,8 +169,8 @@ def test_forgetting_leaves_what_folding_only_the_other_actions_makes(ops: list[A
     fresh = UserActionsProjection()
     for pos, ev in kept:
         fresh.on_logged(pos, ev)
-    assert proj.slot_ts == fresh.slot_ts and proj.slot_pos == fresh.slot_pos
-    assert proj.slot_prev == fresh.slot_prev
+    assert proj.gone == proj.slot_type.count(GONE) <= len(proj.slot_type) * GONE_SHARE
+    assert len(proj.slot_ts) - proj.gone == len(fresh.slot_ts)
 
     def rows(p: UserActionsProjection, user: str) -> list[Any]:
         # Details codes are the interner's: compare what they stand for.
@@ -157,16 +179,28 @@ def test_forgetting_leaves_what_folding_only_the_other_actions_makes(ops: list[A
             for pos, ts, kind, code in p.user_rows(user, None, 100, 0)
         ]
 
-    for user in _USERS:
-        assert rows(proj, user) == rows(fresh, user)
+    def reads_as_fresh(p: UserActionsProjection) -> None:
+        for user in _USERS:
+            assert rows(p, user) == rows(fresh, user)
+            for kind in ("join", "leave", "pm", None):
+                assert _newest(p, user, kind) == _newest(fresh, user, kind)
         for kind in ("join", "leave", "pm", None):
-            assert _newest(proj, user, kind) == _newest(fresh, user, kind)
-    for kind in ("join", "leave", "pm", None):
-        assert _newest(proj, None, kind) == _newest(fresh, None, kind)
-    assert proj.all.same_rows(fresh.all)
-    assert set(filter(None, proj.types.names)) == set(fresh.types.names)
-    assert set(filter(None, proj.details.names)) == set(fresh.details.names)
-    assert set(filter(None, proj.users.names)) >= {ev.username for _, ev in kept}
+            assert _newest(p, None, kind) == _newest(fresh, None, kind)
+        assert p.all.same_rows(fresh.all)
+        assert set(filter(None, p.types.names)) == set(fresh.types.names)
+        assert set(filter(None, p.details.names)) == set(fresh.details.names)
+        assert set(filter(None, p.users.names)) >= {ev.username for _, ev in kept}
+
+    reads_as_fresh(proj)  # tombstones and all
+    again = UserActionsProjection.load(msgspec.msgpack.decode(msgspec.msgpack.encode(proj.dump())))
+    assert again.gone == proj.gone and again.slot_type == proj.slot_type
+    reads_as_fresh(again)
+    for p in (proj, again):
+        p.purge()
+        assert p.gone == 0 and GONE not in p.slot_type
+        assert p.slot_ts == fresh.slot_ts and p.slot_pos == fresh.slot_pos
+        assert p.slot_prev == fresh.slot_prev
+        reads_as_fresh(p)
 
 
 def test_sorted_index_drops_rows_by_timestamp_and_position() -> None:
@@ -195,3 +229,50 @@ def test_sorted_index_drops_rows_among_many_of_one_timestamp() -> None:
     assert not {p for _, p in gone} & set(idx.pos)
     # A position held, but under another timestamp, is not that row.
     assert idx.drop_rows([(1_700_000_001, 1), (1_700_000_000, 15_001)]) == []
+
+
+def test_a_small_forget_leaves_tombstones_that_no_read_meets() -> None:
+    """Forgetting a user with few of the actions renumbers nothing: their
+    slots stay, blanked, until they pass GONE_SHARE or a dump purges them."""
+    proj = UserActionsProjection()
+    for pos in range(1, 101):
+        proj.on_logged(
+            pos, _action(pos, "ann" if pos % 10 else "bo", "pm", "!top" if pos % 10 else "!bo")
+        )
+    proj.on_forgotten(101, UserForgotten("bo", 0))
+    assert (len(proj.slot_ts), proj.gone) == (100, 10)
+    assert [proj.slot_type[s] for s in range(9, 100, 10)] == [GONE] * 10
+    assert {proj.slot_ts[s] for s in range(9, 100, 10)} == {0}
+    assert proj.details.names == ["!top", ""]  # bo's own details went at once
+    assert not proj.has_user("bo") and proj.positions("bo", None, 10, 0) == []
+    assert proj.positions(None, None, 1000, 0) == [p for p in range(100, 0, -1) if p % 10]
+    proj.on_logged(102, _action(50, "ann", "join"))  # back-dated, among the tombstones
+    proj.on_logged(103, _action(103, "bo", "pm"))  # back again, under a new code
+    assert proj.positions("ann", None, 3, 43) == [52, 51, 102]
+    assert proj.positions("bo", None, 10, 0) == [103]
+    before = {u: proj.user_rows(u, None, 1000, 0) for u in ("ann", "bo")}
+    proj.purge()
+    assert (len(proj.slot_ts), proj.gone) == (92, 0)
+    assert {u: proj.user_rows(u, None, 1000, 0) for u in ("ann", "bo")} == before
+    for pos in range(104, 144):  # cy: over a quarter of the slots
+        proj.on_logged(pos, _action(pos, "cy", "pm"))
+    proj.on_forgotten(144, UserForgotten("cy", 0))
+    assert proj.gone == 0 and len(proj.slot_ts) == 92
+
+
+@given(
+    st.sampled_from("iq"),
+    st.lists(st.sampled_from([0, 1, -1, 256, 65_536, 1 << 24, 0x0101, -256]), max_size=40),
+    st.sampled_from([0, 1, -1, 256, 65_536, 1 << 24, 0x0101, -256, 7]),
+)
+def test_find_all_and_find_any_match_whole_items_only(
+    typecode: str, items: list[int], value: int
+) -> None:
+    """The byte search skips matches across two items (1 << 24 then 0 holds
+    the bytes of 1 at an offset of 3)."""
+    from array import array
+
+    arr = array(typecode, items)
+    expected = [i for i, item in enumerate(items) if item == value]
+    assert find_all(arr, value) == expected
+    assert find_any(arr, value) == bool(expected)

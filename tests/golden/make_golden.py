@@ -12,7 +12,8 @@ zeros an "fsync" writer fills ahead of its writes.  Since v9 it also holds
 the tail.index that the writer's close saved.  Since v10 the frames of its
 compacted segments hold their events with holes (nil) between them
 (segment flag bit 1).  Since v11 its snapshot is of format 2 (the checksum
-covers the header too).
+covers the header too).  Since v12 it is of projection version 8, and holds
+the tombstones of the forgotten user's action slots.
 Committed golden stores are never rewritten: tests/test_golden.py opens each
 of them with the current code and compares.
 """
