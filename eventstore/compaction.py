@@ -716,7 +716,8 @@ async def compact_log(
         # else holds these read models, so nothing changes them under it.
         loop = asyncio.get_running_loop()
         expected = await loop.run_in_executor(None, before.digest)
-        del before, planner
+        # The planner holds ``before`` too, and so do its bound methods.
+        del before, planner, observe, decide
         after = Projections()
 
         def proved(position: int) -> None:

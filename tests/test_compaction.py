@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any
@@ -1245,6 +1246,40 @@ async def test_compaction_hashes_its_read_models_off_the_event_loop(
         assert (await store.compact()).segments_written
         assert len(hashers) == 2 and threading.get_ident() not in hashers
         assert await reads(store) == before
+
+
+async def test_the_proof_replays_with_the_old_read_models_freed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While it replays the new log, compaction holds only a digest of the
+    state before: both sets of read models at once cost hundreds of
+    megabytes at years of history.  (The planner's bound methods kept the
+    old set alive.)"""
+    d = tmp_path / "s"
+    made: list[weakref.ref[Projections]] = []
+
+    class Tracked(Projections):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(weakref.ref(self))
+
+    alive: list[list[bool]] = []
+    real_replay = compaction_mod._replay
+
+    async def replay(*args: Any, **kwargs: Any) -> Any:
+        alive.append([ref() is not None for ref in made])
+        return await real_replay(*args, **kwargs)
+
+    async with EventStore(d, segment_size=4096, snapshot_every=None) as store:
+        await busy_history(store, 3)
+        before = await reads(store)
+        monkeypatch.setattr(compaction_mod, "Projections", Tracked)
+        monkeypatch.setattr(compaction_mod, "_replay", replay)
+        assert (await store.compact()).segments_written
+        assert await reads(store) == before
+    # One replay of the new log, one of the tail.  Made: the planner's empty
+    # placeholder, the state before, the proof's; only the last is alive.
+    assert alive == [[False, False, True]] * 2
 
 
 async def test_compaction_writes_its_segments_off_the_event_loop(
