@@ -22,8 +22,9 @@ The store id ties a snapshot to its store: one copied from another store is
 ignored.  The frame checksum ties it to the exact bytes of its log: one left
 over after ``repair`` cut the log and new events took the old positions names
 a frame that is not there, or differs, and is ignored.  So is one with another
-schema or projection version, a bad checksum or a position past the log's
-end.  Ignoring costs a full replay, never a wrong state.
+schema, a projection version this code does not load
+(``projections.LOADABLE_PROJECTION_VERSIONS``), a bad checksum or a position
+past the log's end.  Ignoring costs a full replay, never a wrong state.
 
 Writing is atomic: temporary file, fsync, rename, fsync of the directory.
 The two newest snapshots are kept.

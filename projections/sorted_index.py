@@ -214,9 +214,12 @@ def find_any(arr: array[int], value: int) -> bool:
 
 
 def _matches(arr: array[int], value: int) -> Iterator[int]:
+    try:
+        pattern = array(arr.typecode, [value]).tobytes()
+    except OverflowError:  # past the type's range: no item equals it
+        return
     data = arr.tobytes()
     size = arr.itemsize
-    pattern = array(arr.typecode, [value]).tobytes()
     i = data.find(pattern)
     while i >= 0:
         if i % size:  # the bytes of two neighbouring items: look on

@@ -216,8 +216,8 @@ class UserActionsProjection:
             return
         keep = bytes(map(GONE.__ne__, self.slot_type))
         gone = _zeros(keep)
-        self.gone = 0
         if not gone:
+            self.gone = 0
             return
         # renumber[old] is the new number of a kept slot ``old``; the last
         # item is NONE, so that renumber[NONE], a chain's end, is NONE too.
@@ -226,12 +226,14 @@ class UserActionsProjection:
         renumber = list(counts)
         renumber.append(NONE)
         new_number = renumber.__getitem__
-        self.slot_prev = array("i", map(new_number, without(self.slot_prev, gone)))
-        self.by_user = array("i", map(new_number, self.by_user))
-        self.slot_ts = without(self.slot_ts, gone)
-        self.slot_pos = without(self.slot_pos, gone)
-        self.slot_type = without(self.slot_type, gone)
-        self.slot_details = without(self.slot_details, gone)
+        # Every array built before any is replaced: a MemoryError halfway
+        # leaves the old ones, tombstones and all, whole.
+        prev = array("i", map(new_number, without(self.slot_prev, gone)))
+        by_user = array("i", map(new_number, self.by_user))
+        ts, pos = without(self.slot_ts, gone), without(self.slot_pos, gone)
+        types, details = without(self.slot_type, gone), without(self.slot_details, gone)
+        self.slot_prev, self.by_user, self.slot_ts, self.slot_pos = prev, by_user, ts, pos
+        self.slot_type, self.slot_details, self.gone = types, details, 0
 
     # -- reads ------------------------------------------------------------
     def _chain(self, slot: int) -> list[int]:

@@ -241,8 +241,11 @@ def test_a_small_forget_leaves_tombstones_that_no_read_meets() -> None:
         )
     proj.on_forgotten(101, UserForgotten("bo", 0))
     assert (len(proj.slot_ts), proj.gone) == (100, 10)
-    assert [proj.slot_type[s] for s in range(9, 100, 10)] == [GONE] * 10
-    assert {proj.slot_ts[s] for s in range(9, 100, 10)} == {0}
+    tombstones = range(9, 100, 10)  # nothing of bo left in them
+    assert {proj.slot_type[s] for s in tombstones} == {GONE}
+    assert {proj.slot_ts[s] for s in tombstones} == {proj.slot_pos[s] for s in tombstones} == {0}
+    assert {proj.slot_details[s] for s in tombstones} == {DETAILS_NONE}
+    assert {proj.slot_prev[s] for s in tombstones} == {-1}
     assert proj.details.names == ["!top", ""]  # bo's own details went at once
     assert not proj.has_user("bo") and proj.positions("bo", None, 10, 0) == []
     assert proj.positions(None, None, 1000, 0) == [p for p in range(100, 0, -1) if p % 10]
@@ -276,3 +279,5 @@ def test_find_all_and_find_any_match_whole_items_only(
     expected = [i for i, item in enumerate(items) if item == value]
     assert find_all(arr, value) == expected
     assert find_any(arr, value) == bool(expected)
+    # No item can hold a value past the type's range: none equals it.
+    assert find_all(arr, 1 << 64) == [] and not find_any(arr, -(1 << 64))
