@@ -111,7 +111,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,7 +239,7 @@ async def _plan(
 
 
 def merge_ranges(
-    old: list[tuple[int, int]], positions: list[int]
+    old: Sequence[Sequence[int]], positions: list[int]
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Merge newly deleted ``positions`` (ascending) into the recorded ranges ``old``.
 
@@ -282,15 +282,32 @@ def merge_ranges(
     return remove, insert
 
 
-async def _books(conn: Any) -> tuple[int, list[tuple[int, int]]]:
-    """The number of compactions so far, and the deleted ranges recorded."""
+def _books_change(
+    old: Sequence[Sequence[int]], positions: list[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """``merge_ranges``, with the ranges to insert as two columns (the INSERT's parameters).
+
+    Run in a worker thread, as every pass here is over hundreds of
+    thousands of ranges after a first compaction.
+    """
+    remove, insert = merge_ranges(old, positions)
+    return remove, [a for a, _ in insert], [b for _, b in insert]
+
+
+async def _books(conn: Any) -> tuple[int, Sequence[Sequence[int]]]:
+    """The number of compactions so far, and the deleted ranges recorded (as rows).
+
+    The rows are asyncpg's records, (first, last) each: turning half a
+    million of them into tuples held the event loop for 0.2 s, and only
+    merge_ranges, in a worker thread, reads them.
+    """
     epoch = await count_compactions(conn.fetchval)
     if not epoch:
         return 0, []  # only a compaction records deleted ranges
-    rows = await conn.fetch(
+    rows: Sequence[Sequence[int]] = await conn.fetch(
         "SELECT first_position, last_position FROM eventstore_deleted ORDER BY first_position"
     )
-    return epoch, [(int(r[0]), int(r[1])) for r in rows]
+    return epoch, rows
 
 
 # -- compaction ------------------------------------------------------------------------------
@@ -417,7 +434,7 @@ class _AppendLock:
 
 
 async def _commit(
-    conn: Any, log: PostgresLog, plan: _Plan, ranges: list[tuple[int, int]], lock: _AppendLock
+    conn: Any, log: PostgresLog, plan: _Plan, ranges: Sequence[Sequence[int]], lock: _AppendLock
 ) -> int | None:
     """Prove and apply ``plan`` in one transaction; the head it covered, or None if stale."""
     # Before the lock: the books read with the plan are the books under the
@@ -426,8 +443,8 @@ async def _commit(
     # In a thread: a merge of half a million deleted positions (the first
     # compaction of a million events) held this process's event loop for
     # up to 0.8 s; in a thread the loop runs at each switch of the GIL.
-    remove, insert = await asyncio.get_running_loop().run_in_executor(
-        None, merge_ranges, ranges, plan.delete
+    remove, insert_first, insert_last = await asyncio.get_running_loop().run_in_executor(
+        None, _books_change, ranges, plan.delete
     )
     async with conn.transaction():
         # Unlike an append (one statement, pglog.APPEND), this transaction
@@ -515,12 +532,12 @@ async def _commit(
             await conn.execute(
                 "DELETE FROM eventstore_deleted WHERE first_position = ANY($1::bigint[])", remove
             )
-        if insert:
+        if insert_first:
             await conn.execute(
                 "INSERT INTO eventstore_deleted (first_position, last_position) "
                 "SELECT * FROM unnest($1::bigint[], $2::bigint[])",
-                [a for a, _ in insert],
-                [b for _, b in insert],
+                insert_first,
+                insert_last,
             )
         await conn.execute(
             "INSERT INTO eventstore_compactions (id, through, deleted, rewritten) "
