@@ -744,6 +744,32 @@ async def test_the_books_are_merged_off_the_event_loop(
     assert threads and threading.get_ident() not in threads
 
 
+async def test_the_books_read_for_a_plan_become_tuples_off_the_event_loop(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a first compaction the books hold a range per run of deleted
+    positions (half a million after a million events): their rows become
+    tuples in a worker thread, not on the loop, and the asyncpg records go."""
+    threads: list[int] = []
+    books: list[list[tuple[int, int]]] = []
+    real = pgc._as_tuples
+
+    def as_tuples(rows: Any) -> list[tuple[int, int]]:
+        threads.append(threading.get_ident())
+        books.append(real(rows))
+        return books[-1]
+
+    async with EventStore(pg_schema) as store:
+        await busy_history(store, 1)
+        assert (await store.compact()).events_dropped > 0
+        monkeypatch.setattr(pgc, "_as_tuples", as_tuples)
+        await busy_history(store, 1)
+        assert (await store.compact()).events_dropped > 0
+    assert threads and threading.get_ident() not in threads
+    assert books[0] and all(type(r) is tuple and len(r) == 2 for r in books[0])
+    assert (await verify_postgres(pg_schema)).ok
+
+
 # -- the books -------------------------------------------------------------------------------
 
 
