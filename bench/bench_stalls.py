@@ -8,6 +8,7 @@ directory, kept for the other benchmarks)::
     python -m bench.bench_stalls --store DIR              # a copy of another store
     python -m bench.bench_stalls --against ../old-checkout  # the same, beside other code
     python -m bench.bench_stalls --quick                  # 50,000 events, 1 run: checks the script
+    python -m bench.bench_stalls --postgres 1000000       # PostgreSQL (see below)
 
 A bot runs compaction, ``forget_user`` and snapshots in its own process,
 beside its chat: the event loop that answers the chat is the one the store
@@ -36,6 +37,14 @@ passed 100 ms; medians over the runs, with their range.  With ``--against
 TREE`` every run is made twice, alternating, once with the code of this
 checkout and once with the ``eventstore`` package of TREE (another checkout, say of the
 commit before a change): both columns come from the same run.
+
+With ``--postgres N`` the store is a PostgreSQL database instead: a
+throwaway server is started as the tests start theirs (tests/pgserver.py,
+or the one ``EVENTSTORE_PG_DSN`` names), and every run gets a new database
+holding the first N events of the busy channel (written by this checkout,
+``bench.bench_postgres.fill``).  The steps are the same but for
+``write_snapshot`` (a PostgreSQL store keeps none), and ``connect()``
+replays the whole log.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +92,12 @@ def child(store: str, copy: str, tree: str) -> None:
         sys.path.insert(0, tree)
     from eventstore import EventStore
 
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(store, copy)
+    postgres = store.startswith("postgresql://")
+    if postgres:
+        copy = store  # a database of its own, filled for this run
+    else:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(store, copy)
 
     async def step(work: Any) -> dict[str, float]:
         gaps: list[float] = []
@@ -133,16 +147,21 @@ def child(store: str, copy: str, tree: str) -> None:
         out["held_actions"] = len(actions.all)
         out["compact"] = await step(store_.compact(keep_history_days=90))
         out["forget_user"] = await step(store_.forget_user(most))
-        out["write_snapshot"] = await step(store_.write_snapshot())
+        if not postgres:
+            out["write_snapshot"] = await step(store_.write_snapshot())
         await store_.close()
         return out
 
     result = asyncio.run(run())
-    shutil.rmtree(copy, ignore_errors=True)
+    if not postgres:
+        shutil.rmtree(copy, ignore_errors=True)
     print(json.dumps(result))
 
 
-def measure(store: Path, scratch: Path, trees: dict[str, Path | None], runs: int) -> dict[str, Any]:
+def measure(
+    store: Callable[[], str], scratch: Path, trees: dict[str, Path | None], runs: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Every run of every tree; ``store()`` names the store of the next one."""
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for i in range(runs):
         order = list(trees.items())
@@ -150,15 +169,19 @@ def measure(store: Path, scratch: Path, trees: dict[str, Path | None], runs: int
             order.reverse()  # neither code always runs first
         for name, tree in order:
             result = run_child(
-                ["bench.bench_stalls", "--child", str(store), str(scratch), str(tree or "")]
+                ["bench.bench_stalls", "--child", store(), str(scratch), str(tree or "")]
             )
             results[name].append(result)
             print(
                 f"bench_stalls: run {i + 1} {name}: "
-                + ", ".join(f"{s} {result[s]['longest'] * 1000:.0f} ms" for s in STEPS),
+                + ", ".join(f"{s} {result[s]['longest'] * 1000:.0f} ms" for s in _steps(result)),
                 flush=True,
             )
-    return {"store": str(store), "runs": runs, "results": results}
+    return results
+
+
+def _steps(result: dict[str, Any]) -> list[str]:
+    return [s for s in STEPS if s in result]
 
 
 def targets(data: dict[str, Any]) -> list[Target]:
@@ -168,7 +191,7 @@ def targets(data: dict[str, Any]) -> list[Target]:
 def report(data: dict[str, Any]) -> str:
     rows = []
     for name, results in data["results"].items():
-        for s in STEPS:
+        for s in _steps(results[0]):
             secs = summarize([r[s]["seconds"] for r in results])
             cpu = summarize([r[s]["cpu"] for r in results])
             longest = summarize([r[s]["longest"] * 1000 for r in results])
@@ -204,30 +227,71 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--store", type=Path, help="measure on copies of this store")
     parser.add_argument(
+        "--postgres",
+        type=int,
+        metavar="N",
+        help="measure PostgreSQL instead: a new database of N events for every run",
+    )
+    parser.add_argument(
         "--against",
         type=Path,
         help="another checkout whose eventstore package to run beside this one",
     )
     args = parser.parse_args()
     directory = bench_dir(args.dir)
-    if args.store is not None:
-        store = args.store.resolve()
-        if not store.is_dir():
-            parser.error(f"--store {store}: not a directory")
-    else:
-        n = 50_000 if args.quick else 10_000_000
-        store = directory / f"store-{n}"
-        build_store(store, n)
     if args.against is not None and not (args.against / "eventstore").is_dir():
         parser.error(f"--against {args.against}: no eventstore package in it")
+    if args.postgres is not None and args.store is not None:
+        parser.error("--postgres and --store: one store at a time")
+    if args.postgres is not None and args.postgres < 1:
+        parser.error(f"--postgres {args.postgres}: give a number of events, at least 1")
     trees: dict[str, Path | None] = {"this checkout": None}
     if args.against is not None:
         trees[str(args.against)] = args.against.resolve()
     runs = args.runs or (1 if args.quick else 3)
     info = machine_info(directory)
-    print(f"bench_stalls: {store}, {runs} runs, load {info['loadavg']}", flush=True)
-    data = measure(store, directory / "stalls-copy", trees, runs)
+    if args.postgres is not None:
+        results, where = measure_postgres(args.postgres, trees, runs, info)
+    else:
+        if args.store is not None:
+            store = args.store.resolve()
+            if not store.is_dir():
+                parser.error(f"--store {store}: not a directory")
+        else:
+            n = 50_000 if args.quick else 10_000_000
+            store = directory / f"store-{n}"
+            build_store(store, n)
+        where = str(store)
+        print(f"bench_stalls: {store}, {runs} runs, load {info['loadavg']}", flush=True)
+        results = measure(lambda: where, directory / "stalls-copy", trees, runs)
+    data = {"store": where, "runs": runs, "results": results}
     finish(data, info, targets, report, args.json)
+
+
+def measure_postgres(
+    n: int, trees: dict[str, Path | None], runs: int, info: dict[str, Any]
+) -> tuple[dict[str, list[dict[str, Any]]], str]:
+    """The runs on PostgreSQL: a throwaway server, a new database of ``n`` events per run."""
+    import asyncio
+    import importlib
+
+    from bench.bench_postgres import fill  # which puts tests/ on sys.path: pgserver
+
+    pgserver = importlib.import_module("pgserver")
+    server = pgserver.start_server({"max_connections": "100"})
+    admin = pgserver.Admin()
+    try:
+        print(f"bench_stalls: PostgreSQL, {n:,} events, {runs} runs, load {info['loadavg']}")
+
+        def new_database() -> str:
+            dsn: str = pgserver.make_database(server, admin, "stalls")
+            asyncio.run(fill(dsn, n))
+            return dsn
+
+        results = measure(new_database, Path(), trees, runs)
+    finally:
+        server.stop()
+    return results, f"PostgreSQL, a new database of the first {n:,} events for every run"
 
 
 if __name__ == "__main__":
