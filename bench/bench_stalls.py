@@ -8,7 +8,7 @@ directory, kept for the other benchmarks)::
     python -m bench.bench_stalls --store DIR              # a copy of another store
     python -m bench.bench_stalls --against ../old-checkout  # the same, beside other code
     python -m bench.bench_stalls --quick                  # 50,000 events, 1 run: checks the script
-    python -m bench.bench_stalls --postgres 1000000       # PostgreSQL (see below)
+    python -m bench.bench_stalls --postgres 1000000       # PostgreSQL, 3 runs (see below)
 
 A bot runs compaction, ``forget_user`` and snapshots in its own process,
 beside its chat: the event loop that answers the chat is the one the store
