@@ -770,7 +770,61 @@ async def test_the_books_read_for_a_plan_become_tuples_off_the_event_loop(
     assert (await verify_postgres(pg_schema)).ok
 
 
+async def test_the_large_parameters_are_built_as_text_off_the_event_loop(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction's positions (up to a million in one parameter) are made
+    array literals in a worker thread: as lists, asyncpg encoded them on the
+    loop, with the append lock held."""
+    threads: list[int] = []
+    sizes: list[int] = []
+    real = pgc.bigint_array
+
+    def bigint_array(values: Any) -> str:
+        threads.append(threading.get_ident())
+        sizes.append(len(values))
+        return real(values)
+
+    async with EventStore(pg_schema) as store:
+        await busy_history(store, 1)
+        monkeypatch.setattr(pgc, "bigint_array", bigint_array)
+        report = await store.compact()
+    assert report.events_dropped > 0
+    # _measure's positions, then the commit's: the deleted ones, the books' change
+    assert len(threads) == 5 and threading.get_ident() not in threads
+    assert sizes[1] == report.events_dropped
+    assert (await verify_postgres(pg_schema)).ok
+
+
 # -- the books -------------------------------------------------------------------------------
+
+
+def _parse_array(text: str) -> list[int]:
+    assert text[0] == "{" and text[-1] == "}", text
+    return [int(item) for item in text[1:-1].split(",")] if text != "{}" else []
+
+
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=50), st.integers(1, 7))
+def test_bigint_array_writes_every_value_once_in_order(values: list[int], step: int) -> None:
+    real = pgc._JOIN_SLICE
+    pgc._JOIN_SLICE = step  # slices of every size, and a list over many of them
+    try:
+        text = pgc.bigint_array(values)
+    finally:
+        pgc._JOIN_SLICE = real
+    assert _parse_array(text) == values
+    assert " " not in text and "{," not in text and ",}" not in text and ",," not in text
+
+
+async def test_postgresql_reads_a_bigint_array_back_as_written(pg_schema: str) -> None:
+    values = [-(2**63), -1, 0, 1, 2**63 - 1, *range(5, 5 + 2 * pgc._JOIN_SLICE + 3)]
+    conn = await asyncpg.connect(pg_schema)
+    try:
+        for given_values in ([], [7], values):
+            got = await conn.fetchval("SELECT $1::text::bigint[]", pgc.bigint_array(given_values))
+            assert list(got) == given_values
+    finally:
+        await conn.close()
 
 
 def test_merge_ranges() -> None:
