@@ -770,38 +770,57 @@ async def test_the_books_read_for_a_plan_become_tuples_off_the_event_loop(
     assert (await verify_postgres(pg_schema)).ok
 
 
-async def test_the_large_parameters_are_built_as_text_off_the_event_loop(
+async def test_the_positions_are_written_into_the_sql_off_the_event_loop(
     pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A compaction's positions (up to a million in one parameter) are made
-    array literals in a worker thread: as lists, asyncpg encoded them on the
-    loop, with the append lock held."""
+    """A compaction's positions (up to a million in one statement) become SQL
+    constants in a worker thread: passed as lists, asyncpg encoded them on the
+    loop, with the append lock held.  No statement gets a list any more."""
     threads: list[int] = []
     sizes: list[int] = []
     real = pgc.bigint_array
+    lists: list[int] = []
 
     def bigint_array(values: Any) -> str:
         threads.append(threading.get_ident())
         sizes.append(len(values))
         return real(values)
 
+    for method in ("execute", "fetch", "fetchval"):
+        original = getattr(asyncpg.Connection, method)
+
+        def recorder(original: Any) -> Any:
+            async def call(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+                lists.extend(len(a) for a in args if isinstance(a, list) and "DELETE" in query)
+                lists.extend(len(a) for a in args if isinstance(a, list) and "sum(" in query)
+                return await original(self, query, *args, **kwargs)
+
+            return call
+
+        monkeypatch.setattr(asyncpg.Connection, method, recorder(original))
+
     async with EventStore(pg_schema) as store:
         await busy_history(store, 1)
         monkeypatch.setattr(pgc, "bigint_array", bigint_array)
         report = await store.compact()
-    assert report.events_dropped > 0
-    # _measure's positions, then the commit's: the deleted ones, the books' change
-    assert len(threads) == 5 and threading.get_ident() not in threads
-    assert sizes[1] == report.events_dropped
+        await busy_history(store, 1)
+        second = await store.compact()  # merges ranges into the books
+    assert report.events_dropped > 0 and second.events_dropped > 0
+    # Each: _measure's positions, then the commit's (the deleted ones, the books' change).
+    assert len(threads) == 10 and threading.get_ident() not in threads
+    assert sizes[1] == report.events_dropped and sizes[6] == second.events_dropped
+    assert sizes[7] > 0  # the second compaction merged ranges away
+    assert lists == []  # no DELETE and no sum was given a list to encode
     assert (await verify_postgres(pg_schema)).ok
 
 
 # -- the books -------------------------------------------------------------------------------
 
 
-def _parse_array(text: str) -> list[int]:
-    assert text[0] == "{" and text[-1] == "}", text
-    return [int(item) for item in text[1:-1].split(",")] if text != "{}" else []
+def _parse_array(sql: str) -> list[int]:
+    assert sql.startswith("'{") and sql.endswith("}'::bigint[]"), sql
+    text = sql[2 : -len("}'::bigint[]")]
+    return [int(item) for item in text.split(",")] if text else []
 
 
 @given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=50), st.integers(1, 7))
@@ -809,11 +828,23 @@ def test_bigint_array_writes_every_value_once_in_order(values: list[int], step: 
     real = pgc._JOIN_SLICE
     pgc._JOIN_SLICE = step  # slices of every size, and a list over many of them
     try:
-        text = pgc.bigint_array(values)
+        sql = pgc.bigint_array(values)
     finally:
         pgc._JOIN_SLICE = real
-    assert _parse_array(text) == values
-    assert " " not in text and "{," not in text and ",}" not in text and ",," not in text
+    assert _parse_array(sql) == values
+    assert " " not in sql and "{," not in sql and ",}" not in sql and ",," not in sql
+
+
+def test_bigint_array_writes_nothing_but_integers_into_the_sql() -> None:
+    class Sneaky(int):
+        def __str__(self) -> str:
+            return "1}'::bigint[]); DROP TABLE eventstore_events; --"
+
+        __repr__ = __str__
+
+    assert pgc.bigint_array([Sneaky(1), True, 2]) == "'{1,1,2}'::bigint[]"
+    with pytest.raises(TypeError):
+        pgc.bigint_array(["1); DROP TABLE eventstore_events; --"])  # type: ignore[list-item]
 
 
 async def test_postgresql_reads_a_bigint_array_back_as_written(pg_schema: str) -> None:
@@ -821,7 +852,7 @@ async def test_postgresql_reads_a_bigint_array_back_as_written(pg_schema: str) -
     conn = await asyncpg.connect(pg_schema)
     try:
         for given_values in ([], [7], values):
-            got = await conn.fetchval("SELECT $1::text::bigint[]", pgc.bigint_array(given_values))
+            got = await conn.fetchval(f"SELECT {pgc.bigint_array(given_values)}")
             assert list(got) == given_values
     finally:
         await conn.close()
