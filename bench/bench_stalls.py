@@ -44,7 +44,11 @@ or the one ``EVENTSTORE_PG_DSN`` names), and every run gets a new database
 holding the first N events of the busy channel (written by this checkout,
 ``bench.bench_postgres.fill``).  The steps are the same but for
 ``write_snapshot`` (a PostgreSQL store keeps none), and ``connect()``
-replays the whole log.
+replays the whole log.  Beside it, another process, standing for another
+bot on the same database, awaits a chat line every 5 ms: for each step the
+table also gives the longest of its appends, and how many took over 100 ms.
+What one bot's upkeep costs the others shows there, as their appends
+wait for the append lock that a compaction holds while it commits.
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    ROOT,
     Target,
     add_common_args,
     bench_dir,
@@ -76,6 +82,8 @@ NOTICEABLE = 0.1
 #: The heartbeat's sleep: short against the stalls that matter, long enough
 #: that its own wakeups cost little of the step's CPU.
 HEARTBEAT = 0.005
+#: How often the other bot of a --postgres run appends (awaiting each).
+OTHER_EVERY = 0.005
 
 
 def child(store: str, copy: str, tree: str) -> None:
@@ -93,13 +101,15 @@ def child(store: str, copy: str, tree: str) -> None:
     from eventstore import EventStore
 
     postgres = store.startswith("postgresql://")
+    other = None
     if postgres:
         copy = store  # a database of its own, filled for this run
+        other = _OtherBot(store, tree)
     else:
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(store, copy)
 
-    async def step(work: Any) -> dict[str, float]:
+    async def step(work: Any) -> dict[str, Any]:
         gaps: list[float] = []
         done = False
 
@@ -113,19 +123,24 @@ def child(store: str, copy: str, tree: str) -> None:
 
         beating = asyncio.ensure_future(heartbeat())
         await asyncio.sleep(0.01)
+        if other is not None:
+            other.ask("mark")
         began, cpu = time.perf_counter(), time.process_time()
         await work
         seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
         done = True
         await beating
         gaps.sort()
-        return {
+        out: dict[str, Any] = {
             "seconds": seconds,
             "cpu": cpu,
             "longest": gaps[-1],
             "p99": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))],
             "noticeable": sum(g > NOTICEABLE for g in gaps),
         }
+        if other is not None:
+            out["other"] = json.loads(other.ask("report"))
+        return out
 
     # The store's clock reads the time of its newest event once connected:
     # keep_history_days counts back from the simulated present, not today.
@@ -152,10 +167,109 @@ def child(store: str, copy: str, tree: str) -> None:
         await store_.close()
         return out
 
-    result = asyncio.run(run())
+    try:
+        result = asyncio.run(run())
+    finally:
+        if other is not None:
+            other.close()
     if not postgres:
         shutil.rmtree(copy, ignore_errors=True)
     print(json.dumps(result))
+
+
+class _OtherBot:
+    """Another bot's process on the same PostgreSQL store (``--other``), for a child."""
+
+    def __init__(self, dsn: str, tree: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.bench_stalls", "--other", dsn, tree],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if self._line() != "ready":
+            raise RuntimeError("the other bot did not start")
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the other bot ended (exit code {self.proc.wait()})")
+        return line.strip()
+
+    def ask(self, command: str) -> str:
+        """Send a command; the bot answers each with one line."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.ask("quit")
+        self.proc.wait(30)
+
+
+def other_bot(dsn: str, tree: str) -> None:
+    """Another bot on the store ``dsn``: a chat line every OTHER_EVERY seconds, each awaited.
+
+    Answers commands on stdin, a line each: ``mark`` forgets the appends
+    timed so far, ``report`` gives those since as one line of JSON,
+    ``quit`` ends it.
+    """
+    import asyncio
+    import time
+
+    if tree:
+        sys.path.insert(0, tree)
+    from eventstore import EventStore
+
+    async def run() -> None:
+        now = [int(time.time())]
+        store = EventStore(dsn, clock=lambda: now[0])
+        await store.connect()
+        proj = store.projections
+        # The simulated present, as the measured bot's clock reads it.
+        now[0] = max(ix.ts[-1] for ix in (proj.actions.all, proj.messages.index) if len(ix))
+        took: list[float] = []
+
+        async def chat() -> None:
+            while True:
+                began = time.perf_counter()
+                await store.save_message("another_bot", "still here")
+                took.append(time.perf_counter() - began)
+                await asyncio.sleep(OTHER_EVERY)
+
+        chatting = asyncio.ensure_future(chat())
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        while (command := (await loop.run_in_executor(None, sys.stdin.readline)).strip()) not in (
+            "quit",
+            "",
+        ):
+            if command == "mark":
+                took.clear()
+                print("ok", flush=True)
+            else:
+                if chatting.done():
+                    chatting.result()  # it failed: raise its error, and end
+                ordered = sorted(took)
+                print(
+                    json.dumps(
+                        {
+                            "appends": len(ordered),
+                            "longest": ordered[-1] if ordered else 0.0,
+                            "noticeable": sum(t > NOTICEABLE for t in ordered),
+                        }
+                    ),
+                    flush=True,
+                )
+        chatting.cancel()
+        await store.close()
+        print("bye", flush=True)
+
+    asyncio.run(run())
 
 
 def measure(
@@ -190,6 +304,8 @@ def targets(data: dict[str, Any]) -> list[Target]:
 
 def report(data: dict[str, Any]) -> str:
     rows = []
+    first = next(iter(data["results"].values()))[0]
+    others = "other" in first["connect"]
     for name, results in data["results"].items():
         for s in _steps(results[0]):
             secs = summarize([r[s]["seconds"] for r in results])
@@ -197,22 +313,24 @@ def report(data: dict[str, Any]) -> str:
             longest = summarize([r[s]["longest"] * 1000 for r in results])
             p99 = summarize([r[s]["p99"] * 1000 for r in results])
             noticed = summarize([r[s]["noticeable"] for r in results])
-            rows.append(
-                [
-                    name,
-                    s,
-                    secs.spread(fmt_seconds),
-                    cpu.spread(fmt_seconds),
-                    longest.spread(lambda x: f"{x:.0f} ms"),
-                    p99.spread(lambda x: f"{x:.1f} ms"),
-                    noticed.spread(lambda x: f"{x:.0f}"),
-                ]
-            )
-    first = next(iter(data["results"].values()))[0]
-    table = md_table(
-        ["code", "step", "wall time", "CPU time", "longest stall", "p99 gap", "gaps > 100 ms"],
-        rows,
-    )
+            row = [
+                name,
+                s,
+                secs.spread(fmt_seconds),
+                cpu.spread(fmt_seconds),
+                longest.spread(lambda x: f"{x:.0f} ms"),
+                p99.spread(lambda x: f"{x:.1f} ms"),
+                noticed.spread(lambda x: f"{x:.0f}"),
+            ]
+            if others:
+                waited = summarize([r[s]["other"]["longest"] * 1000 for r in results])
+                slow = summarize([r[s]["other"]["noticeable"] for r in results])
+                row += [waited.spread(lambda x: f"{x:.0f} ms"), slow.spread(lambda x: f"{x:.0f}")]
+            rows.append(row)
+    head = ["code", "step", "wall time", "CPU time", "longest stall", "p99 gap", "gaps > 100 ms"]
+    if others:
+        head += ["other bot: longest append", "appends > 100 ms"]
+    table = md_table(head, rows)
     return (
         f"{table}\n\nStore: {data['store']} ({first['held_actions']:,} actions held; "
         f"the user forgotten had {first['forgotten_actions']:,}); {data['runs']} runs.\n"
@@ -222,6 +340,9 @@ def report(data: dict[str, Any]) -> str:
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], sys.argv[4])
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--other":
+        other_bot(sys.argv[2], sys.argv[3])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
