@@ -49,29 +49,40 @@ that long, so the work is split:
    every read sees at H0 and where each user's statistics end, once to
    decide row by row and to build the projections of the new log), and note
    the compaction count (``eventstore_compactions``).
-2. One transaction: take the append lock; check that no other compaction
-   committed since step 1 (only a compaction changes rows at or below a
-   head, so the rows up to H0 are exactly those step 1 read); read the rows
-   appended since, up to the head H, and apply them to both projections;
-   compare; delete, rewrite, update the books; commit.
+2. One transaction.  First the compaction lock, a transaction-level advisory
+   lock that only compactions of this store take (its key is COMPACTION_LOCK
+   and the oid of the store's events table): from here no other compaction
+   commits, while appends go on.  Check that no other compaction committed
+   since step 1 (only a compaction changes rows at or below a head, so the
+   rows up to H0 are exactly those step 1 read).  Delete and rewrite those
+   rows and update the books: appends never touch rows at or below a head,
+   so none waits for this.  Then take the append lock; read the rows
+   appended since H0, up to the head H, and apply them to both projections;
+   compare; commit.
 
-So the proof is made on the log as it is at H, under the lock, while the
-lock is held for the tail since H0, not a replay.  It is still held for
-time that grows with the store: comparing the two read models' whole
-state (``Projections.same_state``, on their arrays: about 1 ms at 400,000
-events of the busy-channel workload; through ``state()``, an object a row,
-it took 80 ms) and the DELETE (appends from another process
-stalled up to 0.8 s with 200,000 rows deleted from a 400,000-row log).
-Comparing only what the tail touched would shorten it; not done, as the
-full comparison is the proof.  Rejected: one long transaction in
-REPEATABLE READ without the lock (writers could append between the proof and
-the delete, and nothing would have checked that their rows fold the same on
-the compacted log); an advisory lock (appends do not take it); the whole
-replay under the lock (simplest, but it stalls every bot for as long as a
-replay takes, seconds on a large log).  The transaction sets
+So the proof is made on the log as it is at H, under the append lock, and
+nothing else changes before the commit makes it all visible at once.  The
+append lock is held only for the tail since H0 and the comparison of the
+two read models' whole state (``Projections.same_state``, on their arrays:
+about 1 ms at 400,000 events of the busy-channel workload; through
+``state()``, an object a row, it took 80 ms).  The DELETE and the books came
+after the append lock until they were found to hold it for 1.9 s of a first
+compaction at a million events (0.7 s the DELETE, 1.2 s the books' INSERT,
+on a host at half speed), which every writer waited out.  Comparing only
+what the tail touched would shorten the lock further; not done, as the full
+comparison is the proof.  Rejected: one long transaction in REPEATABLE READ
+without the lock (writers could append between the proof and the delete,
+and nothing would have checked that their rows fold the same on the
+compacted log); an advisory lock in place of the append lock (appends do
+not take it); the whole replay under the lock (simplest, but it stalls
+every bot for as long as a replay takes, seconds on a large log).  A
+process of a version from before the compaction lock compacts under the
+append lock alone: if it runs at the same time as this one, one of the two
+fails (the server breaks the deadlock, or this one finds rows gone and
+raises IntegrityError), and neither changes anything.  The transaction sets
 ``idle_in_transaction_session_timeout`` (LOCK_IDLE_TIMEOUT): a client that
-stops between two of its statements loses its session, and the lock, after
-that long, instead of holding every writer until it goes on.
+stops between two of its statements loses its session, and its locks,
+after that long, instead of holding every writer until it goes on.
 
 Followers.  Other processes read forward by position and never go back: a
 deleted row simply is not in any later page, and a rewritten row is read in
@@ -392,7 +403,7 @@ async def compact_postgres(
                 if not plan.after.same_state(plan.before):
                     raise _refused(log)
                 committed = await _commit(conn, log, plan, ranges, lock)
-                lock.held = False  # its transaction ended
+                lock.begun = lock.held = False  # its transaction ended
                 if committed is None:
                     logger.info(
                         "%s: another compaction committed meanwhile; planning again", log.where
@@ -408,13 +419,14 @@ async def compact_postgres(
                 )
                 return report
     except ConnectionError as err:
-        if not lock.held:
-            raise  # before the lock: nothing was changed, and the error says why
+        if not lock.begun:
+            raise  # before its transaction: nothing was changed, and the error says why
         # Perhaps the idle limit (LOCK_IDLE_TIMEOUT) at work, perhaps not:
         # asyncpg reports the server's ending of the session as a bare
         # "connection was closed", so the limit is named as a possibility.
+        where = "while it held the append lock" if lock.held else "before the append lock"
         raise ConnectionError(
-            f"{err}; the compaction lost its connection while it held the append lock "
+            f"{err}; the compaction lost its connection in its transaction, {where} "
             "(the server ends a compaction's session that sits idle in its transaction "
             f"for over {LOCK_IDLE_TIMEOUT:g} s, if its process stalls, so that the other "
             "writers go on). Unless the connection went during the COMMIT itself, nothing "
@@ -476,9 +488,17 @@ async def _measure(conn: Any, plan: _Plan, dry_run: bool) -> PostgresCompactRepo
 
 
 class _AppendLock:
-    """Whether a compaction's transaction holds the append lock (for its error)."""
+    """How far a compaction's transaction got (for its error on a lost connection)."""
 
+    #: In the transaction, with the compaction lock and the idle limit.
+    begun = False
+    #: Holding the append lock as well.
     held = False
+
+
+#: The high half of the compaction lock's key (ASCII "evcl"); the low half is
+#: the oid of the store's events table, so each store has a lock of its own.
+COMPACTION_LOCK = int.from_bytes(b"evcl", "big")
 
 
 async def _commit(
@@ -495,46 +515,42 @@ async def _commit(
         None, _books_change, ranges, plan.delete
     )
     async with conn.transaction():
-        # Unlike an append (one statement, pglog.APPEND), this transaction
-        # holds the append lock across several round trips, so a client that
-        # stops between two of them (its event loop blocked by other work,
-        # the process stopped, its host hung or cut off) held every writer
-        # of every process until it went on, or until the server noticed a
-        # dead TCP peer (hours, by default).  The soak of a bot fleet found
-        # the other bots' appends waiting out the whole stall.  With this
-        # limit the server ends such a session and rolls the compaction
-        # back: the next night's compaction does the work instead.
+        # This transaction holds locks across several round trips, so a
+        # client that stops between two of them (its event loop blocked by
+        # other work, the process stopped, its host hung or cut off) held
+        # them until it went on, or until the server noticed a dead TCP peer
+        # (hours, by default).  The soak of a bot fleet found the other
+        # bots' appends waiting out the whole stall.  With this limit the
+        # server ends such a session and rolls the compaction back: the next
+        # night's compaction does the work instead.
         await conn.execute(
             f"SET LOCAL idle_in_transaction_session_timeout = {int(LOCK_IDLE_TIMEOUT * 1000)}"
         )
-        # The append lock: until this transaction ends, no process appends
-        # (and no other compaction commits).  See "The lock" above for why a
-        # table lock rather than the head row's.
-        await conn.execute("LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
-        lock.held = True  # until the transaction ends: see compact_postgres's error
-        head = int(await conn.fetchval("SELECT position FROM eventstore_head"))
+        # The compaction lock: compactions of this store take turns from
+        # here, while appends go on.  See "The lock" above.
+        await conn.execute(
+            f"SELECT pg_advisory_xact_lock(({COMPACTION_LOCK}::bigint << 32) "
+            "| to_regclass('eventstore_events')::oid::bigint)"
+        )
+        lock.begun = True  # until the transaction ends: see compact_postgres's error
+        # The first lock of this transaction on a table: taking it makes the
+        # server process the catalog changes committed while we waited above
+        # (an advisory lock does not), without which a compaction that
+        # waited for the first one would not see the books it created.  This
+        # mode, the DELETE's own, lets appends and reads go on.
+        await conn.execute("LOCK TABLE eventstore_events IN ROW EXCLUSIVE MODE")
         # The epoch alone: the books themselves (a range per run of deleted
         # positions, hundreds of thousands after a first compaction) were
-        # read with the plan, and reading them again here kept every
-        # writer waiting.
+        # read with the plan.  No other compaction commits until this
+        # transaction ends, so the epoch cannot change after this.
         epoch = await count_compactions(conn.fetchval)
         if epoch != plan.epoch:
             return None  # rows up to plan.through may have changed: plan again
-        rows = await conn.fetch(
-            "SELECT position, payload FROM eventstore_events "
-            "WHERE position > $1 AND position <= $2 ORDER BY position",
-            plan.through,
-            head,
-        )
-        if rows:
-            positions = [int(r[0]) for r in rows]
-            tail = decode_rows([r[1] for r in rows], positions, log.where)
-            pairs = list(zip(positions, tail, strict=True))
-            plan.before.apply_all(pairs)
-            plan.after.apply_all(pairs)
-        if not plan.after.same_state(plan.before):
-            raise _refused(log)
 
+        # The rows up to plan.through: appends never touch them, and no other
+        # compaction can now, so they change here before the append lock.
+        # At a million events the DELETE and the books took 1.9 s, which
+        # every writer waited out when they came after the lock.
         status = await conn.execute(
             f"DELETE FROM eventstore_events WHERE position = ANY({change.delete})"
         )
@@ -562,13 +578,13 @@ async def _commit(
                 )
 
         if not await conn.fetchval("SELECT to_regclass('eventstore_compactions') IS NOT NULL"):
-            # Created here, under the append lock: two first compactions cannot race.
-            # Next to the store's tables, not in the first schema of this
-            # connection's search_path (a role's own schema, "$user", comes
-            # first by default): a process whose path finds the store but not
-            # the books would take every compaction's gap for lost rows.  SET
-            # LOCAL lasts to the end of this transaction, whose statements all
-            # name the store's tables.
+            # Created here, under the compaction lock: two first compactions
+            # cannot race.  Next to the store's tables, not in the first
+            # schema of this connection's search_path (a role's own schema,
+            # "$user", comes first by default): a process whose path finds
+            # the store but not the books would take every compaction's gap
+            # for lost rows.  SET LOCAL lasts to the end of this transaction,
+            # whose statements all name the store's tables.
             schema = await conn.fetchval(
                 "SELECT quote_ident(n.nspname) FROM pg_class c "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -585,6 +601,28 @@ async def _commit(
                 "INSERT INTO eventstore_deleted (first_position, last_position) "
                 f"SELECT * FROM unnest({change.insert_first}, {change.insert_last})"
             )
+
+        # The append lock: until this transaction ends, no process appends.
+        # See "The lock" above for why a table lock rather than the head
+        # row's.  From here to the COMMIT, every writer waits: only the
+        # rows appended since the plan are read, folded and compared.
+        await conn.execute("LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
+        lock.held = True
+        head = int(await conn.fetchval("SELECT position FROM eventstore_head"))
+        rows = await conn.fetch(
+            "SELECT position, payload FROM eventstore_events "
+            "WHERE position > $1 AND position <= $2 ORDER BY position",
+            plan.through,
+            head,
+        )
+        if rows:
+            positions = [int(r[0]) for r in rows]
+            tail = decode_rows([r[1] for r in rows], positions, log.where)
+            pairs = list(zip(positions, tail, strict=True))
+            plan.before.apply_all(pairs)
+            plan.after.apply_all(pairs)
+        if not plan.after.same_state(plan.before):
+            raise _refused(log)
         await conn.execute(
             "INSERT INTO eventstore_compactions (id, through, deleted, rewritten) "
             "VALUES ($1, $2, $3, $4)",
