@@ -62,9 +62,9 @@ def compact(
     beside the bot.
 
     On a PostgreSQL URL it deletes those rows (and rewrites each user's last
-    statistics row as absolute values) in one transaction that holds the
-    append lock, after proving under that lock that no read changes.  The
-    bots may keep running: their appends wait for the commit.
+    statistics row as absolute values) in one transaction, which takes the
+    append lock at its end, to prove under it that no read changes.  The
+    bots may keep running: their appends wait only for that proof.
 
     Example: eventstore compact data/demo --dry-run
     """
