@@ -206,15 +206,18 @@ async def _plan(
 ) -> _Plan:
     # Pass 1: what every read sees at ``through``, and where each user's
     # statistics (and the channel's) were last changed.
+    # By pages, not runs: after a compaction a page holds thousands of runs
+    # between the gaps, and a list for each made the garbage collector run
+    # in full every page or two (read_groups).
     before = Projections()
     planner = _Planner(trim_before)
     events = 0
-    async for first, run in log.read_runs(1, through):
-        before.apply_run(first, run)
-        for position, event in enumerate(run, first):
+    async for positions, page in log.read_pages(1, through):
+        before.apply_all(zip(positions, page, strict=True))
+        for position, event in zip(positions, page, strict=True):
             planner.observe(position, event)
-        events += len(run)
-        step(len(run))
+        events += len(page)
+        step(len(page))
     users_folded = planner.fold(before)
 
     # Pass 2: decide row by row, and fold the new log as it would read.
@@ -222,8 +225,8 @@ async def _plan(
     delete: list[int] = []
     rewrite: dict[int, Event] = {}
     dropped: dict[str, int] = {}
-    async for first, run in log.read_runs(1, through):
-        for position, event in enumerate(run, first):
+    async for positions, page in log.read_pages(1, through):
+        for position, event in zip(positions, page, strict=True):
             keep = planner.decide(position, event)
             if keep is None:
                 delete.append(position)
@@ -233,7 +236,7 @@ async def _plan(
             if keep != event:
                 rewrite[position] = keep
             after.apply(position, keep)
-        step(len(run))
+        step(len(page))
     return _Plan(
         through,
         epoch,

@@ -1081,7 +1081,15 @@ async def test_a_follower_caught_mid_log_ends_in_the_same_state(events: list[Any
     store = EventStore(":memory:")
     await store.connect()
     await store.append(events)
-    plan = await pgc._plan(store.log, store.position, 0, None, lambda n: None)  # type: ignore[arg-type]
+
+    class Pages:
+        """The memory log's events as PostgresLog.read_pages gives them."""
+
+        async def read_pages(self, first: int, last: int) -> Any:
+            async for start, run in store.log.read_runs(first, last):
+                yield list(range(start, start + len(run))), list(run)
+
+    plan = await pgc._plan(Pages(), store.position, 0, None, lambda n: None)  # type: ignore[arg-type]
     final = plan.before.state()
     assert plan.after.state() == final
     deleted = set(plan.delete)

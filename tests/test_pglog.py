@@ -749,7 +749,10 @@ async def test_pages_are_cut_by_bytes_too(pg_schema: str) -> None:
         await log.close()
 
 
-async def test_a_compacted_page_comes_as_one_group_of_runs(pg_schema: str) -> None:
+async def test_a_compacted_page_comes_as_one_run_with_holes(pg_schema: str) -> None:
+    """A page with gaps is one run with None where rows were deleted (as a
+    compacted segment frame's): a list per run between the gaps made the
+    garbage collector run in full every page or two."""
     async with EventStore(pg_schema) as store:
         for i in range(40):
             await store.save_user_stats(f"u{i % 3}", chat_lines=1, last_seen=i)
@@ -760,12 +763,37 @@ async def test_a_compacted_page_comes_as_one_group_of_runs(pg_schema: str) -> No
     try:
         runs = [run async for run in log.read_runs()]
         groups = [group async for group in log.read_groups()]
+        pages = [page async for page in log.read_pages()]
     finally:
         await log.close()
-    assert [run for group in groups for run in group] == runs
-    assert len(runs) > 30 and len(groups) == 1  # one page
-    events = [(p, e) for first, run in runs for p, e in enumerate(run, first)]
-    assert [p for p, e in events if isinstance(e, MessageSaved)] == list(range(2, 81, 2))
+    assert len(groups) == 1 and len(groups[0]) == 1 and len(pages) == 1  # one page
+    first, run = groups[0][0]
+    held = [(p, e) for p, e in enumerate(run, first) if e is not None]
+    assert held == [(p, e) for start, r in runs for p, e in enumerate(r, start)]
+    assert held == list(zip(*pages[0], strict=True))
+    assert run.count(None) == 80 - len(held) - (first - 1) > 30
+    assert len(runs) > 30 and all(None not in r for _, r in runs)
+    assert [p for p, e in held if isinstance(e, MessageSaved)] == list(range(2, 81, 2))
+
+
+async def test_a_sparse_compacted_page_comes_as_runs(pg_schema: str) -> None:
+    """Rows spread over more than HOLES_SPAN times their number come as runs:
+    a run of holes would then be mostly None."""
+    async with EventStore(pg_schema) as store:
+        for i in range(200):
+            await store.save_user_stats(f"u{i // 40}", chat_lines=1, last_seen=i)
+        await store.compact()  # keeps each user's last update: positions 40, 80, ...
+    log = PostgresLog(pg_schema)
+    await log.open()
+    try:
+        groups = [group async for group in log.read_groups()]
+    finally:
+        await log.close()
+    assert len(groups) == 1
+    assert [(first, len(run)) for first, run in groups[0]] == [
+        (p, 1) for p in (40, 80, 120, 160, 200)
+    ]
+    assert all(run[0] is not None for _, run in groups[0])
 
 
 # -- lifecycle and errors -----------------------------------------------------------------
