@@ -33,6 +33,7 @@ from eventstore.recovery import find_damage, repair
 from eventstore.snapshot import check_snapshots, encode_state
 from eventstore.verify import verify
 from projections import Projections
+from projections.sorted_index import SortedIndex
 
 HERE = Path(__file__).parent
 
@@ -280,6 +281,41 @@ async def test_compaction_refuses_when_the_new_log_would_read_differently(
             await store.compact()
         assert {p.name: p.read_bytes() for p in segment_files(d)} == files
         assert not (d / compaction_mod.COMPACT_DIR).exists()
+
+
+@given(
+    rows=st.lists(st.integers(0, 4), max_size=60),
+    probes=st.lists(st.tuples(st.integers(-1, 5), st.integers(0, 70)), max_size=30),
+)
+def test_a_row_is_visible_exactly_when_the_index_holds_it(
+    rows: list[int], probes: list[tuple[int, int]]
+) -> None:
+    """Many rows share each timestamp (back-dated ones too): _visible bisects
+    their positions, and must answer as a walk over every row would."""
+    index = SortedIndex()
+    held: set[tuple[int, int]] = set()
+    for pos, ts in enumerate(rows, 1):
+        if pos % 7 == 0:
+            continue  # a position without a row here
+        index.add(ts, pos)
+        held.add((ts, pos))
+    for ts, pos in probes + sorted(held):
+        assert compaction_mod._visible(index, ts, pos) == ((ts, pos) in held), (ts, pos)
+
+
+async def test_compaction_keeps_thousands_of_lines_of_one_second(tmp_path: Path) -> None:
+    """A clock that stood still: every chat line at one timestamp, some cleared."""
+    d = tmp_path / "s"
+    async with EventStore(d, clock=lambda: 1_000) as store:
+        for i in range(3000):
+            await store.save_message(f"u{i % 5}", f"line {i}")
+        await store.clear_old_messages(keep_count=2000)
+        before = await store.get_recent_messages(limit=5000)
+        report = await store.compact()
+        assert report.events_dropped == 1000
+        assert await store.get_recent_messages(limit=5000) == before
+    async with EventStore(d, clock=lambda: 1_000) as store:
+        assert await store.get_recent_messages(limit=5000) == before
 
 
 async def test_keep_history_records_the_decision_then_compacts(tmp_path: Path) -> None:
