@@ -227,10 +227,11 @@ def other_bot(dsn: str, tree: str) -> None:
 
     async def run() -> None:
         now = [int(time.time())]
-        store = EventStore(dsn, clock=lambda: now[0])
+        began = time.monotonic()
+        # The simulated present, as the measured bot's clock reads it, going on.
+        store = EventStore(dsn, clock=lambda: now[0] + int(time.monotonic() - began))
         await store.connect()
         proj = store.projections
-        # The simulated present, as the measured bot's clock reads it.
         now[0] = max(ix.ts[-1] for ix in (proj.actions.all, proj.messages.index) if len(ix))
         took: list[float] = []
 
