@@ -45,10 +45,12 @@ holding the first N events of the busy channel (written by this checkout,
 ``bench.bench_postgres.fill``).  The steps are the same but for
 ``write_snapshot`` (a PostgreSQL store keeps none), and ``connect()``
 replays the whole log.  Beside it, another process, standing for another
-bot on the same database, awaits a chat line every 5 ms: for each step the
-table also gives the longest of its appends, and how many took over 100 ms.
-What one bot's upkeep costs the others shows there, as their appends
-wait for the append lock that a compaction holds while it commits.
+bot on the same database, awaits a chat line every 5 ms (its clock going
+on from the store's last moment, where the measured bot's stands): for
+each step the table also gives the longest of its appends, and how many
+took over 100 ms.  What one bot's upkeep costs the others shows there, as
+their appends wait for the append lock that a compaction holds while it
+commits.
 """
 
 from __future__ import annotations

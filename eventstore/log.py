@@ -101,7 +101,8 @@ class EventLog(ABC):
 
         A run here may also hold None at a position without an event: the
         segment log's compacted frames hold their events with such holes
-        between them, and splitting the runs at every hole would make them
+        between them, as a PostgreSQL page does its rows after a
+        compaction, and splitting the runs at every hole would make them
         short again.  ``read_runs`` never yields a None.
 
         This default yields one run per group; logs that decode many runs
