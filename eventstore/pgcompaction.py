@@ -77,9 +77,11 @@ compacted log); an advisory lock in place of the append lock (appends do
 not take it); the whole replay under the lock (simplest, but it stalls
 every bot for as long as a replay takes, seconds on a large log).  A
 process of a version from before the compaction lock compacts under the
-append lock alone: if it runs at the same time as this one, one of the two
-fails (the server breaks the deadlock, or this one finds rows gone and
-raises IntegrityError), and neither changes anything.  The transaction sets
+append lock alone.  If it runs at the same time as this one, it may fail
+(the server breaks a deadlock between them, or this one finds rows gone
+and raises IntegrityError), changing nothing; if it commits first, this
+one sees the epoch change under the append lock, rolls back, and plans
+again.  The transaction sets
 ``idle_in_transaction_session_timeout`` (LOCK_IDLE_TIMEOUT): a client that
 stops between two of its statements loses its session, and its locks,
 after that long, instead of holding every writer until it goes on.
@@ -412,7 +414,10 @@ async def compact_postgres(
                     return report
                 if not plan.after.same_state(plan.before):
                     raise _refused(log)
-                committed = await _commit(conn, log, plan, ranges, lock)
+                try:
+                    committed = await _commit(conn, log, plan, ranges, lock)
+                except _Stale:
+                    committed = None
                 lock.begun = lock.held = False  # its transaction ended
                 if committed is None:
                     logger.info(
@@ -495,6 +500,10 @@ async def _measure(conn: Any, plan: _Plan, dry_run: bool) -> PostgresCompactRepo
         through_position=plan.through,
         rows_rewritten=len(plan.rewrite),
     )
+
+
+class _Stale(Exception):
+    """Another compaction committed after this one's changes began: roll back, plan again."""
 
 
 class _AppendLock:
@@ -618,6 +627,11 @@ async def _commit(
         # rows appended since the plan are read, folded and compared.
         await conn.execute("LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
         lock.held = True
+        if await count_compactions(conn.fetchval) != plan.epoch:
+            # Only a compaction of a version without the compaction lock can
+            # have committed since the check above (it takes the append lock
+            # alone).  Roll all of this back, and plan again.
+            raise _Stale
         head = int(await conn.fetchval("SELECT position FROM eventstore_head"))
         rows = await conn.fetch(
             "SELECT position, payload FROM eventstore_events "

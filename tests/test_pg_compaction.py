@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import logging
 import pickle
 import subprocess
 import sys
@@ -740,6 +741,61 @@ async def test_a_compaction_ended_while_it_waits_for_the_lock_says_what_happened
         assert "terminating connection due to administrator command" in message, message
         assert "__aexit__" not in message and "held the append lock" not in message, message
         assert (await store.compact()).events_dropped > 0  # the next one goes through
+
+
+async def test_an_older_version_s_compaction_committing_meanwhile_means_planning_again(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compaction of a version without the compaction lock takes the append
+    lock alone, so it can commit while this one deletes: this one sees the
+    epoch change under the append lock, rolls its changes back and plans again."""
+    async with EventStore(pg_schema) as store:
+        await busy_history(store, 1)
+        assert (await store.compact()).events_dropped > 0  # the books exist
+        await busy_history(store, 1)
+        before = await reads(store)
+        real = asyncpg.Connection.execute
+        other = await asyncpg.connect(pg_schema)
+        interleaved: list[int] = []
+
+        async def execute(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+            if (
+                query.startswith("LOCK TABLE eventstore_head")
+                and self is not other
+                and not interleaved
+            ):
+                # The old version's compaction (one that found nothing to
+                # delete) commits now, between our deletes and our append lock.
+                async with other.transaction():
+                    await other.execute("LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
+                    interleaved.append(
+                        await other.fetchval(
+                            "INSERT INTO eventstore_compactions (id, through, deleted, rewritten) "
+                            "SELECT max(id) + 1, (SELECT position FROM eventstore_head), 0, 0 "
+                            "FROM eventstore_compactions RETURNING id"
+                        )
+                    )
+            return await real(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+        try:
+            with caplog.at_level(logging.INFO, logger="eventstore"):
+                report = await store.compact()
+        finally:
+            monkeypatch.undo()
+            await other.close()
+        assert interleaved == [2]
+        assert "another compaction committed meanwhile; planning again" in caplog.text
+        assert report.events_dropped > 0
+        assert await reads(store) == before
+    conn = await asyncpg.connect(pg_schema)
+    try:
+        ids = [r[0] for r in await conn.fetch("SELECT id FROM eventstore_compactions ORDER BY id")]
+    finally:
+        await conn.close()
+    assert ids == [1, 2, 3]  # ours came after the other one, planned again
+    verified = await verify_postgres(pg_schema)
+    assert verified.ok, verified.problems
 
 
 async def test_the_books_are_merged_before_the_append_lock(
