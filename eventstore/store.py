@@ -248,7 +248,7 @@ class EventStore(StorageAdapter):
         self._closing = False
         await self._log.open()
         try:
-            proj = self._load_snapshot() or Projections()
+            proj = await self._load_snapshot() or Projections()
             self._snap_pos = proj.position
             async for group in self._log.read_groups(proj.position + 1):
                 proj.apply_runs(group)
@@ -994,12 +994,12 @@ class EventStore(StorageAdapter):
 
         return isinstance(self._log, SegmentLog) and not self.read_only
 
-    def _load_snapshot(self) -> Projections | None:
+    async def _load_snapshot(self) -> Projections | None:
         from .segmentlog import SegmentLog
 
         if not isinstance(self._log, SegmentLog):
             return None
-        return load_newest(self._log.directory, self._log, self.logger)
+        return await load_newest(self._log.directory, self._log, self.logger)
 
     def _start_snapshot(self) -> None:
         self._snap_due = None  # until this one is done
@@ -1117,7 +1117,7 @@ class EventStore(StorageAdapter):
         async with self._catch_up_lock:
             if unless_replaced is not None and self._proj is not unless_replaced:
                 return
-            proj = self._load_snapshot() or Projections()
+            proj = await self._load_snapshot() or Projections()
             async for group in self._log.read_groups(proj.position + 1):
                 proj.apply_runs(group)
             self._proj = proj

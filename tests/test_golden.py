@@ -186,8 +186,8 @@ async def test_a_snapshot_of_projection_version_7_is_loaded(
     loaded = []
     real_load = EventStore._load_snapshot
 
-    def load_snapshot(self: EventStore) -> Any:
-        proj = real_load(self)
+    async def load_snapshot(self: EventStore) -> Any:
+        proj = await real_load(self)
         loaded.append(None if proj is None else proj.position)
         return proj
 

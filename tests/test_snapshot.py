@@ -7,6 +7,7 @@ import contextlib
 import logging
 import shutil
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from storeutil import fill
 
 from eventstore import EventStore, StorageError
+from eventstore import snapshot as snapshot_mod
 from eventstore.snapshot import check_snapshots, list_snapshots, read_snapshot, remove_snapshots
 from projections import Projections
 
@@ -41,6 +43,32 @@ async def _full_replay_state(directory: Path) -> dict[str, object]:
         proj.apply(pos, ev)
     await store.close()
     return proj.state()
+
+
+async def test_connect_reads_and_decodes_the_snapshot_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 10M events reading, checking and decoding the snapshot held the
+    event loop for a quarter of a second: it runs in a worker thread."""
+    d = tmp_path / "s"
+    async with EventStore(d) as store:
+        await _busy(store)
+    threads: list[int] = []
+    real = snapshot_mod.read_snapshot
+
+    def read(path: str) -> Any:
+        threads.append(threading.get_ident())
+        return real(path)
+
+    monkeypatch.setattr(snapshot_mod, "read_snapshot", read)
+    store = EventStore(d)
+    await store.connect()
+    try:
+        assert threads and threading.get_ident() not in threads
+        assert store.projections.position == store.position
+        assert store.projections.state() == await _full_replay_state(d)
+    finally:
+        await store.close()
 
 
 async def test_close_writes_a_snapshot_that_connect_uses(tmp_path: Path) -> None:
