@@ -123,10 +123,10 @@ def child(store: str, copy: str, tree: str) -> None:
                 gaps.append(now - last)
                 last = now
 
+        if other is not None:
+            other.ask("mark")  # a blocking round trip: before the heartbeat counts gaps
         beating = asyncio.ensure_future(heartbeat())
         await asyncio.sleep(0.01)
-        if other is not None:
-            other.ask("mark")
         began, cpu = time.perf_counter(), time.process_time()
         await work
         seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
@@ -190,8 +190,13 @@ class _OtherBot:
             stdout=subprocess.PIPE,
             text=True,
         )
-        if self._line() != "ready":
-            raise RuntimeError("the other bot did not start")
+        try:
+            if self._line() != "ready":
+                raise RuntimeError("the other bot did not start")
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def _line(self) -> str:
         assert self.proc.stdout is not None
@@ -234,7 +239,10 @@ def other_bot(dsn: str, tree: str) -> None:
         store = EventStore(dsn, clock=lambda: now[0] + int(time.monotonic() - began))
         await store.connect()
         proj = store.projections
-        now[0] = max(ix.ts[-1] for ix in (proj.actions.all, proj.messages.index) if len(ix))
+        now[0] = max(
+            (ix.ts[-1] for ix in (proj.actions.all, proj.messages.index) if len(ix)),
+            default=now[0],
+        )
         took: list[float] = []
 
         async def chat() -> None:

@@ -77,11 +77,13 @@ compacted log); an advisory lock in place of the append lock (appends do
 not take it); the whole replay under the lock (simplest, but it stalls
 every bot for as long as a replay takes, seconds on a large log).  A
 process of a version from before the compaction lock compacts under the
-append lock alone.  If it runs at the same time as this one, it may fail
-(the server breaks a deadlock between them, or this one finds rows gone
-and raises IntegrityError), changing nothing; if it commits first, this
-one sees the epoch change under the append lock, rolls back, and plans
-again.  The transaction sets
+append lock alone, so it can commit while this one works.  This one then
+finds rows gone, or the epoch changed once it has the append lock, or the
+server breaks a deadlock between the two by rolling this one back: each
+time it rolls back and plans again.  If the server rolls the other one
+back instead, that one fails and changes nothing.  While the two wait for
+each other (about a second, the server's ``deadlock_timeout``) the other
+one holds the append lock, and every writer waits.  The transaction sets
 ``idle_in_transaction_session_timeout`` (LOCK_IDLE_TIMEOUT): a client that
 stops between two of its statements loses its session, and its locks,
 after that long, instead of holding every writer until it goes on.
@@ -155,12 +157,14 @@ Progress = Callable[[int, int], None]
 
 #: How often a compaction plans again when another one committed meanwhile.
 ATTEMPTS = 3
+#: PostgreSQL's SQLSTATE for a deadlock it broke by rolling one transaction back.
+DEADLOCK_DETECTED = "40P01"
 # LOCK_IDLE_TIMEOUT (from pglog, shared with its appends of several
 # statements): seconds the compaction's transaction may sit idle between its
-# statements (while this process decodes the tail, compares, merges the
-# books) before the server ends the session, which rolls it back and
-# releases the append lock.  The client work between two statements takes
-# milliseconds; see _commit for why there is a limit at all.
+# statements (while this process decodes the tail and compares) before the
+# server ends the session, which rolls it back and releases its locks.  The
+# client work between two statements takes milliseconds; see _commit for
+# why there is a limit at all.
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -418,10 +422,18 @@ async def compact_postgres(
                     committed = await _commit(conn, log, plan, ranges, lock)
                 except _Stale:
                     committed = None
+                except Exception as err:
+                    if getattr(err, "sqlstate", None) != DEADLOCK_DETECTED:
+                        raise
+                    # With a compaction of a version that takes the append
+                    # lock alone, while it waited for rows this one deleted:
+                    # the server rolled one of the two back, this one.
+                    committed = None
                 lock.begun = lock.held = False  # its transaction ended
                 if committed is None:
                     logger.info(
-                        "%s: another compaction committed meanwhile; planning again", log.where
+                        "%s: another compaction committed or ran meanwhile; planning again",
+                        log.where,
                     )
                     continue
                 report.through_position = committed
@@ -439,13 +451,22 @@ async def compact_postgres(
         # Perhaps the idle limit (LOCK_IDLE_TIMEOUT) at work, perhaps not:
         # asyncpg reports the server's ending of the session as a bare
         # "connection was closed", so the limit is named as a possibility.
-        where = "while it held the append lock" if lock.held else "before the append lock"
+        if lock.held:
+            where = (
+                "while it held the append lock (the server ends a compaction's session that "
+                f"sits idle in its transaction for over {LOCK_IDLE_TIMEOUT:g} s, if its "
+                "process stalls, so that the other writers go on)"
+            )
+        else:
+            where = (
+                "before it took the append lock, with only the compaction lock held (which "
+                "other compactions wait for, not writers; the server ends a session that sits "
+                f"idle in its transaction for over {LOCK_IDLE_TIMEOUT:g} s)"
+            )
         raise ConnectionError(
-            f"{err}; the compaction lost its connection in its transaction, {where} "
-            "(the server ends a compaction's session that sits idle in its transaction "
-            f"for over {LOCK_IDLE_TIMEOUT:g} s, if its process stalls, so that the other "
-            "writers go on). Unless the connection went during the COMMIT itself, nothing "
-            "was changed; compacting again is safe either way"
+            f"{err}; the compaction lost its connection in its transaction, {where}. Unless "
+            "the connection went during the COMMIT itself, nothing was changed; compacting "
+            "again is safe either way"
         ) from err
     raise StorageError(
         f"{log.where}: other compactions kept committing while this one planned "
@@ -500,6 +521,20 @@ async def _measure(conn: Any, plan: _Plan, dry_run: bool) -> PostgresCompactRepo
         through_position=plan.through,
         rows_rewritten=len(plan.rewrite),
     )
+
+
+async def _append_lock(conn: Any, plan: _Plan, lock: _AppendLock) -> None:
+    """Take the append lock; raise _Stale if a compaction committed since ``plan``.
+
+    Only a compaction of a version without the compaction lock can have
+    (it takes the append lock alone), and only before this lock is taken.
+    Taking it also makes the server process catalog changes committed
+    meanwhile, such as the books that compaction may have created.
+    """
+    await conn.execute("LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
+    lock.held = True
+    if await count_compactions(conn.fetchval) != plan.epoch:
+        raise _Stale  # roll all of this back, and plan again
 
 
 class _Stale(Exception):
@@ -575,6 +610,7 @@ async def _commit(
         )
         deleted = int(str(status).rsplit(" ", 1)[-1])
         if deleted != len(plan.delete):
+            await _append_lock(conn, plan, lock)  # raises _Stale if one committed meanwhile
             raise IntegrityError(
                 f"{log.where}: compaction found {deleted} of the {len(plan.delete)} rows it "
                 "was to delete (rows removed outside the store?); nothing was changed"
@@ -591,6 +627,7 @@ async def _commit(
                 [_encoder.encode(e) for e in events],
             )
             if int(str(status).rsplit(" ", 1)[-1]) != len(positions):
+                await _append_lock(conn, plan, lock)
                 raise IntegrityError(
                     f"{log.where}: compaction could not rewrite every row it planned to; "
                     "nothing was changed"
@@ -625,13 +662,7 @@ async def _commit(
         # See "The lock" above for why a table lock rather than the head
         # row's.  From here to the COMMIT, every writer waits: only the
         # rows appended since the plan are read, folded and compared.
-        await conn.execute("LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
-        lock.held = True
-        if await count_compactions(conn.fetchval) != plan.epoch:
-            # Only a compaction of a version without the compaction lock can
-            # have committed since the check above (it takes the append lock
-            # alone).  Roll all of this back, and plan again.
-            raise _Stale
+        await _append_lock(conn, plan, lock)
         head = int(await conn.fetchval("SELECT position FROM eventstore_head"))
         rows = await conn.fetch(
             "SELECT position, payload FROM eventstore_events "

@@ -58,8 +58,9 @@ Reading.  ``read_pages`` pages forward by position (PAGE_ROWS rows or
 PAGE_BYTES of payload a page, no transaction held between pages); the server
 joins a page's payloads into one bytea, which decodes in one call.
 ``read_groups`` gives a page as one run, with None at the positions a
-compaction deleted (as a compacted segment frame's holes), and ``read_runs``
-as runs of consecutive positions.
+compaction deleted (as a compacted segment frame's holes), unless its rows
+are spread too thin for that (HOLES_SPAN); ``read_runs`` gives runs of
+consecutive positions.
 
 Connections.  Two per process: one for reads and LISTEN (reads take turns on
 it), and the writer task's own, opened at the first append.  A connection
@@ -126,7 +127,7 @@ import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 from urllib.parse import unquote_plus, urlsplit
 
 import msgspec
@@ -193,10 +194,10 @@ CONNECT_TIMEOUT = 10.0
 #: Without them a query waits for its answer for ever, and with it every
 #: append of the process (they queue behind the one writer) and close().
 DEAD_PEER_SECONDS = 30
-#: A transaction that holds the head row (or the append lock) across several
-#: round trips sets ``idle_in_transaction_session_timeout`` to this: the
-#: server ends the session of a client that stalls between two statements,
-#: rather than let every other writer wait for it.
+#: A transaction that holds the head row (or a compaction's locks) across
+#: several round trips sets ``idle_in_transaction_session_timeout`` to this:
+#: the server ends the session of a client that stalls between two
+#: statements, rather than let every other writer wait for it.
 LOCK_IDLE_TIMEOUT = 5.0
 #: The advisory lock key held while creating or migrating the tables: the
 #: ASCII bytes "eventsto" as a big-endian int64.
@@ -1214,7 +1215,7 @@ class PostgresLog(EventLog):
     async def read_groups(
         self, from_position: int = 0, to_position: int | None = None
     ) -> AsyncGenerator[Group, None]:
-        """The runs of ``read_runs``, a page's at a time.
+        """The events of ``read_runs``, a page's at a time, as runs.
 
         A page with gaps left by compaction is one run with None at each
         deleted position (as a compacted segment frame's holes), unless its
@@ -1236,7 +1237,7 @@ class PostgresLog(EventLog):
                         run[position - first] = event
                     yield [(first, run)]
                 else:
-                    yield [(at, piece) for at, piece in _runs(positions, events)]
+                    yield cast(Group, _runs(positions, events))  # lists of events, no None
 
     async def read_pages(
         self, from_position: int = 0, to_position: int | None = None

@@ -603,7 +603,9 @@ def _another_bot(dsn: str, when: threading.Event, waited: list[float]) -> thread
     return thread
 
 
-@pytest.mark.parametrize("where", ["before the append lock", "while it held the append lock"])
+@pytest.mark.parametrize(
+    "where", ["before it took the append lock", "while it held the append lock"]
+)
 async def test_a_compaction_whose_process_stalls_does_not_stall_the_other_writers(
     pg_schema: str, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
@@ -643,7 +645,7 @@ async def test_a_compaction_whose_process_stalls_does_not_stall_the_other_writer
     async with EventStore(pg_schema) as store:
         await busy_history(store, 1)
         before = await rows(pg_schema)
-        if where == "before the append lock":
+        if where == "before it took the append lock":
             monkeypatch.setattr(pgc, "count_compactions", stalled_count)
         else:
             monkeypatch.setattr(Projections, "same_state", stalled_same)
@@ -743,31 +745,40 @@ async def test_a_compaction_ended_while_it_waits_for_the_lock_says_what_happened
         assert (await store.compact()).events_dropped > 0  # the next one goes through
 
 
+@pytest.mark.parametrize("moment", ["before our DELETE", "before our append lock"])
 async def test_an_older_version_s_compaction_committing_meanwhile_means_planning_again(
-    pg_schema: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, moment: str
 ) -> None:
     """A compaction of a version without the compaction lock takes the append
-    lock alone, so it can commit while this one deletes: this one sees the
-    epoch change under the append lock, rolls its changes back and plans again."""
+    lock alone, so it can commit while this one deletes.  Before our DELETE,
+    it deletes a row ours was to delete too: ours finds one row short.
+    After it, it changes nothing ours touched.  Either way this one sees the
+    epoch change under the append lock, rolls back and plans again."""
     async with EventStore(pg_schema) as store:
         await busy_history(store, 1)
         assert (await store.compact()).events_dropped > 0  # the books exist
         await busy_history(store, 1)
         before = await reads(store)
         real = asyncpg.Connection.execute
+        real_commit = pgc._commit
         other = await asyncpg.connect(pg_schema)
+        planned: list[int] = []
         interleaved: list[int] = []
+        hook = (
+            "DELETE FROM eventstore_events"
+            if moment == "before our DELETE"
+            else "LOCK TABLE eventstore_head"
+        )
 
         async def execute(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
-            if (
-                query.startswith("LOCK TABLE eventstore_head")
-                and self is not other
-                and not interleaved
-            ):
-                # The old version's compaction (one that found nothing to
-                # delete) commits now, between our deletes and our append lock.
+            if query.startswith(hook) and self is not other and not interleaved:
+                # The old version's compaction commits now.
                 async with other.transaction():
                     await other.execute("LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
+                    if moment == "before our DELETE":
+                        await other.execute(
+                            "DELETE FROM eventstore_events WHERE position = $1", planned[0]
+                        )
                     interleaved.append(
                         await other.fetchval(
                             "INSERT INTO eventstore_compactions (id, through, deleted, rewritten) "
@@ -777,15 +788,20 @@ async def test_an_older_version_s_compaction_committing_meanwhile_means_planning
                     )
             return await real(self, query, *args, **kwargs)
 
+        async def commit(conn: Any, log: Any, plan: Any, *args: Any) -> Any:
+            planned.append(plan.delete[0])
+            return await real_commit(conn, log, plan, *args)
+
         monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+        monkeypatch.setattr(pgc, "_commit", commit)
         try:
             with caplog.at_level(logging.INFO, logger="eventstore"):
                 report = await store.compact()
         finally:
             monkeypatch.undo()
             await other.close()
-        assert interleaved == [2]
-        assert "another compaction committed meanwhile; planning again" in caplog.text
+        assert interleaved == [2] and len(planned) == 2
+        assert "another compaction committed or ran meanwhile; planning again" in caplog.text
         assert report.events_dropped > 0
         assert await reads(store) == before
     conn = await asyncpg.connect(pg_schema)
@@ -794,8 +810,72 @@ async def test_an_older_version_s_compaction_committing_meanwhile_means_planning
     finally:
         await conn.close()
     assert ids == [1, 2, 3]  # ours came after the other one, planned again
-    verified = await verify_postgres(pg_schema)
-    assert verified.ok, verified.problems
+    if moment == "before our append lock":
+        verified = await verify_postgres(pg_schema)
+        assert verified.ok, verified.problems
+    else:  # the old one's row is gone without a range in the books
+        assert planned[0] not in await rows(pg_schema) and planned[1] != planned[0]
+
+
+async def test_a_deadlock_with_an_older_version_s_compaction_means_planning_again(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older version's compaction holds the append lock and waits for a row
+    this one deleted, while this one waits for the append lock: the server
+    rolls one back.  If it is this one, it plans again instead of failing."""
+    async with EventStore(pg_schema) as store:
+        await busy_history(store, 1)
+        assert (await store.compact()).events_dropped > 0  # the books exist
+        await busy_history(store, 1)
+        before = await reads(store)
+        real_execute = asyncpg.Connection.execute
+        real_commit = pgc._commit
+        other = await asyncpg.connect(pg_schema)
+        planned: list[int] = []
+        locked = asyncio.Event()
+        tasks: list[asyncio.Task[Any]] = []
+
+        async def old_compaction(position: int) -> None:
+            async with other.transaction():
+                await real_execute(other, "LOCK TABLE eventstore_head IN SHARE ROW EXCLUSIVE MODE")
+                locked.set()
+                await asyncio.sleep(0.3)  # the new one is waiting for the append lock by now
+                await real_execute(
+                    other, "DELETE FROM eventstore_events WHERE position = $1", position
+                )
+                await real_execute(
+                    other,
+                    "INSERT INTO eventstore_compactions (id, through, deleted, rewritten) "
+                    "SELECT max(id) + 1, (SELECT position FROM eventstore_head), 1, 0 "
+                    "FROM eventstore_compactions",
+                )
+
+        async def execute(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+            if query.startswith("LOCK TABLE eventstore_head") and self is not other and not tasks:
+                tasks.append(asyncio.create_task(old_compaction(planned[0])))
+                await locked.wait()
+            return await real_execute(self, query, *args, **kwargs)
+
+        async def commit(conn: Any, log: Any, plan: Any, *args: Any) -> Any:
+            planned.append(plan.delete[0])
+            return await real_commit(conn, log, plan, *args)
+
+        monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+        monkeypatch.setattr(pgc, "_commit", commit)
+        try:
+            with caplog.at_level(logging.INFO, logger="eventstore"):
+                report = await store.compact()
+            await tasks[0]  # the old one went through once this one rolled back
+        finally:
+            monkeypatch.undo()
+            await other.close()
+        assert "planning again" in caplog.text
+        # A plan made before the old one's commit still has that row: its
+        # DELETE then finds it gone, and that too means planning again.
+        assert len(planned) >= 2 and planned[-1] != planned[0]  # the last plan lacks it
+        assert report.events_dropped > 0
+        assert await reads(store) == before
+    assert planned[0] not in await rows(pg_schema)
 
 
 async def test_the_books_are_merged_before_the_append_lock(
