@@ -745,6 +745,17 @@ async def test_a_compaction_ended_while_it_waits_for_the_lock_says_what_happened
         assert (await store.compact()).events_dropped > 0  # the next one goes through
 
 
+def _record_plans(monkeypatch: pytest.MonkeyPatch, planned: list[int]) -> None:
+    """Note the first position each plan of a compaction deletes, as it commits."""
+    real = pgc._commit
+
+    async def commit(conn: Any, log: Any, plan: Any, *args: Any) -> Any:
+        planned.append(plan.delete[0])
+        return await real(conn, log, plan, *args)
+
+    monkeypatch.setattr(pgc, "_commit", commit)
+
+
 @pytest.mark.parametrize("moment", ["before our DELETE", "before our append lock"])
 async def test_an_older_version_s_compaction_committing_meanwhile_means_planning_again(
     pg_schema: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, moment: str
@@ -760,7 +771,6 @@ async def test_an_older_version_s_compaction_committing_meanwhile_means_planning
         await busy_history(store, 1)
         before = await reads(store)
         real = asyncpg.Connection.execute
-        real_commit = pgc._commit
         other = await asyncpg.connect(pg_schema)
         planned: list[int] = []
         interleaved: list[int] = []
@@ -788,12 +798,8 @@ async def test_an_older_version_s_compaction_committing_meanwhile_means_planning
                     )
             return await real(self, query, *args, **kwargs)
 
-        async def commit(conn: Any, log: Any, plan: Any, *args: Any) -> Any:
-            planned.append(plan.delete[0])
-            return await real_commit(conn, log, plan, *args)
-
         monkeypatch.setattr(asyncpg.Connection, "execute", execute)
-        monkeypatch.setattr(pgc, "_commit", commit)
+        _record_plans(monkeypatch, planned)
         try:
             with caplog.at_level(logging.INFO, logger="eventstore"):
                 report = await store.compact()
@@ -829,7 +835,6 @@ async def test_a_deadlock_with_an_older_version_s_compaction_means_planning_agai
         await busy_history(store, 1)
         before = await reads(store)
         real_execute = asyncpg.Connection.execute
-        real_commit = pgc._commit
         other = await asyncpg.connect(pg_schema)
         planned: list[int] = []
         locked = asyncio.Event()
@@ -856,12 +861,8 @@ async def test_a_deadlock_with_an_older_version_s_compaction_means_planning_agai
                 await locked.wait()
             return await real_execute(self, query, *args, **kwargs)
 
-        async def commit(conn: Any, log: Any, plan: Any, *args: Any) -> Any:
-            planned.append(plan.delete[0])
-            return await real_commit(conn, log, plan, *args)
-
         monkeypatch.setattr(asyncpg.Connection, "execute", execute)
-        monkeypatch.setattr(pgc, "_commit", commit)
+        _record_plans(monkeypatch, planned)
         try:
             with caplog.at_level(logging.INFO, logger="eventstore"):
                 report = await store.compact()
