@@ -247,9 +247,9 @@ def other_bot(dsn: str, tree: str) -> None:
 
         async def chat() -> None:
             while True:
-                began = time.perf_counter()
+                sent = time.perf_counter()
                 await store.save_message("another_bot", "still here")
-                took.append(time.perf_counter() - began)
+                took.append(time.perf_counter() - sent)
                 await asyncio.sleep(OTHER_EVERY)
 
         chatting = asyncio.ensure_future(chat())
